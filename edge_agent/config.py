@@ -1,0 +1,102 @@
+"""The edge agent's configuration file (``<root>/config/agent.yaml``).
+
+The cloud renders this file from the inventory (one per site) and the agent reads it at start.
+It is the contract between ``orchestrator`` (which writes it) and ``edge_agent`` (which obeys it),
+so it lives here, on the side that must stay importable without the cloud packages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo in a config must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class MemberConfig(Strict):
+    """One ensemble member: which architecture it fine-tunes and which augmentation it sees."""
+
+    arch: str = "resnet18"
+    policy: str = "flips"
+
+
+class FinetuneConfig(Strict):
+    """Knobs of an edge fine-tune (the cloud picks them; the edge obeys)."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    seed: int = 0
+
+
+class Thresholds(Strict):
+    """When the agent acts, and how sure it must be."""
+
+    min_new_labelled: int = Field(20, ge=1, description="new operator-labelled images that trigger a fine-tune")
+    uncertainty: float = Field(0.5, ge=0, le=1, description="normalised entropy above which a sample is informative")
+    disagreement: float = Field(0.2, ge=0, le=1, description="spread of member probabilities that flags a sample")
+    min_gain: float = Field(0.0, ge=0, description="validation accuracy a new ensemble must add over the active one")
+
+
+class UploadBudget(Strict):
+    """What a site may send back per day, and how much it may hold while the cloud is away."""
+
+    max_samples_per_day: int = Field(200, ge=0)
+    max_bytes_per_day: int = Field(50_000_000, ge=0)
+    random_share: float = Field(0.05, ge=0, le=1, description="share of ordinary samples sent so the cloud sees the normal case")
+    outbox_max_bytes: int = Field(200_000_000, ge=0, description="disk cap of the outbox; least useful samples go first")
+
+
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535, description="0 disables the HTTP endpoint")
+    max_image_bytes: int = Field(10_000_000, ge=1)
+
+
+class AgentConfig(Strict):
+    site: str
+    root: Path
+    store_url: str = Field(description="fsspec URL the agent pushes samples and status to (file://, sftp://, s3://)")
+    store_options: dict[str, str] = Field(default_factory=dict, description="fsspec storage options (no secrets: use env)")
+    image_size: int = Field(64, ge=16)
+    members: list[MemberConfig] = Field(default_factory=lambda: [MemberConfig(policy=p) for p in ("flips", "contrast", "geometric")])
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    upload: UploadBudget = Field(default_factory=UploadBudget)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    poll_interval_s: float = Field(2.0, gt=0)
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    workers: int | None = Field(None, ge=1, description="cores to use; default all")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used, with the file and field named."""
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return AgentConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def dump_config(config: AgentConfig) -> str:
+    """The YAML text of a config, stable so that an unchanged config renders byte-identical."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)

@@ -1,0 +1,59 @@
+"""``edgeloop``: the cloud-side command line.
+
+Each command group lives in its own module with an ``add_commands(subparsers)`` function; this module
+only wires them together, so that ``edgeloop --help`` stays fast (heavy imports happen inside commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Modules that contribute commands, in the order they appear in --help.
+COMMAND_MODULES = (
+    "orchestrator.commands.data",
+    "orchestrator.commands.model",
+    "orchestrator.commands.inventory",
+    "orchestrator.commands.provision",
+    "orchestrator.commands.demo",
+)
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, missing file); printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command group not built yet
+                continue
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError, ValueError) as exc:
+        print(f"edgeloop {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
