@@ -54,6 +54,8 @@ class UploadBudget(Strict):
     max_bytes_per_day: int = Field(50_000_000, ge=0)
     random_share: float = Field(0.05, ge=0, le=1, description="share of ordinary samples sent so the cloud sees the normal case")
     outbox_max_bytes: int = Field(200_000_000, ge=0, description="disk cap of the outbox; least useful samples go first")
+    retry_base_s: float = Field(1.0, gt=0, description="first wait after a failed upload; doubles per failure")
+    retry_max_s: float = Field(60.0, gt=0, description="longest wait between upload attempts")
 
 
 class ServeConfig(Strict):

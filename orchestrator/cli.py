@@ -21,12 +21,16 @@ COMMAND_MODULES = (
 )
 
 
+# Libraries that log every optimisation pass at INFO; their news is not the user's.
+QUIET_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "root", "httpx", "paramiko")
+
+
 class UserError(Exception):
     """A problem the user can fix (bad input, missing file); printed without a traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="edgeloop", description="edgeloop: cloud-edge DNN lifecycle orchestrator")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in QUIET_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, ValueError) as exc:

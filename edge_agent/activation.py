@@ -1,0 +1,110 @@
+"""The gate and the atomic switch between ensembles.
+
+An ensemble is built in ``models/ensembles/.tmp-<version>/``, every file fsynced, then renamed to
+``<version>/`` (one rename: it is there completely or not at all). Activation replaces the
+``models/active`` symlink with a temporary symlink via ``os.replace`` (also one rename). A crash or kill at
+any moment therefore leaves the previous ensemble serving and no half-written model under a real name;
+leftover staging folders are swept at the next start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.layout import AgentPaths
+from edge_agent.status import fsync_dir
+
+STAGING_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class Score:
+    """How an ensemble does on the site's validation split."""
+
+    accuracy: float
+    nll: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    accept: bool
+    reason: str
+
+
+def gate(new: Score, active: Score | None, min_gain: float = 0.0) -> Decision:
+    """Accept a new ensemble only if it beats the active one on validation (or nothing is active).
+
+    Beating means more than ``min_gain`` accuracy, or at least ``min_gain`` with a lower log-loss
+    (with small validation splits, accuracy alone ties often).
+    """
+    if active is None:
+        return Decision(True, "no active ensemble")
+    gain = new.accuracy - active.accuracy
+    if gain > min_gain + 1e-12:
+        return Decision(True, f"val accuracy {new.accuracy:.4f} > {active.accuracy:.4f} + {min_gain}")
+    if gain >= min_gain - 1e-12 and new.nll < active.nll:
+        return Decision(True, f"val accuracy {new.accuracy:.4f} ties, val log-loss {new.nll:.4f} < {active.nll:.4f}")
+    return Decision(False, f"val accuracy {new.accuracy:.4f} / log-loss {new.nll:.4f} does not beat "
+                           f"{active.accuracy:.4f} / {active.nll:.4f} (min gain {min_gain})")
+
+
+def staging_dir(paths: AgentPaths, version: str) -> Path:
+    folder = paths.ensembles / f"{STAGING_PREFIX}{version}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def sweep_staging(paths: AgentPaths) -> list[Path]:
+    """Remove staging folders a crash left behind (never a published version)."""
+    removed = []
+    for folder in paths.ensembles.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    for link in paths.models.glob(".active-*"):
+        link.unlink(missing_ok=True)
+    return removed
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(folder)
+
+
+def publish(paths: AgentPaths, staged: Path, version: str) -> Path:
+    """Make a staged ensemble visible under its version name in one rename."""
+    _fsync_tree(staged)
+    final = paths.ensembles / version
+    os.rename(staged, final)
+    fsync_dir(paths.ensembles)
+    return final
+
+
+def activate(paths: AgentPaths, version: str) -> None:
+    """Point ``models/active`` at ``ensembles/<version>`` atomically (temp symlink + os.replace)."""
+    if not (paths.ensembles / version).is_dir():
+        raise FileNotFoundError(f"no published ensemble {version}")
+    temp = paths.models / f".active-{os.getpid()}"
+    temp.unlink(missing_ok=True)
+    os.symlink(os.path.join(paths.ensembles.name, version), temp)
+    os.replace(temp, paths.active_link)
+    fsync_dir(paths.models)
+
+
+def active_version(paths: AgentPaths) -> str | None:
+    try:
+        return Path(os.readlink(paths.active_link)).name
+    except OSError:
+        return None
+
+
+def active_dir(paths: AgentPaths) -> Path | None:
+    version = active_version(paths)
+    return None if version is None else paths.ensembles / version

@@ -1,0 +1,399 @@
+"""The edge agent daemon: one loop that keeps a site learning and serving.
+
+Each tick: look for a reason to fine-tune (a new base model from the cloud, enough new operator labels),
+start or watch the fine-tune (a separate process, so inference never waits for it), classify the inbox,
+queue the samples worth sending, push the outbox to the store, and write the heartbeat. Everything it must
+remember lives in ``state.json`` and on disk (inbox, outbox, ensembles), so a restart resumes where it
+stopped and a SIGTERM only has to finish the current step.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig
+from edge_agent.inference import EnsembleHandle, InboxProcessor, Prediction
+from edge_agent.layout import AgentPaths
+from edge_agent.outbox import Outbox, as_png, file_sha256
+from edge_agent.select import Selector
+from edge_agent.status import AgentState, read_json, write_json_atomic
+from edge_agent.uplink import Backoff, Store, Uplink
+
+log = logging.getLogger("edge_agent")
+
+MAX_FINETUNE_FAILURES = 3
+FINETUNE_RETRY_S = 30.0
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"}
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def verified_base_models(paths: AgentPaths) -> list[str]:
+    """Base model versions whose ``model.pt`` matches the ``model.pt.sha256`` the cloud wrote beside it."""
+    good = []
+    for folder in sorted(p for p in paths.base_models.glob("*") if p.is_dir() and not p.name.startswith(".")):
+        weights, digest = folder / "model.pt", folder / "model.pt.sha256"
+        try:
+            expected = digest.read_text().split()[0].strip()
+        except (OSError, IndexError):
+            continue  # deploy not finished: the checksum is written last
+        if weights.is_file() and file_sha256(weights) == expected:
+            good.append(folder.name)
+        else:
+            log.warning("base model %s does not match its sha256; ignored", folder.name)
+    return good
+
+
+def labelled_files(paths: AgentPaths) -> list[tuple[str, Path]]:
+    """(class, file) for every image an operator placed under ``data/labelled/<class>/``."""
+    found = []
+    for class_dir in sorted(p for p in paths.labelled.glob("*") if p.is_dir() and not p.name.startswith(".")):
+        for file in sorted(class_dir.iterdir()):
+            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
+                found.append((class_dir.name, file))
+    return found
+
+
+class FinetuneSupervisor:
+    """Runs one fine-tune at a time as a child process and reports how it ended."""
+
+    def __init__(self, config_file: Path, paths: AgentPaths):
+        self.config_file, self.paths = config_file, paths
+        self.process: subprocess.Popen | None = None
+        self.run_id: str | None = None
+        self.reason: str | None = None
+        self.stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None
+
+    def start(self, reason: str) -> str:
+        self.run_id, self.reason, self.stopping = new_run_id(), reason, False
+        command = [sys.executable, "-m", "edge_agent", "finetune", "--config", str(self.config_file),
+                   "--run-id", self.run_id, "--reason", reason, "--parent-pid", str(os.getpid())]
+        with open(self.paths.log_file, "ab") as sink:
+            self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.info("fine-tune %s started (%s), pid %d", self.run_id, reason, self.process.pid)
+        return self.run_id
+
+    def progress(self) -> dict[str, Any] | None:
+        if self.run_id is None:
+            return None
+        return read_json(self.paths.runs / self.run_id / "progress.json")
+
+    def poll(self) -> tuple[int, dict[str, Any] | None] | None:
+        """(exit code, report) once the child has ended, else None."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        code = self.process.returncode
+        report = read_json(self.paths.runs / self.run_id / "report.json")
+        self.process = None
+        return code, report
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Abandon the fine-tune: it terminates its workers; nothing half-made becomes visible."""
+        if self.process is None:
+            return
+        self.stopping = True
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+        log.info("fine-tune %s abandoned", self.run_id)
+
+
+class Sampler:
+    """Turns predictions (and operator labels) into outbox samples."""
+
+    def __init__(self, config: AgentConfig, outbox: Outbox, state: AgentState, lock: threading.Lock):
+        self.config, self.outbox, self.state, self.lock = config, outbox, state, lock
+        t, u = config.thresholds, config.upload
+        self.selector = Selector(t.uncertainty, t.disagreement, u.random_share, random.Random())
+
+    def __call__(self, raw: bytes, prediction: Prediction | None, name: str, operator_label: str | None = None) -> bool:
+        probs = prediction.probs if prediction is not None else None
+        members = prediction.member_probs if prediction is not None else None
+        if prediction is None:
+            chosen, score, reasons, extra = operator_label is not None, 2.0, ["operator_label"], {}
+        else:
+            selection = self.selector.judge(probs, members, operator_label)
+            chosen, score, reasons = selection.chosen, selection.score, selection.reasons
+            extra = {"uncertainty": round(selection.uncertainty, 6), "disagreement": round(selection.disagreement, 6)}
+        if not chosen:
+            return False
+        sidecar = {
+            "site": self.config.site, "time": time.time(), "source_file": name, "reasons": reasons,
+            "model_version": prediction.model_version if prediction else None,
+            "probabilities": prediction.probabilities if prediction else None,
+            "member_probabilities": members.round(6).tolist() if members is not None else None,
+            "operator_label": operator_label, **extra,
+        }
+        self.outbox.put(as_png(raw), sidecar, score)
+        with self.lock:
+            self.state.selected_total += 1
+        return True
+
+
+@dataclass
+class Clock:
+    heartbeat_due: float = 0.0
+    finetune_retry_at: float = 0.0
+
+
+class Agent:
+    """The daemon. ``run()`` blocks until ``stop`` is set (SIGTERM/SIGINT), then returns 0."""
+
+    def __init__(self, config: AgentConfig, config_file: Path):
+        self.config, self.config_file = config, Path(config_file).resolve()
+        self.paths = AgentPaths(Path(config.root))
+        self.paths.ensure()
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.state = AgentState.load(self.paths.state_file)
+        self.started = time.time()
+        self.clock = Clock()
+        self.handle = EnsembleHandle(self.paths.active_link, threads=1)
+        self.outbox = Outbox(self.paths.outbox, config.upload.outbox_max_bytes)
+        self.sampler = Sampler(config, self.outbox, self.state, self.lock)
+        self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler)
+        self.uplink = Uplink(Store(config.store_url, config.store_options), self.outbox, config.site,
+                             config.upload.max_samples_per_day, config.upload.max_bytes_per_day,
+                             Backoff(config.upload.retry_base_s, config.upload.retry_max_s))
+        self.finetune = FinetuneSupervisor(self.config_file, self.paths)
+        self.server = None
+        self._pid_lock = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._take_pid_lock()
+        self.outbox.sweep()
+        from edge_agent.activation import sweep_staging
+
+        sweep_staging(self.paths)
+        self._start_server()
+        log.info("agent for site %s started (pid %d, root %s)", self.config.site, os.getpid(), self.paths.root)
+        self.heartbeat()
+        while not self.stop.is_set():
+            self.tick()
+            self.stop.wait(self.config.poll_interval_s)
+        self.shutdown()
+        return 0
+
+    def tick(self) -> None:
+        """One pass of the loop; a failing step is logged and the others still run."""
+        for step in (self.watch_finetune, self.scan_triggers, self.maybe_start_finetune, self.process_inbox,
+                     self.pump_uplink, self.maybe_heartbeat):
+            if self.stop.is_set():
+                return
+            try:
+                step()
+            except Exception:
+                log.exception("step %s failed", step.__name__)
+
+    def shutdown(self) -> None:
+        log.info("stopping")
+        self.finetune.stop()
+        if self.server is not None:
+            self.server.stop()
+        self.heartbeat(phase="stopped")
+        self.paths.pid_file.unlink(missing_ok=True)
+        log.info("stopped")
+
+    def _take_pid_lock(self) -> None:
+        handle = open(self.paths.pid_file, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SystemExit(f"another agent holds {self.paths.pid_file}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._pid_lock = handle
+
+    def _start_server(self) -> None:
+        if self.config.serve.port == 0:
+            return
+        from edge_agent.server import Classifier, Server
+
+        classify_body = Classifier(self.handle, self.config.serve.max_image_bytes, self.sampler)
+        self.server = Server(self.config.serve.host, self.config.serve.port, classify_body, self.status).start()
+        log.info("serving HTTP on %s:%d", *self.server.address)
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def scan_triggers(self) -> None:
+        """Owe a fine-tune for a new base model or for enough new operator labels."""
+        fresh = [v for v in verified_base_models(self.paths) if v not in self.state.base_versions_seen]
+        if fresh:
+            self.state.base_versions_seen.extend(fresh)
+            self._owe(f"new base model {fresh[-1]}")
+        seen = set(self.state.labelled_seen)
+        new = [(c, f) for c, f in labelled_files(self.paths) if f"{c}/{f.name}" not in seen]
+        if not new:
+            return
+        for class_name, file in new:
+            self._queue_labelled(class_name, file)
+            self.state.labelled_seen.append(f"{class_name}/{file.name}")
+        self.state.new_labelled += len(new)
+        if self.state.new_labelled >= self.config.thresholds.min_new_labelled:
+            self._owe(f"{self.state.new_labelled} new labelled images")
+            self.state.new_labelled = 0
+        self.save_state()
+
+    def _owe(self, reason: str) -> None:
+        log.info("fine-tune owed: %s", reason)
+        self.state.pending_finetune = reason
+        self.state.finetune_failures = 0
+        self.save_state()
+
+    def _queue_labelled(self, class_name: str, file: Path) -> None:
+        from edge_agent.imaging import ImageError, decode_image
+        from edge_agent.inference import classify
+
+        try:
+            raw = file.read_bytes()
+            classifier = self.handle.get()
+            prediction = None
+            if classifier is not None:
+                image = decode_image(raw, classifier.image_size, self.config.serve.max_image_bytes)
+                prediction = classify(classifier, image[None])[0]
+            self.sampler(raw, prediction, file.name, operator_label=class_name)
+        except (ImageError, OSError) as exc:
+            log.warning("labelled file %s/%s not usable: %s", class_name, file.name, exc)
+
+    def maybe_start_finetune(self) -> None:
+        if self.finetune.running or not self.state.pending_finetune or time.time() < self.clock.finetune_retry_at:
+            return
+        if not self.state.base_versions_seen:
+            return  # nothing to fine-tune from yet
+        self.finetune.start(self.state.pending_finetune)
+        self.heartbeat()
+
+    def watch_finetune(self) -> None:
+        ended = self.finetune.poll()
+        if ended is None:
+            return
+        code, report = ended
+        if code == 0 and report is not None:
+            self.state.last_run = summarise_run(report)
+            self.state.pending_finetune = None
+            self.state.finetune_failures = 0
+            log.info("fine-tune %s finished: %s", report.get("run_id"), report.get("decision"))
+        else:
+            self.state.finetune_failures += 1
+            self.clock.finetune_retry_at = time.time() + FINETUNE_RETRY_S
+            log.error("fine-tune %s failed with exit code %s (%d/%d)", self.finetune.run_id, code,
+                      self.state.finetune_failures, MAX_FINETUNE_FAILURES)
+            if self.state.finetune_failures >= MAX_FINETUNE_FAILURES:
+                self.state.pending_finetune = None
+        self.save_state()
+        self.heartbeat()
+
+    def process_inbox(self) -> None:
+        report = self.inbox.process()
+        if report.processed or report.quarantined:
+            with self.lock:
+                self.state.processed_total += report.processed
+                self.state.quarantined_total += report.quarantined
+            log.info("inbox: %d classified, %d quarantined", report.processed, report.quarantined)
+            self.save_state()
+
+    def pump_uplink(self) -> None:
+        dropped = self.outbox.enforce_cap()
+        if dropped:
+            log.warning("outbox over %d bytes: dropped %d least useful samples",
+                        self.config.upload.outbox_max_bytes, dropped)
+        result = self.uplink.pump(self.state.upload_ledger, should_stop=self.stop.is_set)
+        with self.lock:
+            self.state.dropped_total += dropped
+            self.state.uploaded_total += result.uploaded
+            if result.error is not None:
+                self.state.last_upload_error = result.error
+            elif result.uploaded:
+                self.state.last_upload_error = None
+        if dropped or result.uploaded or result.skipped_existing or result.error:
+            self.save_state()
+
+    def maybe_heartbeat(self) -> None:
+        if time.time() >= self.clock.heartbeat_due:
+            self.heartbeat()
+
+    # ---- state and status ------------------------------------------------------------------------
+    def save_state(self) -> None:
+        with self.lock:
+            self.state.save(self.paths.state_file)
+
+    def phase(self) -> str:
+        if self.stop.is_set():
+            return "stopping"
+        if self.finetune.running:
+            return "finetuning"
+        return "serving" if self.handle.target() else "no-model"
+
+    def status(self, phase: str | None = None) -> dict[str, Any]:
+        with self.lock:
+            state = self.state.model_dump(mode="json", exclude={"labelled_seen"})
+        outbox = self.outbox.items()
+        return {
+            "site": self.config.site, "time": time.time(), "pid": os.getpid(), "state": phase or self.phase(),
+            "started": self.started, "active_version": _version_of(self.handle.target()),
+            "base_versions": state.pop("base_versions_seen"),
+            "finetune": {"running": self.finetune.running, "run_id": self.finetune.run_id,
+                         "reason": self.finetune.reason, "progress": self.finetune.progress()},
+            "queues": {"inbox": _count(self.paths.inbox), "outbox": len(outbox),
+                       "outbox_bytes": sum(i.size for i in outbox)},
+            "upload_backoff_failures": self.uplink.backoff.failures,
+            **state,
+        }
+
+    def heartbeat(self, phase: str | None = None) -> None:
+        status = self.status(phase)
+        write_json_atomic(self.paths.status_file, status)
+        self.save_state()
+        self.uplink.heartbeat(status)
+        self.clock.heartbeat_due = time.time() + self.config.heartbeat_interval_s
+
+
+def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("run_id", "reason", "version", "decision", "activated", "finished", "seconds",
+            "ensemble", "members", "active_before")
+    return {k: report.get(k) for k in keys if k in report}
+
+
+def _version_of(target: str | None) -> str | None:
+    return Path(target).name if target else None
+
+
+def _count(folder: Path) -> int:
+    try:
+        return sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError:
+        return 0
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT only set a flag: the loop finishes its step and shuts down cleanly."""
+    def handler(signum, _frame):
+        log.info("signal %d received", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,119 @@
+"""``edgeloop train | export | predict``: the shared ML core from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge_agent.datasets import IMAGE_SUFFIXES
+from edge_agent.models import ARCHITECTURES
+from edge_agent.augment import POLICIES
+from edge_agent.train import EpochMetrics, TrainConfig
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a model on a dataset version")
+    train.add_argument("--data", required=True, help="dataset version folder")
+    train.add_argument("--arch", default="resnet18", choices=sorted(ARCHITECTURES))
+    train.add_argument("--out", required=True, help="folder for model.pt and metrics.json")
+    train.add_argument("--init", help="fine-tune this checkpoint instead of starting from scratch")
+    defaults = TrainConfig()
+    train.add_argument("--epochs", type=int, default=defaults.epochs)
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    train.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    train.add_argument("--optimizer", default=defaults.optimizer, choices=["adamw", "sgd"])
+    train.add_argument("--schedule", default=defaults.schedule, choices=["onecycle", "cosine", "constant"])
+    train.add_argument("--policy", default=defaults.policy, choices=POLICIES, help="augmentation policy")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--threads", type=int, default=None, help="default: every core")
+    train.add_argument("--time-budget", type=float, default=None, help="seconds; best weights so far are kept")
+    train.set_defaults(func=_train)
+
+    export = sub.add_parser("export", help="export a trained model to ONNX (optionally INT8)")
+    export.add_argument("--model", required=True, help="training output folder (or its model.pt)")
+    export.add_argument("--out", required=True, help="FILE.onnx")
+    export.add_argument("--int8", action="store_true", help="also write an INT8 graph (FILE.int8.onnx)")
+    export.add_argument("--calibration", help="dataset version for INT8 calibration and the accuracy report")
+    export.set_defaults(func=_export)
+
+    predict = sub.add_parser("predict", help="classify images with an ONNX model; one JSON line per image")
+    predict.add_argument("--model", required=True, help="FILE.onnx")
+    predict.add_argument("paths", nargs="+", help="image files or folders")
+    predict.set_defaults(func=_predict)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.training import train_on_dataset
+
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                         label_smoothing=args.label_smoothing, optimizer=args.optimizer, schedule=args.schedule,
+                         policy=args.policy, seed=args.seed, threads=args.threads, time_budget_s=args.time_budget)
+
+    def progress(m: EpochMetrics) -> None:
+        print(f"epoch {m.epoch:>3}/{config.epochs}  loss {m.train_loss:.4f}  acc {m.train_acc:.3f}  "
+              f"val_loss {m.val_loss:.4f}  val_acc {m.val_acc:.3f}  {m.seconds:.1f}s", flush=True)
+
+    metrics = train_on_dataset(args.data, args.arch, args.out, config, init=args.init, on_epoch=progress)
+    print(f"best val_acc {metrics['val_acc']:.4f} (epoch {metrics['best_epoch']}), test_acc {metrics['test_acc']:.4f}; "
+          f"wrote {Path(args.out) / 'model.pt'}")
+    return 0
+
+
+def _checkpoint_path(model: str) -> Path:
+    path = Path(model)
+    return path / "model.pt" if path.is_dir() else path
+
+
+def _export(args: argparse.Namespace) -> int:
+    from orchestrator.training import export_checkpoint, max_abs_difference, quantize_with_report
+    from edge_agent.datasets import open_dataset
+
+    if args.int8 and not args.calibration:
+        raise ValueError("--int8 needs --calibration DIR (a dataset version)")
+    checkpoint = _checkpoint_path(args.model)
+    out = export_checkpoint(checkpoint, args.out)
+    report: dict = {"onnx": str(out)}
+    if args.calibration:
+        dataset = open_dataset(args.calibration)
+        check = dataset.load_split("test", _load_size(checkpoint)).images[:64]
+        report["max_abs_difference_vs_torch"] = max_abs_difference(checkpoint, out, check)
+    if args.int8:
+        int8 = out.with_suffix(".int8.onnx")
+        report.update(int8=str(int8), **quantize_with_report(out, int8, args.calibration))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _load_size(checkpoint: Path) -> int:
+    from edge_agent.models import load_checkpoint
+
+    return load_checkpoint(checkpoint)[1].spec.image_size
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            files.append(path)
+    return files
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from edge_agent.infer import OnnxClassifier, predict_files
+
+    classifier = OnnxClassifier(args.model)
+    read = 0
+    for result in predict_files(classifier, _expand(args.paths)):
+        read += "error" not in result
+        print(json.dumps(result), flush=True)
+    if not read:
+        print("edgeloop predict: no image could be read", file=sys.stderr)
+        return 1
+    return 0

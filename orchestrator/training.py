@@ -1,0 +1,108 @@
+"""Training and exporting models from dataset versions: the cloud's side of the shared ML core."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edge_agent.datasets import open_dataset
+from edge_agent.export import Classifier, export_onnx, quantize_int8
+from edge_agent.infer import OnnxClassifier
+from edge_agent.models import CheckpointMeta, ModelSpec, build_model, file_sha256, load_checkpoint, save_checkpoint
+from edge_agent.train import EpochMetrics, TrainConfig, evaluate, normalization_of, train_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "model.pt"
+METRICS = "metrics.json"
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def train_on_dataset(data: str | Path, arch: str, out: str | Path, config: TrainConfig, *,
+                     init: str | Path | None = None,
+                     on_epoch: Callable[[EpochMetrics], None] | None = None) -> dict:
+    """Train ``arch`` (or fine-tune the checkpoint ``init``) on a dataset version.
+
+    Writes ``out/model.pt`` (best by validation accuracy) and ``out/metrics.json`` and returns the metrics.
+    """
+    dataset = open_dataset(data)
+    train, val, test = (dataset.load_split(s) for s in ("train", "val", "test"))
+    if init is not None:
+        model, parent = load_checkpoint(init)
+        spec, normalization, parent_version = parent.spec, parent.normalization, file_sha256(init)[:12]
+        if spec.image_size != dataset.image_size:
+            raise ValueError(f"{init} expects {spec.image_size} px images, the dataset has {dataset.image_size} px")
+    else:
+        spec = ModelSpec(arch=arch, num_classes=len(dataset.classes), image_size=dataset.image_size)
+        model, normalization, parent_version = build_model(spec), normalization_of(train), None
+    log.info("training %s on %s (%d train, %d val, %d test images)", spec.arch, dataset.id, len(train), len(val),
+             len(test))
+    result = train_model(model, train, val, config, normalization, on_epoch=on_epoch)
+    test_acc, test_loss = evaluate(model, test, normalization)
+    epochs = len(result.history)
+    metrics = {
+        "dataset_id": dataset.id, "arch": spec.arch, "image_size": spec.image_size,
+        "train_images": len(train), "val_images": len(val), "test_images": len(test),
+        "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc,
+        "test_loss": test_loss, "epochs_run": epochs, "seconds": result.seconds,
+        "seconds_per_epoch": result.seconds / max(epochs, 1), "stopped_early": result.stopped_early,
+        "config": config.model_dump(), "history": [asdict(m) for m in result.history], "machine": machine_info(),
+    }
+    out = Path(out)
+    meta = CheckpointMeta(spec=spec, class_names=dataset.classes, normalization=normalization,
+                          metrics={"val_acc": result.best_val_acc, "test_acc": test_acc},
+                          dataset_id=dataset.id, parent=parent_version, train_config=config.model_dump())
+    save_checkpoint(out / CHECKPOINT, model, meta)
+    (out / METRICS).write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, version: str | None = None) -> Path:
+    model, meta = load_checkpoint(checkpoint)
+    metadata = {"version": version or file_sha256(checkpoint)[:12], "arch": meta.spec.arch,
+                "normalization": meta.normalization.model_dump_json(), "dataset_id": meta.dataset_id or ""}
+    return export_onnx(Classifier(model, meta.normalization), out, image_size=meta.spec.image_size,
+                       class_names=meta.class_names, metadata=metadata)
+
+
+def onnx_accuracy(path: str | Path, images: np.ndarray, labels: np.ndarray) -> float:
+    return float((OnnxClassifier(path).predict(images).argmax(1) == labels).mean())
+
+
+def quantize_with_report(fp32: str | Path, out: str | Path, calibration_data: str | Path,
+                         calibration_images: int = 256) -> dict:
+    """INT8-quantise ``fp32`` on a dataset's train split; accuracy of both graphs on its test split."""
+    dataset = open_dataset(calibration_data)
+    size = OnnxClassifier(fp32).image_size
+    calibration = dataset.load_split("train", size).images[:calibration_images]
+    started = time.monotonic()
+    quantize_int8(fp32, out, calibration)
+    evaluation = dataset.load_split("test", size)
+    if len(evaluation) == 0:
+        evaluation = dataset.load_split("val", size)
+    return {"fp32_accuracy": onnx_accuracy(fp32, evaluation.images, evaluation.labels),
+            "int8_accuracy": onnx_accuracy(out, evaluation.images, evaluation.labels),
+            "evaluated_on": len(evaluation), "calibration_images": len(calibration),
+            "fp32_bytes": Path(fp32).stat().st_size, "int8_bytes": Path(out).stat().st_size,
+            "quantize_seconds": time.monotonic() - started}
+
+
+def max_abs_difference(checkpoint: str | Path, onnx_path: str | Path, images: np.ndarray) -> float:
+    """Largest difference between PyTorch and onnxruntime probabilities on the same images."""
+    model, meta = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        reference = Classifier(model, meta.normalization)(torch.from_numpy(images[:, None].astype(np.float32)))
+    return float(np.abs(OnnxClassifier(onnx_path).predict(images) - reference.numpy()).max())
