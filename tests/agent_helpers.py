@@ -1,0 +1,118 @@
+"""Helpers for the edge agent tests: configs, a real daemon subprocess, and waiting for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(root: Path, store_url: str, **overrides: Any) -> Path:
+    """An agent config for tests: fast ticks, tiny images, three tiny_cnn members, 1 epoch."""
+    config: dict[str, Any] = {
+        "site": "site-1", "root": str(root), "store_url": store_url, "image_size": 32,
+        "members": [{"arch": "tiny_cnn", "policy": p} for p in ("flips", "contrast", "geometric")],
+        "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.003},
+        "thresholds": {"min_new_labelled": 5, "uncertainty": 0.5, "disagreement": 0.2},
+        "upload": {"random_share": 0.0, "retry_base_s": 0.2, "retry_max_s": 1.0},
+        "serve": {"port": 0},
+        "poll_interval_s": 0.2, "heartbeat_interval_s": 0.5,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = root.parent / f"{root.name}.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def agent_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+class AgentProcess:
+    """``python -m edge_agent run`` as a real subprocess."""
+
+    def __init__(self, config: Path):
+        self.config = config
+        self.root = Path(yaml.safe_load(config.read_text())["root"])
+        self.log = open(self.root.parent / f"{self.root.name}.stdout", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+                                     cwd=REPO, env=agent_env(), stdout=self.log, stderr=subprocess.STDOUT)
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.root / "status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.kill()
+        self.log.close()
+
+    def tail(self, n: int = 60) -> str:
+        log = self.root / "agent.log"
+        return "\n".join(log.read_text().splitlines()[-n:]) if log.exists() else ""
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, agent: AgentProcess | None = None,
+             interval: float = 0.2) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if agent is not None and agent.proc.poll() is not None:
+            raise AssertionError(f"agent exited ({agent.proc.returncode}) while waiting for {what}\n{agent.tail()}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{agent.tail() if agent else ''}")
+
+
+def deploy_base(root: Path, checkpoint: Path, version: str) -> Path:
+    """What the cloud's deploy does: model.pt, then its sha256 last."""
+    import hashlib
+
+    folder = root / "models" / "base" / version
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(checkpoint, folder / "model.pt")
+    digest = hashlib.sha256((folder / "model.pt").read_bytes()).hexdigest()
+    (folder / "model.pt.sha256").write_text(digest + "\n")
+    return folder
+
+
+def copy_labelled(dataset: Path, root: Path, limit: int | None = None) -> int:
+    """Copy a dataset version's class folders into the agent's labelled folder."""
+    target = root / "data" / "labelled"
+    n = 0
+    for class_dir in sorted(p for p in dataset.iterdir() if p.is_dir()):
+        files = sorted(f for f in class_dir.iterdir() if f.is_file())
+        for file in files[:limit]:
+            (target / class_dir.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, target / class_dir.name / file.name)
+            n += 1
+    return n
