@@ -91,12 +91,17 @@ ARCHITECTURES: dict[str, Callable[[ModelSpec], nn.Module]] = {
 }
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
+def build_model(spec: ModelSpec, seed: int | None = None) -> nn.Module:
+    """Build the model a spec names; ``seed`` makes its initial weights reproducible."""
     try:
         builder = ARCHITECTURES[spec.arch]
     except KeyError:
         raise ValueError(f"unknown architecture {spec.arch!r}; choose one of {sorted(ARCHITECTURES)}") from None
-    return builder(spec)
+    if seed is None:
+        return builder(spec)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return builder(spec)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta) -> Path:

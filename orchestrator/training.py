@@ -47,7 +47,7 @@ def train_on_dataset(data: str | Path, arch: str, out: str | Path, config: Train
             raise ValueError(f"{init} expects {spec.image_size} px images, the dataset has {dataset.image_size} px")
     else:
         spec = ModelSpec(arch=arch, num_classes=len(dataset.classes), image_size=dataset.image_size)
-        model, normalization, parent_version = build_model(spec), normalization_of(train), None
+        model, normalization, parent_version = build_model(spec, config.seed), normalization_of(train), None
     log.info("training %s on %s (%d train, %d val, %d test images)", spec.arch, dataset.id, len(train), len(val),
              len(test))
     result = train_model(model, train, val, config, normalization, on_epoch=on_epoch)

@@ -1,0 +1,41 @@
+# The two commands of the quick start: `make demo` and `make test`. Each sets up .venv when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SSHD   ?= /usr/sbin/sshd
+
+.PHONY: demo test bench venv sshd clean
+
+demo: $(STAMP)
+	$(BIN)/edgeloop demo
+
+test: $(STAMP) sshd
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP) sshd
+	$(BIN)/python bench/train_elpv.py
+	$(BIN)/python bench/edge.py
+	$(BIN)/python bench/provision.py
+
+venv: $(STAMP)
+
+# Reinstall when the project's requirements change; the constraints file pins what these machines need.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e '.[dev]'
+	@touch $@
+
+# The provisioning and sftp tests run real OpenSSH servers on loopback ports.
+sshd:
+	@if [ -x $(SSHD) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing openssh-server (needed by the SSH tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; \
+	else \
+		echo "error: $(SSHD) is missing; install openssh-server (e.g. sudo apt-get install openssh-server)" >&2; exit 1; \
+	fi
+
+clean:
+	rm -rf .demo .pytest_cache build *.egg-info

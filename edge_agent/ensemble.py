@@ -1,0 +1,102 @@
+"""Soft-voting ensembles: weights fitted on the site's validation split, exported as one ONNX graph.
+
+One graph holds every member and the weighted average, so serving is one onnxruntime session (one set of
+threads, one allocation arena) instead of K, and the switch to a new ensemble is a single file. The graph
+outputs ``probs`` [N,C] (the ensemble) and ``member_probs`` [N,K,C] (each member, for disagreement-based
+sample selection and per-member reporting).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+WEIGHT_CANDIDATES = 400
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(-1) == labels).mean()) if len(labels) else float("nan")
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    if not len(labels):
+        return float("nan")
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)).mean())
+
+
+def combine(member_probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted soft vote: member_probs [N,K,C], weights [K] summing to 1 → [N,C]."""
+    return np.einsum("nkc,k->nc", member_probs, weights)
+
+
+@dataclass(frozen=True)
+class WeightFit:
+    weights: list[float]
+    val_accuracy: float
+    val_nll: float
+
+
+def fit_weights(member_probs: np.ndarray, labels: np.ndarray, seed: int = 0,
+                candidates: int = WEIGHT_CANDIDATES) -> WeightFit:
+    """Search the weight simplex for the best validation accuracy, log-loss breaking ties.
+
+    Uniform weights come first and win every tie: a handful of validation images cannot justify trusting
+    one member over the others unless it actually scores better.
+    """
+    k = member_probs.shape[1]
+    rng = np.random.default_rng(seed)
+    grid = [np.full(k, 1.0 / k), *np.eye(k), *rng.dirichlet(np.ones(k), size=candidates)]
+    best: WeightFit | None = None
+    for weights in grid:
+        probs = combine(member_probs, weights)
+        fit = WeightFit([float(w) for w in weights], accuracy(probs, labels), log_loss(probs, labels))
+        if best is None or (fit.val_accuracy, -fit.val_nll) > (best.val_accuracy, -best.val_nll):
+            best = fit
+    assert best is not None
+    return best
+
+
+def fused_module(members: Sequence, normalizations: Sequence, weights: Sequence[float]):
+    """One torch module: raw pixels → (weighted probs [N,C], member probs [N,K,C])."""
+    import torch
+    from torch import nn
+
+    from edge_agent.export import Classifier
+
+    class FusedEnsemble(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.members = nn.ModuleList(Classifier(m, n) for m, n in zip(members, normalizations))
+            self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
+
+        def forward(self, image: torch.Tensor):
+            member_probs = torch.stack([member(image) for member in self.members], dim=1)
+            return (member_probs * self.weights.view(1, -1, 1)).sum(dim=1), member_probs
+
+    return FusedEnsemble().eval()
+
+
+def export_ensemble(members: Sequence, normalizations: Sequence, weights: Sequence[float], path: Path, *,
+                    image_size: int, class_names: Sequence[str], metadata: dict[str, str]) -> Path:
+    from edge_agent.export import export_onnx
+
+    module = fused_module(members, normalizations, weights)
+    meta = {**metadata, "weights": json.dumps(list(weights)), "members": str(len(members))}
+    return export_onnx(module, path, image_size=image_size, class_names=list(class_names), metadata=meta,
+                       output_names=("probs", "member_probs"))
+
+
+def evaluate_graph(classifier, images: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
+    """Ensemble and per-member accuracy (and log-loss) of an exported ensemble graph."""
+    if not len(labels):
+        return {"n": 0, "accuracy": None, "nll": None, "members": []}
+    outputs = [classifier.run(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    probs = np.concatenate([o["probs"] for o in outputs])
+    members = np.concatenate([o["member_probs"] for o in outputs])
+    return {"n": int(len(labels)), "accuracy": accuracy(probs, labels), "nll": log_loss(probs, labels),
+            "members": [{"accuracy": accuracy(members[:, k], labels), "nll": log_loss(members[:, k], labels)}
+                        for k in range(members.shape[1])]}

@@ -1,0 +1,105 @@
+"""Model factory, checkpoints and the shared training loop on real ELPV images."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from edge_agent.datasets import open_dataset
+from edge_agent.models import ARCHITECTURES, CheckpointMeta, ModelSpec, build_model, load_checkpoint, save_checkpoint
+from edge_agent.train import TrainConfig, evaluate, normalization_of, train_model
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("size", [32, 96])
+def test_every_architecture_takes_small_grayscale_inputs(arch, size):
+    model = build_model(ModelSpec(arch=arch, num_classes=2, image_size=size)).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, size, size)).shape == (2, 2)
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown architecture 'vgg99'"):
+        build_model(ModelSpec(arch="vgg99", num_classes=2))
+
+
+def test_checkpoint_round_trip_loads_weights_only(tmp_path):
+    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=32)
+    model = build_model(spec).eval()
+    path = save_checkpoint(tmp_path / "m.pt", model, CheckpointMeta(spec=spec, class_names=["a", "b"]))
+    payload = torch.load(path, weights_only=True)  # the contract: no pickled code in a checkpoint
+    assert payload["meta"]["spec"]["arch"] == "tiny_cnn"
+    loaded, meta = load_checkpoint(path)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta.class_names == ["a", "b"]
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="not a readable edgeloop checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="no model checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.fixture(scope="module")
+def generic(elpv_small):
+    dataset = open_dataset(elpv_small / "generic")
+    return dataset.load_split("train"), dataset.load_split("val")
+
+
+def _train(generic, **overrides):
+    train, val = generic
+    config = TrainConfig(epochs=3, batch_size=16, threads=1, policy="strong", **overrides)
+    model = build_model(ModelSpec(arch="tiny_cnn", num_classes=2, image_size=32), seed=config.seed)
+    epochs = []
+    result = train_model(model, train, val, config, normalization_of(train), on_epoch=epochs.append)
+    return model, result, epochs
+
+
+def test_training_is_deterministic_under_a_seed(generic):
+    _, first, _ = _train(generic)
+    _, second, _ = _train(generic)
+    assert [m.train_loss for m in first.history] == [m.train_loss for m in second.history]
+    _, other, _ = _train(generic, seed=7)
+    assert [m.train_loss for m in other.history] != [m.train_loss for m in first.history]
+
+
+def test_training_reports_each_epoch_and_keeps_the_best_weights(generic):
+    model, result, epochs = _train(generic)
+    assert [m.epoch for m in epochs] == [1, 2, 3]
+    assert result.best_val_acc == max(m.val_acc for m in epochs)
+    train, val = generic
+    accuracy, _ = evaluate(model, val, normalization_of(train))
+    assert accuracy == pytest.approx(result.best_val_acc)  # the model ends holding the best epoch
+
+
+def test_time_budget_and_stop_callback_end_training_early(generic):
+    train, val = generic
+    model = build_model(ModelSpec(arch="tiny_cnn", num_classes=2, image_size=32))
+    started = time.monotonic()
+    result = train_model(model, train, val, TrainConfig(epochs=500, batch_size=8, threads=1, time_budget_s=1.0),
+                         normalization_of(train))
+    assert result.stopped_early and len(result.history) < 500
+    assert time.monotonic() - started < 30
+    calls = iter(range(1000))
+    result = train_model(model, train, val, TrainConfig(epochs=50, batch_size=8, threads=1),
+                         normalization_of(train), should_stop=lambda: next(calls) >= 3)
+    assert result.stopped_early and len(result.history) == 1
+
+
+def test_fine_tuning_learns_the_training_set(generic):
+    """A sanity check that the loop optimises: more epochs fit the training data better."""
+    train, val = generic
+    model = build_model(ModelSpec(arch="tiny_cnn", num_classes=2, image_size=32))
+    result = train_model(model, train, val, TrainConfig(epochs=12, batch_size=16, threads=1, policy="none", lr=5e-3),
+                         normalization_of(train))
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    majority = max(np.mean(train.labels), 1 - np.mean(train.labels))
+    assert result.history[-1].train_acc > majority
