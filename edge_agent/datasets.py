@@ -291,3 +291,42 @@ def load_imagefolder(root: str | Path, classes: Sequence[str], size: int
         files.append(path)
     array = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
     return ArraySet(array, np.array(labels, dtype=np.int64)), files, skipped
+
+
+def derive_dataset(base: DatasetVersion, additions: Sequence[tuple[str, bytes, int, dict]], out: str | Path,
+                   source: str) -> ImportReport:
+    """A new version: ``base`` plus extra training images ``(name, image bytes, label, fields)``.
+
+    The base's validation and test splits stay as they are, so a model trained on the new version
+    is compared with its parent on the same held-out images.
+    """
+    out = Path(out)
+    skipped: list[dict[str, str]] = []
+    records = [dict(r) for r in base.records]
+    for record in records:
+        target = out / record["file"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((base.root / record["file"]).read_bytes())
+    known = {r["sha256"] for r in records}
+    for name, data, label, extra in additions:
+        try:
+            pixels = decode_image(data, base.image_size)
+        except ImageError as exc:
+            skipped.append({"file": name, "reason": str(exc)})
+            continue
+        png = encode_png(pixels)
+        digest = hashlib.sha256(png).hexdigest()
+        if digest in known:
+            continue  # the same image twice (or already in the base) adds nothing
+        known.add(digest)
+        rel = f"{base.classes[label]}/{name}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(png)
+        records.append({"file": rel, "sha256": digest, "label": label, "split": "train", **extra})
+    records.sort(key=lambda r: r["file"])
+    manifest = {**base.manifest, "source": source, "parent_dataset": base.id, "records": records}
+    _atomic_write_json(out / MANIFEST, manifest)
+    version = DatasetVersion(out, manifest)
+    report = ImportReport(out, version.id, version.counts(), skipped)
+    _atomic_write_json(out / REPORT, report.as_dict())
+    return report

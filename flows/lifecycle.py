@@ -1,0 +1,179 @@
+"""The demo lifecycle flow: pretrain → provision → deploy → edge fine-tune and serve → samples → retrain → deploy.
+
+Thin on purpose: every step is a function in :mod:`orchestrator`; this module adds task runs in the
+Prefect UI, mapping over sites, and artifacts (model versions, fleet status, the gate's decision).
+Sites that do not answer in time are reported and left behind; the loop goes on with the others.
+
+Run it: ``edgeloop demo`` (or ``python -m flows.lifecycle``). With no Prefect server configured it runs
+on Prefect's ephemeral local API.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from edge_agent.datasets import open_dataset
+from edge_agent.train import TrainConfig
+from orchestrator import deploy, lifecycle
+from orchestrator.inventory import Inventory, load_inventory
+from orchestrator.provision import provision
+from orchestrator.registry import ModelRegistry, ModelVersion, table
+from orchestrator.samples import collect_samples
+from orchestrator.settings import Settings
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_data(home: Path, sites: int, size: int, seed: int) -> list[Path]:
+    return lifecycle.prepare_elpv(home / "data", sites, size, seed)
+
+
+@task(cache_policy=NO_CACHE)
+def pretrain(registry: ModelRegistry, settings: Settings, generic: Path) -> ModelVersion:
+    logger = get_run_logger()
+    champion = registry.champion(settings.family)
+    if champion:
+        logger.info("champion %s already in the registry; no pretraining", champion.version)
+        return champion
+    config = TrainConfig(epochs=settings.pretrain_epochs, batch_size=64, seed=settings.seed)
+    version = lifecycle.train_version(registry, settings.family, generic, settings.pretrain_arch, config,
+                                      note="pretrained on the generic pool")
+    logger.info("pretrained %s: val_acc %.3f test_acc %.3f", version.version, version.metrics["val_acc"],
+                version.metrics["test_acc"])
+    return registry.promote(version.version)
+
+
+@task(cache_policy=NO_CACHE)
+def provision_fleet(inventory: Inventory) -> list[str]:
+    """Provision every site; returns the names of those that came up healthy."""
+    report = provision(inventory)
+    create_table_artifact(key="provision", table=report.rows(), description="provisioning: per host, per step")
+    get_run_logger().info("\n%s", report.recap())
+    return [host.name for host in report.hosts if not host.failed]
+
+
+@task(cache_policy=NO_CACHE)
+def deploy_to(inventory: Inventory, site: str, checkpoint: Path, version: str) -> deploy.DeployResult:
+    result = deploy.deploy_model(inventory.site(site), inventory, checkpoint, version)
+    get_run_logger().info("deploy %s to %s: %s %s", version, site, result.status, result.reason)
+    return result
+
+
+def _after(version: str, since: float):
+    """Ready when the site has seen base ``version`` and finished a fine-tune started after ``since``."""
+    def ready(status: dict) -> bool:
+        run = status.get("last_run") or {}
+        return (version in status.get("base_versions", []) and not status.get("pending_finetune")
+                and not status.get("finetune", {}).get("running") and (run.get("finished") or 0) > since)
+    return ready
+
+
+def _drained(expected: dict[str, int]):
+    def ready(status: dict) -> bool:
+        queues = status.get("queues", {})
+        return (status.get("processed_total", 0) + status.get("quarantined_total", 0) >= expected[status["site"]]
+                and queues.get("inbox", 1) == 0 and queues.get("outbox", 1) == 0)
+    return ready
+
+
+@task(cache_policy=NO_CACHE)
+def wait_for(inventory: Inventory, sites: list[str], what: str, ready, timeout_s: float) -> list[str]:
+    logger = get_run_logger()
+    done, status = deploy.wait_for_sites(inventory.cloud.store_url, sites, ready, timeout_s)
+    late = sorted(set(sites) - set(done))
+    if late:
+        logger.warning("%s: no answer in %.0f s from %s; going on with %s", what, timeout_s, late, done)
+    publish_fleet(status)
+    return done
+
+
+def publish_fleet(status: dict[str, dict]) -> None:
+    rows = []
+    for site, s in sorted(status.items()):
+        ensemble = ((s.get("last_run") or {}).get("ensemble") or {})
+        rows.append({"site": site, "state": s.get("state"), "active_version": s.get("active_version"),
+                     "ensemble_test_acc": ensemble.get("test_acc"), "processed": s.get("processed_total"),
+                     "selected": s.get("selected_total"), "uploaded": s.get("uploaded_total"),
+                     "outbox": s.get("queues", {}).get("outbox"),
+                     "heartbeat_age_s": round(time.time() - s.get("time", 0), 1)})
+    create_table_artifact(key="fleet-status", table=rows, description="latest heartbeat of every site")
+
+
+@task(cache_policy=NO_CACHE)
+def retrain(registry: ModelRegistry, settings: Settings, inventory: Inventory, parts: list[Path]) -> dict:
+    logger = get_run_logger()
+    collection = collect_samples(inventory.cloud.store_url)
+    logger.info("samples: %d accepted %s, %d rejected", len(collection.accepted), collection.by_site(),
+                len(collection.rejected))
+    champion = registry.champion(settings.family)
+    out = settings.home / "data" / f"retrain-{time.strftime('%Y%m%dT%H%M%S')}"
+    config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=settings.seed)
+    candidate, summary = lifecycle.retrain_from_samples(registry, settings.family, parts[0], collection, parts[1:],
+                                                        out, config)
+    decision = lifecycle.gate(registry, candidate, champion, parts[0])
+    logger.info("gate: candidate %s val_acc %.3f vs champion %s val_acc %.3f: %s", decision.candidate,
+                decision.candidate_val_acc, decision.champion, decision.champion_val_acc or float("nan"),
+                "promoted" if decision.promoted else "kept the champion")
+    return {**summary, **decision.as_dict()}
+
+
+@flow(name="edgeloop-lifecycle", log_prints=True)
+def lifecycle_flow(inventory: str | None = None, home: str | None = None, image_size: int = 64,
+                   pretrain_epochs: int = 8, retrain_epochs: int = 3, site_timeout_s: float = 900,
+                   stop_agents: bool = True) -> dict:
+    """One turn of the loop on a fleet; the parameters are the hyperparameter form in the Prefect UI."""
+    overrides = {k: v for k, v in {"inventory": inventory, "home": home}.items() if v}
+    settings = Settings(image_size=image_size, pretrain_epochs=pretrain_epochs, retrain_epochs=retrain_epochs,
+                        site_timeout_s=site_timeout_s, **overrides)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    fleet = load_inventory(settings.inventory, env={**os.environ, "EDGELOOP_HOME": str(settings.home.resolve())})
+    names = fleet.names()
+    parts = prepare_data(settings.home, len(names), settings.image_size, settings.seed)
+    registry = ModelRegistry(fleet.cloud.registry)
+    champion = pretrain(registry, settings, parts[0])
+
+    streams = {name: lifecycle.seed_site(Path(fleet.site(name).root), open_dataset(part))
+               for name, part in zip(names, parts[1:])}
+    live = provision_fleet(fleet)
+    started = time.time()
+    for name in live:
+        deploy_to(fleet, name, registry.artifact(champion.version), champion.version)
+    live = wait_for(fleet, live, "first fine-tune", _after(champion.version, started), settings.site_timeout_s)
+
+    expected = {name: lifecycle.feed_inbox(Path(fleet.site(name).root), streams[name]) for name in live}
+    live = wait_for(fleet, live, "inference and upload", _drained(expected), settings.site_timeout_s)
+
+    decision = retrain(registry, settings, fleet, parts)
+    if decision["promoted"]:
+        new = registry.get(decision["candidate"])
+        started = time.time()
+        for name in live:
+            deploy_to(fleet, name, registry.artifact(new.version), new.version)
+        live = wait_for(fleet, live, "fine-tune on the new base", _after(new.version, started), settings.site_timeout_s)
+
+    create_table_artifact(key="model-versions", table=table(list(registry.versions(settings.family))),
+                          description="registry: every version, its stage, data and metrics")
+    create_markdown_artifact(key="gate", markdown=_gate_markdown(decision), description="retraining gate")
+    if stop_agents:
+        for name in names:
+            deploy.stop_agent(fleet.site(name), fleet)
+    return {"sites_completed": live, "decision": decision}
+
+
+def _gate_markdown(decision: dict) -> str:
+    verdict = "promoted" if decision["promoted"] else "kept the champion"
+    return (f"### Retraining gate: {verdict}\n\n| | version | val acc | val loss |\n|---|---|---|---|\n"
+            f"| candidate | {decision['candidate']} | {decision['candidate_val_acc']:.4f} | "
+            f"{decision['candidate_val_loss']:.4f} |\n| champion | {decision['champion']} | "
+            f"{decision['champion_val_acc'] or 0:.4f} | {decision['champion_val_loss'] or 0:.4f} |\n\n"
+            f"{decision['samples_accepted']} samples accepted ({decision['by_site']}), "
+            f"{decision['samples_rejected']} rejected, {decision['samples_unlabelled']} awaiting labels.")
+
+
+if __name__ == "__main__":
+    print(lifecycle_flow())

@@ -1,0 +1,38 @@
+"""``edgeloop demo``: one turn of the whole lifecycle on the embedded defaults.
+
+Local inventory (three sites on this machine), Prefect's ephemeral API, the bundled ELPV solar cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from orchestrator.settings import Settings
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="run the demo lifecycle (pretrain, edge fine-tune, samples, retrain)")
+    defaults = Settings()
+    demo.add_argument("-i", "--inventory", default=str(defaults.inventory))
+    demo.add_argument("--home", default=str(defaults.home), help="working folder (data, registry, store, sites)")
+    demo.add_argument("--image-size", type=int, default=defaults.image_size)
+    demo.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs)
+    demo.add_argument("--retrain-epochs", type=int, default=defaults.retrain_epochs)
+    demo.add_argument("--site-timeout", type=float, default=defaults.site_timeout_s)
+    demo.add_argument("--keep-agents", action="store_true", help="leave the site agents running afterwards")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    # Offline by default: no telemetry, no phoning home from the ephemeral server.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from flows.lifecycle import lifecycle_flow
+
+    result = lifecycle_flow(inventory=args.inventory, home=args.home, image_size=args.image_size,
+                            pretrain_epochs=args.pretrain_epochs, retrain_epochs=args.retrain_epochs,
+                            site_timeout_s=args.site_timeout, stop_agents=not args.keep_agents)
+    print(json.dumps(result, indent=1, default=str))
+    return 0 if result["sites_completed"] else 1

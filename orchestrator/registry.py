@@ -1,0 +1,136 @@
+"""The model registry: model versions ("working sets") with artifacts, metrics, lineage and a stage.
+
+A version ties together the dataset version it was trained on, its architecture and hyperparameters,
+the version it was fine-tuned from, its metrics, and its artifacts (checkpoint, ONNX), each with a
+sha256. One version per model family is the champion; a new candidate replaces it only through
+:meth:`ModelRegistry.promote`, and the old champion is archived, never deleted.
+
+On disk: ``<root>/<version>/record.json`` beside the artifacts. Versions sort by creation time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Literal
+
+from pydantic import BaseModel, Field
+
+from edge_agent.models import file_sha256
+
+Stage = Literal["candidate", "champion", "archived"]
+RECORD = "record.json"
+
+
+class Artifact(BaseModel):
+    file: str
+    sha256: str
+    bytes: int
+
+
+class ModelVersion(BaseModel):
+    version: str
+    family: str = Field(description="what is being improved over time, e.g. 'elpv-resnet18'")
+    arch: str
+    dataset_id: str | None
+    hyperparameters: dict = Field(default_factory=dict)
+    parent: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    stage: Stage = "candidate"
+    artifacts: dict[str, Artifact] = Field(default_factory=dict)
+    created: float = Field(default_factory=time.time)
+    note: str = ""
+
+
+class RegistryError(LookupError):
+    pass
+
+
+class ModelRegistry:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def register(self, family: str, checkpoint: str | Path, *, arch: str, dataset_id: str | None,
+                 hyperparameters: dict, metrics: dict[str, float], parent: str | None = None,
+                 extra_artifacts: dict[str, str | Path] | None = None, note: str = "") -> ModelVersion:
+        """Copy the artifacts in and record a new candidate; written atomically (staged, then renamed)."""
+        digest = file_sha256(checkpoint)
+        version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest[:8]}"
+        staged = self.root / f".{version}.tmp"
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
+        artifacts = {}
+        for name, source in {"checkpoint": checkpoint, **(extra_artifacts or {})}.items():
+            target = staged / Path(source).name
+            shutil.copyfile(source, target)
+            artifacts[name] = Artifact(file=target.name, sha256=file_sha256(target), bytes=target.stat().st_size)
+        record = ModelVersion(version=version, family=family, arch=arch, dataset_id=dataset_id,
+                              hyperparameters=hyperparameters, parent=parent, metrics=metrics,
+                              artifacts=artifacts, note=note)
+        (staged / RECORD).write_text(record.model_dump_json(indent=1))
+        os.replace(staged, self.root / version)
+        return record
+
+    def get(self, version: str) -> ModelVersion:
+        path = self.root / version / RECORD
+        if not path.is_file():
+            raise RegistryError(f"no model version {version!r} in {self.root}")
+        return ModelVersion.model_validate_json(path.read_text())
+
+    def versions(self, family: str | None = None) -> Iterator[ModelVersion]:
+        for folder in sorted(self.root.iterdir()):
+            if folder.is_dir() and not folder.name.startswith("."):
+                record = self.get(folder.name)
+                if family is None or record.family == family:
+                    yield record
+
+    def artifact(self, version: str, name: str = "checkpoint") -> Path:
+        """Path of an artifact, after checking its sha256 (a corrupt registry must not deploy)."""
+        record = self.get(version)
+        if name not in record.artifacts:
+            raise RegistryError(f"model version {version} has no {name!r} artifact")
+        artifact = record.artifacts[name]
+        path = self.root / version / artifact.file
+        if not path.is_file() or file_sha256(path) != artifact.sha256:
+            raise RegistryError(f"artifact {path} is missing or does not match its sha256")
+        return path
+
+    def champion(self, family: str) -> ModelVersion | None:
+        return next((v for v in self.versions(family) if v.stage == "champion"), None)
+
+    def promote(self, version: str) -> ModelVersion:
+        record = self.get(version)
+        current = self.champion(record.family)
+        if current and current.version != version:
+            self._save(current.model_copy(update={"stage": "archived"}))
+        promoted = record.model_copy(update={"stage": "champion"})
+        self._save(promoted)
+        return promoted
+
+    def lineage(self, version: str) -> list[ModelVersion]:
+        """This version and its ancestors, newest first: which data and which parent made it."""
+        chain, seen = [], set()
+        current: str | None = version
+        while current and current not in seen:
+            seen.add(current)
+            record = self.get(current)
+            chain.append(record)
+            current = record.parent
+        return chain
+
+    def _save(self, record: ModelVersion) -> None:
+        path = self.root / record.version / RECORD
+        tmp = path.with_name(RECORD + ".tmp")
+        tmp.write_text(record.model_dump_json(indent=1))
+        os.replace(tmp, path)
+
+
+def table(records: list[ModelVersion]) -> list[dict]:
+    """Rows for a Prefect table artifact or a terminal listing."""
+    return [{"version": r.version, "family": r.family, "stage": r.stage, "arch": r.arch,
+             "dataset": r.dataset_id, "parent": r.parent or "", **{k: round(v, 4) for k, v in r.metrics.items()}}
+            for r in records]
+

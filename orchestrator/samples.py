@@ -1,0 +1,137 @@
+"""The cloud's side of the sample loop: read what the edges uploaded, check it, label it, learn from it.
+
+Edges write ``<store>/samples/<site>/<sha256>.png`` and a ``.json`` sidecar (sidecar last, so a
+sidecar always has its image). Here every sample is checked before it can reach a training set:
+the bytes must hash to the name, decode as an image, and the sidecar must say where it came from.
+Rejected samples are reported with the reason and never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import fsspec
+
+from edge_agent.datasets import DatasetVersion, ImportReport, derive_dataset
+from edge_agent.imaging import ImageError, decode_image
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("site", "time", "reasons")
+
+
+@dataclass
+class Sample:
+    sha256: str
+    site: str
+    image: bytes
+    sidecar: dict
+
+
+@dataclass
+class Collection:
+    accepted: list[Sample] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def by_site(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for sample in self.accepted:
+            counts[sample.site] = counts.get(sample.site, 0) + 1
+        return counts
+
+
+def _check(sha: str, image: bytes, sidecar: dict, site: str) -> str | None:
+    """Why a sample cannot be used, or None when it can."""
+    if hashlib.sha256(image).hexdigest() != sha:
+        return "image bytes do not match the content hash in the name"
+    missing = [f for f in REQUIRED_FIELDS if f not in sidecar]
+    if missing:
+        return f"sidecar lacks {', '.join(missing)}"
+    if sidecar["site"] != site:
+        return f"sidecar names site {sidecar['site']!r} but the sample is under {site!r}"
+    try:
+        decode_image(image, 16)
+    except ImageError as exc:
+        return str(exc)
+    return None
+
+
+def collect_samples(store_url: str, storage_options: dict | None = None) -> Collection:
+    """Read and check every complete sample in the store (a sidecar whose image is there)."""
+    fs, root = fsspec.core.url_to_fs(store_url, **(storage_options or {}))
+    collection = Collection()
+    for sidecar_path in sorted(fs.glob(f"{root.rstrip('/')}/samples/*/*.json")):
+        site = Path(sidecar_path).parent.name
+        sha = Path(sidecar_path).stem
+        try:
+            sidecar = json.loads(fs.cat_file(sidecar_path))
+            image = fs.cat_file(sidecar_path[:-len(".json")] + ".png")
+        except (OSError, ValueError) as exc:
+            collection.rejected.append({"sample": f"{site}/{sha}", "reason": f"unreadable: {exc}"})
+            continue
+        reason = _check(sha, image, sidecar, site)
+        if reason:
+            collection.rejected.append({"sample": f"{site}/{sha}", "reason": reason})
+            log.warning("rejected sample %s/%s: %s", site, sha, reason)
+        else:
+            collection.accepted.append(Sample(sha, site, image, sidecar))
+    return collection
+
+
+class Labeller(Protocol):
+    """Gives a checked sample its class index, or None when nobody has said what it is yet."""
+
+    def __call__(self, sample: Sample) -> int | None: ...
+
+
+class OperatorLabels:
+    """Labels that a site's operator gave (the sidecar's ``operator_label``)."""
+
+    def __init__(self, classes: list[str]):
+        self.classes = classes
+
+    def __call__(self, sample: Sample) -> int | None:
+        label = sample.sidecar.get("operator_label")
+        return self.classes.index(label) if label in self.classes else None
+
+
+class ReferenceLabels:
+    """The demo's stand-in for a human review queue: the true label of an image from dataset manifests.
+
+    Real fleets put a person here (an annotation tool); the demo knows the ELPV ground truth of every
+    image it streamed to the sites, found by content hash.
+    """
+
+    def __init__(self, datasets: list[DatasetVersion]):
+        self.truth = {r["sha256"]: r["label"] for d in datasets for r in d.records}
+
+    def __call__(self, sample: Sample) -> int | None:
+        return self.truth.get(sample.sha256)
+
+
+def first_label(*labellers: Labeller) -> Labeller:
+    def label(sample: Sample) -> int | None:
+        return next((x for x in (labeller(sample) for labeller in labellers) if x is not None), None)
+
+    return label
+
+
+def build_retraining_set(base: DatasetVersion, samples: list[Sample], labeller: Labeller,
+                         out: str | Path) -> tuple[ImportReport, int]:
+    """A dataset version: ``base`` plus every labelled sample in its train split; returns (report, unlabelled)."""
+    additions, unlabelled = [], 0
+    for sample in samples:
+        label = labeller(sample)
+        if label is None:
+            unlabelled += 1
+            continue
+        additions.append((f"sample-{sample.site}-{sample.sha256[:16]}", sample.image, label,
+                          {"source_file": f"store:samples/{sample.site}/{sample.sha256}.png", "site": sample.site,
+                           "reasons": ",".join(sample.sidecar.get("reasons", []))}))
+    report = derive_dataset(base, additions, out, source=f"retrain:{base.id}+{len(additions)} samples")
+    return report, unlabelled
