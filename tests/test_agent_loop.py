@@ -120,7 +120,8 @@ def test_inbox_http_quarantine_and_samples_reach_the_store(served_site, elpv_sma
         assert any(s["model_version"] and len(s["member_probabilities"]) == 3 for s in inferred)
         assert not list(samples.glob(".*"))  # no temp files left in the store
         assert agent.terminate() == 0
-        assert agent.status()["queues"]["outbox"] == 0
+        kept = len(list((root / "outbox").glob("*.json")))  # SIGTERM keeps what is still queued
+        assert agent.status()["queues"]["outbox"] == kept
     finally:
         agent.close()
 
