@@ -41,8 +41,8 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
     except Exception as exc:  # an unreachable host fails alone; the caller goes on with the others
         return DeployResult(site.name, version, "failed", f"connect: {exc}")
     try:
-        present = remote.run(f"cat {shlex.quote(final)}/model.pt.sha256 2>/dev/null")
-        if present.rc == 0 and present.stdout.split()[:1] == [digest]:
+        present = remote.run(f"cd {shlex.quote(final)} 2>/dev/null && cat model.pt.sha256 && sha256sum model.pt")
+        if present.rc == 0 and present.stdout.split()[:2] == [digest, digest]:
             return DeployResult(site.name, version, "ok")
         remote.run(f"rm -rf {shlex.quote(staged)} && mkdir -p {shlex.quote(staged)}")
         remote.put(Path(checkpoint), f"{staged}/model.pt")

@@ -1,0 +1,137 @@
+"""The cloud's side of the loop: registry, sample checks, retraining set, gate, deploy to a local site."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_agent.datasets import open_dataset
+from edge_agent.layout import AgentPaths
+from edge_agent.models import file_sha256
+from edge_agent.train import TrainConfig
+from orchestrator.deploy import deploy_model, read_fleet_status
+from orchestrator.inventory import load_inventory
+from orchestrator.lifecycle import gate, retrain_from_samples, train_version
+from orchestrator.registry import ModelRegistry, RegistryError
+from orchestrator.samples import ReferenceLabels, collect_samples
+
+FAST = TrainConfig(epochs=1, batch_size=16, threads=1)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, elpv_small):
+    registry = ModelRegistry(tmp_path_factory.mktemp("registry"))
+    first = train_version(registry, "elpv", elpv_small / "generic", "tiny_cnn", FAST, note="pretrained")
+    registry.promote(first.version)
+    return registry
+
+
+def _put_sample(store: Path, under: str, image: bytes, **sidecar) -> str:
+    sha = hashlib.sha256(image).hexdigest()
+    folder = store / "samples" / under
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{sha}.png").write_bytes(image)
+    (folder / f"{sha}.json").write_text(json.dumps({"site": under, "time": 1.0, "reasons": ["uncertain"], **sidecar}))
+    return sha
+
+
+def test_registry_records_artifacts_lineage_and_stages(registry, elpv_small):
+    champion = registry.champion("elpv")
+    assert champion.stage == "champion" and champion.dataset_id == open_dataset(elpv_small / "generic").id
+    assert set(champion.artifacts) == {"checkpoint", "onnx"} and champion.metrics["val_acc"] >= 0
+    child = train_version(registry, "elpv", elpv_small / "sites/site-1", "tiny_cnn", FAST, parent=champion)
+    assert [v.version for v in registry.lineage(child.version)] == [child.version, champion.version]
+    assert child.stage == "candidate" and child.hyperparameters["epochs"] == 1
+    registry.promote(child.version)
+    assert registry.get(champion.version).stage == "archived" and registry.champion("elpv").version == child.version
+    registry.promote(champion.version)  # back, for the other tests
+    assert registry.get(child.version).stage == "archived"
+
+
+def test_registry_refuses_a_corrupted_artifact(registry, tmp_path):
+    version = registry.champion("elpv")
+    path = registry.artifact(version.version, "onnx")
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:-10])
+        with pytest.raises(RegistryError, match="does not match its sha256"):
+            registry.artifact(version.version, "onnx")
+    finally:
+        path.write_bytes(original)
+    with pytest.raises(RegistryError, match="no model version"):
+        registry.get("nope")
+
+
+def test_samples_are_checked_before_use(tmp_path, elpv_small):
+    store = tmp_path / "store"
+    images = sorted((elpv_small / "sites/site-1").rglob("*.png"))
+    good = _put_sample(store, "site-1", images[0].read_bytes())
+    _put_sample(store, "site-1", images[1].read_bytes(), site="site-2")       # claims another site
+    _put_sample(store, "site-1", b"\x89PNG\r\n\x1a\n truncated")            # not an image
+    renamed = store / "samples/site-1" / ("0" * 64 + ".png")                   # bytes do not match the name
+    renamed.write_bytes(images[2].read_bytes())
+    (renamed.with_suffix(".json")).write_text(json.dumps({"site": "site-1", "time": 1, "reasons": []}))
+    (store / "samples/site-1" / ("1" * 64 + ".png")).write_bytes(images[3].read_bytes())  # no sidecar yet: skipped
+    collection = collect_samples(f"file://{store}")
+    assert [s.sha256 for s in collection.accepted] == [good]
+    reasons = " | ".join(r["reason"] for r in collection.rejected)
+    assert "names site 'site-2'" in reasons and "truncated" in reasons and "do not match" in reasons
+
+
+def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, elpv_small):
+    store = tmp_path / "store"
+    site = open_dataset(elpv_small / "sites/site-1")
+    for record in site.files("test"):
+        _put_sample(store, "site-1", (site.root / record["file"]).read_bytes())
+    _put_sample(store, "site-1", (site.root / site.files("train")[0]["file"]).read_bytes(),
+                operator_label="defective")
+    unknown = sorted((elpv_small / "sites/site-2").rglob("*.png"))[0]
+    _put_sample(store, "site-2", unknown.read_bytes())  # nobody knows its label yet
+    collection = collect_samples(f"file://{store}")
+    assert ReferenceLabels([site])(collection.accepted[0]) is not None
+    champion = registry.champion("elpv")
+    candidate, summary = retrain_from_samples(registry, "elpv", elpv_small / "generic", collection,
+                                              [elpv_small / "sites/site-1"], tmp_path / "retrain", FAST)
+    assert summary["samples_accepted"] == len(site.files("test")) + 2 and summary["samples_unlabelled"] == 1
+    retrain_set, generic = open_dataset(tmp_path / "retrain"), open_dataset(elpv_small / "generic")
+    assert len(retrain_set.files("train")) == len(generic.files("train")) + len(site.files("test")) + 1
+    assert retrain_set.files("val") == generic.files("val")  # the gate compares on the same held-out images
+    assert candidate.parent == champion.version
+    decision = gate(registry, candidate, champion, elpv_small / "generic")
+    assert decision.promoted == (registry.champion("elpv").version == candidate.version)
+    assert decision.promoted == (decision.candidate_val_acc > decision.champion_val_acc or (
+        decision.candidate_val_acc == decision.champion_val_acc
+        and decision.candidate_val_loss < decision.champion_val_loss))
+    registry.promote(champion.version)
+
+
+def test_deploy_to_a_local_site_is_verified_and_idempotent(registry, tmp_path):
+    inventory_file = tmp_path / "inv.yaml"
+    inventory_file.write_text(f"""
+cloud: {{store_url: "file://{tmp_path}/store", registry: "{tmp_path}/registry"}}
+defaults: {{connection: {{type: local}}}}
+sites:
+  - {{name: s1, root: "{tmp_path}/s1"}}
+""")
+    inventory = load_inventory(inventory_file)
+    champion = registry.champion("elpv")
+    checkpoint = registry.artifact(champion.version)
+    first = deploy_model(inventory.site("s1"), inventory, checkpoint, champion.version)
+    assert first.status == "changed", first.reason
+    target = AgentPaths(tmp_path / "s1").base_models / champion.version
+    assert file_sha256(target / "model.pt") == (target / "model.pt.sha256").read_text().split()[0]
+    assert not list(target.parent.glob(".*"))  # no staging leftovers
+    assert deploy_model(inventory.site("s1"), inventory, checkpoint, champion.version).status == "ok"
+    (target / "model.pt").write_bytes(b"damaged")  # a damaged copy is replaced, not trusted
+    assert deploy_model(inventory.site("s1"), inventory, checkpoint, champion.version).status == "changed"
+    assert file_sha256(target / "model.pt") == file_sha256(checkpoint)
+
+
+def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
+    (tmp_path / "status").mkdir()
+    (tmp_path / "status" / "a.json").write_text(json.dumps({"site": "a", "time": 5}))
+    (tmp_path / "status" / "b.json").write_text("{not json")
+    assert read_fleet_status(f"file://{tmp_path}", ["a", "b", "c"]) == {"a": {"site": "a", "time": 5}}
