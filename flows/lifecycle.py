@@ -105,11 +105,15 @@ def publish_fleet(status: dict[str, dict]) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def retrain(registry: ModelRegistry, settings: Settings, inventory: Inventory, parts: list[Path]) -> dict:
+def retrain(registry: ModelRegistry, settings: Settings, inventory: Inventory, parts: list[Path]) -> dict | None:
+    """Retrain on the checked samples and gate the candidate; None when no sample came back."""
     logger = get_run_logger()
     collection = collect_samples(inventory.cloud.store_url)
     logger.info("samples: %d accepted %s, %d rejected", len(collection.accepted), collection.by_site(),
                 len(collection.rejected))
+    if not collection.accepted:
+        logger.warning("no samples came back from the sites; nothing to retrain on")
+        return None
     champion = registry.champion(settings.family)
     out = settings.home / "data" / f"retrain-{time.strftime('%Y%m%dT%H%M%S')}"
     config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=settings.seed)
@@ -149,7 +153,7 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, image_
     live = wait_for(fleet, live, "inference and upload", _drained(expected), settings.site_timeout_s)
 
     decision = retrain(registry, settings, fleet, parts)
-    if decision["promoted"]:
+    if decision and decision["promoted"]:
         new = registry.get(decision["candidate"])
         started = time.time()
         for name in live:
@@ -158,7 +162,8 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, image_
 
     create_table_artifact(key="model-versions", table=table(list(registry.versions(settings.family))),
                           description="registry: every version, its stage, data and metrics")
-    create_markdown_artifact(key="gate", markdown=_gate_markdown(decision), description="retraining gate")
+    if decision:
+        create_markdown_artifact(key="gate", markdown=_gate_markdown(decision), description="retraining gate")
     if stop_agents:
         for name in names:
             deploy.stop_agent(fleet.site(name), fleet)

@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "orchestrator.commands.data",
     "orchestrator.commands.model",
+    "orchestrator.commands.registry",
     "orchestrator.commands.inventory",
     "orchestrator.commands.provision",
     "orchestrator.commands.demo",
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError, LookupError, ValueError) as exc:
         print(f"edgeloop {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -135,3 +135,16 @@ def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
     (tmp_path / "status" / "a.json").write_text(json.dumps({"site": "a", "time": 5}))
     (tmp_path / "status" / "b.json").write_text("{not json")
     assert read_fleet_status(f"file://{tmp_path}", ["a", "b", "c"]) == {"a": {"site": "a", "time": 5}}
+
+
+def test_models_cli_lists_versions_and_lineage(registry, capsys):
+    from orchestrator.cli import main
+
+    champion = registry.champion("elpv")
+    assert main(["models", "list", "--registry", str(registry.root)]) == 0
+    listing = capsys.readouterr().out
+    assert champion.version in listing and "champion" in listing
+    assert main(["models", "lineage", champion.version, "--registry", str(registry.root)]) == 0
+    assert champion.version in capsys.readouterr().out
+    assert main(["models", "show", "missing", "--registry", str(registry.root)]) == 2
+    assert "no model version 'missing'" in capsys.readouterr().err
