@@ -316,7 +316,7 @@ def put_text(req):
 
 def run(cmd):
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          universal_newlines=True)
+                          universal_newlines=True, cwd="/")  # not the caller's cwd: it would shadow the venv
     if proc.returncode != 0:
         raise RuntimeError("%s failed (%d): %s" % (" ".join(cmd[:4]), proc.returncode, proc.stdout[-1500:]))
     return proc.stdout
@@ -509,8 +509,9 @@ class LocalRemote:
     """This machine (``connection: local``): the same worker, run as a local process."""
 
     def start(self, command: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a fresh login would have it
         self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, cwd=Path.home(), env=env)
 
     def request(self, line: str, timeout: float) -> str:
         try:
@@ -551,6 +552,7 @@ def _size(n: float) -> str:
 SUPERVISOR = """#!/bin/sh
 # Managed by edgeloop provisioning (do not edit): runs the edge agent for site {site}
 # and starts it again when it exits unexpectedly. Stop it with: kill -TERM -$(cat {pidfile})
+echo $$ > {pidfile}.tmp && mv -f {pidfile}.tmp {pidfile}
 child=
 trap 'if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; wait "$child"; fi; exit 0' TERM INT HUP
 while :; do
