@@ -19,9 +19,12 @@ from edge_agent.status import AgentState, read_json
 LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 
-def setup_logging(paths: AgentPaths, verbose: bool = False) -> None:
+def setup_logging(paths: AgentPaths, verbose: bool = False, console: bool = True) -> None:
+    """Log to ``agent.log`` (and stderr unless stderr already goes to that log, as for a daemon's child)."""
     paths.root.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(paths.log_file), logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [logging.FileHandler(paths.log_file)]
+    if console:
+        handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, handlers=handlers,
                         force=True)
 
@@ -59,7 +62,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = _load(args)
     paths = AgentPaths(Path(config.root))
     paths.ensure()
-    setup_logging(paths, args.verbose)
+    setup_logging(paths, args.verbose, console=args.parent_pid is None)
     return run_finetune_process(config, paths, run_id=args.run_id, reason=args.reason, parent_pid=args.parent_pid)
 
 

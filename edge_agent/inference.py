@@ -29,6 +29,39 @@ log = logging.getLogger(__name__)
 ENSEMBLE_FILE = "ensemble.onnx"
 
 
+class LightOnnxClassifier:
+    """``infer.OnnxClassifier``'s interface on onnxruntime alone.
+
+    ``edge_agent.infer`` imports torch (through ``export``); the daemon must not: importing torch costs
+    seconds of a stalled heartbeat and hundreds of MB on a small board, and serving needs none of it.
+    """
+
+    INPUT_NAME = "image"  # edge_agent.export.INPUT_NAME
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        from edge_agent.outbox import file_sha256
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.class_names = json.loads(self.metadata["class_names"])
+        self.image_size = int(self.metadata["image_size"])
+        self.version = self.metadata.get("version") or file_sha256(self.path)[:12]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(images[:, None], dtype=np.float32)
+        return dict(zip(self.output_names, self.session.run(None, {self.INPUT_NAME: x})))
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.run(images)[self.output_names[0]]
+
+
 class EnsembleHandle:
     """The serving ensemble, reloaded when the active link moves (thread-safe)."""
 
@@ -57,10 +90,8 @@ class EnsembleHandle:
     def _load(self, target: str | None):
         if target is None:
             return None
-        from edge_agent.infer import OnnxClassifier  # onnxruntime only once there is a model
-
         path = (self.active_link.parent / target / ENSEMBLE_FILE).resolve()
-        classifier = OnnxClassifier(path, threads=self.threads)
+        classifier = LightOnnxClassifier(path, threads=self.threads)
         log.info("serving ensemble %s", classifier.version)
         return classifier
 

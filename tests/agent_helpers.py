@@ -57,10 +57,12 @@ class AgentProcess:
                                      cwd=REPO, env=agent_env(), stdout=self.log, stderr=subprocess.STDOUT)
 
     def status(self) -> dict[str, Any] | None:
+        """This process's latest status (a status.json left by an earlier agent does not count)."""
         try:
-            return json.loads((self.root / "status.json").read_text())
+            status = json.loads((self.root / "status.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+        return status if status.get("pid") == self.proc.pid else None
 
     def terminate(self, timeout: float = 15.0) -> int:
         self.proc.send_signal(signal.SIGTERM)

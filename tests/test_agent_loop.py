@@ -8,6 +8,7 @@ import hashlib
 import json
 import shutil
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +17,19 @@ import pytest
 from agent_helpers import AgentProcess, copy_labelled, deploy_base, wait_for, write_config
 
 FINETUNE_TIMEOUT = 180
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live pids whose command line contains ``text`` (e.g. the fine-tune child of a killed agent)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def free_port() -> int:
@@ -146,6 +160,20 @@ def test_kill_9_during_finetune_keeps_old_ensemble_and_restart_completes(served_
     assert visible == [old]
     state = json.loads((root / "state.json").read_text())
     assert state["pending_finetune"]  # still owed after the crash
+
+    assert wait_for(lambda: not processes_mentioning(str(config)), 10, "orphaned fine-tune to exit")
+
+    agent = AgentProcess(config)  # SIGTERM while it fine-tunes: clean, prompt exit, the fine-tune still owed
+    try:
+        wait_for(lambda: (s := agent.status()) and s["state"] == "finetuning", 60, "fine-tune restarted", agent)
+        started = time.monotonic()
+        assert agent.terminate() == 0
+        assert time.monotonic() - started < 10
+    finally:
+        agent.close()
+    assert wait_for(lambda: not processes_mentioning(str(config)), 10, "fine-tune stopped with the agent")
+    assert json.loads((root / "state.json").read_text())["pending_finetune"]
+    assert active_version(root) == old
 
     agent = AgentProcess(config)
     try:
