@@ -11,6 +11,7 @@ on Prefect's ephemeral local API.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def provision_fleet(inventory: Inventory) -> list[str]:
     report = provision(inventory)
     create_table_artifact(key="provision", table=report.rows(), description="provisioning: per host, per step")
     get_run_logger().info("\n%s", report.recap())
-    return [host.name for host in report.hosts if not host.failed]
+    return [host.site for host in report.hosts if not host.failed]
 
 
 @task(cache_policy=NO_CACHE)
@@ -135,7 +136,9 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, image_
     settings = Settings(image_size=image_size, pretrain_epochs=pretrain_epochs, retrain_epochs=retrain_epochs,
                         site_timeout_s=site_timeout_s, **overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
-    fleet = load_inventory(settings.inventory, env={**os.environ, "EDGELOOP_HOME": str(settings.home.resolve())})
+    # Local demo sites reuse this interpreter's packages (torch is not installed again per site).
+    env = {"EDGELOOP_PYTHON": sys.executable, **os.environ, "EDGELOOP_HOME": str(settings.home.resolve())}
+    fleet = load_inventory(settings.inventory, env=env)
     names = fleet.names()
     parts = prepare_data(settings.home, len(names), settings.image_size, settings.seed)
     registry = ModelRegistry(fleet.cloud.registry)

@@ -95,7 +95,7 @@ def stop_agent(site: Site, inventory: Inventory) -> bool:
     remote = open_remote(site, inventory, False)
     try:
         pidfile = shlex.quote(f"{site.root}/supervisor.pid")
-        done = remote.run(f"test -f {pidfile} && kill -TERM -- -$(cat {pidfile}) && rm -f {pidfile}")
+        done = remote.run(f"test -f {pidfile} && kill -TERM -$(cat {pidfile}) && rm -f {pidfile}")
         return done.rc == 0
     finally:
         remote.close()
