@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.layout import AgentPaths
-from edge_agent.status import fsync_dir
+from edge_agent.fileio import fsync_dir
 
 STAGING_PREFIX = ".tmp-"
 

@@ -26,9 +26,11 @@ from typing import Any
 from edge_agent.config import AgentConfig
 from edge_agent.inference import EnsembleHandle, InboxProcessor, Prediction
 from edge_agent.layout import AgentPaths
-from edge_agent.outbox import Outbox, as_png, file_sha256
+from edge_agent.fileio import file_sha256
+from edge_agent.outbox import Outbox, as_png
 from edge_agent.select import Selector
-from edge_agent.status import AgentState, read_json, write_json_atomic
+from edge_agent.fileio import read_json, write_json_atomic
+from edge_agent.status import AgentState
 from edge_agent.uplink import Backoff, Store, Uplink
 
 log = logging.getLogger("edge_agent")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .fileio import write_json_atomic
 from .imaging import ImageError, decode_image, encode_png
 
 log = logging.getLogger(__name__)
@@ -163,18 +163,12 @@ def _write_version(out: Path, items: list[_Item], classes: list[str], fractions:
     records.sort(key=lambda r: r["file"])
     manifest = {"format": FORMAT, "source": source, "image_size": size, "seed": seed,
                 "classes": classes, "records": records}
-    _atomic_write_json(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     version = DatasetVersion(out, manifest)
     report = ImportReport(out, version.id, version.counts(), skipped)
-    _atomic_write_json(out / REPORT, report.as_dict())
+    write_json_atomic(out / REPORT, report.as_dict())
     log.info("dataset %s at %s: %s", version.id, out, report.counts)
     return report
-
-
-def _atomic_write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _decode_all(sources: Iterable[tuple[str, Path, int, dict]], size: int,
@@ -263,7 +257,7 @@ def import_elpv(out: str | Path, size: int = 96, seed: int = 0, sites: int = 0, 
     counts = {c.out.relative_to(out).as_posix(): {s: sum(v.values()) for s, v in c.counts.items()} for c in children}
     report = ImportReport(out, manifest_id({"classes": ELPV_CLASSES,
                                             "records": [c.dataset_id for c in children]}), counts, skipped, children)
-    _atomic_write_json(out / REPORT, report.as_dict())
+    write_json_atomic(out / REPORT, report.as_dict())
     return report
 
 
@@ -325,8 +319,8 @@ def derive_dataset(base: DatasetVersion, additions: Sequence[tuple[str, bytes, i
         records.append({"file": rel, "sha256": digest, "label": label, "split": "train", **extra})
     records.sort(key=lambda r: r["file"])
     manifest = {**base.manifest, "source": source, "parent_dataset": base.id, "records": records}
-    _atomic_write_json(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     version = DatasetVersion(out, manifest)
     report = ImportReport(out, version.id, version.counts(), skipped)
-    _atomic_write_json(out / REPORT, report.as_dict())
+    write_json_atomic(out / REPORT, report.as_dict())
     return report

@@ -19,11 +19,11 @@ import onnx
 import torch
 from torch import nn
 
+from .infer import INPUT_NAME
 from .models import Normalization
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
 OPSET = 18
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from edge_agent.activation import Score, active_dir, activate, gate, publish, staging_dir, sweep_staging
 from edge_agent.config import AgentConfig
 from edge_agent.layout import AgentPaths
-from edge_agent.status import read_json, write_json_atomic
+from edge_agent.fileio import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def load_site_splits(paths: AgentPaths, classes: list[str], size: int):
     A manifest in the folder (a dataset version copied in) fixes the splits of the files it names; files an
     operator added later are split by content hash. An empty val split borrows the train split (noted).
     """
-    from edge_agent.datasets import MANIFEST, ArraySet, load_imagefolder
+    from edge_agent.datasets import MANIFEST, load_imagefolder
 
     data, files, skipped = load_imagefolder(paths.labelled, classes, size)
     for path, reason in skipped:

@@ -10,9 +10,11 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnxruntime as ort
 
-from .export import INPUT_NAME
 from .imaging import ImageError, decode_image
-from .models import file_sha256
+from .fileio import file_sha256
+
+# The graph's input: raw 0..255 pixels, float32 [N,1,H,W]. Serving must not import torch, so this lives here.
+INPUT_NAME = "image"
 
 
 class OnnxClassifier:

@@ -21,45 +21,13 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_agent.imaging import ImageError, decode_image
+from edge_agent.infer import OnnxClassifier
 from edge_agent.layout import AgentPaths
-from edge_agent.status import fsync_dir, write_json_atomic
+from edge_agent.fileio import fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_FILE = "ensemble.onnx"
-
-
-class LightOnnxClassifier:
-    """``infer.OnnxClassifier``'s interface on onnxruntime alone.
-
-    ``edge_agent.infer`` imports torch (through ``export``); the daemon must not: importing torch costs
-    seconds of a stalled heartbeat and hundreds of MB on a small board, and serving needs none of it.
-    """
-
-    INPUT_NAME = "image"  # edge_agent.export.INPUT_NAME
-
-    def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        from edge_agent.outbox import file_sha256
-
-        self.path = Path(path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.class_names = json.loads(self.metadata["class_names"])
-        self.image_size = int(self.metadata["image_size"])
-        self.version = self.metadata.get("version") or file_sha256(self.path)[:12]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = np.ascontiguousarray(images[:, None], dtype=np.float32)
-        return dict(zip(self.output_names, self.session.run(None, {self.INPUT_NAME: x})))
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return self.run(images)[self.output_names[0]]
 
 
 class EnsembleHandle:
@@ -91,7 +59,7 @@ class EnsembleHandle:
         if target is None:
             return None
         path = (self.active_link.parent / target / ENSEMBLE_FILE).resolve()
-        classifier = LightOnnxClassifier(path, threads=self.threads)
+        classifier = OnnxClassifier(path, threads=self.threads)
         log.info("serving ensemble %s", classifier.version)
         return classifier
 

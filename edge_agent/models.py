@@ -7,7 +7,6 @@ grayscale crops, so the stems are adapted (see each builder) or they learn nothi
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -129,10 +128,3 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
     model.eval()
     return model, meta
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

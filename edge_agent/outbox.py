@@ -11,7 +11,6 @@ samples first (lowest selection score, then oldest) and counts what it dropped.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import threading
@@ -19,22 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.status import write_bytes_atomic
+from edge_agent.fileio import file_sha256, sha256_hex, write_bytes_atomic  # noqa: F401 (re-exported)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed (no torch import: the daemon stays light)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def as_png(raw: bytes) -> bytes:

@@ -1,63 +1,14 @@
-"""Durable small JSON files: the agent's persistent state and its status heartbeat.
-
-Both are rewritten often and read by others (the cloud, the provisioning health check, the operator),
-so every write goes to a temporary file in the same folder, is fsynced and then renamed over the old one:
-a reader sees the previous or the next version, never half of one, even after a power cut.
-"""
+"""The agent's persistent state (``state.json``), rewritten atomically with :mod:`edge_agent.fileio`."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (POSIX needs the directory itself fsynced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; status and reports are for others to read
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def read_json(path: Path, default: Any = None) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return default
+from edge_agent.fileio import read_json, write_json_atomic
 
 
 class UploadLedger(BaseModel):

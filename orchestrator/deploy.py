@@ -17,7 +17,7 @@ from typing import Callable
 import fsspec
 
 from edge_agent.layout import AgentPaths
-from edge_agent.models import file_sha256
+from edge_agent.fileio import file_sha256
 from orchestrator.inventory import Inventory, Site
 from orchestrator.provision import open_remote
 

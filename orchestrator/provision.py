@@ -518,7 +518,7 @@ class LocalRemote:
             self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
             answer = self.proc.stdout.readline()
-        except OSError as exc:
+        except OSError:
             answer = ""
         if not answer:
             status = self.proc.wait(timeout=5)

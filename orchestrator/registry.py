@@ -18,7 +18,7 @@ from typing import Iterator, Literal
 
 from pydantic import BaseModel, Field
 
-from edge_agent.models import file_sha256
+from edge_agent.fileio import file_sha256
 
 Stage = Literal["candidate", "champion", "archived"]
 RECORD = "record.json"

@@ -18,6 +18,9 @@ os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
 SMALL_SIZE = 32
 
+# Real OpenSSH servers on loopback ports (the sshd_fleet fixture), for provisioning and sftp tests.
+pytest_plugins = ["tests.sshd"]
+
 
 @pytest.fixture(scope="session")
 def elpv_small(tmp_path_factory) -> Path:

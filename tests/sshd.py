@@ -3,7 +3,7 @@
 Each host is its own ``sshd -D`` process with its own host key, key authentication only, on
 127.0.0.1:<free port>. They all run on this machine, so each test site gets its own agent root.
 Works as root (CI containers) and as an ordinary user (``-oStrictModes=no``, own pid file).
-Import explicitly: ``from tests.sshd import sshd_fleet`` (a fixture) or ``SshdFleet`` (a class).
+The ``sshd_fleet`` fixture is registered for every test by conftest (pytest_plugins); ``SshdFleet`` is the class.
 """
 
 from __future__ import annotations

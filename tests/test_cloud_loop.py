@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.datasets import open_dataset
 from edge_agent.layout import AgentPaths
-from edge_agent.models import file_sha256
+from edge_agent.fileio import file_sha256
 from edge_agent.train import TrainConfig
 from orchestrator.deploy import deploy_model, read_fleet_status
 from orchestrator.inventory import load_inventory

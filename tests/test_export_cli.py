@@ -15,7 +15,7 @@ from edge_agent.datasets import open_dataset
 from edge_agent.infer import OnnxClassifier, predict_files
 from orchestrator.training import export_checkpoint, max_abs_difference, quantize_with_report
 
-EDGELOOP = [sys.executable, "-m", "orchestrator.cli"]
+EDGELOOP = [sys.executable, "-m", "orchestrator"]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from edge_agent.config import dump_config
 from orchestrator.cli import main as cli_main
 from orchestrator.inventory import load_inventory
 from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, STEPS, build_wheel, provision
-from tests.sshd import fleet_inventory, sshd_fleet, stop_agents  # noqa: F401  (sshd_fleet is a fixture)
+from tests.sshd import fleet_inventory, stop_agents
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -10,7 +10,7 @@ import pytest
 
 from flows.provision import provision_flow
 from orchestrator.provision import STEPS
-from tests.sshd import fleet_inventory, sshd_fleet, stop_agents  # noqa: F401  (sshd_fleet is a fixture)
+from tests.sshd import fleet_inventory, stop_agents
 
 pytestmark = pytest.mark.timeout(300)
 
