@@ -43,10 +43,19 @@ def pretrain(registry: ModelRegistry, settings: Settings, generic: Path) -> Mode
         return champion
     config = TrainConfig(epochs=settings.pretrain_epochs, batch_size=64, seed=settings.seed)
     version = lifecycle.train_version(registry, settings.family, generic, settings.pretrain_arch, config,
-                                      note="pretrained on the generic pool")
+                                      note="pretrained on the generic pool", on_epoch=_progress(config.epochs))
     logger.info("pretrained %s: val_acc %.3f test_acc %.3f", version.version, version.metrics["val_acc"],
                 version.metrics["test_acc"])
     return registry.promote(version.version)
+
+
+def _progress(epochs: int):
+    logger = get_run_logger()
+
+    def report(m) -> None:
+        logger.info("epoch %d/%d: loss %.4f, val_acc %.3f (%.1f s)", m.epoch, epochs, m.train_loss, m.val_acc,
+                    m.seconds)
+    return report
 
 
 @task(cache_policy=NO_CACHE)
@@ -74,11 +83,19 @@ def _after(version: str, since: float):
     return ready
 
 
-def _drained(expected: dict[str, int]):
+def _drained(fleet: Inventory, expected: dict[str, int]):
+    """Ready when every fed image is classified and the site uploaded all it may today.
+
+    The outbox may legitimately keep samples: a site that spent its daily upload budget sends the
+    rest tomorrow, and the cloud does not wait for that.
+    """
     def ready(status: dict) -> bool:
-        queues = status.get("queues", {})
-        return (status.get("processed_total", 0) + status.get("quarantined_total", 0) >= expected[status["site"]]
-                and queues.get("inbox", 1) == 0 and queues.get("outbox", 1) == 0)
+        queues, ledger = status.get("queues", {}), status.get("upload_ledger", {})
+        budget = fleet.site(status["site"]).learning.upload
+        budget_spent = (ledger.get("count", 0) >= budget.max_samples_per_day
+                        or ledger.get("bytes", 0) >= budget.max_bytes_per_day)
+        classified = status.get("processed_total", 0) + status.get("quarantined_total", 0) >= expected[status["site"]]
+        return classified and queues.get("inbox", 1) == 0 and (queues.get("outbox", 1) == 0 or budget_spent)
     return ready
 
 
@@ -119,7 +136,7 @@ def retrain(registry: ModelRegistry, settings: Settings, inventory: Inventory, p
     out = settings.home / "data" / f"retrain-{time.strftime('%Y%m%dT%H%M%S')}"
     config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=settings.seed)
     candidate, summary = lifecycle.retrain_from_samples(registry, settings.family, parts[0], collection, parts[1:],
-                                                        out, config)
+                                                        out, config, on_epoch=_progress(config.epochs))
     decision = lifecycle.gate(registry, candidate, champion, parts[0])
     logger.info("gate: candidate %s val_acc %.3f vs champion %s val_acc %.3f: %s", decision.candidate,
                 decision.candidate_val_acc, decision.champion, decision.champion_val_acc or float("nan"),
@@ -128,32 +145,48 @@ def retrain(registry: ModelRegistry, settings: Settings, inventory: Inventory, p
 
 
 @flow(name="edgeloop-lifecycle", log_prints=True)
-def lifecycle_flow(inventory: str | None = None, home: str | None = None, image_size: int = 64,
+def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretrain_arch: str = "resnet18",
                    pretrain_epochs: int = 8, retrain_epochs: int = 3, site_timeout_s: float = 900,
                    stop_agents: bool = True) -> dict:
     """One turn of the loop on a fleet; the parameters are the hyperparameter form in the Prefect UI."""
     overrides = {k: v for k, v in {"inventory": inventory, "home": home}.items() if v}
-    settings = Settings(image_size=image_size, pretrain_epochs=pretrain_epochs, retrain_epochs=retrain_epochs,
-                        site_timeout_s=site_timeout_s, **overrides)
+    settings = Settings(pretrain_arch=pretrain_arch, pretrain_epochs=pretrain_epochs,
+                        retrain_epochs=retrain_epochs, site_timeout_s=site_timeout_s, **overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
     # Local demo sites reuse this interpreter's packages (torch is not installed again per site).
     env = {"EDGELOOP_PYTHON": sys.executable, **os.environ, "EDGELOOP_HOME": str(settings.home.resolve())}
     fleet = load_inventory(settings.inventory, env=env)
     names = fleet.names()
-    parts = prepare_data(settings.home, len(names), settings.image_size, settings.seed)
+    parts = prepare_data(settings.home, len(names), _image_size(fleet), settings.seed)
     registry = ModelRegistry(fleet.cloud.registry)
     champion = pretrain(registry, settings, parts[0])
 
     streams = {name: lifecycle.seed_site(Path(fleet.site(name).root), open_dataset(part))
                for name, part in zip(names, parts[1:])}
     live = provision_fleet(fleet)
+    try:
+        live, decision = _turn(fleet, registry, settings, champion, live, streams, parts)
+    finally:
+        if stop_agents:  # also when a step failed: a demo must not leave agents behind
+            for name in names:
+                deploy.stop_agent(fleet.site(name), fleet)
+    create_table_artifact(key="model-versions", table=table(list(registry.versions(settings.family))),
+                          description="registry: every version, its stage, data and metrics")
+    if decision:
+        create_markdown_artifact(key="gate", markdown=_gate_markdown(decision), description="retraining gate")
+    return {"sites_completed": live, "decision": decision}
+
+
+def _turn(fleet: Inventory, registry: ModelRegistry, settings: Settings, champion: ModelVersion, live: list[str],
+          streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
+    """Deploy → edge fine-tune → inference and samples → retrain → deploy again; returns who kept up."""
     started = time.time()
     for name in live:
         deploy_to(fleet, name, registry.artifact(champion.version), champion.version)
     live = wait_for(fleet, live, "first fine-tune", _after(champion.version, started), settings.site_timeout_s)
 
     expected = {name: lifecycle.feed_inbox(Path(fleet.site(name).root), streams[name]) for name in live}
-    live = wait_for(fleet, live, "inference and upload", _drained(expected), settings.site_timeout_s)
+    live = wait_for(fleet, live, "inference and upload", _drained(fleet, expected), settings.site_timeout_s)
 
     decision = retrain(registry, settings, fleet, parts)
     if decision and decision["promoted"]:
@@ -162,15 +195,15 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, image_
         for name in live:
             deploy_to(fleet, name, registry.artifact(new.version), new.version)
         live = wait_for(fleet, live, "fine-tune on the new base", _after(new.version, started), settings.site_timeout_s)
+    return live, decision
 
-    create_table_artifact(key="model-versions", table=table(list(registry.versions(settings.family))),
-                          description="registry: every version, its stage, data and metrics")
-    if decision:
-        create_markdown_artifact(key="gate", markdown=_gate_markdown(decision), description="retraining gate")
-    if stop_agents:
-        for name in names:
-            deploy.stop_agent(fleet.site(name), fleet)
-    return {"sites_completed": live, "decision": decision}
+
+def _image_size(fleet: Inventory) -> int:
+    """The one input size the whole fleet learns at (the cloud's base model must match the sites)."""
+    sizes = {site.learning.image_size for site in fleet.sites}
+    if len(sizes) != 1:
+        raise ValueError(f"sites disagree on learning.image_size ({sorted(sizes)}); one base model serves them all")
+    return sizes.pop()
 
 
 def _gate_markdown(decision: dict) -> str:

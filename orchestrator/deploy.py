@@ -8,7 +8,6 @@ cut connection leaves at worst an ignored temporary folder, never a half-written
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import fsspec
 from edge_agent.layout import AgentPaths
 from edge_agent.fileio import file_sha256
 from orchestrator.inventory import Inventory, Site
-from orchestrator.provision import open_remote
+from orchestrator.provision import HostWorker, open_remote
 
 
 @dataclass
@@ -32,31 +31,31 @@ class DeployResult:
 
 def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, version: str,
                  accept_new_host_keys: bool = False) -> DeployResult:
-    """Put one checkpoint on one site as base model ``version``; idempotent."""
+    """Put one checkpoint on one site as base model ``version``; idempotent, never raises for a host problem.
+
+    ``model.pt`` is uploaded under a temporary name, checked and renamed; its ``.sha256`` is written last.
+    """
     digest = file_sha256(checkpoint)
-    base = AgentPaths(Path(site.root)).base_models
-    final, staged = f"{base}/{version}", f"{base}/.{version}.tmp"
+    folder = f"{AgentPaths(Path(site.root)).base_models}/{version}"
+    remote = None
     try:
         remote = open_remote(site, inventory, accept_new_host_keys)
-    except Exception as exc:  # an unreachable host fails alone; the caller goes on with the others
-        return DeployResult(site.name, version, "failed", f"connect: {exc}")
-    try:
-        present = remote.run(f"cd {shlex.quote(final)} 2>/dev/null && cat model.pt.sha256 && sha256sum model.pt")
-        if present.rc == 0 and present.stdout.split()[:2] == [digest, digest]:
+        worker = HostWorker(remote, site.python)
+        weights, marker = f"{folder}/model.pt", f"{folder}/model.pt.sha256"
+        if worker.call("file_sha", path=weights)["sha256"] == digest and \
+                worker.call("put_text", path=marker, content=f"{digest}\n", check=True)["changed"] is False:
             return DeployResult(site.name, version, "ok")
-        remote.run(f"rm -rf {shlex.quote(staged)} && mkdir -p {shlex.quote(staged)}")
-        remote.put(Path(checkpoint), f"{staged}/model.pt")
-        done = remote.run(
-            f"cd {shlex.quote(staged)} && test \"$(sha256sum model.pt | cut -d' ' -f1)\" = {digest} "
-            f"&& echo {digest} > model.pt.sha256 && rm -rf {shlex.quote(final)} "
-            f"&& mv {shlex.quote(staged)} {shlex.quote(final)}")
-        if done.rc != 0:
-            return DeployResult(site.name, version, "failed", f"verify/rename: {done.stderr.strip() or done.rc}")
+        worker.call("folders", folders=[folder], check=False)
+        staged = f"{folder}/.model.pt.tmp"
+        remote.put(Path(checkpoint), staged)
+        worker.call("commit", tmp=staged, path=weights, sha256=digest)
+        worker.call("put_text", path=marker, content=f"{digest}\n", check=False)
         return DeployResult(site.name, version, "changed")
-    except Exception as exc:
-        return DeployResult(site.name, version, "failed", str(exc))
+    except Exception as exc:  # one host's failure is its own; the caller goes on with the others
+        return DeployResult(site.name, version, "failed", inventory.mask(str(exc)))
     finally:
-        remote.close()
+        if remote is not None:
+            remote.close()
 
 
 def read_fleet_status(store_url: str, sites: list[str], storage_options: dict | None = None) -> dict[str, dict]:
@@ -91,11 +90,14 @@ def wait_for_sites(store_url: str, sites: list[str], ready: Callable[[dict], boo
 
 
 def stop_agent(site: Site, inventory: Inventory) -> bool:
-    """Stop a site's supervised agent process (SIGTERM to its process group)."""
+    """Stop a site's agent (systemd unit or supervised process); True when one was running."""
     remote = open_remote(site, inventory, False)
     try:
-        pidfile = shlex.quote(f"{site.root}/supervisor.pid")
-        done = remote.run(f"test -f {pidfile} && kill -TERM -$(cat {pidfile}) && rm -f {pidfile}")
-        return done.rc == 0
+        worker = HostWorker(remote, site.python)
+        if site.agent.service == "systemd":
+            worker.call("systemd", unit=f"edgeloop-agent-{site.name}.service", stop=True)
+            return True
+        return bool(worker.call("process_stop", pidfile=f"{site.root}/supervisor.pid",
+                                script=f"{site.root}/bin/edgeloop-agent-supervise")["stopped"])
     finally:
         remote.close()

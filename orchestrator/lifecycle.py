@@ -13,11 +13,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from edge_agent.datasets import DatasetVersion, import_elpv, open_dataset
 from edge_agent.layout import AgentPaths
 from edge_agent.models import load_checkpoint
-from edge_agent.train import TrainConfig, evaluate
+from edge_agent.train import EpochMetrics, TrainConfig, evaluate
 from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import Collection, OperatorLabels, ReferenceLabels, build_retraining_set, first_label
 from orchestrator.training import export_checkpoint, train_on_dataset
@@ -38,13 +39,12 @@ def prepare_elpv(out: Path, sites: int, size: int, seed: int) -> list[Path]:
 
 
 def train_version(registry: ModelRegistry, family: str, data: Path, arch: str, config: TrainConfig,
-                  parent: ModelVersion | None = None, note: str = "") -> ModelVersion:
+                  parent: ModelVersion | None = None, note: str = "",
+                  on_epoch: Callable[[EpochMetrics], None] | None = None) -> ModelVersion:
     """Train (or fine-tune ``parent``) on a dataset version and register the result as a candidate."""
     with tempfile.TemporaryDirectory(prefix="edgeloop-train-") as tmp:
         init = registry.artifact(parent.version) if parent else None
-        metrics = train_on_dataset(data, arch, tmp, config, init=init,
-                                   on_epoch=lambda m: log.info("epoch %d: val_acc %.3f (%.1fs)", m.epoch,
-                                                               m.val_acc, m.seconds))
+        metrics = train_on_dataset(data, arch, tmp, config, init=init, on_epoch=on_epoch)
         onnx = export_checkpoint(Path(tmp) / "model.pt", Path(tmp) / "model.onnx")
         return registry.register(
             family, Path(tmp) / "model.pt", arch=metrics["arch"], dataset_id=metrics["dataset_id"],
@@ -118,14 +118,16 @@ def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersio
 
 
 def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, collection: Collection,
-                         truth: list[Path], out: Path, config: TrainConfig) -> tuple[ModelVersion, dict]:
+                         truth: list[Path], out: Path, config: TrainConfig,
+                         on_epoch: Callable[[EpochMetrics], None] | None = None) -> tuple[ModelVersion, dict]:
     """Fine-tune the champion on the base data plus the checked, labelled samples."""
     base = open_dataset(base_data)
     labeller = first_label(OperatorLabels(base.classes), ReferenceLabels([open_dataset(p) for p in truth]))
     report, unlabelled = build_retraining_set(base, collection.accepted, labeller, out)
     champion = registry.champion(family)
     candidate = train_version(registry, family, out, champion.arch if champion else "resnet18", config,
-                              parent=champion, note=f"retrained with {len(collection.accepted)} edge samples")
+                              parent=champion, note=f"retrained with {len(collection.accepted)} edge samples",
+                              on_epoch=on_epoch)
     summary = {"dataset_id": report.dataset_id, "samples_accepted": len(collection.accepted),
                "samples_rejected": len(collection.rejected), "samples_unlabelled": unlabelled,
                "train_images": report.counts["train"], "by_site": collection.by_site()}

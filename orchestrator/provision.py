@@ -374,7 +374,7 @@ def alive(pidfile, needle):
 def process_state(req):
     return {"pid": alive(req["pidfile"], req["script"]), "time": time.time()}
 
-def process_restart(req):
+def process_stop(req):
     pid = alive(req["pidfile"], req["script"])
     if pid:
         try:
@@ -386,6 +386,10 @@ def process_restart(req):
             time.sleep(0.1)
         if alive(req["pidfile"], req["script"]):
             os.killpg(pid, signal.SIGKILL)
+    return {"stopped": pid}
+
+def process_restart(req):
+    pid = process_stop(req)["stopped"]
     started = time.time()
     devnull = open(os.devnull, "r+")
     proc = subprocess.Popen(["/bin/sh", req["script"]], stdin=devnull, stdout=devnull, stderr=devnull,
@@ -402,6 +406,8 @@ def systemd(req):
     if req.get("restart"):
         out["time"] = time.time()
         run(["systemctl", "restart", unit])
+    if req.get("stop"):
+        run(["systemctl", "stop", unit])
     state = subprocess.run(["systemctl", "is-active", unit], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                            universal_newlines=True)
     enabled = subprocess.run(["systemctl", "is-enabled", unit], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -430,6 +436,7 @@ def health(req):
 
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
        "install": install, "process_state": process_state, "process_restart": process_restart,
+       "process_stop": process_stop,
        "systemd": systemd, "health": health}
 # One request per line on stdin, one JSON answer per line on stdout: one SSH channel serves every step.
 for line in sys.stdin:
@@ -534,6 +541,32 @@ class LocalRemote:
             self.proc.wait(timeout=10)
 
 
+class HostWorker:
+    """The :data:`REMOTE` worker on one host: one JSON request and one JSON answer per line.
+
+    Started on first use with the site's base Python, so provisioning, deploys and stops all speak
+    the same small protocol over one channel.
+    """
+
+    def __init__(self, remote: Remote, python: str):
+        self.remote, self.python, self.started = remote, python, False
+
+    def call(self, op: str, timeout_s: float = 120, **req) -> dict:
+        if not self.started:
+            self.remote.start(f"{shlex.quote(self.python)} -c {shlex.quote(REMOTE)}")
+            self.started = True
+        try:
+            out = json.loads(self.remote.request(json.dumps({"op": op, **req}), timeout=timeout_s))
+        except WorkerGone as exc:
+            if exc.exit_status == 127:
+                raise StepFailed(f"python {self.python!r} not found on the host "
+                                 f"(set 'python' in the inventory)") from None
+            raise StepFailed(str(exc)) from None
+        if "error" in out:
+            raise StepFailed(out["error"])
+        return out
+
+
 # ------------------------------------------------------------------------------------------- the steps
 
 
@@ -598,7 +631,7 @@ class SiteProvisioner:
         self.root = site.root
         self.paths = AgentPaths(Path(site.root))
         self.needs_restart = False
-        self.worker_started = False
+        self.worker = HostWorker(remote, site.python)
         self.restarted_at: float | None = None
         self.mode = "process"
 
@@ -606,21 +639,12 @@ class SiteProvisioner:
 
     def call(self, op: str, timeout_s: float = 120, **req) -> dict:
         """Run one :data:`REMOTE` operation on the host (starting the worker on first use)."""
-        if not self.worker_started:
-            self.remote.start(f"{shlex.quote(self.site.python)} -c {shlex.quote(REMOTE)}")
-            self.worker_started = True
-            self.result.commands += 1
-        self.result.requests += 1
+        started = self.worker.started
         try:
-            out = json.loads(self.remote.request(json.dumps({"op": op, **req}), timeout=timeout_s))
-        except WorkerGone as exc:
-            if exc.exit_status == 127:
-                raise StepFailed(f"python {self.site.python!r} not found on the host "
-                                 f"(set 'python' in the inventory)") from None
-            raise StepFailed(str(exc)) from None
-        if "error" in out:
-            raise StepFailed(out["error"])
-        return out
+            return self.worker.call(op, timeout_s, **req)
+        finally:
+            self.result.commands += int(self.worker.started and not started)
+            self.result.requests += 1
 
     def would(self, text: str) -> str:
         return f"would {text}" if self.check else text

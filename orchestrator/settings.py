@@ -15,7 +15,6 @@ class Settings(BaseSettings):
 
     home: Path = Field(PROJECT_DIR / ".demo", description="the demo's working folder: data, registry, store, sites")
     inventory: Path = Field(PROJECT_DIR / "inventory" / "local.yaml", description="the fleet to run on")
-    image_size: int = Field(64, ge=16, description="pixels per side of every image the models see")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
     pretrain_arch: str = "resnet18"
     pretrain_epochs: int = Field(8, ge=1)

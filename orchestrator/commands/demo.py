@@ -17,7 +17,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     defaults = Settings()
     demo.add_argument("-i", "--inventory", default=str(defaults.inventory))
     demo.add_argument("--home", default=str(defaults.home), help="working folder (data, registry, store, sites)")
-    demo.add_argument("--image-size", type=int, default=defaults.image_size)
     demo.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs)
     demo.add_argument("--retrain-epochs", type=int, default=defaults.retrain_epochs)
     demo.add_argument("--site-timeout", type=float, default=defaults.site_timeout_s)
@@ -33,8 +32,7 @@ def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.lifecycle import lifecycle_flow
 
-    result = lifecycle_flow(inventory=args.inventory, home=args.home, image_size=args.image_size,
-                            pretrain_epochs=args.pretrain_epochs, retrain_epochs=args.retrain_epochs,
+    result = lifecycle_flow(inventory=args.inventory, home=args.home, pretrain_epochs=args.pretrain_epochs, retrain_epochs=args.retrain_epochs,
                             site_timeout_s=args.site_timeout, stop_agents=not args.keep_agents)
     print(json.dumps(result, indent=1, default=str))
     return 0 if result["sites_completed"] else 1

@@ -1,0 +1,76 @@
+"""The whole loop through the real flow: Prefect test API, real agents as processes, real store and registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from edge_agent.layout import AgentPaths
+from flows.lifecycle import lifecycle_flow
+from orchestrator.deploy import stop_agent
+from orchestrator.inventory import load_inventory
+from orchestrator.registry import ModelRegistry
+
+pytestmark = pytest.mark.timeout(900)
+
+INVENTORY = """
+cloud:
+  store_url: file://${EDGELOOP_HOME}/store
+  registry: ${EDGELOOP_HOME}/registry
+defaults:
+  connection: {type: local}
+  python: ${EDGELOOP_PYTHON}
+  learning:
+    image_size: 32
+    members:
+      - {arch: tiny_cnn, policy: flips}
+      - {arch: tiny_cnn, policy: contrast}
+    finetune: {epochs: 1, batch_size: 32}
+    upload: {random_share: 0.2}
+  agent: {heartbeat_interval_s: 1, poll_interval_s: 0.5, serve: {port: 0}}
+sites:
+  - {name: north, root: "${EDGELOOP_HOME}/sites/north"}
+  - {name: south, root: "${EDGELOOP_HOME}/sites/south"}
+"""
+
+
+def test_one_turn_of_the_loop(prefect_harness, tmp_path):
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(INVENTORY)
+    home = tmp_path / "home"
+    try:
+        result = lifecycle_flow(inventory=str(inventory), home=str(home), pretrain_arch="tiny_cnn",
+                                pretrain_epochs=1, retrain_epochs=1, site_timeout_s=300)
+    finally:
+        fleet = load_inventory(inventory, env={"EDGELOOP_HOME": str(home), "EDGELOOP_PYTHON": "python3"})
+        for site in fleet.sites:
+            stop_agent(site, fleet)
+
+    assert sorted(result["sites_completed"]) == ["north", "south"]
+    for site in ("north", "south"):
+        paths = AgentPaths(home / "sites" / site)
+        assert paths.active_link.is_symlink() and (paths.active_link / "ensemble.onnx").is_file()
+        results = [json.loads(line) for line in (paths.processed / "results.jsonl").read_text().splitlines()]
+        assert results and all(r["label"] in ("functional", "defective") for r in results)
+        assert list((home / "store" / "samples" / site).glob("*.json")), f"no samples from {site}"
+        assert json.loads((home / "store" / "status" / f"{site}.json").read_text())["site"] == site
+
+    decision = result["decision"]
+    assert decision["samples_accepted"] > 0 and decision["samples_rejected"] == 0
+    registry = ModelRegistry(home / "registry")
+    versions = list(registry.versions())
+    assert len(versions) == 2 and versions[1].parent == versions[0].version  # lineage: retrained from the champion
+    champion = registry.champion("elpv-defects")
+    assert champion.version == (decision["candidate"] if decision["promoted"] else decision["champion"])
+    if decision["promoted"]:  # the new champion went out to the sites again
+        for site in ("north", "south"):
+            assert (AgentPaths(home / "sites" / site).base_models / champion.version / "model.pt").is_file()
+    assert {"provision", "fleet-status", "model-versions", "gate"} <= asyncio.run(_artifact_keys())
+
+
+async def _artifact_keys() -> set[str]:
+    async with get_client() as client:
+        return {a.key for a in await client.read_artifacts()}
