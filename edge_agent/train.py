@@ -71,7 +71,7 @@ def normalization_of(data: ArraySet) -> Normalization:
 
 def to_tensor(images: np.ndarray, normalization: Normalization) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
-    return (x - normalization.mean) / normalization.std
+    return ((x - normalization.mean) / normalization.std).contiguous(memory_format=torch.channels_last)
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -121,6 +121,8 @@ def train_model(model: nn.Module, train: ArraySet, val: ArraySet, config: TrainC
         raise ValueError("no training images")
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     torch.manual_seed(config.seed)
+    # oneDNN's CPU convolutions run about a fifth faster on channels-last tensors (measured: bench/).
+    model.to(memory_format=torch.channels_last)
     rng = np.random.default_rng(config.seed)
     policy = build_policy(config.policy, seed=config.seed)
     batches_per_epoch = -(-len(train) // config.batch_size)
@@ -170,6 +172,6 @@ def train_model(model: nn.Module, train: ArraySet, val: ArraySet, config: TrainC
         if best.stopped_early:
             break
     model.load_state_dict(best.state_dict)
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()  # the layout exporters and checkpoints expect
     best.seconds = time.monotonic() - started
     return best

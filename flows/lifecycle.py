@@ -74,13 +74,18 @@ def deploy_to(inventory: Inventory, site: str, checkpoint: Path, version: str) -
     return result
 
 
-def _after(version: str, since: float):
-    """Ready when the site has seen base ``version`` and finished a fine-tune started after ``since``."""
+def _after(version: str, since: dict[str, float]):
+    """Ready when the site has seen base ``version`` and finished a fine-tune started after ``since[site]``."""
     def ready(status: dict) -> bool:
         run = status.get("last_run") or {}
         return (version in status.get("base_versions", []) and not status.get("pending_finetune")
-                and not status.get("finetune", {}).get("running") and (run.get("finished") or 0) > since)
+                and not status.get("finetune", {}).get("running")
+                and (run.get("finished") or 0) > since[status["site"]])
     return ready
+
+
+def _classified(status: dict) -> int:
+    return status.get("processed_total", 0) + status.get("quarantined_total", 0)
 
 
 def _drained(fleet: Inventory, expected: dict[str, int]):
@@ -94,8 +99,7 @@ def _drained(fleet: Inventory, expected: dict[str, int]):
         budget = fleet.site(status["site"]).learning.upload
         budget_spent = (ledger.get("count", 0) >= budget.max_samples_per_day
                         or ledger.get("bytes", 0) >= budget.max_bytes_per_day)
-        classified = status.get("processed_total", 0) + status.get("quarantined_total", 0) >= expected[status["site"]]
-        return classified and queues.get("inbox", 1) == 0 and (queues.get("outbox", 1) == 0 or budget_spent)
+        return _classified(status) >= expected[status["site"]] and queues.get("inbox", 1) == 0 and (queues.get("outbox", 1) == 0 or budget_spent)
     return ready
 
 
@@ -180,22 +184,27 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
 def _turn(fleet: Inventory, registry: ModelRegistry, settings: Settings, champion: ModelVersion, live: list[str],
           streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
     """Deploy → edge fine-tune → inference and samples → retrain → deploy again; returns who kept up."""
-    started = time.time()
-    for name in live:
-        deploy_to(fleet, name, registry.artifact(champion.version), champion.version)
-    live = wait_for(fleet, live, "first fine-tune", _after(champion.version, started), settings.site_timeout_s)
-
-    expected = {name: lifecycle.feed_inbox(Path(fleet.site(name).root), streams[name]) for name in live}
+    live = _deploy_and_wait(fleet, registry, champion, live, "fine-tune on the champion", settings.site_timeout_s)
+    status = deploy.read_fleet_status(fleet.cloud.store_url, live)
+    expected = {name: _classified(status.get(name, {})) + lifecycle.feed_inbox(Path(fleet.site(name).root),
+                                                                             streams[name]) for name in live}
     live = wait_for(fleet, live, "inference and upload", _drained(fleet, expected), settings.site_timeout_s)
 
     decision = retrain(registry, settings, fleet, parts)
     if decision and decision["promoted"]:
-        new = registry.get(decision["candidate"])
-        started = time.time()
-        for name in live:
-            deploy_to(fleet, name, registry.artifact(new.version), new.version)
-        live = wait_for(fleet, live, "fine-tune on the new base", _after(new.version, started), settings.site_timeout_s)
+        live = _deploy_and_wait(fleet, registry, registry.get(decision["candidate"]), live,
+                                "fine-tune on the new champion", settings.site_timeout_s)
     return live, decision
+
+
+def _deploy_and_wait(fleet: Inventory, registry: ModelRegistry, version: ModelVersion, sites: list[str], what: str,
+                     timeout_s: float) -> list[str]:
+    """Deploy a version and wait for the sites' fine-tunes on it (a site that already had it is not waited on)."""
+    started = time.time()
+    deployed = {name: deploy_to(fleet, name, registry.artifact(version.version), version.version) for name in sites}
+    reached = [name for name, result in deployed.items() if result.status != "failed"]
+    since = {name: started if deployed[name].status == "changed" else 0.0 for name in reached}
+    return wait_for(fleet, reached, what, _after(version.version, since), timeout_s)
 
 
 def _image_size(fleet: Inventory) -> int:

@@ -8,7 +8,6 @@ checks and labels them, retrains, gates the candidate against the champion → p
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import Collection, OperatorLabels, ReferenceLabels, build_retraining_set, first_label
 from orchestrator.training import export_checkpoint, train_on_dataset
 
-log = logging.getLogger(__name__)
 
 
 def prepare_elpv(out: Path, sites: int, size: int, seed: int) -> list[Path]:

@@ -41,9 +41,11 @@ def test_one_turn_of_the_loop(prefect_harness, tmp_path):
     inventory = tmp_path / "fleet.yaml"
     inventory.write_text(INVENTORY)
     home = tmp_path / "home"
+    run = dict(inventory=str(inventory), home=str(home), pretrain_arch="tiny_cnn", pretrain_epochs=1,
+               retrain_epochs=1, site_timeout_s=300)
     try:
-        result = lifecycle_flow(inventory=str(inventory), home=str(home), pretrain_arch="tiny_cnn",
-                                pretrain_epochs=1, retrain_epochs=1, site_timeout_s=300)
+        result = lifecycle_flow(**run)
+        again = lifecycle_flow(**run)  # a second turn resumes from the registry and the provisioned sites
     finally:
         fleet = load_inventory(inventory, env={"EDGELOOP_HOME": str(home), "EDGELOOP_PYTHON": "python3"})
         for site in fleet.sites:
@@ -61,14 +63,18 @@ def test_one_turn_of_the_loop(prefect_harness, tmp_path):
     decision = result["decision"]
     assert decision["samples_accepted"] > 0 and decision["samples_rejected"] == 0
     registry = ModelRegistry(home / "registry")
-    versions = list(registry.versions())
-    assert len(versions) == 2 and versions[1].parent == versions[0].version  # lineage: retrained from the champion
-    champion = registry.champion("elpv-defects")
-    assert champion.version == (decision["candidate"] if decision["promoted"] else decision["champion"])
+    pretrained, retrained, second = registry.versions()  # one version per turn, plus the pretrained one
+    assert retrained.parent == pretrained.version and retrained.version == decision["candidate"]
+    first_champion = decision["candidate"] if decision["promoted"] else decision["champion"]
     if decision["promoted"]:  # the new champion went out to the sites again
         for site in ("north", "south"):
-            assert (AgentPaths(home / "sites" / site).base_models / champion.version / "model.pt").is_file()
+            assert (AgentPaths(home / "sites" / site).base_models / first_champion / "model.pt").is_file()
     assert {"provision", "fleet-status", "model-versions", "gate"} <= asyncio.run(_artifact_keys())
+
+    assert sorted(again["sites_completed"]) == ["north", "south"]
+    assert again["decision"]["champion"] == first_champion  # the second turn starts from the first's champion
+    assert second.version == again["decision"]["candidate"] and second.parent == first_champion
+    assert [v.stage for v in registry.versions()].count("champion") == 1
 
 
 async def _artifact_keys() -> set[str]:
