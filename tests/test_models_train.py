@@ -103,3 +103,21 @@ def test_fine_tuning_learns_the_training_set(generic):
     assert result.history[-1].train_loss < result.history[0].train_loss
     majority = max(np.mean(train.labels), 1 - np.mean(train.labels))
     assert result.history[-1].train_acc > majority
+
+
+@pytest.mark.parametrize("name", ["flips", "contrast", "geometric", "noise", "strong"])
+def test_augmentation_policies_keep_shape_and_change_pixels(name, generic):
+    from edge_agent.augment import build_policy
+
+    images = generic[0].images[:8]
+    policy = build_policy(name, seed=3)
+    out = [policy(image) for image in images]
+    assert all(o.shape == images[0].shape and o.dtype == np.uint8 for o in out)
+    assert any(not np.array_equal(o, i) for o, i in zip(out, images))  # every policy does something
+
+
+def test_unknown_policy_is_a_clear_error():
+    from edge_agent.augment import build_policy
+
+    with pytest.raises(ValueError, match="unknown augmentation policy 'sepia'"):
+        build_policy("sepia")
