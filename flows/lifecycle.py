@@ -28,6 +28,8 @@ from orchestrator.registry import ModelRegistry, ModelVersion, table
 from orchestrator.samples import collect_samples
 from orchestrator.settings import Settings
 
+PROGRESS_EVERY_S = 30.0
+
 
 @task(cache_policy=NO_CACHE)
 def prepare_data(home: Path, sites: int, size: int, seed: int) -> list[Path]:
@@ -106,12 +108,31 @@ def _drained(fleet: Inventory, expected: dict[str, int]):
 @task(cache_policy=NO_CACHE)
 def wait_for(inventory: Inventory, sites: list[str], what: str, ready, timeout_s: float) -> list[str]:
     logger = get_run_logger()
-    done, status = deploy.wait_for_sites(inventory.cloud.store_url, sites, ready, timeout_s)
+    next_report = time.monotonic() + PROGRESS_EVERY_S
+
+    def progress(status: dict[str, dict]) -> None:
+        nonlocal next_report
+        if time.monotonic() >= next_report:
+            next_report = time.monotonic() + PROGRESS_EVERY_S
+            logger.info("%s: %s", what, "; ".join(_site_line(site, status.get(site)) for site in sites))
+
+    done, status = deploy.wait_for_sites(inventory.cloud.store_url, sites, ready, timeout_s, on_poll=progress)
     late = sorted(set(sites) - set(done))
     if late:
         logger.warning("%s: no answer in %.0f s from %s; going on with %s", what, timeout_s, late, done)
     publish_fleet(status)
     return done
+
+
+def _site_line(site: str, status: dict | None) -> str:
+    """One site's state for the progress log, e.g. ``site-a finetuning (member 0 epoch 2, member 1 epoch 1)``."""
+    if not status:
+        return f"{site} no heartbeat yet"
+    members = ((status.get("finetune") or {}).get("progress") or {}).get("members") or {}
+    epochs = ", ".join(f"member {k} epoch {m.get('epoch', 0)}" for k, m in sorted(members.items()))
+    detail = f" ({epochs})" if status.get("state") == "finetuning" and epochs else \
+        f" (classified {_classified(status)}, uploaded {status.get('uploaded_total', 0)})"
+    return f"{site} {status.get('state')}{detail}"
 
 
 def publish_fleet(status: dict[str, dict]) -> None:
