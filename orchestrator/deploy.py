@@ -18,7 +18,7 @@ import fsspec
 from edge_agent.layout import AgentPaths
 from edge_agent.fileio import file_sha256
 from orchestrator.inventory import Inventory, Site
-from orchestrator.provision import HostWorker, open_remote
+from orchestrator.provision import HostWorker, agent_unit, open_remote, supervisor_pidfile, supervisor_script
 
 
 @dataclass
@@ -95,9 +95,9 @@ def stop_agent(site: Site, inventory: Inventory) -> bool:
     try:
         worker = HostWorker(remote, site.python)
         if site.agent.service == "systemd":
-            worker.call("systemd", unit=f"edgeloop-agent-{site.name}.service", stop=True)
+            worker.call("systemd", unit=agent_unit(site.name), stop=True)
             return True
-        return bool(worker.call("process_stop", pidfile=f"{site.root}/supervisor.pid",
-                                script=f"{site.root}/bin/edgeloop-agent-supervise")["stopped"])
+        return bool(worker.call("process_stop", pidfile=supervisor_pidfile(site.root),
+                                script=supervisor_script(site.root))["stopped"])
     finally:
         remote.close()

@@ -541,6 +541,18 @@ class LocalRemote:
             self.proc.wait(timeout=10)
 
 
+def supervisor_pidfile(root: str) -> str:
+    return f"{root}/supervisor.pid"
+
+
+def supervisor_script(root: str) -> str:
+    return f"{root}/bin/edgeloop-agent-supervise"
+
+
+def agent_unit(site_name: str) -> str:
+    return f"edgeloop-agent-{site_name}.service"
+
+
 class HostWorker:
     """The :data:`REMOTE` worker on one host: one JSON request and one JSON answer per line.
 
@@ -656,11 +668,11 @@ class SiteProvisioner:
 
     @property
     def pidfile(self) -> str:
-        return f"{self.root}/supervisor.pid"
+        return supervisor_pidfile(self.root)
 
     @property
     def script(self) -> str:
-        return f"{self.root}/bin/edgeloop-agent-supervise"
+        return supervisor_script(self.root)
 
     @property
     def out_file(self) -> str:
@@ -669,7 +681,7 @@ class SiteProvisioner:
 
     @property
     def unit(self) -> str:
-        return f"edgeloop-agent-{self.site.name}.service"
+        return agent_unit(self.site.name)
 
     # -- steps: each returns (status, message)
 
