@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from edge_agent.config import dump_config
+from edge_agent.fileio import file_sha256
 from edge_agent.layout import AgentPaths
 from orchestrator.inventory import Inventory, Site
+from orchestrator.settings import PROJECT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +158,6 @@ class Wheel:
         return self.path.name
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 PACKAGES = ("orchestrator", "edge_agent", "flows")
 BUILD_FILES = ("pyproject.toml", "README.md", "LICENSE")
 
@@ -190,7 +183,7 @@ def build_wheel(project: Path = PROJECT_DIR, cache: Path | None = None) -> Wheel
     folder = cache / digest.hexdigest()[:20]
     found = sorted(folder.glob("*.whl")) if folder.exists() else []
     if found:
-        return Wheel(found[0], sha256_file(found[0]))
+        return Wheel(found[0], file_sha256(found[0]))
     with tempfile.TemporaryDirectory(prefix="edgeloop-wheel-") as tmp:
         src = Path(tmp) / "src"
         for path in files:

@@ -8,7 +8,6 @@ Rejected samples are reported with the reason and never used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Protocol
 import fsspec
 
 from edge_agent.datasets import DatasetVersion, ImportReport, derive_dataset
+from edge_agent.fileio import sha256_hex
 from edge_agent.imaging import ImageError, decode_image
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class Collection:
 
 def _check(sha: str, image: bytes, sidecar: dict, site: str) -> str | None:
     """Why a sample cannot be used, or None when it can."""
-    if hashlib.sha256(image).hexdigest() != sha:
+    if sha256_hex(image) != sha:
         return "image bytes do not match the content hash in the name"
     missing = [f for f in REQUIRED_FIELDS if f not in sidecar]
     if missing:
