@@ -40,7 +40,7 @@ from edge_agent.config import dump_config
 from edge_agent.fileio import file_sha256
 from edge_agent.layout import AgentPaths
 from orchestrator.inventory import Inventory, Site
-from orchestrator.settings import PROJECT_DIR
+from orchestrator.project import PROJECT_DIR
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
+from orchestrator.project import PROJECT_DIR
 
 
 class Settings(BaseSettings):
