@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.inventory import load_inventory  # noqa: E402
 from orchestrator.provision import MANUAL_COMMANDS, STEPS, build_wheel, provision  # noqa: E402
-from tests.sshd import SshdFleet, fleet_inventory, stop_agents  # noqa: E402
+from orchestrator.sshfleet import SshdFleet, fleet_inventory, stop_agents  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -23,6 +23,7 @@ from edge_agent.datasets import open_dataset
 from edge_agent.train import TrainConfig
 from orchestrator import deploy, lifecycle
 from orchestrator.inventory import Inventory, load_inventory
+from flows.provision import publish as publish_provisioning
 from orchestrator.provision import provision
 from orchestrator.registry import ModelRegistry, ModelVersion, table
 from orchestrator.samples import collect_samples
@@ -64,7 +65,7 @@ def _progress(epochs: int):
 def provision_fleet(inventory: Inventory) -> list[str]:
     """Provision every site; returns the names of those that came up healthy."""
     report = provision(inventory)
-    create_table_artifact(key="provision", table=report.rows(), description="provisioning: per host, per step")
+    publish_provisioning(report, "the demo fleet")
     get_run_logger().info("\n%s", report.recap())
     return [host.site for host in report.hosts if not host.failed]
 

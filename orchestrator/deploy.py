@@ -18,7 +18,8 @@ import fsspec
 from edge_agent.layout import AgentPaths
 from edge_agent.fileio import file_sha256
 from orchestrator.inventory import Inventory, Site
-from orchestrator.provision import HostWorker, agent_unit, open_remote, supervisor_pidfile, supervisor_script
+from orchestrator.provision.remote import HostWorker, open_remote
+from orchestrator.provision.service import agent_unit, supervisor_pidfile, supervisor_script
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -16,10 +17,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
 
-SMALL_SIZE = 32
+from orchestrator.sshfleet import SshdFleet, sshd_available, sshd_fleet_at  # noqa: E402
 
-# Real OpenSSH servers on loopback ports (the sshd_fleet fixture), for provisioning and sftp tests.
-pytest_plugins = ["tests.sshd"]
+SMALL_SIZE = 32
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +50,12 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# Real OpenSSH servers on loopback ports, for provisioning and sftp tests.
+@pytest.fixture(scope="module")
+def sshd_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFleet]:
+    """Three real sshd hosts for one test module (they are cheap; the provisioning is not)."""
+    if not sshd_available():
+        pytest.fail("OpenSSH sshd is missing: `apt-get install -y openssh-server` (make test does this)")
+    yield from sshd_fleet_at(tmp_path_factory.mktemp("sshd"), 3)

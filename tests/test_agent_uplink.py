@@ -119,13 +119,11 @@ def test_store_outage_then_recovery_through_the_daemon(tmp_path, elpv_small):
 
 @pytest.fixture(scope="module")
 def sftp_host(tmp_path_factory):
-    from sshd import SshdFleet, sshd_available
+    from orchestrator.sshfleet import sshd_available, sshd_fleet_at
 
     if not sshd_available():
         pytest.fail("OpenSSH sshd is missing: `apt-get install -y openssh-server` (make test does this)")
-    fleet = SshdFleet(tmp_path_factory.mktemp("sshd"), n=1).start()
-    yield fleet
-    fleet.stop()
+    yield from sshd_fleet_at(tmp_path_factory.mktemp("sshd"), 1)
 
 
 def sftp_store(fleet, folder: Path) -> tuple[str, dict[str, str]]:

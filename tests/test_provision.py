@@ -20,7 +20,7 @@ from edge_agent.config import dump_config
 from orchestrator.cli import main as cli_main
 from orchestrator.inventory import load_inventory
 from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, STEPS, build_wheel, provision
-from tests.sshd import fleet_inventory, stop_agents
+from orchestrator.sshfleet import fleet_inventory, stop_agents
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -147,12 +147,48 @@ def test_a_host_killed_during_the_run_fails_alone(fleet_env, wheel):
         assert victim.name in report.recap() and "install" in report.recap()
         assert all(not by_site[h.name].failed for h in fleet.hosts[:2])
 
-        down = provision(fleet_env["inventory"], wheel=wheel, limit=[victim.name])  # still down: refused
-        host = down.hosts[0]
+        down = provision(fleet_env["inventory"], wheel=wheel, limit=[victim.name], retry_delays_s=(0.1, 0.1))
+        host = down.hosts[0]  # still down: tried again after each delay, then refused
         assert host.failed and host.error_kind == "connect" and "cannot connect" in host.reason
+        assert host.attempts == 3
     finally:
         victim.start()
     assert not provision(fleet_env["inventory"], wheel=wheel, limit=[victim.name]).failed
+
+
+def test_a_change_whose_restart_was_cut_off_is_restarted_by_the_next_run(fleet_env, wheel, tmp_path):
+    """The restart decision lives on the host: a run that changed the config and lost the link before
+    restarting leaves a marker, and the next run restarts the agent although nothing differs any more."""
+    fleet, roots = fleet_env["fleet"], fleet_env["roots"]
+    victim = fleet.hosts[0]
+    changed_path = fleet_inventory(fleet, tmp_path / "changed.yaml", roots)
+    changed_path.write_text(changed_path.read_text().replace("agent: {heartbeat_interval_s: 1,",
+                                                             "learning: {thresholds: {uncertainty: 0.66}}\n"
+                                                             "  agent: {heartbeat_interval_s: 1,"))
+    changed = load_inventory(changed_path)
+    pidfile = roots / victim.name / "supervisor.pid"
+    pid_before = pidfile.read_text()
+
+    def cut_before_restart(site: str, step: str) -> None:
+        if site == victim.name and step == "restart":
+            victim.kill()
+
+    try:
+        cut = provision(changed, wheel=wheel, limit=[victim.name], on_step=cut_before_restart, retry_delays_s=())
+        steps = {s.step: s.status for s in cut.hosts[0].steps}
+        assert steps["config"] == CHANGED and steps["restart"] == FAILED, cut.recap()
+        assert (roots / victim.name / ".restart-pending").is_file()
+        assert pidfile.read_text() == pid_before  # the agent still runs the old config
+    finally:
+        victim.start()
+    try:
+        again = provision(changed, wheel=wheel, limit=[victim.name])
+        steps = {s.step: s.status for s in again.hosts[0].steps}
+        assert steps["config"] == OK and steps["restart"] == CHANGED and steps["health"] == OK, again.recap()
+        assert pidfile.read_text() != pid_before
+        assert not (roots / victim.name / ".restart-pending").exists()
+    finally:  # back to the module's inventory for the tests after this one
+        assert not provision(fleet_env["inventory"], wheel=wheel, limit=[victim.name]).failed
 
 
 def test_a_host_presenting_a_different_key_is_refused_and_nothing_written(fleet_env, wheel, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from flows.provision import provision_flow
 from orchestrator.provision import STEPS
-from tests.sshd import fleet_inventory, stop_agents
+from orchestrator.sshfleet import fleet_inventory, stop_agents
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,6 +44,9 @@ def test_provision_flow_maps_sites_retries_unreachable_and_publishes_a_table(pre
     assert sorted(summary["failed"]) == ["host1", "host2"]
     assert "--accept-new-host-keys" in summary["hosts"]["host1"]["reason"]
     assert "cannot connect" in summary["hosts"]["host2"]["reason"]
+    attempts = {name: host["attempts"] for name, host in summary["hosts"].items()}
+    assert attempts == {"host0": 1, "host1": 1, "host2": 3}  # a host that is down: first try + 2 retries;
+    # a refused host key is never retried
     assert not (roots / "host1").exists() and (roots / "host0" / "status.json").exists()
 
     artifacts, task_runs = asyncio.run(_artifact_and_task_runs("provision-results"))
@@ -51,7 +54,4 @@ def test_provision_flow_maps_sites_retries_unreachable_and_publishes_a_table(pre
     rows = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
     assert {(r["site"], r["step"]) for r in rows} == {(f"host{i}", s) for i in range(3) for s in STEPS}
     assert {r["status"] for r in rows if r["site"] == "host0"} == {"ok", "changed"}
-    runs = {tr.name: tr.run_count for tr in task_runs if tr.name.startswith("provision-host")}
-    assert runs["provision-host2"] == 3  # first try + 2 retries for a host that is down
-    assert runs["provision-host1"] == 1  # a refused host key is not retried
-    assert runs["provision-host0"] == 1
+    assert {tr.name for tr in task_runs} >= {"provision-host0", "provision-host1", "provision-host2"}

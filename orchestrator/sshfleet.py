@@ -1,9 +1,9 @@
-"""A fleet of real OpenSSH servers on loopback ports, for provisioning tests and the benchmark.
+"""A fleet of real OpenSSH servers on loopback ports: provisioning tried on one machine.
 
 Each host is its own ``sshd -D`` process with its own host key, key authentication only, on
-127.0.0.1:<free port>. They all run on this machine, so each test site gets its own agent root.
-Works as root (CI containers) and as an ordinary user (``-oStrictModes=no``, own pid file).
-The ``sshd_fleet`` fixture is registered for every test by conftest (pytest_plugins); ``SshdFleet`` is the class.
+127.0.0.1:<free port>. They all run on this machine, so each site gets its own agent root. Works as root
+and as an ordinary user (``-oStrictModes=no``, own pid file). The tests' ``sshd_fleet`` fixture and
+``bench/provision.py`` use it; so can anyone who wants to see provisioning work before pointing it at a fleet.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import pytest
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
@@ -171,14 +170,6 @@ def sshd_fleet_at(workdir: Path, n: int) -> Iterator[SshdFleet]:
         yield fleet
     finally:
         fleet.stop()
-
-
-@pytest.fixture(scope="module")
-def sshd_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdFleet]:
-    """Three real sshd hosts for one test module (they are cheap; the provisioning is not)."""
-    if not sshd_available():
-        pytest.fail("OpenSSH sshd is missing: `apt-get install -y openssh-server` (make test does this)")
-    yield from sshd_fleet_at(tmp_path_factory.mktemp("sshd"), 3)
 
 
 def fleet_inventory(fleet: SshdFleet, path: Path, roots: Path, python: str | None = None,

@@ -1,0 +1,59 @@
+"""How the agent runs on a host: a systemd unit (as root where systemd runs) or a supervisor script.
+
+One definition of the names and paths (pid file, script, unit, restart marker) shared by provisioning,
+deploys and stops, and the two templates they are rendered from.
+"""
+
+from __future__ import annotations
+
+
+def supervisor_pidfile(root: str) -> str:
+    return f"{root}/supervisor.pid"
+
+
+def supervisor_script(root: str) -> str:
+    return f"{root}/bin/edgeloop-agent-supervise"
+
+
+def agent_unit(site_name: str) -> str:
+    return f"edgeloop-agent-{site_name}.service"
+
+
+def restart_marker(root: str) -> str:
+    """Present while a change that needs an agent restart has been made but the restart has not."""
+    return f"{root}/.restart-pending"
+
+
+SUPERVISOR = """#!/bin/sh
+# Managed by edgeloop provisioning (do not edit): runs the edge agent for site {site}
+# and starts it again when it exits unexpectedly. Stop it with: kill -TERM -$(cat {pidfile})
+echo $$ > {pidfile}.tmp && mv -f {pidfile}.tmp {pidfile}
+child=
+trap 'if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; wait "$child"; fi; exit 0' TERM INT HUP
+while :; do
+  {python} -m edge_agent run --config {config} >>{out} 2>&1 &
+  child=$!
+  wait "$child"
+  code=$?
+  echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) edgeloop supervisor: agent exited with $code; restarting in 5 s" >>{out}
+  sleep 5
+done
+"""
+
+UNIT = """# Managed by edgeloop provisioning (do not edit)
+[Unit]
+Description=edgeloop edge agent (site {site})
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+ExecStart={python} -m edge_agent run --config {config}
+WorkingDirectory={root}
+Restart=always
+RestartSec=5
+KillSignal=SIGTERM
+TimeoutStopSec=30
+
+[Install]
+WantedBy=multi-user.target
+"""

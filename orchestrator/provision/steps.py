@@ -1,0 +1,233 @@
+"""The provisioning steps for one site, in order: facts → folders → wheel → install → config → service →
+restart → health.
+
+Each step first looks at the host and acts only where it differs from what the inventory asks for, so
+a second run over an unchanged fleet reports no change. In ``check`` mode every step only looks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from edge_agent.config import dump_config
+from edge_agent.layout import AgentPaths
+from orchestrator.inventory import Inventory, Site
+from orchestrator.provision.remote import HostWorker, Remote, StepFailed
+from orchestrator.provision.report import CHANGED, FAILED, OK, SKIPPED, HostResult, StepResult
+from orchestrator.provision.service import (SUPERVISOR, UNIT, agent_unit, restart_marker, supervisor_pidfile,
+                                            supervisor_script)
+from orchestrator.provision.wheel import Wheel
+
+log = logging.getLogger(__name__)
+MIN_PYTHON = (3, 10)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} PiB"
+
+
+class SiteProvisioner:
+    """Runs the steps on one site, in order, stopping at the first failure.
+
+    Holds what earlier steps learnt (facts, the resolved root, whether anything changed) because later
+    steps depend on it: the service restarts only when the wheel, install, config or unit changed.
+    """
+
+    def __init__(self, site: Site, inventory: Inventory, remote: Remote, wheel: Wheel, check: bool,
+                 result: HostResult):
+        self.site, self.inventory, self.remote, self.wheel, self.check = site, inventory, remote, wheel, check
+        self.result = result
+        self.root = site.root
+        self.paths = AgentPaths(Path(site.root))
+        self.needs_restart = False
+        self.worker = HostWorker(remote, site.python)
+        self.restarted_at: float | None = None
+        self.mode = "process"
+
+    # -- plumbing
+
+    def call(self, op: str, timeout_s: float = 120, **req) -> dict:
+        """Run one :mod:`~orchestrator.provision.hostworker` operation on the host (starting the worker on first use)."""
+        started = self.worker.started
+        try:
+            return self.worker.call(op, timeout_s, **req)
+        finally:
+            self.result.commands += int(self.worker.started and not started)
+            self.result.requests += 1
+
+    def would(self, text: str) -> str:
+        return f"would {text}" if self.check else text
+
+    @property
+    def venv(self) -> str:
+        return self.site.venv.replace("~", self.result.facts.get("home", "~"), 1) if self.site.venv else \
+            f"{self.root}/venv"
+
+    @property
+    def pidfile(self) -> str:
+        return supervisor_pidfile(self.root)
+
+    @property
+    def script(self) -> str:
+        return supervisor_script(self.root)
+
+    @property
+    def out_file(self) -> str:
+        """The agent's stdout/stderr (its own log goes to ``agent.log``; this catches what happens before)."""
+        return f"{self.root}/agent.out"
+
+    @property
+    def unit(self) -> str:
+        return agent_unit(self.site.name)
+
+    @property
+    def marker(self) -> str:
+        return restart_marker(self.root)
+
+    # -- steps: each returns (status, message)
+
+    def facts(self) -> tuple[str, str]:
+        facts = self.call("facts", root=self.site.root)
+        self.result.facts = facts
+        self.root = facts["root"]
+        self.paths = AgentPaths(Path(self.root))
+        version = tuple(int(p) for p in facts["python"].split(".")[:2])
+        if version < MIN_PYTHON:
+            raise StepFailed(f"python {facts['python']} at {facts['python_path']} is too old "
+                             f"(need {'.'.join(map(str, MIN_PYTHON))}+)")
+        mode = self.site.agent.service
+        self.mode = "systemd" if mode == "systemd" or (mode == "auto" and facts["systemd"] and facts["uid"] == 0) \
+            else "process"
+        if mode == "systemd" and not facts["systemd"]:
+            raise StepFailed("service: systemd was asked for but systemd does not run on this host")
+        gpu = facts["gpu"] or "no GPU"
+        return OK, (f"{facts['os']} {facts['arch']}, python {facts['python']}, {facts['cores']} cores, "
+                    f"{_size(facts['memory_bytes'])} RAM, {_size(facts['disk_free_bytes'])} free, {gpu}")
+
+    def folders(self) -> tuple[str, str]:
+        wanted = [str(f) for f in self.paths.folders()] + [f"{self.root}/bin", f"{self.root}/wheels"]
+        missing = self.call("folders", folders=wanted, check=self.check)["changed"]
+        if not missing:
+            return OK, f"{len(wanted)} folders present"
+        return CHANGED, self.would(f"create {len(missing)} folder(s) under {self.root}")
+
+    def wheel_step(self) -> tuple[str, str]:
+        target = f"{self.root}/wheels/{self.wheel.name}"
+        if self.call("file_sha", path=target)["sha256"] == self.wheel.sha256:
+            return OK, f"{self.wheel.name} present (sha256 {self.wheel.sha256[:12]})"
+        self.needs_restart = True
+        if self.check:
+            return CHANGED, f"would upload {self.wheel.name}"
+        tmp = f"{self.root}/wheels/.{self.wheel.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.remote.put(self.wheel.path, tmp)
+        self.result.commands += 1
+        self.call("commit", tmp=tmp, path=target, sha256=self.wheel.sha256, restart_marker=self.marker)
+        return CHANGED, f"uploaded {self.wheel.name} ({_size(self.wheel.path.stat().st_size)})"
+
+    def install(self) -> tuple[str, str]:
+        out = self.call("install", venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}",
+                        sha256=self.wheel.sha256, check=self.check, restart_marker=self.marker, timeout_s=600)
+        if not out["changed"]:
+            return OK, f"{self.wheel.name} installed in {self.venv}"
+        self.needs_restart = True
+        return CHANGED, self.would(", ".join(out["changed"]) + f" ({self.venv})")
+
+    def config(self) -> tuple[str, str]:
+        text = dump_config(self.site.agent_config(self.inventory.cloud, root=self.root))
+        changed = self.call("put_text", path=str(self.paths.config_file), content=text, check=self.check,
+                            restart_marker=self.marker)["changed"]
+        if not changed:
+            return OK, f"{self.paths.config_file} up to date"
+        self.needs_restart = True
+        return CHANGED, self.would(f"write {self.paths.config_file}")
+
+    def service(self) -> tuple[str, str]:
+        python = shlex.quote(f"{self.venv}/bin/python")
+        config = shlex.quote(str(self.paths.config_file))
+        if self.mode == "systemd":
+            path = f"/etc/systemd/system/{self.unit}"
+            text = UNIT.format(site=self.site.name, python=python, config=config, root=self.root)
+        else:
+            path = self.script
+            text = SUPERVISOR.format(site=self.site.name, python=python, config=config,
+                                     out=shlex.quote(self.out_file), pidfile=shlex.quote(self.pidfile))
+        changed = self.call("put_text", path=path, content=text, mode=0o755 if self.mode == "process" else 0o644,
+                            check=self.check, restart_marker=self.marker)["changed"]
+        if self.mode == "systemd" and not self.check:
+            state = self.call("systemd", unit=self.unit, reload=changed, enable=True)
+            changed = changed or not state["enabled"]
+        if not changed:
+            return OK, f"{self.mode}: {path} up to date"
+        self.needs_restart = True
+        return CHANGED, self.would(f"write {path} ({self.mode})")
+
+    def restart(self) -> tuple[str, str]:
+        if self.mode == "systemd":
+            running = self.call("systemd", unit=self.unit)["active"]  # only asks: no reload/enable/restart
+        else:
+            running = bool(self.call("process_state", pidfile=self.pidfile, script=self.script)["pid"])
+        # A change an earlier, cut-off run made but never restarted for is on the host as a marker.
+        pending = self.call("restart_pending", restart_marker=self.marker)["pending"]
+        if running and not (self.needs_restart or pending):
+            return OK, "agent running, nothing changed"
+        verb = "restart" if running else "start"
+        if self.check:
+            return CHANGED, f"would {verb} the agent"
+        if self.mode == "systemd":
+            self.restarted_at = self.call("systemd", unit=self.unit, restart=True,
+                                          restart_marker=self.marker)["time"]
+            return CHANGED, f"{verb}ed {self.unit}"
+        out = self.call("process_restart", pidfile=self.pidfile, script=self.script, cwd=self.root,
+                        restart_marker=self.marker)
+        self.restarted_at = out["time"]
+        return CHANGED, f"{verb}ed the supervised agent (pid {out['pid']})"
+
+    def health(self) -> tuple[str, str]:
+        interval = self.site.agent.heartbeat_interval_s
+        if self.restarted_at is not None:
+            since = self.restarted_at
+        else:  # no restart: a heartbeat from the last few intervals will do (host clock, from the facts)
+            since = self.result.facts["time"] - 3 * interval - 5
+        timeout = self.site.agent.health_timeout_s
+        out = self.call("health", status_file=str(self.paths.status_file),
+                        log_files=[self.out_file, str(self.paths.log_file)],
+                        site=self.site.name, since=since, timeout=timeout, check=self.check, timeout_s=timeout + 30)
+        if "missing" in out:
+            if self.check:
+                return SKIPPED, "no fresh heartbeat now (check mode does not wait)"
+            tail = out["log_tail"].strip().splitlines()[-3:]
+            raise StepFailed(f"no heartbeat from the agent in {timeout:.0f} s at {self.paths.status_file}"
+                             + (f"; agent log ends: {' | '.join(tail)}" if tail else ""))
+        status = out["status"]
+        return OK, f"heartbeat {out['age']:.1f} s old (agent pid {status.get('pid')})"
+
+    def run(self, on_step: Callable[[str, str], None] | None = None) -> None:
+        steps = {"facts": self.facts, "folders": self.folders, "wheel": self.wheel_step, "install": self.install,
+                 "config": self.config, "service": self.service, "restart": self.restart, "health": self.health}
+        failed = False
+        for name, step in steps.items():
+            if failed:
+                self.result.steps.append(StepResult(name, SKIPPED, "an earlier step failed"))
+                continue
+            if on_step:
+                on_step(self.site.name, name)
+            start = time.monotonic()
+            try:
+                status, message = step()
+            except StepFailed as exc:
+                status, message = FAILED, str(exc)
+            except Exception as exc:  # a dropped connection mid-step, a timeout: this host only
+                status, message = FAILED, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            failed = status == FAILED
+            self.result.steps.append(StepResult(name, status, self.inventory.mask(message),
+                                                time.monotonic() - start))
+            log.debug("%s %s: %s %s", self.site.name, name, status, message)

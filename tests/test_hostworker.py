@@ -1,0 +1,106 @@
+"""The host worker run locally, without SSH: its operations called directly, and the program itself
+driven over its line protocol as a subprocess (the way provisioning runs it on a host)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.provision import hostworker
+from orchestrator.provision.remote import HOSTWORKER_SOURCE
+
+
+def call(op: str, **req) -> dict:
+    return hostworker.handle(json.dumps({"op": op, **req}))
+
+
+def test_put_text_writes_once_and_marks_a_pending_restart(tmp_path):
+    target, marker = tmp_path / "agent.yaml", tmp_path / ".restart-pending"
+    assert call("put_text", path=str(target), content="a: 1\n", check=True, restart_marker=str(marker)) == \
+        {"changed": True}
+    assert not target.exists() and not marker.exists()  # check mode only looks
+    assert call("put_text", path=str(target), content="a: 1\n", check=False, restart_marker=str(marker)) == \
+        {"changed": True}
+    assert target.read_text() == "a: 1\n" and marker.is_file()
+    assert call("restart_pending", restart_marker=str(marker)) == {"pending": True}
+    marker.unlink()
+    assert call("put_text", path=str(target), content="a: 1\n", check=False, restart_marker=str(marker)) == \
+        {"changed": False}
+    assert not marker.exists()  # nothing changed, nothing to restart for
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_commit_refuses_a_corrupted_upload_and_removes_it(tmp_path):
+    staged, final = tmp_path / ".w.tmp", tmp_path / "w.whl"
+    staged.write_bytes(b"truncated")
+    out = call("commit", tmp=str(staged), path=str(final), sha256="0" * 64)
+    assert "upload corrupted" in out["error"]
+    assert not staged.exists() and not final.exists()
+    staged.write_bytes(b"whole")
+    assert call("commit", tmp=str(staged), path=str(final), sha256=hostworker.sha256(str(staged))) == {}
+    assert final.read_bytes() == b"whole"
+
+
+def test_folders_and_facts(tmp_path):
+    wanted = [str(tmp_path / "root" / "a"), str(tmp_path / "root" / "b")]
+    assert call("folders", folders=wanted, check=True)["changed"] == wanted and not (tmp_path / "root").exists()
+    assert call("folders", folders=wanted, check=False)["changed"] == wanted
+    assert call("folders", folders=wanted, check=False)["changed"] == []
+    facts = call("facts", root=str(tmp_path / "not-yet" / "root"))
+    assert facts["python"] == ".".join(map(str, sys.version_info[:3])) and facts["cores"] >= 1
+    assert facts["disk_free_bytes"] > 0 and facts["root"].endswith("not-yet/root")
+
+
+def test_bad_requests_answer_an_error_and_the_worker_goes_on():
+    assert "JSONDecodeError" in hostworker.handle("{not json")["error"]
+    assert "KeyError" in call("no_such_op")["error"]
+    assert "KeyError" in call("put_text")["error"]  # missing fields
+
+
+def test_process_restart_runs_the_script_clears_the_marker_and_stop_ends_it(tmp_path):
+    script, pidfile, marker = tmp_path / "supervise", tmp_path / "supervisor.pid", tmp_path / ".restart-pending"
+    script.write_text("#!/bin/sh\nwhile :; do sleep 0.2; done\n")
+    marker.write_text("pending\n")
+    req = {"pidfile": str(pidfile), "script": str(script)}
+    assert call("process_state", **req)["pid"] is None
+    started = call("process_restart", cwd=str(tmp_path), restart_marker=str(marker), **req)
+    try:
+        assert started["pid"] > 0 and not marker.exists()
+        deadline = time.time() + 5
+        while call("process_state", **req)["pid"] != started["pid"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert call("process_state", **req)["pid"] == started["pid"]
+    finally:
+        stopped = call("process_stop", **req)
+    assert stopped["stopped"] == started["pid"]
+    assert call("process_state", **req)["pid"] is None
+
+
+def test_the_program_sent_to_hosts_speaks_one_json_line_per_request(tmp_path):
+    """Exactly what a host runs: ``python -c SOURCE``, requests on stdin, answers on stdout."""
+    proc = subprocess.Popen([sys.executable, "-c", HOSTWORKER_SOURCE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    try:
+        answers = []
+        for request in ({"op": "file_sha", "path": str(tmp_path / "missing")},
+                        {"op": "put_text", "path": str(tmp_path / "x"), "content": "x", "check": False},
+                        {"op": "bogus"}):
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+            answers.append(json.loads(proc.stdout.readline()))
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    assert answers[0] == {"sha256": None} and answers[1] == {"changed": True} and "error" in answers[2]
+    assert (tmp_path / "x").read_text() == "x"
+
+
+def test_the_host_worker_needs_nothing_but_the_standard_library():
+    imported = {line.split()[1].split(".")[0] for line in Path(hostworker.__file__).read_text().splitlines()
+                if line.startswith(("import ", "from "))}
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+
