@@ -21,31 +21,30 @@ from prefect.cache_policies import NO_CACHE
 
 from edge_agent.datasets import open_dataset
 from edge_agent.train import TrainConfig
-from orchestrator import deploy, lifecycle
+from orchestrator import deploy, demo, retrain as steps
 from orchestrator.inventory import Inventory, load_inventory
 from flows.provision import publish as publish_provisioning
 from orchestrator.provision import provision
 from orchestrator.registry import ModelRegistry, ModelVersion, table
 from orchestrator.samples import collect_samples
-from orchestrator.settings import Settings
 
 PROGRESS_EVERY_S = 30.0
 
 
 @task(cache_policy=NO_CACHE)
 def prepare_data(home: Path, sites: int, size: int, seed: int) -> list[Path]:
-    return lifecycle.prepare_elpv(home / "data", sites, size, seed)
+    return demo.prepare_elpv(home / "data", sites, size, seed)
 
 
 @task(cache_policy=NO_CACHE)
-def pretrain(registry: ModelRegistry, settings: Settings, generic: Path) -> ModelVersion:
+def pretrain(registry: ModelRegistry, settings: demo.DemoSettings, generic: Path) -> ModelVersion:
     logger = get_run_logger()
     champion = registry.champion(settings.family)
     if champion:
         logger.info("champion %s already in the registry; no pretraining", champion.version)
         return champion
     config = TrainConfig(epochs=settings.pretrain_epochs, batch_size=64, seed=settings.seed)
-    version = lifecycle.train_version(registry, settings.family, generic, settings.pretrain_arch, config,
+    version = steps.train_version(registry, settings.family, generic, settings.pretrain_arch, config,
                                       note="pretrained on the generic pool", on_epoch=_progress(config.epochs))
     logger.info("pretrained %s: val_acc %.3f test_acc %.3f", version.version, version.metrics["val_acc"],
                 version.metrics["test_acc"])
@@ -149,7 +148,7 @@ def publish_fleet(status: dict[str, dict]) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def retrain(registry: ModelRegistry, settings: Settings, inventory: Inventory, parts: list[Path]) -> dict | None:
+def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inventory, parts: list[Path]) -> dict | None:
     """Retrain on the checked samples and gate the candidate; None when no sample came back."""
     logger = get_run_logger()
     collection = collect_samples(inventory.cloud.store_url)
@@ -161,9 +160,10 @@ def retrain(registry: ModelRegistry, settings: Settings, inventory: Inventory, p
     champion = registry.champion(settings.family)
     out = settings.home / "data" / f"retrain-{time.strftime('%Y%m%dT%H%M%S')}"
     config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=settings.seed)
-    candidate, summary = lifecycle.retrain_from_samples(registry, settings.family, parts[0], collection, parts[1:],
-                                                        out, config, on_epoch=_progress(config.epochs))
-    decision = lifecycle.gate(registry, candidate, champion, parts[0])
+    reference = demo.ReferenceLabels([open_dataset(p) for p in parts[1:]])
+    candidate, summary = steps.retrain_from_samples(registry, settings.family, parts[0], collection, out, config,
+                                                    labellers=[reference], on_epoch=_progress(config.epochs))
+    decision = steps.gate(registry, candidate, champion, parts[0])
     logger.info("gate: candidate %s val_acc %.3f vs champion %s val_acc %.3f: %s", decision.candidate,
                 decision.candidate_val_acc, decision.champion, decision.champion_val_acc or float("nan"),
                 "promoted" if decision.promoted else "kept the champion")
@@ -176,7 +176,7 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
                    stop_agents: bool = True) -> dict:
     """One turn of the loop on a fleet; the parameters are the hyperparameter form in the Prefect UI."""
     overrides = {k: v for k, v in {"inventory": inventory, "home": home}.items() if v}
-    settings = Settings(pretrain_arch=pretrain_arch, pretrain_epochs=pretrain_epochs,
+    settings = demo.DemoSettings(pretrain_arch=pretrain_arch, pretrain_epochs=pretrain_epochs,
                         retrain_epochs=retrain_epochs, site_timeout_s=site_timeout_s, **overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
     # Local demo sites reuse this interpreter's packages (torch is not installed again per site).
@@ -187,7 +187,7 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
     registry = ModelRegistry(fleet.cloud.registry)
     champion = pretrain(registry, settings, parts[0])
 
-    streams = {name: lifecycle.seed_site(Path(fleet.site(name).root), open_dataset(part))
+    streams = {name: demo.seed_site(Path(fleet.site(name).root), open_dataset(part))
                for name, part in zip(names, parts[1:])}
     live = provision_fleet(fleet)
     try:
@@ -203,12 +203,12 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
     return {"sites_completed": live, "decision": decision}
 
 
-def _turn(fleet: Inventory, registry: ModelRegistry, settings: Settings, champion: ModelVersion, live: list[str],
+def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings, champion: ModelVersion, live: list[str],
           streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
     """Deploy → edge fine-tune → inference and samples → retrain → deploy again; returns who kept up."""
     live = _deploy_and_wait(fleet, registry, champion, live, "fine-tune on the champion", settings.site_timeout_s)
     status = deploy.read_fleet_status(fleet.cloud.store_url, live)
-    expected = {name: _classified(status.get(name, {})) + lifecycle.feed_inbox(Path(fleet.site(name).root),
+    expected = {name: _classified(status.get(name, {})) + demo.feed_inbox(Path(fleet.site(name).root),
                                                                              streams[name]) for name in live}
     live = wait_for(fleet, live, "inference and upload", _drained(fleet, expected), settings.site_timeout_s)
 

@@ -100,20 +100,6 @@ class OperatorLabels:
         return self.classes.index(label) if label in self.classes else None
 
 
-class ReferenceLabels:
-    """The demo's stand-in for a human review queue: the true label of an image from dataset manifests.
-
-    Real fleets put a person here (an annotation tool); the demo knows the ELPV ground truth of every
-    image it streamed to the sites, found by content hash.
-    """
-
-    def __init__(self, datasets: list[DatasetVersion]):
-        self.truth = {r["sha256"]: r["label"] for d in datasets for r in d.records}
-
-    def __call__(self, sample: Sample) -> int | None:
-        return self.truth.get(sample.sha256)
-
-
 def first_label(*labellers: Labeller) -> Labeller:
     def label(sample: Sample) -> int | None:
         return next((x for x in (labeller(sample) for labeller in labellers) if x is not None), None)

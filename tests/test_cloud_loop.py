@@ -14,9 +14,10 @@ from edge_agent.fileio import file_sha256
 from edge_agent.train import TrainConfig
 from orchestrator.deploy import deploy_model, read_fleet_status
 from orchestrator.inventory import load_inventory
-from orchestrator.lifecycle import gate, retrain_from_samples, train_version
+from orchestrator.demo import ReferenceLabels
 from orchestrator.registry import ModelRegistry, RegistryError
-from orchestrator.samples import ReferenceLabels, collect_samples
+from orchestrator.retrain import gate, retrain_from_samples, train_version
+from orchestrator.samples import collect_samples
 
 FAST = TrainConfig(epochs=1, batch_size=16, threads=1)
 
@@ -94,7 +95,7 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
     assert ReferenceLabels([site])(collection.accepted[0]) is not None
     champion = registry.champion("elpv")
     candidate, summary = retrain_from_samples(registry, "elpv", elpv_small / "generic", collection,
-                                              [elpv_small / "sites/site-1"], tmp_path / "retrain", FAST)
+                                              tmp_path / "retrain", FAST, labellers=[ReferenceLabels([site])])
     assert summary["samples_accepted"] == len(site.files("test")) + 2 and summary["samples_unlabelled"] == 1
     retrain_set, generic = open_dataset(tmp_path / "retrain"), open_dataset(elpv_small / "generic")
     assert len(retrain_set.files("train")) == len(generic.files("train")) + len(site.files("test")) + 1
@@ -105,6 +106,7 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
     assert decision.promoted == (decision.candidate_val_acc > decision.champion_val_acc or (
         decision.candidate_val_acc == decision.champion_val_acc
         and decision.candidate_val_loss < decision.champion_val_loss))
+    assert decision.reason  # the shared gate says why
     registry.promote(champion.version)
 
 
@@ -138,7 +140,7 @@ def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
 
 
 def test_models_cli_lists_versions_and_lineage(registry, capsys):
-    from orchestrator.cli import main
+    from edgeloop.cli import main
 
     champion = registry.champion("elpv")
     assert main(["models", "list", "--registry", str(registry.root)]) == 0

@@ -15,7 +15,7 @@ from edge_agent.datasets import open_dataset
 from edge_agent.infer import OnnxClassifier, predict_files
 from orchestrator.training import export_checkpoint, max_abs_difference, quantize_with_report
 
-EDGELOOP = [sys.executable, "-m", "orchestrator"]
+EDGELOOP = [sys.executable, "-m", "edgeloop"]
 
 
 @pytest.fixture(scope="module")

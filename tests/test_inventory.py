@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import AgentConfig, dump_config, load_config
-from orchestrator.cli import main as cli_main
-from orchestrator.commands.inventory import site_table
+from edgeloop.cli import main as cli_main
+from edgeloop.commands.inventory import site_table
 from orchestrator.inventory import InventoryError, load_inventory
 
 REPO = Path(__file__).resolve().parent.parent

@@ -69,7 +69,7 @@ def test_one_turn_of_the_loop(prefect_harness, tmp_path):
     if decision["promoted"]:  # the new champion went out to the sites again
         for site in ("north", "south"):
             assert (AgentPaths(home / "sites" / site).base_models / first_champion / "model.pt").is_file()
-    assert {"provision", "fleet-status", "model-versions", "gate"} <= asyncio.run(_artifact_keys())
+    assert {"provision-results", "fleet-status", "model-versions", "gate"} <= asyncio.run(_artifact_keys())
 
     assert sorted(again["sites_completed"]) == ["north", "south"]
     assert again["decision"]["champion"] == first_champion  # the second turn starts from the first's champion

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import dump_config
-from orchestrator.cli import main as cli_main
+from edgeloop.cli import main as cli_main
 from orchestrator.inventory import load_inventory
 from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, STEPS, build_wheel, provision
 from orchestrator.sshfleet import fleet_inventory, stop_agents

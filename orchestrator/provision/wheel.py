@@ -25,7 +25,7 @@ class Wheel:
         return self.path.name
 
 
-PACKAGES = ("orchestrator", "edge_agent", "flows")
+PACKAGES = ("edgeloop", "orchestrator", "edge_agent", "flows")
 BUILD_FILES = ("pyproject.toml", "README.md", "LICENSE")
 
 

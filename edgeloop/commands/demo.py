@@ -9,12 +9,12 @@ import argparse
 import json
 import os
 
-from orchestrator.settings import Settings
+from orchestrator.demo import DemoSettings
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the demo lifecycle (pretrain, edge fine-tune, samples, retrain)")
-    defaults = Settings()
+    defaults = DemoSettings()
     demo.add_argument("-i", "--inventory", default=str(defaults.inventory))
     demo.add_argument("--home", default=str(defaults.home), help="working folder (data, registry, store, sites)")
     demo.add_argument("--pretrain-epochs", type=int, default=defaults.pretrain_epochs)

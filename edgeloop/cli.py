@@ -13,12 +13,12 @@ import sys
 
 # Modules that contribute commands, in the order they appear in --help.
 COMMAND_MODULES = (
-    "orchestrator.commands.data",
-    "orchestrator.commands.model",
-    "orchestrator.commands.registry",
-    "orchestrator.commands.inventory",
-    "orchestrator.commands.provision",
-    "orchestrator.commands.demo",
+    "edgeloop.commands.data",
+    "edgeloop.commands.modelfiles",
+    "edgeloop.commands.models",
+    "edgeloop.commands.inventory",
+    "edgeloop.commands.provision",
+    "edgeloop.commands.demo",
 )
 
 

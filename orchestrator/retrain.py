@@ -1,0 +1,91 @@
+"""The cloud's learning steps: train (or fine-tune) a registered version, gate it, retrain on samples.
+
+Plain functions; the flows string them together. The gate is the one in the shared core
+(:mod:`edge_agent.gate`), so the cloud and the edge decide with the same tie rule.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from edge_agent.datasets import open_dataset
+from edge_agent.gate import Score, gate as decide
+from edge_agent.models import load_checkpoint
+from edge_agent.train import EpochMetrics, TrainConfig, evaluate
+from orchestrator.registry import ModelRegistry, ModelVersion
+from orchestrator.samples import Collection, Labeller, OperatorLabels, build_retraining_set, first_label
+from orchestrator.training import export_checkpoint, train_on_dataset
+
+
+def train_version(registry: ModelRegistry, family: str, data: Path, arch: str, config: TrainConfig,
+                  parent: ModelVersion | None = None, note: str = "",
+                  on_epoch: Callable[[EpochMetrics], None] | None = None) -> ModelVersion:
+    """Train (or fine-tune ``parent``) on a dataset version and register the result as a candidate."""
+    with tempfile.TemporaryDirectory(prefix="edgeloop-train-") as tmp:
+        init = registry.artifact(parent.version) if parent else None
+        metrics = train_on_dataset(data, arch, tmp, config, init=init, on_epoch=on_epoch)
+        onnx = export_checkpoint(Path(tmp) / "model.pt", Path(tmp) / "model.onnx")
+        return registry.register(
+            family, Path(tmp) / "model.pt", arch=metrics["arch"], dataset_id=metrics["dataset_id"],
+            hyperparameters=config.model_dump(), parent=parent.version if parent else None,
+            metrics={k: metrics[k] for k in ("val_acc", "test_acc", "seconds_per_epoch")},
+            extra_artifacts={"onnx": onnx}, note=note)
+
+
+@dataclass
+class GateDecision:
+    candidate: str
+    champion: str | None
+    candidate_val_acc: float
+    champion_val_acc: float | None
+    candidate_val_loss: float
+    champion_val_loss: float | None
+    promoted: bool
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: Path,
+         min_gain: float = 0.0) -> GateDecision:
+    """Promote the candidate only if it beats the champion on the same held-out split (the shared gate)."""
+    val = open_dataset(holdout).load_split("val")
+
+    def score(version: ModelVersion) -> Score:
+        model, meta = load_checkpoint(registry.artifact(version.version))
+        return Score(*evaluate(model, val, meta.normalization))
+
+    cand = score(candidate)
+    champ = score(champion) if champion else None
+    decision = decide(cand, champ, min_gain)
+    if decision.accept:
+        registry.promote(candidate.version)
+    return GateDecision(candidate.version, champion.version if champion else None, cand.accuracy,
+                        champ.accuracy if champ else None, cand.nll, champ.nll if champ else None, decision.accept,
+                        decision.reason)
+
+
+def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, collection: Collection,
+                         out: Path, config: TrainConfig, labellers: Sequence[Labeller] = (),
+                         on_epoch: Callable[[EpochMetrics], None] | None = None) -> tuple[ModelVersion, dict]:
+    """Fine-tune the champion on the base data plus the checked samples that have a label.
+
+    A sample's label comes from its site's operator first, then from ``labellers`` in order.
+    """
+    base = open_dataset(base_data)
+    labeller = first_label(OperatorLabels(base.classes), *labellers)
+    report, unlabelled = build_retraining_set(base, collection.accepted, labeller, out)
+    champion = registry.champion(family)
+    candidate = train_version(registry, family, out, champion.arch if champion else "resnet18", config,
+                              parent=champion, note=f"retrained with {len(collection.accepted)} edge samples",
+                              on_epoch=on_epoch)
+    summary = {"dataset_id": report.dataset_id, "samples_accepted": len(collection.accepted),
+               "samples_rejected": len(collection.rejected), "samples_unlabelled": unlabelled,
+               "train_images": report.counts["train"], "by_site": collection.by_site()}
+    (out / "retrain_summary.json").write_text(json.dumps(summary, indent=1))
+    return candidate, summary
