@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.yamlfile import YamlFileError, read_yaml, validate
 
 
 class Strict(BaseModel):
@@ -85,18 +87,18 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate an agent config; errors name the file, line and field (as the inventory's do)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        return AgentConfig.model_validate(raw or {})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        raw, lines = read_yaml(path)
+    except YamlFileError as exc:
+        raise ConfigError("; ".join(p.replace(": no such file", ": no such config file") for p in exc.problems)) \
+            from None
+    problems: list[str] = []
+    config = validate(AgentConfig, raw or {}, path, lines, (), "agent config", problems)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
 
 
 def dump_config(config: AgentConfig) -> str:

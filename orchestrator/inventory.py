@@ -29,9 +29,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from edge_agent.yamlfile import YamlFileError, format_problem, line_of, read_yaml, suggest, validate
 from edge_agent.config import (AgentConfig, FinetuneConfig, MemberConfig, ServeConfig, Strict, Thresholds,
                                UploadBudget)
 
@@ -226,74 +226,6 @@ def _expand(value: Any, path: tuple, env: typing.Mapping[str, str], secrets: dic
     return _VAR.sub(one, value)
 
 
-# ----------------------------------------------------------------------------------- line numbers
-
-
-def _line_map(text: str) -> dict[tuple, int]:
-    """Map every key/item path in a YAML document to its 1-based line (for error messages)."""
-    lines: dict[tuple, int] = {}
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-
-    def walk(node: yaml.Node, path: tuple) -> None:
-        lines[path] = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            for key, child in node.value:
-                walk(child, (*path, key.value))
-                lines[(*path, key.value)] = key.start_mark.line + 1  # the key's line, not its value's
-        elif isinstance(node, yaml.SequenceNode):
-            for i, child in enumerate(node.value):
-                walk(child, (*path, i))
-
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _line_of(lines: dict[tuple, int], *candidates: tuple) -> int | None:
-    """The line of the longest existing prefix of the first candidate path that has one."""
-    for path in candidates:
-        for end in range(len(path), 0, -1):
-            if path[:end] in lines:
-                return lines[path[:end]]
-    return None
-
-
-# ------------------------------------------------------------------------------------ suggestions
-
-
-def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model class that holds the field at ``loc`` (to suggest a near-miss key)."""
-    for part in loc:
-        if model is None or isinstance(part, int):
-            continue
-        info = model.model_fields.get(str(part))
-        if info is None:
-            return model if part == loc[-1] else None
-        model = _unwrap_model(info.annotation)
-    return model
-
-
-def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _unwrap_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _suggest(model: type[BaseModel] | None, loc: tuple) -> str:
-    holder = _model_at(model, loc)
-    if holder is None or not loc:
-        return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(holder.model_fields), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(holder.model_fields)})"
-
-
 # ---------------------------------------------------------------------------------------- loading
 
 
@@ -306,27 +238,14 @@ def _deep_merge(base: Any, override: Any) -> Any:
     return copy.deepcopy(override)
 
 
-def _format(file: Path, line: int | None, where: str, loc: tuple, msg: str) -> str:
-    field = ".".join(str(p) for p in loc)
-    place = f"{file}:{line}" if line else f"{file}"
-    return f"{place}: {where}{': field ' + repr(field) if field else ''}: {msg}"
-
-
 def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None) -> Inventory:
     """Read, expand and validate an inventory; raises :class:`InventoryError` listing every problem."""
     path = Path(path)
     env = os.environ if env is None else env
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InventoryError([f"{path}: no such inventory file"]) from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else f"{path}"
-        raise InventoryError([f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
-    lines = _line_map(text)
+        raw, lines = read_yaml(path)
+    except YamlFileError as exc:
+        raise InventoryError([p.replace(": no such file", ": no such inventory file") for p in exc.problems]) from None
     if not isinstance(raw, dict):
         raise InventoryError([f"{path}: expected a mapping with 'cloud', 'sites' (and optionally 'ssh', 'defaults')"])
 
@@ -336,46 +255,46 @@ def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None
     raw = _expand(raw, (), env, secrets, missing)
     for loc, name in missing:
         site_where = _where(raw, loc)
-        problems.append(_format(path, _line_of(lines, loc), site_where[0], site_where[1],
+        problems.append(format_problem(path, line_of(lines, loc), site_where[0], site_where[1],
                                 f"environment variable ${{{name}}} is not set (and has no :-default)"))
 
     for key in raw:
         if key not in TOP_LEVEL:
             close = difflib.get_close_matches(str(key), list(TOP_LEVEL), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(TOP_LEVEL)})"
-            problems.append(_format(path, _line_of(lines, (key,)), "top level", (key,), "unknown key" + hint))
+            problems.append(format_problem(path, line_of(lines, (key,)), "top level", (key,), "unknown key" + hint))
 
-    cloud = _validate(Cloud, raw.get("cloud"), path, lines, ("cloud",), "cloud", problems)
-    ssh = _validate(SshSettings, raw.get("ssh") or {}, path, lines, ("ssh",), "ssh", problems)
+    cloud = validate(Cloud, raw.get("cloud"), path, lines, ("cloud",), "cloud", problems)
+    ssh = validate(SshSettings, raw.get("ssh") or {}, path, lines, ("ssh",), "ssh", problems)
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
-        problems.append(_format(path, _line_of(lines, ("defaults",)), "defaults", (), "must be a mapping"))
+        problems.append(format_problem(path, line_of(lines, ("defaults",)), "defaults", (), "must be a mapping"))
         defaults = {}
     for key in defaults:
         if key == "name" or key not in Site.model_fields:
-            problems.append(_format(path, _line_of(lines, ("defaults", key)), "defaults", (key,),
-                                    "unknown key" + _suggest(Site, (key,))))
+            problems.append(format_problem(path, line_of(lines, ("defaults", key)), "defaults", (key,),
+                                    "unknown key" + suggest(Site, (key,))))
 
     sites_raw = raw.get("sites")
     sites: list[Site] = []
     if not isinstance(sites_raw, list) or not sites_raw:
-        problems.append(_format(path, _line_of(lines, ("sites",)), "top level", ("sites",),
+        problems.append(format_problem(path, line_of(lines, ("sites",)), "top level", ("sites",),
                                 "must be a non-empty list of sites (each with a 'name')"))
         sites_raw = []
     seen: dict[str, int] = {}
     for i, entry in enumerate(sites_raw):
         if not isinstance(entry, dict):
-            problems.append(_format(path, _line_of(lines, ("sites", i)), f"site #{i + 1}", (), "must be a mapping"))
+            problems.append(format_problem(path, line_of(lines, ("sites", i)), f"site #{i + 1}", (), "must be a mapping"))
             continue
         name = entry.get("name")
         where = f"site {name!r}" if name else f"site #{i + 1}"
         if name in seen:
-            problems.append(_format(path, _line_of(lines, ("sites", i, "name")), where, ("name",),
+            problems.append(format_problem(path, line_of(lines, ("sites", i, "name")), where, ("name",),
                                     f"duplicate site name (first used by site #{seen[name] + 1})"))
         elif name:
             seen[name] = i
         merged = _deep_merge({k: v for k, v in defaults.items() if k in Site.model_fields}, entry)
-        site = _validate(Site, merged, path, lines, ("sites", i), where, problems, fallback=("defaults",))
+        site = validate(Site, merged, path, lines, ("sites", i), where, problems, fallback=("defaults",))
         if site is not None:
             sites.append(site)
 
@@ -395,25 +314,3 @@ def _where(raw: dict, loc: tuple) -> tuple[str, tuple]:
     return (str(loc[0]) if loc else "top level"), loc[1:]
 
 
-def _validate(model: type[BaseModel], data: Any, file: Path, lines: dict[tuple, int], prefix: tuple, where: str,
-              problems: list[str], fallback: tuple | None = None) -> Any:
-    if data is None:
-        problems.append(_format(file, _line_of(lines, prefix), where, (), "missing section"))
-        return None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field" + _suggest(model, loc)
-            elif err["type"] == "missing":
-                msg = "required field is missing"
-            elif "input" in err and not isinstance(err["input"], (dict, list)):
-                msg += f" (got {err['input']!r})"
-            candidates = [(*prefix, *loc)] + ([(*fallback, *loc)] if fallback and loc else [])
-            exact = [c for c in candidates if c in lines]
-            line = lines[exact[0]] if exact else _line_of(lines, candidates[0])
-            problems.append(_format(file, line, where, loc, msg))
-        return None

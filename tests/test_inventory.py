@@ -143,3 +143,20 @@ def test_cli_inventory_check(tmp_path, capsys, monkeypatch):
     assert cli_main(["inventory", "check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml:6" in err and "'connection.keyfile'" in err and "did you mean 'key_file'?" in err
+
+
+def test_a_bad_agent_config_names_file_line_and_field(tmp_path):
+    from edge_agent.config import ConfigError
+
+    path = tmp_path / "agent.yaml"
+    path.write_text("site: north\nroot: /tmp/north\nstore_url: file:///tmp/store\n"
+                    "thresholds:\n  min_new_labeled: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}:5" in message and "thresholds.min_new_labeled" in message and "min_new_labelled" in message
+    path.write_text("site: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"{path}:\d+: not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
