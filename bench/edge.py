@@ -131,7 +131,7 @@ def inference_bench(run: dict, config: AgentConfig, data: Path, seconds: float) 
     from edge_agent.datasets import open_dataset
     from edge_agent.ensemble import accuracy
     from edge_agent.export import Classifier, export_onnx, quantize_int8
-    from edge_agent.infer import OnnxClassifier
+    from edge_agent.onnx_model import OnnxClassifier
     from edge_agent.models import load_checkpoint
 
     site = open_dataset(data / "sites" / "site-1")

@@ -1,4 +1,4 @@
-"""The gate and the atomic switch between ensembles.
+"""The atomic switch between ensembles (the decision to switch is :mod:`edge_agent.gate`'s).
 
 An ensemble is built in ``models/ensembles/.tmp-<version>/``, every file fsynced, then renamed to
 ``<version>/`` (one rename: it is there completely or not at all). Activation replaces the
@@ -11,44 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.layout import AgentPaths
 from edge_agent.fileio import fsync_dir
 
 STAGING_PREFIX = ".tmp-"
-
-
-@dataclass(frozen=True)
-class Score:
-    """How an ensemble does on the site's validation split."""
-
-    accuracy: float
-    nll: float
-
-
-@dataclass(frozen=True)
-class Decision:
-    accept: bool
-    reason: str
-
-
-def gate(new: Score, active: Score | None, min_gain: float = 0.0) -> Decision:
-    """Accept a new ensemble only if it beats the active one on validation (or nothing is active).
-
-    Beating means more than ``min_gain`` accuracy, or at least ``min_gain`` with a lower log-loss
-    (with small validation splits, accuracy alone ties often).
-    """
-    if active is None:
-        return Decision(True, "no active ensemble")
-    gain = new.accuracy - active.accuracy
-    if gain > min_gain + 1e-12:
-        return Decision(True, f"val accuracy {new.accuracy:.4f} > {active.accuracy:.4f} + {min_gain}")
-    if gain >= min_gain - 1e-12 and new.nll < active.nll:
-        return Decision(True, f"val accuracy {new.accuracy:.4f} ties, val log-loss {new.nll:.4f} < {active.nll:.4f}")
-    return Decision(False, f"val accuracy {new.accuracy:.4f} / log-loss {new.nll:.4f} does not beat "
-                           f"{active.accuracy:.4f} / {active.nll:.4f} (min gain {min_gain})")
 
 
 def staging_dir(paths: AgentPaths, version: str) -> Path:

@@ -12,146 +12,29 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import random
 import signal
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.basemodels import verified_base_models
 from edge_agent.config import AgentConfig
-from edge_agent.inference import EnsembleHandle, InboxProcessor, Prediction
+from edge_agent.fileio import write_json_atomic
+from edge_agent.inbox import EnsembleHandle, InboxProcessor
 from edge_agent.layout import AgentPaths
-from edge_agent.fileio import file_sha256
-from edge_agent.outbox import Outbox, as_png
-from edge_agent.select import Selector
-from edge_agent.fileio import read_json, write_json_atomic
-from edge_agent.status import AgentState
+from edge_agent.outbox import Outbox
+from edge_agent.sampler import Sampler
+from edge_agent.sitedata import labelled_files
+from edge_agent.state import AgentState
+from edge_agent.supervisor import FinetuneSupervisor
 from edge_agent.uplink import Backoff, Store, Uplink
 
 log = logging.getLogger("edge_agent")
 
 MAX_FINETUNE_FAILURES = 3
 FINETUNE_RETRY_S = 30.0
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm"}
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
-def verified_base_models(paths: AgentPaths) -> list[str]:
-    """Base model versions whose ``model.pt`` matches the ``model.pt.sha256`` the cloud wrote beside it."""
-    good = []
-    for folder in sorted(p for p in paths.base_models.glob("*") if p.is_dir() and not p.name.startswith(".")):
-        weights, digest = folder / "model.pt", folder / "model.pt.sha256"
-        try:
-            expected = digest.read_text().split()[0].strip()
-        except (OSError, IndexError):
-            continue  # deploy not finished: the checksum is written last
-        if weights.is_file() and file_sha256(weights) == expected:
-            good.append(folder.name)
-        else:
-            log.warning("base model %s does not match its sha256; ignored", folder.name)
-    return good
-
-
-def labelled_files(paths: AgentPaths) -> list[tuple[str, Path]]:
-    """(class, file) for every image an operator placed under ``data/labelled/<class>/``."""
-    found = []
-    for class_dir in sorted(p for p in paths.labelled.glob("*") if p.is_dir() and not p.name.startswith(".")):
-        for file in sorted(class_dir.iterdir()):
-            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
-                found.append((class_dir.name, file))
-    return found
-
-
-class FinetuneSupervisor:
-    """Runs one fine-tune at a time as a child process and reports how it ended."""
-
-    def __init__(self, config_file: Path, paths: AgentPaths):
-        self.config_file, self.paths = config_file, paths
-        self.process: subprocess.Popen | None = None
-        self.run_id: str | None = None
-        self.reason: str | None = None
-        self.stopping = False
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None
-
-    def start(self, reason: str) -> str:
-        self.run_id, self.reason, self.stopping = new_run_id(), reason, False
-        command = [sys.executable, "-m", "edge_agent", "finetune", "--config", str(self.config_file),
-                   "--run-id", self.run_id, "--reason", reason, "--parent-pid", str(os.getpid())]
-        with open(self.paths.log_file, "ab") as sink:
-            self.process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.info("fine-tune %s started (%s), pid %d", self.run_id, reason, self.process.pid)
-        return self.run_id
-
-    def progress(self) -> dict[str, Any] | None:
-        if self.run_id is None:
-            return None
-        return read_json(self.paths.runs / self.run_id / "progress.json")
-
-    def poll(self) -> tuple[int, dict[str, Any] | None] | None:
-        """(exit code, report) once the child has ended, else None."""
-        if self.process is None or self.process.poll() is None:
-            return None
-        code = self.process.returncode
-        report = read_json(self.paths.runs / self.run_id / "report.json")
-        self.process = None
-        return code, report
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Abandon the fine-tune: it terminates its workers; nothing half-made becomes visible."""
-        if self.process is None:
-            return
-        self.stopping = True
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-        log.info("fine-tune %s abandoned", self.run_id)
-
-
-class Sampler:
-    """Turns predictions (and operator labels) into outbox samples."""
-
-    def __init__(self, config: AgentConfig, outbox: Outbox, state: AgentState, lock: threading.Lock):
-        self.config, self.outbox, self.state, self.lock = config, outbox, state, lock
-        t, u = config.thresholds, config.upload
-        self.selector = Selector(t.uncertainty, t.disagreement, u.random_share, random.Random())
-
-    def __call__(self, raw: bytes, prediction: Prediction | None, name: str, operator_label: str | None = None) -> bool:
-        probs = prediction.probs if prediction is not None else None
-        members = prediction.member_probs if prediction is not None else None
-        if prediction is None:
-            chosen, score, reasons, extra = operator_label is not None, 2.0, ["operator_label"], {}
-        else:
-            selection = self.selector.judge(probs, members, operator_label)
-            chosen, score, reasons = selection.chosen, selection.score, selection.reasons
-            extra = {"uncertainty": round(selection.uncertainty, 6), "disagreement": round(selection.disagreement, 6)}
-        if not chosen:
-            return False
-        sidecar = {
-            "site": self.config.site, "time": time.time(), "source_file": name, "reasons": reasons,
-            "model_version": prediction.model_version if prediction else None,
-            "probabilities": prediction.probabilities if prediction else None,
-            "member_probabilities": members.round(6).tolist() if members is not None else None,
-            "operator_label": operator_label, **extra,
-        }
-        self.outbox.put(as_png(raw), sidecar, score)
-        with self.lock:
-            self.state.selected_total += 1
-        return True
 
 
 @dataclass
@@ -268,7 +151,7 @@ class Agent:
 
     def _queue_labelled(self, class_name: str, file: Path) -> None:
         from edge_agent.imaging import ImageError, decode_image
-        from edge_agent.inference import classify
+        from edge_agent.inbox import classify
 
         try:
             raw = file.read_bytes()

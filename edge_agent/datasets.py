@@ -261,32 +261,6 @@ def import_elpv(out: str | Path, size: int = 96, seed: int = 0, sites: int = 0, 
     return report
 
 
-def load_imagefolder(root: str | Path, classes: Sequence[str], size: int
-                     ) -> tuple[ArraySet, list[Path], list[tuple[Path, str]]]:
-    """Load a ``<class>/<file>`` tree with no manifest (an edge site's labelled folder).
-
-    Folders for unknown classes are ignored with a warning; unreadable files are returned as skipped.
-    """
-    root = Path(root)
-    images, labels, files, skipped = [], [], [], []
-    for path in sorted(root.glob("*/*")) if root.is_dir() else []:
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        cls = path.parent.name
-        if cls not in classes:
-            skipped.append((path, f"unknown class {cls!r}; expected one of {list(classes)}"))
-            continue
-        try:
-            images.append(decode_image(path, size))
-        except ImageError as exc:
-            skipped.append((path, str(exc)))
-            continue
-        labels.append(list(classes).index(cls))
-        files.append(path)
-    array = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
-    return ArraySet(array, np.array(labels, dtype=np.int64)), files, skipped
-
-
 def derive_dataset(base: DatasetVersion, additions: Sequence[tuple[str, bytes, int, dict]], out: str | Path,
                    source: str) -> ImportReport:
     """A new version: ``base`` plus extra training images ``(name, image bytes, label, fields)``.

@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from .infer import INPUT_NAME
+from .onnx_model import INPUT_NAME
 from .models import Normalization
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import fsspec
 
 from edge_agent.outbox import Outbox, OutboxItem
-from edge_agent.status import UploadLedger
+from edge_agent.state import UploadLedger
 
 log = logging.getLogger(__name__)
 

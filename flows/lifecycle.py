@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from edge_agent.datasets import open_dataset
+from edge_agent.ids import new_id
 from edge_agent.train import TrainConfig
 from orchestrator import deploy, demo, retrain as steps
 from orchestrator.inventory import Inventory, load_inventory
@@ -158,7 +159,7 @@ def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inv
         logger.warning("no samples came back from the sites; nothing to retrain on")
         return None
     champion = registry.champion(settings.family)
-    out = settings.home / "data" / f"retrain-{time.strftime('%Y%m%dT%H%M%S')}"
+    out = settings.home / "data" / f"retrain-{new_id()}"
     config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=settings.seed)
     reference = demo.ReferenceLabels([open_dataset(p) for p in parts[1:]])
     candidate, summary = steps.retrain_from_samples(registry, settings.family, parts[0], collection, out, config,

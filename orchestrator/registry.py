@@ -19,6 +19,7 @@ from typing import Iterator, Literal
 from pydantic import BaseModel, Field
 
 from edge_agent.fileio import file_sha256
+from edge_agent.ids import new_id
 
 Stage = Literal["candidate", "champion", "archived"]
 RECORD = "record.json"
@@ -58,7 +59,7 @@ class ModelRegistry:
                  extra_artifacts: dict[str, str | Path] | None = None, note: str = "") -> ModelVersion:
         """Copy the artifacts in and record a new candidate; written atomically (staged, then renamed)."""
         digest = file_sha256(checkpoint)
-        version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest[:8]}"
+        version = new_id(digest)
         staged = self.root / f".{version}.tmp"
         shutil.rmtree(staged, ignore_errors=True)
         staged.mkdir()

@@ -16,7 +16,7 @@ import torch
 
 from edge_agent.datasets import open_dataset
 from edge_agent.export import Classifier, export_onnx, quantize_int8
-from edge_agent.infer import OnnxClassifier
+from edge_agent.onnx_model import OnnxClassifier
 from edge_agent.fileio import file_sha256
 from edge_agent.models import CheckpointMeta, ModelSpec, build_model, load_checkpoint, save_checkpoint
 from edge_agent.train import EpochMetrics, TrainConfig, evaluate, normalization_of, train_model

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from edge_agent.activation import Score, activate, active_version, gate, publish, staging_dir, sweep_staging
+from edge_agent.activation import activate, active_version, publish, staging_dir, sweep_staging
+from edge_agent.gate import Score, gate
 from edge_agent.layout import AgentPaths
 
 

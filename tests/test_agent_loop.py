@@ -82,7 +82,7 @@ def test_first_finetune_activates_a_fused_ensemble(served_site):
     assert all(m["test_accuracy"] is not None for m in report["members"])
     assert 0.0 <= report["ensemble"]["test"]["accuracy"] <= 1.0
     assert abs(sum(report["ensemble"]["weights"]) - 1.0) < 1e-6
-    from edge_agent.infer import OnnxClassifier
+    from edge_agent.onnx_model import OnnxClassifier
 
     classifier = OnnxClassifier(root / "models" / "active" / "ensemble.onnx")
     import numpy as np
@@ -153,7 +153,7 @@ def test_kill_9_during_finetune_keeps_old_ensemble_and_restart_completes(served_
     finally:
         agent.close()
     assert active_version(root) == old
-    from edge_agent.infer import OnnxClassifier
+    from edge_agent.onnx_model import OnnxClassifier
 
     assert OnnxClassifier(root / "models" / "active" / "ensemble.onnx").version == old
     visible = [p.name for p in (root / "models" / "ensembles").iterdir() if not p.name.startswith(".")]

@@ -13,7 +13,7 @@ import pytest
 from agent_helpers import AgentProcess, copy_labelled, wait_for, write_config
 from edge_agent.outbox import Outbox
 from edge_agent.select import Selector, disagreement, normalised_entropy
-from edge_agent.status import UploadLedger
+from edge_agent.state import UploadLedger
 from edge_agent.uplink import Backoff, Store, StoreError, Uplink
 
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_agent.datasets import DatasetError, import_elpv, import_folder, load_imagefolder, open_dataset
+from edge_agent.datasets import DatasetError, import_elpv, import_folder, open_dataset
+from edge_agent.layout import AgentPaths
+from edge_agent.sitedata import load_labelled
 
 
 def _files(root: Path) -> set[str]:
@@ -89,11 +91,12 @@ def test_open_dataset_rejects_a_plain_folder(tmp_path):
         open_dataset(tmp_path)
 
 
-def test_load_imagefolder_reports_unusable_files(tmp_path, elpv_small):
-    src = tmp_path / "labelled"
+def test_a_sites_labelled_folder_reports_unusable_files(tmp_path, elpv_small):
+    paths = AgentPaths(tmp_path / "site")
+    src = paths.labelled
     _user_tree(src, elpv_small)
     (src / "weird").mkdir()
     shutil.copy(next((src / "ok").glob("cell*.png")), src / "weird" / "x.png")
-    arrays, files, skipped = load_imagefolder(src, ["ok", "crack"], 32)
+    arrays, files, skipped = load_labelled(paths, ["ok", "crack"], 32)
     assert len(arrays) == len(files) == 24 and arrays.images.shape[1:] == (32, 32)
     assert {p.name for p, _ in skipped} == {"truncated.png", "garbage.jpg", "x.png"}

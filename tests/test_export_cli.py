@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from edge_agent.datasets import open_dataset
-from edge_agent.infer import OnnxClassifier, predict_files
+from edge_agent.onnx_model import OnnxClassifier, predict_files
 from orchestrator.training import export_checkpoint, max_abs_difference, quantize_with_report
 
 EDGELOOP = [sys.executable, "-m", "edgeloop"]

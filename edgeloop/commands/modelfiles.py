@@ -107,7 +107,7 @@ def _expand(paths: list[str]) -> list[Path]:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from edge_agent.infer import OnnxClassifier, predict_files
+    from edge_agent.onnx_model import OnnxClassifier, predict_files
 
     classifier = OnnxClassifier(args.model)
     read = 0

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_agent.imaging import ImageError, decode_image
-from edge_agent.infer import OnnxClassifier
+from edge_agent.onnx_model import OnnxClassifier
 from edge_agent.layout import AgentPaths
 from edge_agent.fileio import fsync_dir, write_json_atomic
 

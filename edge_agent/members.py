@@ -1,0 +1,159 @@
+"""Ensemble members: one worker process each, fine-tuned in parallel from a base model.
+
+Each member trains in its own process (multiprocessing, spawn context: no forked torch state) on its own
+bootstrap resample of the training split with its own augmentation policy, so the members err
+independently, which is what makes their average better than any one of them. The cores are split between
+them (``threads = cores // K``): the machine is used fully, never oversubscribed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edge_agent.config import AgentConfig
+from edge_agent.errors import FinetuneError
+from edge_agent.fileio import read_json, write_json_atomic
+
+
+@dataclass(frozen=True)
+class MemberJob:
+    """Everything a member worker needs, picklable for the spawn context."""
+
+    index: int
+    arch: str
+    policy: str
+    base_version: str
+    base_path: str
+    run_dir: str
+    threads: int
+    seed: int
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.run_dir) / f"member-{self.index}.pt"
+
+    @property
+    def result_file(self) -> Path:
+        return Path(self.run_dir) / f"member-{self.index}.json"
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker must not outlive its coordinator (kill -9 of the coordinator leaves no orphans)."""
+    def watch():
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def member_main(job: MemberJob, events) -> None:
+    """Worker process: bootstrap-resample, fine-tune from the base, save the member checkpoint."""
+    _exit_with_parent(os.getppid())
+    import torch
+
+    from edge_agent.datasets import ArraySet
+    from edge_agent.models import CheckpointMeta, load_checkpoint, save_checkpoint
+    from edge_agent.train import TrainConfig, train_model
+
+    torch.set_num_threads(job.threads)
+    run = Path(job.run_dir)
+    train = ArraySet(np.load(run / "train_images.npy"), np.load(run / "train_labels.npy"))
+    val = ArraySet(np.load(run / "val_images.npy"), np.load(run / "val_labels.npy"))
+    rng = np.random.default_rng(job.seed)
+    train = train.subset(rng.integers(0, len(train), len(train)))  # bootstrap: same size, with replacement
+    model, meta = load_checkpoint(job.base_path)
+    config = TrainConfig(**{**job.train, "threads": job.threads, "policy": job.policy, "seed": job.seed})
+
+    def on_epoch(metrics) -> None:
+        events.put(("epoch", job.index, asdict(metrics)))
+
+    result = train_model(model, train, val, config, meta.normalization, on_epoch=on_epoch)
+    member_meta = CheckpointMeta(spec=meta.spec, class_names=meta.class_names, normalization=meta.normalization,
+                                 metrics={"val_acc": float(result.best_val_acc)}, dataset_id=None,
+                                 parent=job.base_version, train_config=config.model_dump())
+    save_checkpoint(job.checkpoint, model, member_meta)
+    summary = {"index": job.index, "arch": meta.spec.arch, "policy": job.policy, "base": job.base_version,
+               "best_val_acc": float(result.best_val_acc), "best_epoch": result.best_epoch,
+               "epochs": len(result.history), "stopped_early": result.stopped_early,
+               "seconds": round(result.seconds, 3), "threads": job.threads}
+    write_json_atomic(job.result_file, summary)
+    events.put(("done", job.index, summary))
+
+
+def threads_per_member(cores: int, members: int, parallel: bool) -> int:
+    return max(1, cores // members) if parallel else max(1, cores)
+
+
+def train_members(jobs: list[MemberJob], parallel: bool, should_stop: Callable[[], bool],
+                  on_event: Callable[[str, int, dict], None] = lambda *a: None) -> list[dict]:
+    """Run the member workers (all at once, or one after another); returns their summaries.
+
+    On ``should_stop`` every worker is terminated and :class:`InterruptedError` raised.
+    """
+    context = mp.get_context("spawn")
+    events = context.Queue()
+    waves = [jobs] if parallel else [[job] for job in jobs]
+    for wave in waves:
+        processes = [context.Process(target=member_main, args=(job, events), name=f"member-{job.index}",
+                                     daemon=True) for job in wave]
+        for process in processes:
+            process.start()
+        try:
+            while any(p.is_alive() for p in processes):
+                if should_stop():
+                    raise InterruptedError("fine-tune stopped")
+                _drain(events, on_event, timeout=0.2)
+        finally:
+            _terminate(processes)
+        _drain(events, on_event, timeout=0.0)
+    summaries = [read_json(job.result_file) for job in jobs]
+    failed = [job.index for job, s in zip(jobs, summaries) if s is None or not job.checkpoint.is_file()]
+    if failed:
+        raise FinetuneError(f"member(s) {failed} failed; see the agent log")
+    return summaries
+
+
+def _drain(events, on_event, timeout: float) -> None:
+    try:
+        while True:
+            kind, index, payload = events.get(timeout=timeout)
+            on_event(kind, index, payload)
+            timeout = 0.0
+    except queue_mod.Empty:
+        return
+
+
+def _terminate(processes: list) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def make_jobs(config: AgentConfig, bases: list[tuple[str, Path, str]], run_dir: Path, parallel: bool = True,
+              cores: int | None = None) -> list[MemberJob]:
+    cores = cores or config.workers or os.cpu_count() or 1
+    k = len(config.members)
+    ft = config.finetune
+    budget = ft.time_budget_s if parallel or ft.time_budget_s is None else ft.time_budget_s / k
+    train = {"epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay,
+             "label_smoothing": ft.label_smoothing, "time_budget_s": budget}
+    return [MemberJob(i, arch, member.policy, version, str(path), str(run_dir),
+                      threads_per_member(cores, k, parallel), ft.seed + 1000 * (i + 1), train)
+            for i, (member, (version, path, arch)) in enumerate(zip(config.members, bases))]

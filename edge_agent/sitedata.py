@@ -1,0 +1,81 @@
+"""The site's own labelled data: the one scan of ``data/labelled/<class>/`` and its train/val/test splits.
+
+The fine-tune trigger counts what this scan finds and the fine-tune trains on what it finds, so the two
+never disagree about which files are labelled images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.datasets import IMAGE_SUFFIXES, MANIFEST, ArraySet
+from edge_agent.errors import FinetuneError
+from edge_agent.fileio import read_json
+from edge_agent.imaging import ImageError, decode_image
+from edge_agent.layout import AgentPaths
+
+log = logging.getLogger(__name__)
+
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
+def labelled_files(paths: AgentPaths) -> list[tuple[str, Path]]:
+    """(class, file) for every image an operator placed under ``data/labelled/<class>/``."""
+    found = []
+    for class_dir in sorted(p for p in paths.labelled.glob("*") if p.is_dir() and not p.name.startswith(".")):
+        for file in sorted(class_dir.iterdir()):
+            if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES and not file.name.startswith("."):
+                found.append((class_dir.name, file))
+    return found
+
+
+def load_labelled(paths: AgentPaths, classes: list[str], size: int
+                  ) -> tuple[ArraySet, list[Path], list[tuple[Path, str]]]:
+    """Decode every labelled image of a known class: (images, their files, skipped files with the reason)."""
+    images, labels, files, skipped = [], [], [], []
+    for class_name, file in labelled_files(paths):
+        if class_name not in classes:
+            skipped.append((file, f"unknown class {class_name!r}; expected one of {list(classes)}"))
+            continue
+        try:
+            images.append(decode_image(file, size))
+        except ImageError as exc:
+            skipped.append((file, str(exc)))
+            continue
+        labels.append(classes.index(class_name))
+        files.append(file)
+    array = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
+    return ArraySet(array, np.array(labels, dtype=np.int64)), files, skipped
+
+
+def _split_of(name: str, data: bytes) -> str:
+    """Deterministic split for a file no manifest names: by content hash, so it never moves."""
+    bucket = int(hashlib.sha256(data).hexdigest()[:8], 16) % 1000 / 1000
+    cut1, cut2 = SPLIT_FRACTIONS[0], SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]
+    return "train" if bucket < cut1 else "val" if bucket < cut2 else "test"
+
+
+def load_site_splits(paths: AgentPaths, classes: list[str], size: int):
+    """train/val/test ArraySets from the labelled folder.
+
+    A manifest in the folder (a dataset version copied in) fixes the splits of the files it names; files an
+    operator added later are split by content hash. An empty val split borrows the train split (noted).
+    """
+    data, files, skipped = load_labelled(paths, classes, size)
+    for path, reason in skipped:
+        log.warning("labelled file %s skipped: %s", path, reason)
+    manifest = read_json(paths.labelled / MANIFEST, default={}) or {}
+    known = {r["file"]: r["split"] for r in manifest.get("records", [])}
+    splits = np.array([known.get(f.relative_to(paths.labelled).as_posix()) or _split_of(f.name, f.read_bytes())
+                       for f in files])
+    out = {s: data.subset(np.flatnonzero(splits == s)) for s in ("train", "val", "test")}
+    if len(out["train"]) == 0:
+        raise FinetuneError("no labelled training images under data/labelled/")
+    if len(out["val"]) == 0:
+        log.warning("no validation images; validating on the training split")
+        out["val"] = out["train"]
+    return out
