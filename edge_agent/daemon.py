@@ -29,7 +29,8 @@ from edge_agent.sampler import Sampler
 from edge_agent.sitedata import labelled_files
 from edge_agent.state import AgentState
 from edge_agent.supervisor import FinetuneSupervisor
-from edge_agent.uplink import Backoff, Store, Uplink
+from edge_agent.store import Store
+from edge_agent.uplink import Backoff, Uplink
 
 log = logging.getLogger("edge_agent")
 

@@ -1,10 +1,8 @@
-"""Getting samples and the status heartbeat to the store, and knowing that they arrived.
+"""Getting samples and the status heartbeat to the store (:mod:`edge_agent.store`), within the budget.
 
-The store is any fsspec URL (``file://`` for the demo, ``sftp://`` or ``s3://`` for a real fleet).
-Each file is written under a temporary name, renamed to its content-addressed name, and read back and
-hashed before the outbox lets go of it: a store outage or an agent restart at any moment loses nothing and
-duplicates nothing (the final name is the content hash; an upload that finds the same bytes already there
-is a no-op). The image goes up before its sidecar, so a reader that sees a sidecar finds its image.
+A sample leaves the outbox only once the store has it, verified: a store outage or an agent restart at
+any moment loses nothing and duplicates nothing. The image goes up before its sidecar, so a reader that
+sees a sidecar finds its image.
 
 Outages are handled with exponential backoff between attempts, without sleeping in the caller: the daemon
 keeps serving and asks again on its next tick.
@@ -12,115 +10,17 @@ keeps serving and asks again on its next tick.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import fsspec
-
 from edge_agent.outbox import Outbox, OutboxItem
 from edge_agent.state import UploadLedger
+from edge_agent.store import Store, StoreError
 
 log = logging.getLogger(__name__)
-
-NUMERIC_OPTIONS = {"port", "timeout", "banner_timeout", "auth_timeout", "channel_timeout"}
-
-
-class StoreError(RuntimeError):
-    """The store could not take or return a file (unreachable, unwritable, or a verify mismatch)."""
-
-
-def _known_hosts_policy(path: str):
-    """A paramiko policy that accepts only the host key recorded for the host in ``path``.
-
-    fsspec's sftp never loads known hosts, so without this every key would be accepted.
-    """
-    import paramiko
-
-    class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
-        def missing_host_key(self, client, hostname, key):  # noqa: D401 - paramiko's interface
-            known = paramiko.HostKeys(path)
-            entry = known.lookup(hostname) or {}
-            if entry.get(key.get_name()) != key:
-                raise paramiko.SSHException(f"host key for {hostname} not found or changed in {path}")
-
-    return KnownHostsPolicy()
-
-
-def storage_options(options: dict[str, str]) -> dict[str, Any]:
-    """Config values are strings; turn the ones that libraries need typed into their types."""
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if key == "known_hosts":
-            out["host_key_policy"] = _known_hosts_policy(value)
-        elif key in NUMERIC_OPTIONS:
-            out[key] = float(value) if "." in str(value) else int(value)
-        else:
-            out[key] = value
-    return out
-
-
-class Store:
-    """One fsspec store with verified, atomic, idempotent writes."""
-
-    def __init__(self, url: str, options: dict[str, str] | None = None):
-        self.url = url
-        self.options = dict(options or {})
-        self._fs = None
-        self._root = ""
-
-    def _connect(self):
-        if self._fs is None:
-            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **storage_options(self.options))
-            self._fs, self._root = fs, root.rstrip("/")
-        return self._fs
-
-    def reset(self) -> None:
-        """Forget the connection (a dead sftp session must not be reused after an outage)."""
-        self._fs = None
-
-    def path(self, relative: str) -> str:
-        self._connect()
-        return f"{self._root}/{relative}" if self._root else relative
-
-    def _matches(self, path: str, digest: str, size: int) -> bool:
-        fs = self._connect()
-        try:
-            if fs.size(path) != size:
-                return False
-            return hashlib.sha256(fs.cat_file(path)).hexdigest() == digest
-        except FileNotFoundError:
-            return False
-
-    def put_verified(self, relative: str, data: bytes) -> bool:
-        """Make ``relative`` hold exactly ``data``; returns False if it already did (nothing sent)."""
-        try:
-            fs = self._connect()
-            final = self.path(relative)
-            digest = hashlib.sha256(data).hexdigest()
-            if self._matches(final, digest, len(data)):
-                return False
-            folder, name = final.rsplit("/", 1) if "/" in final else ("", final)
-            if folder:
-                fs.makedirs(folder, exist_ok=True)
-            temp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.part" if folder else f".{name}.part"
-            with fs.open(temp, "wb") as handle:
-                handle.write(data)
-            fs.mv(temp, final)
-            if not self._matches(final, digest, len(data)):
-                raise StoreError(f"{relative}: read-back does not match what was written")
-            return True
-        except StoreError:
-            self.reset()
-            raise
-        except Exception as exc:  # any transport or filesystem failure is an outage to retry later
-            self.reset()
-            raise StoreError(f"{relative}: {type(exc).__name__}: {exc}") from exc
-
 
 @dataclass
 class Backoff:

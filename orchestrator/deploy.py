@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import fsspec
-
 from edge_agent.layout import AgentPaths
+from edge_agent.store import Store, StoreError
 from edge_agent.fileio import file_sha256
 from orchestrator.inventory import Inventory, Site
 from orchestrator.provision.remote import HostWorker, open_remote
@@ -59,19 +58,18 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
             remote.close()
 
 
-def read_fleet_status(store_url: str, sites: list[str], storage_options: dict | None = None) -> dict[str, dict]:
-    """The latest heartbeat each site pushed to the store (missing sites are absent)."""
-    fs, root = fsspec.core.url_to_fs(store_url, **(storage_options or {}))
+def read_fleet_status(store: Store, sites: list[str]) -> dict[str, dict]:
+    """The latest heartbeat each site pushed to the store (missing or unreadable sites are absent)."""
     status = {}
     for name in sites:
         try:
-            status[name] = json.loads(fs.cat_file(f"{root.rstrip('/')}/status/{name}.json"))
-        except (OSError, ValueError):
+            status[name] = json.loads(store.read(f"status/{name}.json"))
+        except (OSError, ValueError, StoreError):
             continue
     return status
 
 
-def wait_for_sites(store_url: str, sites: list[str], ready: Callable[[dict], bool], timeout_s: float,
+def wait_for_sites(store: Store, sites: list[str], ready: Callable[[dict], bool], timeout_s: float,
                    poll_s: float = 2.0, on_poll: Callable[[dict[str, dict]], None] | None = None
                    ) -> tuple[list[str], dict[str, dict]]:
     """Wait until every site's status satisfies ``ready`` or the time is up; never waits past it.
@@ -81,7 +79,7 @@ def wait_for_sites(store_url: str, sites: list[str], ready: Callable[[dict], boo
     """
     deadline = time.monotonic() + timeout_s
     while True:
-        status = read_fleet_status(store_url, sites)
+        status = read_fleet_status(store, sites)
         done = [s for s in sites if s in status and ready(status[s])]
         if on_poll:
             on_poll(status)

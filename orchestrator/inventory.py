@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from edge_agent.store import Store
 from edge_agent.yamlfile import YamlFileError, format_problem, line_of, read_yaml, suggest, validate
 from edge_agent.config import (AgentConfig, FinetuneConfig, MemberConfig, ServeConfig, Strict, Thresholds,
                                UploadBudget)
@@ -141,6 +142,10 @@ class Cloud(Strict):
     store_url: str = Field(description="fsspec URL agents push samples and status to")
     store_options: dict[str, str] = Field(default_factory=dict)
     registry: str | None = Field(None, description="where model versions live (a path or fsspec URL)")
+
+    def store(self) -> Store:
+        """The store as the cloud reads it: the same URL and options the agents write with."""
+        return Store(self.store_url, self.store_options)
 
 
 class SshSettings(Strict):

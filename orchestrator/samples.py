@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import fsspec
-
 from edge_agent.datasets import DatasetVersion, ImportReport, derive_dataset
 from edge_agent.fileio import sha256_hex
 from edge_agent.imaging import ImageError, decode_image
+from edge_agent.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +60,16 @@ def _check(sha: str, image: bytes, sidecar: dict, site: str) -> str | None:
     return None
 
 
-def collect_samples(store_url: str, storage_options: dict | None = None) -> Collection:
+def collect_samples(store: Store) -> Collection:
     """Read and check every complete sample in the store (a sidecar whose image is there)."""
-    fs, root = fsspec.core.url_to_fs(store_url, **(storage_options or {}))
     collection = Collection()
-    for sidecar_path in sorted(fs.glob(f"{root.rstrip('/')}/samples/*/*.json")):
+    for sidecar_path in store.list("samples/*/*.json"):
         site = Path(sidecar_path).parent.name
         sha = Path(sidecar_path).stem
         try:
-            sidecar = json.loads(fs.cat_file(sidecar_path))
-            image = fs.cat_file(sidecar_path[:-len(".json")] + ".png")
-        except (OSError, ValueError) as exc:
+            sidecar = json.loads(store.read(sidecar_path))
+            image = store.read(sidecar_path[:-len(".json")] + ".png")
+        except (OSError, ValueError, StoreError) as exc:
             collection.rejected.append({"sample": f"{site}/{sha}", "reason": f"unreadable: {exc}"})
             continue
         reason = _check(sha, image, sidecar, site)

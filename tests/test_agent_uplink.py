@@ -14,7 +14,8 @@ from agent_helpers import AgentProcess, copy_labelled, wait_for, write_config
 from edge_agent.outbox import Outbox
 from edge_agent.select import Selector, disagreement, normalised_entropy
 from edge_agent.state import UploadLedger
-from edge_agent.uplink import Backoff, Store, StoreError, Uplink
+from edge_agent.store import Store, StoreError
+from edge_agent.uplink import Backoff, Uplink
 
 
 def png(seed: int, size: int = 16) -> bytes:

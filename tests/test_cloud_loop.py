@@ -11,6 +11,7 @@ import pytest
 from edge_agent.datasets import open_dataset
 from edge_agent.layout import AgentPaths
 from edge_agent.fileio import file_sha256
+from edge_agent.store import Store
 from edge_agent.train import TrainConfig
 from orchestrator.deploy import deploy_model, read_fleet_status
 from orchestrator.inventory import load_inventory
@@ -76,7 +77,7 @@ def test_samples_are_checked_before_use(tmp_path, elpv_small):
     renamed.write_bytes(images[2].read_bytes())
     (renamed.with_suffix(".json")).write_text(json.dumps({"site": "site-1", "time": 1, "reasons": []}))
     (store / "samples/site-1" / ("1" * 64 + ".png")).write_bytes(images[3].read_bytes())  # no sidecar yet: skipped
-    collection = collect_samples(f"file://{store}")
+    collection = collect_samples(Store(f"file://{store}"))
     assert [s.sha256 for s in collection.accepted] == [good]
     reasons = " | ".join(r["reason"] for r in collection.rejected)
     assert "names site 'site-2'" in reasons and "truncated" in reasons and "do not match" in reasons
@@ -91,7 +92,7 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
                 operator_label="defective")
     unknown = sorted((elpv_small / "sites/site-2").rglob("*.png"))[0]
     _put_sample(store, "site-2", unknown.read_bytes())  # nobody knows its label yet
-    collection = collect_samples(f"file://{store}")
+    collection = collect_samples(Store(f"file://{store}"))
     assert ReferenceLabels([site])(collection.accepted[0]) is not None
     champion = registry.champion("elpv")
     candidate, summary = retrain_from_samples(registry, "elpv", elpv_small / "generic", collection,
@@ -136,7 +137,7 @@ def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
     (tmp_path / "status").mkdir()
     (tmp_path / "status" / "a.json").write_text(json.dumps({"site": "a", "time": 5}))
     (tmp_path / "status" / "b.json").write_text("{not json")
-    assert read_fleet_status(f"file://{tmp_path}", ["a", "b", "c"]) == {"a": {"site": "a", "time": 5}}
+    assert read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"]) == {"a": {"site": "a", "time": 5}}
 
 
 def test_models_cli_lists_versions_and_lineage(registry, capsys):

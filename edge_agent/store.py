@@ -1,0 +1,128 @@
+"""The store: one fsspec URL that edges write samples and status to and the cloud reads them from.
+
+``file://`` for the demo, ``sftp://`` or ``s3://`` for a real fleet; the same class, with the same
+options (credentials, known hosts), on both sides. Writes go to a temporary name, are renamed to their
+content-addressed name and read back and hashed, so a repeated upload changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from typing import Any
+
+import fsspec
+
+NUMERIC_OPTIONS = {"port", "timeout", "banner_timeout", "auth_timeout", "channel_timeout"}
+
+
+class StoreError(RuntimeError):
+    """The store could not take or return a file (unreachable, unwritable, or a verify mismatch)."""
+
+
+def _known_hosts_policy(path: str):
+    """A paramiko policy that accepts only the host key recorded for the host in ``path``.
+
+    fsspec's sftp never loads known hosts, so without this every key would be accepted.
+    """
+    import paramiko
+
+    class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):  # noqa: D401 - paramiko's interface
+            known = paramiko.HostKeys(path)
+            entry = known.lookup(hostname) or {}
+            if entry.get(key.get_name()) != key:
+                raise paramiko.SSHException(f"host key for {hostname} not found or changed in {path}")
+
+    return KnownHostsPolicy()
+
+
+def storage_options(options: dict[str, str]) -> dict[str, Any]:
+    """Config values are strings; turn the ones that libraries need typed into their types."""
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "known_hosts":
+            out["host_key_policy"] = _known_hosts_policy(value)
+        elif key in NUMERIC_OPTIONS:
+            out[key] = float(value) if "." in str(value) else int(value)
+        else:
+            out[key] = value
+    return out
+
+
+class Store:
+    """One fsspec store with verified, atomic, idempotent writes."""
+
+    def __init__(self, url: str, options: dict[str, str] | None = None):
+        self.url = url
+        self.options = dict(options or {})
+        self._fs = None
+        self._root = ""
+
+    def _connect(self):
+        if self._fs is None:
+            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **storage_options(self.options))
+            self._fs, self._root = fs, root.rstrip("/")
+        return self._fs
+
+    def reset(self) -> None:
+        """Forget the connection (a dead sftp session must not be reused after an outage)."""
+        self._fs = None
+
+    def path(self, relative: str) -> str:
+        self._connect()
+        return f"{self._root}/{relative}" if self._root else relative
+
+    def _matches(self, path: str, digest: str, size: int) -> bool:
+        fs = self._connect()
+        try:
+            if fs.size(path) != size:
+                return False
+            return hashlib.sha256(fs.cat_file(path)).hexdigest() == digest
+        except FileNotFoundError:
+            return False
+
+    def read(self, relative: str) -> bytes:
+        """The bytes at ``relative`` (FileNotFoundError when absent, StoreError when the store fails)."""
+        try:
+            return self._connect().cat_file(self.path(relative))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            self.reset()
+            raise StoreError(f"{relative}: {type(exc).__name__}: {exc}") from exc
+
+    def list(self, pattern: str) -> list[str]:
+        """Relative paths matching a glob ``pattern``, sorted, in one listing of the store."""
+        try:
+            found = self._connect().glob(self.path(pattern))
+        except Exception as exc:
+            self.reset()
+            raise StoreError(f"{pattern}: {type(exc).__name__}: {exc}") from exc
+        prefix = f"{self._root}/" if self._root else ""
+        return sorted(p.removeprefix(prefix) for p in found)
+
+    def put_verified(self, relative: str, data: bytes) -> bool:
+        """Make ``relative`` hold exactly ``data``; returns False if it already did (nothing sent)."""
+        try:
+            fs = self._connect()
+            final = self.path(relative)
+            digest = hashlib.sha256(data).hexdigest()
+            if self._matches(final, digest, len(data)):
+                return False
+            folder, name = final.rsplit("/", 1) if "/" in final else ("", final)
+            if folder:
+                fs.makedirs(folder, exist_ok=True)
+            temp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.part" if folder else f".{name}.part"
+            with fs.open(temp, "wb") as handle:
+                handle.write(data)
+            fs.mv(temp, final)
+            if not self._matches(final, digest, len(data)):
+                raise StoreError(f"{relative}: read-back does not match what was written")
+            return True
+        except StoreError:
+            self.reset()
+            raise
+        except Exception as exc:  # any transport or filesystem failure is an outage to retry later
+            self.reset()
+            raise StoreError(f"{relative}: {type(exc).__name__}: {exc}") from exc
