@@ -16,6 +16,11 @@ from pydantic import BaseModel, ValidationError
 
 Lines = dict[tuple, int]
 
+MAX_FILE_BYTES = 1 << 20
+# Aliases let a few hundred bytes stand for billions of values ("billion laughs"); every consumer that
+# walks or copies the loaded document would pay for them. No hand-written config comes near this.
+MAX_NODES = 100_000
+
 
 class YamlFileError(ValueError):
     """A YAML file that cannot be used; ``problems`` lists every one as ``file:line: where: field: why``."""
@@ -28,16 +33,42 @@ class YamlFileError(ValueError):
 def read_yaml(path: Path) -> tuple[Any, Lines]:
     """The document and the line of every key in it; a missing file or bad YAML raises :class:`YamlFileError`."""
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise YamlFileError([f"{path}: larger than {MAX_FILE_BYTES} bytes; not a config file"])
         text = path.read_text()
     except FileNotFoundError:
         raise YamlFileError([f"{path}: no such file"]) from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise YamlFileError([f"{path}: not a text file ({type(exc).__name__})"]) from None
     try:
+        _check_expanded_size(yaml.compose(text, Loader=yaml.SafeLoader), path)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else f"{path}"
         raise YamlFileError([f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"]) from None
     return raw, line_map(text)
+
+
+def _check_expanded_size(root: yaml.Node | None, path: Path) -> None:
+    """Refuse a document whose aliases expand past :data:`MAX_NODES` values (counted without expanding)."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:  # an alias is the same node object: its size is known, not recounted
+            return sizes[id(node)]
+        children = [] if isinstance(node, yaml.ScalarNode) else (
+            [v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else node.value)
+        sizes[id(node)] = 0  # a recursive alias counts as nothing more
+        total = 1 + sum(size(child) for child in children)
+        sizes[id(node)] = total
+        if total > MAX_NODES:
+            raise YamlFileError([f"{path}:{node.start_mark.line + 1}: aliases expand to more than {MAX_NODES} "
+                                 f"values; refusing to load"])
+        return total
+
+    if root is not None:
+        size(root)
 
 
 def line_map(text: str) -> dict[tuple, int]:

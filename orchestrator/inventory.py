@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import os
 import re
+import shlex
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -199,11 +201,43 @@ TOP_LEVEL = {"cloud": Cloud, "ssh": SshSettings, "defaults": None, "sites": None
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def _written_forms(value: str) -> set[str]:
+    """The ways a value shows up in output: as is, JSON-escaped, repr-escaped, shell-quoted."""
+    return {value, json.dumps(value)[1:-1], repr(value)[1:-1], shlex.quote(value)} - {""}
+
+
 def mask(text: str, secrets: dict[str, str]) -> str:
-    for name, value in sorted(secrets.items(), key=lambda kv: -len(kv[1])):
-        if value:
-            text = re.sub(rf"(?<![\w]){re.escape(value)}(?![\w])", "${" + name + "}", text)
+    """``text`` with every secret value, in any of its escaped forms, shown as ``${VAR}``."""
+    forms = [(form, name) for name, value in secrets.items() if value for form in _written_forms(value)]
+    for form, name in sorted(forms, key=lambda pair: -len(pair[0])):
+        text = re.sub(rf"(?<![\w]){re.escape(form)}(?![\w])", "${" + name + "}", text)
     return text
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+KEY_MATERIAL = re.compile(r"-----BEGIN|PRIVATE KEY|^(ssh-(rsa|ed25519)|ecdsa-sha2-\S+) AAAA", re.MULTILINE)
+
+
+def _refuse_unsafe_values(value: Any, path: tuple, found: list[tuple[tuple, str]]) -> Any:
+    """Replace values that must never reach a script, a unit or a log; ``found`` says where and why.
+
+    Control characters (a newline in ``root`` would add a line to the supervisor script) and key
+    material pasted where a path belongs. The value itself is never repeated in the message.
+    """
+    if isinstance(value, dict):
+        return {k: _refuse_unsafe_values(v, (*path, k), found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_refuse_unsafe_values(v, (*path, i), found) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+    if KEY_MATERIAL.search(value):
+        found.append((path, "looks like key material, not a path: give the path of the key file "
+                            "(the key itself never goes in the inventory)"))
+        return "<refused>"
+    if CONTROL.search(value):
+        found.append((path, "contains a control character (newline, tab, ...); not allowed in inventory values"))
+        return "<refused>"
+    return value
 
 
 def _expand(value: Any, path: tuple, env: typing.Mapping[str, str], secrets: dict[str, str],
@@ -262,6 +296,11 @@ def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None
         site_where = _where(raw, loc)
         problems.append(format_problem(path, line_of(lines, loc), site_where[0], site_where[1],
                                 f"environment variable ${{{name}}} is not set (and has no :-default)"))
+    unsafe: list[tuple[tuple, str]] = []
+    raw = _refuse_unsafe_values(raw, (), unsafe)
+    for loc, why in unsafe:
+        site_where = _where(raw, loc)
+        problems.append(format_problem(path, line_of(lines, loc), site_where[0], site_where[1], why))
 
     for key in raw:
         if key not in TOP_LEVEL:

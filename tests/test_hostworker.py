@@ -34,6 +34,16 @@ def test_put_text_writes_once_and_marks_a_pending_restart(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+def test_put_text_creates_secret_files_owner_only_and_tightens_an_open_one(tmp_path):
+    target = tmp_path / "agent.yaml"
+    assert call("put_text", path=str(target), content="password: x\n", check=False, mode=0o600) == {"changed": True}
+    assert target.stat().st_mode & 0o777 == 0o600
+    target.chmod(0o644)  # written by an older version, world-readable
+    assert call("put_text", path=str(target), content="password: x\n", check=False, mode=0o600) == {"changed": True}
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert call("put_text", path=str(target), content="password: x\n", check=False, mode=0o600) == {"changed": False}
+
+
 def test_commit_refuses_a_corrupted_upload_and_removes_it(tmp_path):
     staged, final = tmp_path / ".w.tmp", tmp_path / "w.whl"
     staged.write_bytes(b"truncated")

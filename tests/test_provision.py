@@ -79,6 +79,7 @@ def test_first_run_changes_every_host_and_sees_each_heartbeat(fleet_env):
         os.kill(int(status["pid"]), 0)  # the agent process is alive
         expected = dump_config(inventory.site(host.site).agent_config(inventory.cloud))
         assert (root / "config" / "agent.yaml").read_text() == expected
+        assert (root / "config" / "agent.yaml").stat().st_mode & 0o777 == 0o600  # may hold store credentials
         # the venv reuses the base interpreter's packages instead of installing its own torch
         venv_site = next((root / "venv" / "lib").glob("python3*/site-packages"))
         assert (venv_site / "edge_agent").is_dir() and not (venv_site / "torch").exists()

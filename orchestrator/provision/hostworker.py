@@ -20,6 +20,7 @@ import sys
 import sysconfig
 import time
 
+
 def sha256(path):
     h = hashlib.sha256()
     try:
@@ -30,6 +31,7 @@ def sha256(path):
         return None
     return h.hexdigest()
 
+
 def read(path):
     try:
         with open(path) as f:
@@ -37,25 +39,31 @@ def read(path):
     except (FileNotFoundError, NotADirectoryError):
         return None
 
+
 def write_atomic(path, text, mode=None):
+    """Write under a temporary name created with its final mode (a secret is never readable by others,
+    not even for a moment), fsync, then rename over ``path``."""
     folder = os.path.dirname(path)
     tmp = os.path.join(folder, ".%s.tmp-%d" % (os.path.basename(path), os.getpid()))
     try:
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         if mode is not None:
-            os.chmod(tmp, mode)
+            os.chmod(tmp, mode)  # os.open's mode is masked by the umask; the wanted one is exact
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
+
 def existing_parent(path):
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
+
 
 def facts(req):
     mem = 0
@@ -89,6 +97,7 @@ def facts(req):
             "home": home, "root": root, "uid": os.getuid(), "time": time.time(),
             "systemd": os.path.isdir("/run/systemd/system") and bool(shutil.which("systemctl"))}
 
+
 def folders(req):
     missing = [f for f in req["folders"] if not os.path.isdir(f)]
     if not req["check"]:
@@ -96,8 +105,10 @@ def folders(req):
             os.makedirs(f, exist_ok=True)
     return {"changed": missing}
 
+
 def file_sha(req):
     return {"sha256": sha256(req["path"])}
+
 
 def mark_restart(req):
     """Record on the host that the agent must restart, before making the change that needs it.
@@ -108,12 +119,15 @@ def mark_restart(req):
     if req.get("restart_marker"):
         write_atomic(req["restart_marker"], "%f\n" % time.time())
 
+
 def clear_restart(req):
     if req.get("restart_marker") and os.path.exists(req["restart_marker"]):
         os.unlink(req["restart_marker"])
 
+
 def restart_pending(req):
     return {"pending": os.path.exists(req["restart_marker"])}
+
 
 def commit(req):
     got = sha256(req["tmp"])
@@ -125,13 +139,27 @@ def commit(req):
     os.replace(req["tmp"], req["path"])
     return {}
 
+
+def mode_of(path):
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return None
+
+
 def put_text(req):
+    mode = req.get("mode")
     if read(req["path"]) == req["content"]:
-        return {"changed": False}
+        if mode is None or mode_of(req["path"]) == mode:
+            return {"changed": False}
+        if not req["check"]:
+            os.chmod(req["path"], mode)  # same content, too open (or too closed): fix the mode only
+        return {"changed": True}
     if not req["check"]:
         mark_restart(req)
         write_atomic(req["path"], req["content"], req.get("mode"))
     return {"changed": True}
+
 
 def run(cmd):
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -139,6 +167,7 @@ def run(cmd):
     if proc.returncode != 0:
         raise RuntimeError("%s failed (%d): %s" % (" ".join(cmd[:4]), proc.returncode, proc.stdout[-1500:]))
     return proc.stdout
+
 
 def install(req):
     venv, check = req["venv"], req["check"]
@@ -184,6 +213,7 @@ def install(req):
             write_atomic(marker, req["sha256"])
     return {"changed": actions}
 
+
 def alive(pidfile, needle):
     try:
         pid = int(read(pidfile) or "")
@@ -193,8 +223,10 @@ def alive(pidfile, needle):
         return None
     return pid if needle in cmdline else None
 
+
 def process_state(req):
     return {"pid": alive(req["pidfile"], req["script"]), "time": time.time()}
+
 
 def process_stop(req):
     pid = alive(req["pidfile"], req["script"])
@@ -210,6 +242,7 @@ def process_stop(req):
             os.killpg(pid, signal.SIGKILL)
     return {"stopped": pid}
 
+
 def process_restart(req):
     pid = process_stop(req)["stopped"]
     started = time.time()
@@ -219,6 +252,7 @@ def process_restart(req):
     write_atomic(req["pidfile"], "%d\n" % proc.pid)
     clear_restart(req)
     return {"pid": proc.pid, "stopped": pid, "time": started}
+
 
 def systemd(req):
     unit, out = req["unit"], {}
@@ -240,6 +274,7 @@ def systemd(req):
                now=time.time())
     return out
 
+
 def health(req):
     deadline = time.time() + req["timeout"]
     last = None
@@ -257,6 +292,7 @@ def health(req):
             tail = "".join((read(f) or "")[-600:] for f in req["log_files"])
             return {"missing": True, "last": last, "log_tail": tail}
         time.sleep(0.2)
+
 
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
        "install": install, "process_state": process_state, "process_restart": process_restart,

@@ -1,10 +1,14 @@
 """How the agent runs on a host: a systemd unit (as root where systemd runs) or a supervisor script.
 
 One definition of the names and paths (pid file, script, unit, restart marker) shared by provisioning,
-deploys and stops, and the two templates they are rendered from.
+deploys and stops, and the two templates they are rendered from. Every value from the inventory is
+quoted for where it lands: POSIX shell quoting in the script, systemd's own quoting and ``%``
+specifier escaping in the unit (the inventory already refuses control characters).
 """
 
 from __future__ import annotations
+
+import shlex
 
 
 def supervisor_pidfile(root: str) -> str:
@@ -57,3 +61,26 @@ TimeoutStopSec=30
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def systemd_word(value: str) -> str:
+    """One argument of a systemd ``ExecStart=`` line: double-quoted, with ``\\``, ``"``, ``%`` and ``$`` escaped."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{escaped}"'
+
+
+def systemd_value(value: str) -> str:
+    """A plain systemd setting value (a path, a description): ``%`` specifiers escaped."""
+    return value.replace("%", "%%")
+
+
+def render_supervisor(site: str, python: str, config: str, out: str, pidfile: str) -> str:
+    """The supervisor script, every path shell-quoted."""
+    return SUPERVISOR.format(site=site, python=shlex.quote(python), config=shlex.quote(config),
+                             out=shlex.quote(out), pidfile=shlex.quote(pidfile))
+
+
+def render_unit(site: str, python: str, config: str, root: str) -> str:
+    """The systemd unit, every value quoted the way systemd reads it."""
+    return UNIT.format(site=systemd_value(site), python=systemd_word(python), config=systemd_word(config),
+                       root=systemd_value(root))

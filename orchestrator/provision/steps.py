@@ -8,7 +8,6 @@ a second run over an unchanged fleet reports no change. In ``check`` mode every 
 from __future__ import annotations
 
 import logging
-import shlex
 import time
 import uuid
 from pathlib import Path
@@ -19,8 +18,8 @@ from edge_agent.layout import AgentPaths
 from orchestrator.inventory import Inventory, Site
 from orchestrator.provision.remote import HostWorker, Remote, StepFailed
 from orchestrator.provision.report import CHANGED, FAILED, OK, SKIPPED, HostResult, StepResult
-from orchestrator.provision.service import (SUPERVISOR, UNIT, agent_unit, restart_marker, supervisor_pidfile,
-                                            supervisor_script)
+from orchestrator.provision.service import (agent_unit, render_supervisor, render_unit, restart_marker,
+                                            supervisor_pidfile, supervisor_script)
 from orchestrator.provision.wheel import Wheel
 
 log = logging.getLogger(__name__)
@@ -143,23 +142,22 @@ class SiteProvisioner:
 
     def config(self) -> tuple[str, str]:
         text = dump_config(self.site.agent_config(self.inventory.cloud, root=self.root))
+        # 0600: store options may carry credentials from ${VAR}s; only the agent's user may read them.
         changed = self.call("put_text", path=str(self.paths.config_file), content=text, check=self.check,
-                            restart_marker=self.marker)["changed"]
+                            mode=0o600, restart_marker=self.marker)["changed"]
         if not changed:
             return OK, f"{self.paths.config_file} up to date"
         self.needs_restart = True
         return CHANGED, self.would(f"write {self.paths.config_file}")
 
     def service(self) -> tuple[str, str]:
-        python = shlex.quote(f"{self.venv}/bin/python")
-        config = shlex.quote(str(self.paths.config_file))
+        python, config = f"{self.venv}/bin/python", str(self.paths.config_file)
         if self.mode == "systemd":
             path = f"/etc/systemd/system/{self.unit}"
-            text = UNIT.format(site=self.site.name, python=python, config=config, root=self.root)
+            text = render_unit(self.site.name, python, config, self.root)
         else:
             path = self.script
-            text = SUPERVISOR.format(site=self.site.name, python=python, config=config,
-                                     out=shlex.quote(self.out_file), pidfile=shlex.quote(self.pidfile))
+            text = render_supervisor(self.site.name, python, config, self.out_file, self.pidfile)
         changed = self.call("put_text", path=path, content=text, mode=0o755 if self.mode == "process" else 0o644,
                             check=self.check, restart_marker=self.marker)["changed"]
         if self.mode == "systemd" and not self.check:
