@@ -53,7 +53,7 @@ class Agent:
         self.paths.ensure()
         self.stop = threading.Event()
         self.lock = threading.Lock()
-        self.state = AgentState.load(self.paths.state_file)
+        self.state = AgentState.load(self.paths.state_file, set_damaged_aside=True)
         self.started = time.time()
         self.clock = Clock()
         self.handle = EnsembleHandle(self.paths.active_link, threads=1)
@@ -207,7 +207,8 @@ class Agent:
         if dropped:
             log.warning("outbox over %d bytes: dropped %d least useful samples",
                         self.config.upload.outbox_max_bytes, dropped)
-        result = self.uplink.pump(self.state.upload_ledger, should_stop=self.stop.is_set)
+        result = self.uplink.pump(self.state.upload_ledger, should_stop=self.stop.is_set,
+                                  save_ledger=lambda _: self.save_state())
         with self.lock:
             self.state.dropped_total += dropped
             self.state.uploaded_total += result.uploaded

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from edge_agent.fileio import read_json, write_json_atomic
+from edge_agent.fileio import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 class UploadLedger(BaseModel):
@@ -40,16 +45,57 @@ class AgentState(BaseModel):
     dropped_total: int = 0
     upload_ledger: UploadLedger = Field(default_factory=UploadLedger)
     last_upload_error: str | None = None
+    recovery: str | None = Field(None, description="set when state.json was unreadable at start; never saved")
 
     @classmethod
-    def load(cls, path: Path) -> "AgentState":
-        raw = read_json(path, default=None)
-        if not isinstance(raw, dict):
-            return cls()
+    def load(cls, path: Path, set_damaged_aside: bool = False) -> "AgentState":
+        """The saved state; if ``state.json`` is damaged, the copy before it, and ``recovery`` says so.
+
+        A silent reset would count every labelled image again and forget the day's upload budget. The
+        daemon sets a damaged file aside (so its next save cannot make it the "previous" copy); a
+        read-only caller such as ``edgeloop-agent status`` leaves it where it is.
+        """
+        state, problem = cls._read(path)
+        if problem is None:
+            return state or cls()
+        if set_damaged_aside:
+            _keep_damaged(path)
+        previous, prev_problem = cls._read(_previous(path))
+        if previous is not None and prev_problem is None:
+            log.error("%s is damaged (%s); resumed from the copy before it", path, problem)
+            return previous.model_copy(update={"recovery": f"state.json damaged ({problem}); resumed from "
+                                                           f"the previous copy"})
+        log.error("%s is damaged (%s) and no good previous copy exists; starting afresh", path, problem)
+        return cls(recovery=f"state.json damaged ({problem}); no previous copy, started afresh")
+
+    @classmethod
+    def _read(cls, path: Path) -> tuple["AgentState | None", str | None]:
+        """(state, None), (None, None) when there is no file, or (None, why it is unusable)."""
         try:
-            return cls.model_validate(raw)
-        except ValueError:
-            return cls()
+            raw = json.loads(path.read_bytes())
+            return cls.model_validate(raw), None
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError) as exc:
+            return None, f"{type(exc).__name__}: {str(exc)[:200]}"
 
     def save(self, path: Path) -> None:
-        write_json_atomic(path, self.model_dump(mode="json"))
+        """Write atomically, keeping the last good file as ``state.json.prev`` (a hard link: no copy)."""
+        if path.exists():
+            link = path.with_name(f".{path.name}.prev-link")
+            link.unlink(missing_ok=True)
+            os.link(path, link)
+            os.replace(link, _previous(path))
+        write_json_atomic(path, self.model_dump(mode="json", exclude={"recovery"}))
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def _keep_damaged(path: Path) -> None:
+    """Set a damaged state file aside for a person to look at, instead of overwriting it."""
+    try:
+        os.replace(path, path.with_name(f"{path.name}.damaged-{int(time.time())}"))
+    except OSError:
+        pass

@@ -72,8 +72,14 @@ class Uplink:
                 and ledger.bytes + item.size <= self.max_bytes_per_day)
 
     def pump(self, ledger: UploadLedger, *, now: Callable[[], float] = time.time,
-             should_stop: Callable[[], bool] = lambda: False, max_seconds: float = 5.0) -> PumpResult:
-        """Upload what the budget and the time slice allow, most useful samples first."""
+             should_stop: Callable[[], bool] = lambda: False, max_seconds: float = 5.0,
+             save_ledger: Callable[[UploadLedger], None] = lambda ledger: None) -> PumpResult:
+        """Upload what the budget and the time slice allow, most useful samples first.
+
+        Each sample is counted, and the count saved with ``save_ledger``, *before* it goes up: an agent
+        killed mid-upload may count a sample that did not arrive, never send one it did not count, so a
+        crash-looping agent cannot overrun a metered link.
+        """
         result = PumpResult()
         start = now()
         if not self.backoff.ready(start):
@@ -85,17 +91,19 @@ class Uplink:
             if not self.within_budget(ledger, item):
                 result.budget_exhausted = True
                 break
+            ledger.count, ledger.bytes = ledger.count + 1, ledger.bytes + item.size
+            save_ledger(ledger)
             try:
                 sent = self.upload(item)
             except (StoreError, OSError) as exc:
+                ledger.count, ledger.bytes = ledger.count - 1, ledger.bytes - item.size  # it did not go up
+                save_ledger(ledger)
                 delay = self.backoff.failed(now())
                 result.error = str(exc)
                 log.warning("upload failed (%s); next attempt in %.1fs", exc, delay)
                 break
             self.backoff.succeeded()
             self.outbox.remove(item)
-            ledger.count += 1
-            ledger.bytes += item.size
             result.uploaded += int(sent)
             result.skipped_existing += int(not sent)
         return result
