@@ -22,7 +22,8 @@ from typing import Any
 from edge_agent.basemodels import verified_base_models
 from edge_agent.config import AgentConfig
 from edge_agent.fileio import write_json_atomic
-from edge_agent.inbox import EnsembleHandle, InboxProcessor
+from edge_agent.inbox import InboxProcessor
+from edge_agent.serving import EnsembleHandle
 from edge_agent.layout import AgentPaths
 from edge_agent.outbox import Outbox
 from edge_agent.sampler import Sampler
@@ -56,7 +57,7 @@ class Agent:
         self.state = AgentState.load(self.paths.state_file, set_damaged_aside=True)
         self.started = time.time()
         self.clock = Clock()
-        self.handle = EnsembleHandle(self.paths.active_link, threads=1)
+        self.handle = EnsembleHandle(self.paths.active_link, threads=1, image_size=config.image_size)
         self.outbox = Outbox(self.paths.outbox, config.upload.outbox_max_bytes)
         self.sampler = Sampler(config, self.outbox, self.state, self.lock)
         self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler)
@@ -152,7 +153,7 @@ class Agent:
 
     def _queue_labelled(self, class_name: str, file: Path) -> None:
         from edge_agent.imaging import ImageError, decode_image
-        from edge_agent.inbox import classify
+        from edge_agent.serving import classify
 
         try:
             raw = file.read_bytes()
@@ -233,7 +234,9 @@ class Agent:
             return "stopping"
         if self.finetune.running:
             return "finetuning"
-        return "serving" if self.handle.target() else "no-model"
+        if self.handle.get() is None:
+            return "no-model"
+        return "serving-fallback" if self.handle.problem else "serving"
 
     def status(self, phase: str | None = None) -> dict[str, Any]:
         with self.lock:
@@ -242,6 +245,7 @@ class Agent:
         return {
             "site": self.config.site, "time": time.time(), "pid": os.getpid(), "state": phase or self.phase(),
             "started": self.started, "active_version": _version_of(self.handle.target()),
+            "serving_problem": self.handle.problem,
             "base_versions": state.pop("base_versions_seen"),
             "finetune": {"running": self.finetune.running, "run_id": self.finetune.run_id,
                          "reason": self.finetune.reason, "progress": self.finetune.progress()},

@@ -6,7 +6,10 @@ Every image the project reads goes through :func:`decode_image`, so a bad file a
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +27,38 @@ def _read_bytes(source: bytes | str | Path, max_bytes: int | None) -> bytes:
     if isinstance(source, bytes):
         data = source
     else:
-        path = Path(source)
-        try:
-            size = path.stat().st_size
-            if max_bytes is not None and size > max_bytes:
-                raise ImageError(f"too large: {size} bytes > limit {max_bytes}")
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ImageError(f"unreadable: {exc.strerror or exc}") from None
+        data = read_regular_file(Path(source), max_bytes)
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageError(f"too large: {len(data)} bytes > limit {max_bytes}")
     if not data:
         raise ImageError("empty file")
     return data
+
+
+def read_regular_file(path: Path, max_bytes: int | None) -> bytes:
+    """The bytes of a regular file, never following a symlink and never reading past ``max_bytes``.
+
+    A link could point anywhere on the host (and its target would be uploaded as a sample); a FIFO or a
+    device would block or never end. Both are refused before a byte is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError("a symbolic link (links are not followed)") from None
+        raise ImageError(f"unreadable: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("not a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise ImageError(f"too large: {info.st_size} bytes > limit {max_bytes}")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read(-1 if max_bytes is None else max_bytes + 1)
+    except OSError as exc:
+        raise ImageError(f"unreadable: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def decode_image(source: bytes | str | Path, size: int, max_bytes: int | None = None) -> np.ndarray:
@@ -54,6 +76,8 @@ def decode_image(source: bytes | str | Path, size: int, max_bytes: int | None = 
         raise ImageError("not an image (unknown format)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+    except Exception as exc:  # Pillow's plugins raise what they like (NotImplementedError, struct.error, ...)
+        raise ImageError(f"cannot decode ({type(exc).__name__}: {exc})") from None
     if gray.size != (size, size):
         gray = gray.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(gray, dtype=np.uint8)

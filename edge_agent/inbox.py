@@ -1,9 +1,8 @@
-"""Classifying what lands in the inbox, with the ensemble that is active right now.
+"""Classifying what lands in the inbox with the serving ensemble (:mod:`edge_agent.serving`).
 
-The active ensemble is whatever ``models/active`` points at. :class:`EnsembleHandle` reads the link on
-every use and reloads when its target changed, so a newly activated ensemble serves from the next image on,
-in the inbox loop and in the HTTP server alike, with no restart. A file that cannot be decoded is moved to
-``data/quarantine/`` with a reason beside it; one bad file never stops the agent.
+Whatever a file is (an image, a corrupt one, a link, a FIFO, something Pillow chokes on), it leaves the
+queue: classified into ``data/processed/``, or moved to ``data/quarantine/`` with its reason beside it.
+One bad file never stops the files behind it.
 """
 
 from __future__ import annotations
@@ -20,74 +19,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.imaging import ImageError, decode_image
-from edge_agent.onnx_model import OnnxClassifier
+from edge_agent.imaging import ImageError, decode_image, read_regular_file
+from edge_agent.serving import EnsembleHandle, Prediction, classify
 from edge_agent.layout import AgentPaths
 from edge_agent.fileio import fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_FILE = "ensemble.onnx"
-
-
-class EnsembleHandle:
-    """The serving ensemble, reloaded when the active link moves (thread-safe)."""
-
-    def __init__(self, active_link: Path, threads: int = 1):
-        self.active_link = Path(active_link)
-        self.threads = threads
-        self._lock = threading.Lock()
-        self._target: str | None = None
-        self._classifier = None
-
-    def target(self) -> str | None:
-        try:
-            return os.readlink(self.active_link)
-        except OSError:
-            return None
-
-    def get(self):
-        """The classifier for the active ensemble, or None when nothing is active."""
-        target = self.target()
-        with self._lock:
-            if target != self._target:
-                self._classifier = self._load(target)
-                self._target = target
-            return self._classifier
-
-    def _load(self, target: str | None):
-        if target is None:
-            return None
-        path = (self.active_link.parent / target / ENSEMBLE_FILE).resolve()
-        classifier = OnnxClassifier(path, threads=self.threads)
-        log.info("serving ensemble %s", classifier.version)
-        return classifier
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One classified image: what the result line says plus what sample selection needs."""
-
-    label: str
-    probabilities: dict[str, float]
-    probs: np.ndarray
-    member_probs: np.ndarray | None
-    model_version: str
-
-    def as_result(self, file: str) -> dict[str, Any]:
-        return {"file": file, "label": self.label, "probabilities": self.probabilities,
-                "model_version": self.model_version, "time": round(time.time(), 3)}
-
-
-def classify(classifier, images: np.ndarray) -> list[Prediction]:
-    """Run the ensemble graph on uint8 images [N,H,W]."""
-    outputs = classifier.run(images)
-    probs = outputs.get("probs", outputs[classifier.output_names[0]])
-    members = outputs.get("member_probs")
-    names = classifier.class_names
-    return [Prediction(names[int(p.argmax())], {c: round(float(v), 6) for c, v in zip(names, p)}, p,
-                       None if members is None else members[i], classifier.version)
-            for i, p in enumerate(probs)]
 
 
 def unique_destination(folder: Path, name: str) -> Path:
@@ -127,10 +66,20 @@ class ResultLog:
 
 
 def inbox_files(inbox: Path, limit: int) -> list[Path]:
-    """Oldest first; hidden and partial files are still being written by someone."""
-    files = [p for p in inbox.iterdir()
-             if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".part", ".tmp"))]
-    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))[:limit]
+    """Oldest first; hidden and partial files are still being written by someone.
+
+    Entries are listed without following links (``lstat``): links, FIFOs and folders are listed too, so
+    that processing quarantines them instead of leaving them in the queue forever.
+    """
+    entries = []
+    for path in inbox.iterdir():
+        if path.name.startswith(".") or path.name.endswith((".part", ".tmp")):
+            continue
+        try:
+            entries.append((path.lstat().st_mtime, path.name, path))
+        except OSError:
+            continue  # gone since the listing
+    return [path for _, _, path in sorted(entries)[:limit]]
 
 
 @dataclass
@@ -150,6 +99,7 @@ class InboxProcessor:
         self.on_prediction = on_prediction
         self.batch_size = batch_size
         self.results = ResultLog(paths.processed / "results.jsonl")
+        self.stuck: set[str] = set()  # names that could not even be quarantined (e.g. no permission)
 
     def process(self, limit: int = 256) -> InboxReport:
         report = InboxReport()
@@ -158,11 +108,13 @@ class InboxProcessor:
             return report
         good: list[tuple[Path, bytes, np.ndarray]] = []
         for path in inbox_files(self.paths.inbox, limit):
+            if path.name in self.stuck:
+                continue
             try:
-                raw = path.read_bytes() if path.stat().st_size <= self.max_bytes else b""
-                good.append((path, raw, decode_image(raw or path, classifier.image_size, self.max_bytes)))
-            except ImageError as exc:
-                quarantine(self.paths, path, str(exc))
+                raw = read_regular_file(path, self.max_bytes)
+                good.append((path, raw, decode_image(raw, classifier.image_size, self.max_bytes)))
+            except Exception as exc:  # whatever a file does, it leaves the queue with its reason
+                self._set_aside(path, str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}")
                 report.quarantined += 1
         for start in range(0, len(good), self.batch_size):
             batch = good[start:start + self.batch_size]
@@ -171,6 +123,14 @@ class InboxProcessor:
                 self._finish(path, raw, prediction)
                 report.processed += 1
         return report
+
+    def _set_aside(self, path: Path, reason: str) -> None:
+        """Quarantine a file; if even that fails, skip it from now on so the files behind it move."""
+        try:
+            quarantine(self.paths, path, reason)
+        except OSError as exc:
+            self.stuck.add(path.name)
+            log.error("cannot quarantine %s (%s: %s); skipping it", path.name, reason, exc)
 
     def _finish(self, path: Path, raw: bytes, prediction: Prediction) -> None:
         """Result line and sample first, move last: a crash in between reprocesses, never loses."""

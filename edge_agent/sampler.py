@@ -7,9 +7,10 @@ import threading
 import time
 
 from edge_agent.config import AgentConfig
-from edge_agent.inbox import Prediction
+from edge_agent.serving import Prediction
 from edge_agent.outbox import Outbox, as_png
 from edge_agent.select import Selector
+from edge_agent.sidecar import SampleSidecar
 from edge_agent.state import AgentState
 
 
@@ -32,13 +33,12 @@ class Sampler:
             extra = {"uncertainty": round(selection.uncertainty, 6), "disagreement": round(selection.disagreement, 6)}
         if not chosen:
             return False
-        sidecar = {
-            "site": self.config.site, "time": time.time(), "source_file": name, "reasons": reasons,
-            "model_version": prediction.model_version if prediction else None,
-            "probabilities": prediction.probabilities if prediction else None,
-            "member_probabilities": members.round(6).tolist() if members is not None else None,
-            "operator_label": operator_label, **extra,
-        }
+        sidecar = SampleSidecar(
+            site=self.config.site, time=time.time(), source_file=name, reasons=reasons,
+            model_version=prediction.model_version if prediction else None,
+            probabilities=prediction.probabilities if prediction else None,
+            member_probabilities=members.round(6).tolist() if members is not None else None,
+            operator_label=operator_label, **extra).model_dump(mode="json")
         self.outbox.put(as_png(raw), sidecar, score)
         with self.lock:
             self.state.selected_total += 1

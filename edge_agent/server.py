@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_agent.imaging import ImageError, decode_image
-from edge_agent.inbox import EnsembleHandle, Prediction, classify
+from edge_agent.serving import EnsembleHandle, Prediction, classify
 
 log = logging.getLogger(__name__)
 

@@ -82,11 +82,15 @@ class Store:
         except FileNotFoundError:
             return False
 
-    def read(self, relative: str) -> bytes:
-        """The bytes at ``relative`` (FileNotFoundError when absent, StoreError when the store fails)."""
+    def read(self, relative: str, max_bytes: int | None = None) -> bytes:
+        """The bytes at ``relative`` (FileNotFoundError when absent, StoreError when the store fails or
+        the file is larger than ``max_bytes``: a reader never loads more than it asked for)."""
         try:
-            return self._connect().cat_file(self.path(relative))
-        except FileNotFoundError:
+            fs, path = self._connect(), self.path(relative)
+            if max_bytes is not None and fs.size(path) > max_bytes:
+                raise StoreError(f"{relative}: larger than {max_bytes} bytes")
+            return fs.cat_file(path)
+        except (FileNotFoundError, StoreError):
             raise
         except Exception as exc:
             self.reset()

@@ -8,7 +8,6 @@ Rejected samples are reported with the reason and never used.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,12 @@ from typing import Protocol
 from edge_agent.datasets import DatasetVersion, ImportReport, derive_dataset
 from edge_agent.fileio import sha256_hex
 from edge_agent.imaging import ImageError, decode_image
+from edge_agent.sidecar import MAX_SIDECAR_BYTES, SampleSidecar, SidecarError, parse_sidecar
 from edge_agent.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FIELDS = ("site", "time", "reasons")
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # a sample is one camera frame, not an archive
 
 
 @dataclass
@@ -44,40 +44,46 @@ class Collection:
         return counts
 
 
-def _check(sha: str, image: bytes, sidecar: dict, site: str) -> str | None:
+def _check(sha: str, image: bytes, sidecar: SampleSidecar, site: str) -> str | None:
     """Why a sample cannot be used, or None when it can."""
     if sha256_hex(image) != sha:
         return "image bytes do not match the content hash in the name"
-    missing = [f for f in REQUIRED_FIELDS if f not in sidecar]
-    if missing:
-        return f"sidecar lacks {', '.join(missing)}"
-    if sidecar["site"] != site:
-        return f"sidecar names site {sidecar['site']!r} but the sample is under {site!r}"
+    if sidecar.site != site:
+        return f"sidecar names site {sidecar.site!r} but the sample is under {site!r}"
     try:
-        decode_image(image, 16)
+        decode_image(image, 16, MAX_IMAGE_BYTES)
     except ImageError as exc:
         return str(exc)
     return None
 
 
+def _read_sample(store: Store, sidecar_path: str, site: str, sha: str) -> Sample:
+    """Read and check one sample; :class:`SampleRejected` says why it cannot be used."""
+    try:
+        sidecar = parse_sidecar(store.read(sidecar_path, max_bytes=MAX_SIDECAR_BYTES))
+        image = store.read(sidecar_path[:-len(".json")] + ".png", max_bytes=MAX_IMAGE_BYTES)
+    except (OSError, StoreError, SidecarError) as exc:
+        raise SampleRejected(f"unreadable: {exc}" if not isinstance(exc, SidecarError) else str(exc)) from None
+    reason = _check(sha, image, sidecar, site)
+    if reason:
+        raise SampleRejected(reason)
+    return Sample(sha, site, image, sidecar.model_dump(mode="json"))
+
+
+class SampleRejected(ValueError):
+    """A sample that must not reach a training set; the message is the reason."""
+
+
 def collect_samples(store: Store) -> Collection:
-    """Read and check every complete sample in the store (a sidecar whose image is there)."""
+    """Read and check every sample in the store; each bad one is rejected alone, with its reason."""
     collection = Collection()
     for sidecar_path in store.list("samples/*/*.json"):
-        site = Path(sidecar_path).parent.name
-        sha = Path(sidecar_path).stem
+        site, sha = Path(sidecar_path).parent.name, Path(sidecar_path).stem
         try:
-            sidecar = json.loads(store.read(sidecar_path))
-            image = store.read(sidecar_path[:-len(".json")] + ".png")
-        except (OSError, ValueError, StoreError) as exc:
-            collection.rejected.append({"sample": f"{site}/{sha}", "reason": f"unreadable: {exc}"})
-            continue
-        reason = _check(sha, image, sidecar, site)
-        if reason:
-            collection.rejected.append({"sample": f"{site}/{sha}", "reason": reason})
-            log.warning("rejected sample %s/%s: %s", site, sha, reason)
-        else:
-            collection.accepted.append(Sample(sha, site, image, sidecar))
+            collection.accepted.append(_read_sample(store, sidecar_path, site, sha))
+        except SampleRejected as exc:
+            collection.rejected.append({"sample": f"{site}/{sha}", "reason": str(exc)})
+            log.warning("rejected sample %s/%s: %s", site, sha, exc)
     return collection
 
 

@@ -1,0 +1,130 @@
+"""The serving ensemble: whatever ``models/active`` points at, checked before it serves a single image.
+
+:class:`EnsembleHandle` reads the link on every use and reloads when its target changed, so a newly
+activated ensemble serves from the next image on, in the inbox loop and in the HTTP server alike, with no
+restart. A truncated graph, one for another input size, or one without the expected outputs is never
+served (:func:`validate_ensemble`); the previous good ensemble serves instead and the status says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.onnx_model import OnnxClassifier
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE_FILE = "ensemble.onnx"
+
+
+def validate_ensemble(path: Path, image_size: int | None = None, threads: int = 1) -> OnnxClassifier:
+    """Load an ensemble graph and run it once; ValueError saying why it cannot serve.
+
+    Checked: it loads, its metadata names classes and an input size (the site's, when given), and a
+    batch of two images gives probabilities of the right shape that sum to one.
+    """
+    try:
+        classifier = OnnxClassifier(path, threads=threads)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+    if image_size is not None and classifier.image_size != image_size:
+        raise ValueError(f"{path.name} takes {classifier.image_size} px images, the site uses {image_size} px")
+    probe = np.zeros((2, classifier.image_size, classifier.image_size), np.uint8)
+    try:
+        outputs = classifier.run(probe)
+    except Exception as exc:  # onnxruntime's own error types
+        raise ValueError(f"{path.name} fails on a test batch ({type(exc).__name__}: {exc})") from None
+    probs = outputs.get("probs", outputs[classifier.output_names[0]])
+    if probs.shape != (2, len(classifier.class_names)) or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
+        raise ValueError(f"{path.name} does not output class probabilities (got shape {probs.shape})")
+    return classifier
+
+
+class EnsembleHandle:
+    """The serving ensemble, reloaded when the active link moves (thread-safe).
+
+    A target that fails :func:`validate_ensemble` is never served: the newest other published ensemble
+    that passes is served instead, and :attr:`problem` says which and why (the status shows it).
+    """
+
+    def __init__(self, active_link: Path, threads: int = 1, image_size: int | None = None):
+        self.active_link = Path(active_link)
+        self.threads = threads
+        self.image_size = image_size
+        self._lock = threading.Lock()
+        self._target: str | None = None
+        self._classifier = None
+        self.problem: str | None = None
+
+    def target(self) -> str | None:
+        try:
+            return os.readlink(self.active_link)
+        except OSError:
+            return None
+
+    def get(self):
+        """The classifier for the active ensemble, or None when nothing is active."""
+        target = self.target()
+        with self._lock:
+            if target != self._target:
+                self._classifier = self._load(target)
+                self._target = target
+            return self._classifier
+
+    def _load(self, target: str | None):
+        self.problem = None
+        if target is None:
+            return None
+        active = (self.active_link.parent / target).resolve()
+        try:
+            classifier = validate_ensemble(active / ENSEMBLE_FILE, self.image_size, self.threads)
+            log.info("serving ensemble %s", classifier.version)
+            return classifier
+        except ValueError as exc:
+            reason = str(exc)
+        for folder in sorted((p for p in active.parent.iterdir() if p != active and not p.name.startswith(".")),
+                             reverse=True):
+            try:
+                classifier = validate_ensemble(folder / ENSEMBLE_FILE, self.image_size, self.threads)
+            except ValueError:
+                continue
+            self.problem = f"active ensemble {active.name} unusable ({reason}); serving {folder.name} instead"
+            log.error("%s", self.problem)
+            return classifier
+        self.problem = f"active ensemble {active.name} unusable ({reason}); no usable ensemble to serve"
+        log.error("%s", self.problem)
+        return None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One classified image: what the result line says plus what sample selection needs."""
+
+    label: str
+    probabilities: dict[str, float]
+    probs: np.ndarray
+    member_probs: np.ndarray | None
+    model_version: str
+
+    def as_result(self, file: str) -> dict[str, Any]:
+        return {"file": file, "label": self.label, "probabilities": self.probabilities,
+                "model_version": self.model_version, "time": round(time.time(), 3)}
+
+
+def classify(classifier, images: np.ndarray) -> list[Prediction]:
+    """Run the ensemble graph on uint8 images [N,H,W]."""
+    outputs = classifier.run(images)
+    probs = outputs.get("probs", outputs[classifier.output_names[0]])
+    members = outputs.get("member_probs")
+    names = classifier.class_names
+    return [Prediction(names[int(p.argmax())], {c: round(float(v), 6) for c, v in zip(names, p)}, p,
+                       None if members is None else members[i], classifier.version)
+            for i, p in enumerate(probs)]
