@@ -10,10 +10,11 @@ import logging
 from pathlib import Path
 
 from edge_agent.errors import FinetuneError
-from edge_agent.fileio import file_sha256
+from edge_agent.fileio import HashCache
 from edge_agent.layout import AgentPaths
 
 log = logging.getLogger(__name__)
+_hashes = HashCache()  # per process: the daemon asks every tick, the files rarely change
 
 
 def verified_base_models(paths: AgentPaths) -> list[str]:
@@ -25,7 +26,7 @@ def verified_base_models(paths: AgentPaths) -> list[str]:
             expected = digest.read_text().split()[0].strip()
         except (OSError, IndexError):
             continue  # deploy not finished: the checksum is written last
-        if weights.is_file() and file_sha256(weights) == expected:
+        if weights.is_file() and _hashes.sha256(weights) == expected:
             good.append(folder.name)
         else:
             log.warning("base model %s does not match its sha256; ignored", folder.name)

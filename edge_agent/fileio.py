@@ -28,6 +28,25 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+class HashCache:
+    """sha256 of files, recomputed only when a file's identity, size or mtime changed.
+
+    The agent checks its base models every tick; re-hashing hundreds of MB each time would cost a core.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+    def sha256(self, path: Path) -> str:
+        info = os.stat(path)
+        key = (info.st_ino, info.st_size, info.st_mtime_ns)
+        cached = self._known.get(str(path))
+        if cached is None or cached[0] != key:
+            cached = (key, file_sha256(path))
+            self._known[str(path)] = cached
+        return cached[1]
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside ``folder`` durable (POSIX needs the directory itself fsynced)."""
     try:

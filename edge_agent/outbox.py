@@ -56,6 +56,8 @@ class Outbox:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self.folder.mkdir(parents=True, exist_ok=True)
+        # Samples are content-addressed and never rewritten: parse each sidecar once, not every tick.
+        self._parsed: dict[str, tuple[tuple[int, int], float, float, int]] = {}
 
     def sweep(self) -> int:
         """Remove what a crash left behind: temp files and images whose sidecar never landed."""
@@ -82,19 +84,35 @@ class Outbox:
 
     def items(self) -> list[OutboxItem]:
         """Complete samples, most useful first (score, then oldest)."""
-        found = []
+        found, seen = [], set()
         for sidecar in self.folder.glob("*.json"):
             if sidecar.name.startswith("."):
                 continue
-            image = sidecar.with_suffix(".png")
-            try:
-                meta = json.loads(sidecar.read_text())
-                size = image.stat().st_size + sidecar.stat().st_size
-            except (OSError, json.JSONDecodeError):
+            entry = self._entry(sidecar)
+            if entry is None:
                 continue
-            found.append(OutboxItem(sidecar.stem, image, sidecar, float(meta.get("score", 0.0)),
-                                    float(meta.get("time", 0.0)), size))
+            seen.add(sidecar.name)
+            _, score, created, size = entry
+            found.append(OutboxItem(sidecar.stem, sidecar.with_suffix(".png"), sidecar, score, created, size))
+        for gone in set(self._parsed) - seen:
+            self._parsed.pop(gone, None)
         return sorted(found, key=lambda item: (-item.score, item.created, item.sha256))
+
+    def _entry(self, sidecar: Path) -> tuple[tuple[int, int], float, float, int] | None:
+        """(stat key, score, created, bytes) of one sample, from the cache while the sidecar is unchanged."""
+        try:
+            info = sidecar.stat()
+            key = (info.st_size, info.st_mtime_ns)
+            cached = self._parsed.get(sidecar.name)
+            if cached is not None and cached[0] == key:
+                return cached
+            meta = json.loads(sidecar.read_text())
+            size = sidecar.with_suffix(".png").stat().st_size + info.st_size
+        except (OSError, ValueError):
+            return None
+        entry = (key, float(meta.get("score", 0.0)), float(meta.get("time", 0.0)), size)
+        self._parsed[sidecar.name] = entry
+        return entry
 
     def remove(self, item: OutboxItem) -> None:
         """Sidecar first: a crash in between leaves an orphan image that ``sweep`` clears."""

@@ -87,3 +87,42 @@ def test_no_good_copy_starts_afresh_but_says_so_and_status_reads_without_moving_
     assert read_only.recovery and path.read_text() == "{broken"  # `edgeloop-agent status` changes nothing
     state = AgentState.load(path, set_damaged_aside=True)
     assert state.recovery and "started afresh" in state.recovery and not path.exists()
+
+
+def test_a_tick_parses_each_outbox_sidecar_once_not_every_time(tmp_path, monkeypatch):
+    import edge_agent.outbox as outbox_module
+
+    outbox = Outbox(tmp_path / "outbox", max_bytes=10**9)
+    for i in range(50):
+        outbox.put(png(i), {"time": float(i)}, i / 100)
+    parses = []
+    real_loads = outbox_module.json.loads
+    monkeypatch.setattr(outbox_module.json, "loads", lambda text: parses.append(1) or real_loads(text))
+    for _ in range(3):  # enforce_cap, pump and status each list the outbox on every tick
+        assert len(outbox.items()) == 50 and outbox.enforce_cap() == 0
+    assert len(parses) == 50
+    outbox.remove(outbox.items()[0])
+    assert len(outbox.items()) == 49 and len(parses) == 50
+
+
+def test_base_models_are_hashed_once_until_they_change(tmp_path, monkeypatch):
+    import hashlib
+
+    import edge_agent.fileio as fileio
+    from edge_agent.basemodels import verified_base_models
+    from edge_agent.layout import AgentPaths
+
+    paths = AgentPaths(tmp_path / "site")
+    paths.ensure()
+    folder = paths.base_models / "v1"
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"weights" * 1000)
+    (folder / "model.pt.sha256").write_text(hashlib.sha256(b"weights" * 1000).hexdigest() + "\n")
+    hashed = []
+    real = fileio.file_sha256
+    monkeypatch.setattr(fileio, "file_sha256", lambda path, *a: hashed.append(path) or real(path, *a))
+    for _ in range(5):
+        assert verified_base_models(paths) == ["v1"]
+    assert len(hashed) == 1
+    (folder / "model.pt").write_bytes(b"tampered" * 1000)  # changed on disk: checked again, and refused
+    assert verified_base_models(paths) == [] and len(hashed) == 2
