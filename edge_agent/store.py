@@ -8,6 +8,7 @@ content-addressed name and read back and hashed, so a repeated upload changes no
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from typing import Any
 
@@ -29,7 +30,10 @@ def _known_hosts_policy(path: str):
 
     class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client, hostname, key):  # noqa: D401 - paramiko's interface
-            known = paramiko.HostKeys(path)
+            try:
+                known = paramiko.HostKeys(path)
+            except (OSError, paramiko.SSHException) as exc:
+                raise paramiko.SSHException(f"cannot check the host key of {hostname}: cannot read {path}: {exc}") from None
             entry = known.lookup(hostname) or {}
             if entry.get(key.get_name()) != key:
                 raise paramiko.SSHException(f"host key for {hostname} not found or changed in {path}")
@@ -37,9 +41,18 @@ def _known_hosts_policy(path: str):
     return KnownHostsPolicy()
 
 
-def storage_options(options: dict[str, str]) -> dict[str, Any]:
-    """Config values are strings; turn the ones that libraries need typed into their types."""
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+
+
+def storage_options(options: dict[str, str], url: str = "") -> dict[str, Any]:
+    """Config values are strings; turn the ones that libraries need typed into their types.
+
+    An ``sftp://`` store always has its host key checked: against ``known_hosts`` when given, else against
+    the user's ``~/.ssh/known_hosts``. fsspec's own default would trust any key (and any man in the middle).
+    """
     out: dict[str, Any] = {}
+    if url.startswith("sftp://") and "known_hosts" not in options:
+        out["host_key_policy"] = _known_hosts_policy(os.path.expanduser(DEFAULT_KNOWN_HOSTS))
     for key, value in options.items():
         if key == "known_hosts":
             out["host_key_policy"] = _known_hosts_policy(value)
@@ -61,7 +74,7 @@ class Store:
 
     def _connect(self):
         if self._fs is None:
-            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **storage_options(self.options))
+            fs, root = fsspec.core.url_to_fs(self.url, skip_instance_cache=True, **storage_options(self.options, self.url))
             self._fs, self._root = fs, root.rstrip("/")
         return self._fs
 

@@ -117,7 +117,7 @@ def wait_for(inventory: Inventory, sites: list[str], what: str, ready, timeout_s
             next_report = time.monotonic() + PROGRESS_EVERY_S
             logger.info("%s: %s", what, "; ".join(_site_line(site, status.get(site)) for site in sites))
 
-    done, status = deploy.wait_for_sites(inventory.cloud.store(), sites, ready, timeout_s, on_poll=progress)
+    done, status = deploy.wait_for_sites(inventory.store(), sites, ready, timeout_s, on_poll=progress)
     late = sorted(set(sites) - set(done))
     if late:
         logger.warning("%s: no answer in %.0f s from %s; going on with %s", what, timeout_s, late, done)
@@ -152,7 +152,7 @@ def publish_fleet(status: dict[str, dict]) -> None:
 def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inventory, parts: list[Path]) -> dict | None:
     """Retrain on the checked samples and gate the candidate; None when no sample came back."""
     logger = get_run_logger()
-    collection = collect_samples(inventory.cloud.store())
+    collection = collect_samples(inventory.store())
     logger.info("samples: %d accepted %s, %d rejected", len(collection.accepted), collection.by_site(),
                 len(collection.rejected))
     if not collection.accepted:
@@ -208,7 +208,7 @@ def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings
           streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
     """Deploy → edge fine-tune → inference and samples → retrain → deploy again; returns who kept up."""
     live = _deploy_and_wait(fleet, registry, champion, live, "fine-tune on the champion", settings.site_timeout_s)
-    status = deploy.read_fleet_status(fleet.cloud.store(), live)
+    status = deploy.read_fleet_status(fleet.store(), live)
     expected = {name: _classified(status.get(name, {})) + demo.feed_inbox(Path(fleet.site(name).root),
                                                                              streams[name]) for name in live}
     live = wait_for(fleet, live, "inference and upload", _drained(fleet, expected), settings.site_timeout_s)

@@ -71,6 +71,8 @@ class Connection(Strict):
     use_agent: bool = Field(False, description="authenticate with keys held by ssh-agent ($SSH_AUTH_SOCK)")
     jump: JumpHost | None = None
     connect_timeout_s: float = Field(10.0, gt=0)
+    io_timeout_s: float = Field(60.0, gt=0, description="deadline for any one read or write on the link: a "
+                                                        "stalled host fails instead of hanging the run")
 
     @model_validator(mode="after")
     def _ssh_needs_host(self) -> "Connection":
@@ -145,10 +147,6 @@ class Cloud(Strict):
     store_options: dict[str, str] = Field(default_factory=dict)
     registry: str | None = Field(None, description="where model versions live (a path or fsspec URL)")
 
-    def store(self) -> Store:
-        """The store as the cloud reads it: the same URL and options the agents write with."""
-        return Store(self.store_url, self.store_options)
-
 
 class SshSettings(Strict):
     known_hosts: str = Field("~/.ssh/known_hosts", description="relative paths are relative to the inventory file")
@@ -168,6 +166,12 @@ class Inventory(BaseModel):
     def known_hosts(self) -> Path:
         path = Path(os.path.expanduser(self.ssh.known_hosts))
         return path if path.is_absolute() else (self.path.parent / path)
+
+    def store(self) -> Store:
+        """The store as the cloud reads it: the agents' URL and options; an sftp store's host key is
+        checked against the inventory's known_hosts unless the store options name another file."""
+        return Store(self.cloud.store_url, {"known_hosts": str(self.known_hosts), **self.cloud.store_options}
+                     if self.cloud.store_url.startswith("sftp://") else self.cloud.store_options)
 
     def site(self, name: str) -> Site:
         for site in self.sites:

@@ -25,6 +25,7 @@ import paramiko
 from fabric import Config, Connection as FabricConnection
 
 from orchestrator.inventory import Connection, JumpHost
+from orchestrator.known_hosts import known_hosts_name, load_known_hosts
 
 
 class SshError(Exception):
@@ -51,11 +52,6 @@ def fingerprint(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.fingerprint}"
 
 
-def known_hosts_name(host: str, port: int) -> str:
-    """The name known_hosts files use: ``host`` on port 22, ``[host]:port`` elsewhere (as OpenSSH)."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
 _FILE_LOCK = threading.Lock()
 
 
@@ -79,12 +75,14 @@ class TrustOnFirstUse(paramiko.MissingHostKeyPolicy):
 class RefuseUnknown(paramiko.MissingHostKeyPolicy):
     """Refuse an unknown host, saying how to check and accept it."""
 
-    def __init__(self, known_hosts: Path):
-        self.known_hosts = known_hosts
+    def __init__(self, known_hosts: Path, bad_lines: list[int] | None = None):
+        self.known_hosts, self.bad_lines = known_hosts, bad_lines or []
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        skipped = (f" (lines {', '.join(map(str, self.bad_lines))} of that file are malformed and were skipped: "
+                   f"was one of them this host's?)") if self.bad_lines else ""
         raise UnknownHostKey(
-            f"host key of {hostname} is not in {self.known_hosts} (it offers {fingerprint(key)}); "
+            f"host key of {hostname} is not in {self.known_hosts}{skipped} (it offers {fingerprint(key)}); "
             f"check that fingerprint on the host (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub), then rerun "
             f"with --accept-new-host-keys to trust it and record it")
 
@@ -92,9 +90,12 @@ class RefuseUnknown(paramiko.MissingHostKeyPolicy):
 def make_client(known_hosts: Path, accept_new: bool) -> paramiko.SSHClient:
     """A paramiko client that trusts exactly the keys in ``known_hosts`` (plus TOFU when asked)."""
     client = paramiko.SSHClient()
-    if known_hosts.exists():
-        client.get_host_keys().load(str(known_hosts))
-    client.set_missing_host_key_policy(TrustOnFirstUse(known_hosts) if accept_new else RefuseUnknown(known_hosts))
+    keys, bad_lines = load_known_hosts(known_hosts)  # a malformed line is reported per host, not fatal
+    for name in keys.keys():
+        for kind, key in keys.lookup(name).items():
+            client.get_host_keys().add(name, kind, key)
+    client.set_missing_host_key_policy(TrustOnFirstUse(known_hosts) if accept_new
+                                       else RefuseUnknown(known_hosts, bad_lines))
     return client
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +172,44 @@ def test_sftp_outage_and_unknown_host_key(tmp_path, sftp_host):
     time.sleep(0.1)
     assert uplink.pump(UploadLedger()).uploaded == 1 and not outbox.items()
     assert_store_consistent(tmp_path / "sftp-store", 1)
+
+
+def test_an_sftp_store_is_verified_by_default_on_both_sides(tmp_path, sftp_host, monkeypatch):
+    """No ``known_hosts`` option: the store's key is still checked (the user's known_hosts on the edge, the
+    inventory's in the cloud), and provisioning hands each agent the store's key from the inventory."""
+    import yaml
+
+    from orchestrator.inventory import load_inventory
+    from orchestrator.provision import provision
+    from orchestrator.sshfleet import stop_agents
+
+    url, options = sftp_store(sftp_host, tmp_path / "sftp-store")
+    options.pop("known_hosts")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # a user who never saw this store
+    with pytest.raises(StoreError, match="host key"):
+        Store(url, options).put_verified("x.bin", b"x")
+    assert not (tmp_path / "sftp-store" / "x.bin").exists()
+
+    root = tmp_path / "site"
+    inventory_file = tmp_path / "inv.yaml"
+    inventory_file.write_text(yaml.safe_dump({
+        "cloud": {"store_url": url, "store_options": options},
+        "ssh": {"known_hosts": str(sftp_host.known_hosts)},
+        "defaults": {"connection": {"type": "local"}, "python": sys.executable,
+                     "agent": {"heartbeat_interval_s": 1, "serve": {"port": 0}, "service": "process"}},
+        "sites": [{"name": "north", "root": str(root)}]}))
+    inventory = load_inventory(inventory_file)
+    inventory.store().put_verified("cloud.bin", b"checked against the inventory's known_hosts")
+    try:
+        report = provision(inventory)
+        assert not report.failed, report.recap()
+        config = yaml.safe_load((root / "config" / "agent.yaml").read_text())
+        assert config["store_options"]["known_hosts"] == str(root / "config" / "store_known_hosts")
+        assert f"[127.0.0.1]:{sftp_host.hosts[0].port}" in (root / "config" / "store_known_hosts").read_text()
+        status = tmp_path / "sftp-store" / "status" / "north.json"
+        deadline = time.time() + 30
+        while not status.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert json.loads(status.read_text())["site"] == "north"  # the agent verified the store and wrote
+    finally:
+        stop_agents(tmp_path)

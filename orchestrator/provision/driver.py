@@ -39,6 +39,11 @@ def provision_site(site: Site, inventory: Inventory, wheel: Wheel, check: bool =
             result.error_kind = "connect"
             result.steps.append(StepResult("connect", FAILED, inventory.mask(str(exc)), time.monotonic() - t0))
             return result
+        except Exception as exc:  # anything else about this host (a bad key file, a bad known_hosts): this host only
+            result.error_kind = "step"
+            result.steps.append(StepResult("connect", FAILED, inventory.mask(f"{type(exc).__name__}: {exc}"),
+                                           time.monotonic() - t0))
+            return result
         result.steps.append(StepResult("connect", OK, inventory.mask(site.connection.describe()),
                                        time.monotonic() - t0))
         try:

@@ -21,6 +21,10 @@ from orchestrator.provision import hostworker
 HOSTWORKER_SOURCE = Path(hostworker.__file__).read_text()
 
 
+IO_TIMEOUT_S = 60.0  # no single read or write on a healthy link takes this long
+KEEPALIVE_S = 15
+
+
 class StepFailed(Exception):
     """A step could not do its job; the message says why (and is printed, masked)."""
 
@@ -52,12 +56,14 @@ class SshRemote:
     a new session (a new session costs OpenSSH a fork and setup, about 0.3 s on a small machine).
     """
 
-    def __init__(self, fab):
-        self.fab = fab
+    def __init__(self, fab, io_timeout_s: float = IO_TIMEOUT_S):
+        self.fab, self.io_timeout_s = fab, io_timeout_s
         self.channel = None
+        # A link that stalls (no RST, no FIN) is found by keepalives and by a deadline on every read/write.
+        fab.client.get_transport().set_keepalive(KEEPALIVE_S)
 
     def start(self, command: str) -> None:
-        self.channel = self.fab.client.get_transport().open_session()
+        self.channel = self.fab.client.get_transport().open_session(timeout=self.io_timeout_s)
         self.channel.exec_command(command)
         self._in = self.channel.makefile_stdin("wb")
         self._out = self.channel.makefile("rb")
@@ -68,7 +74,9 @@ class SshRemote:
             self._in.write(line.encode() + b"\n")
             self._in.flush()
             answer = self._out.readline()
-        except OSError as exc:  # socket.timeout included
+        except TimeoutError:
+            raise WorkerGone(f"no answer from the host within {timeout:.0f} s (link stalled or host hung)") from None
+        except OSError as exc:
             raise WorkerGone(f"no answer from the host: {exc or type(exc).__name__}") from None
         if not answer:
             status = self.channel.recv_exit_status() if self.channel.exit_status_ready() else None
@@ -78,7 +86,13 @@ class SshRemote:
         return answer.decode()
 
     def put(self, local: Path, remote: str) -> None:
-        self.fab.sftp().put(str(local), remote)
+        """Upload with a deadline per read/write: a stalled link fails this host, never hangs the run."""
+        sftp = self.fab.sftp()
+        sftp.get_channel().settimeout(self.io_timeout_s)
+        try:
+            sftp.put(str(local), remote)
+        except (OSError, EOFError) as exc:  # socket.timeout included
+            raise WorkerGone(f"upload to the host stalled or failed: {exc or type(exc).__name__}") from None
 
     def close(self) -> None:
         self.fab.close()
@@ -123,7 +137,9 @@ class HostWorker:
     def __init__(self, remote: Remote, python: str):
         self.remote, self.python, self.started = remote, python, False
 
-    def call(self, op: str, timeout_s: float = 120, **req) -> dict:
+    def call(self, op: str, timeout_s: float | None = None, **req) -> dict:
+        """Run one operation; ``timeout_s`` defaults to the link's deadline (long operations pass their own)."""
+        timeout_s = timeout_s or getattr(self.remote, "io_timeout_s", IO_TIMEOUT_S)
         if not self.started:
             self.remote.start(f"{shlex.quote(self.python)} -c {shlex.quote(HOSTWORKER_SOURCE)}")
             self.started = True
@@ -145,4 +161,5 @@ def open_remote(site: Site, inventory: Inventory, accept_new_host_keys: bool) ->
         return LocalRemote()
     from orchestrator.ssh import connect  # fabric is a cloud-side dependency, imported when needed
 
-    return SshRemote(connect(site.connection, inventory.known_hosts, accept_new_host_keys))
+    return SshRemote(connect(site.connection, inventory.known_hosts, accept_new_host_keys),
+                     site.connection.io_timeout_s)

@@ -11,11 +11,13 @@ import logging
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Callable
 
 from edge_agent.config import dump_config
 from edge_agent.layout import AgentPaths
 from orchestrator.inventory import Inventory, Site
+from orchestrator.known_hosts import known_host_lines, known_hosts_name
 from orchestrator.provision.remote import HostWorker, Remote, StepFailed
 from orchestrator.provision.report import CHANGED, FAILED, OK, SKIPPED, HostResult, StepResult
 from orchestrator.provision.service import (agent_unit, render_supervisor, render_unit, restart_marker,
@@ -54,7 +56,7 @@ class SiteProvisioner:
 
     # -- plumbing
 
-    def call(self, op: str, timeout_s: float = 120, **req) -> dict:
+    def call(self, op: str, timeout_s: float | None = None, **req) -> dict:
         """Run one :mod:`~orchestrator.provision.hostworker` operation on the host (starting the worker on first use)."""
         started = self.worker.started
         try:
@@ -141,14 +143,34 @@ class SiteProvisioner:
         return CHANGED, self.would(", ".join(out["changed"]) + f" ({self.venv})")
 
     def config(self) -> tuple[str, str]:
-        text = dump_config(self.site.agent_config(self.inventory.cloud, root=self.root))
+        config = self.site.agent_config(self.inventory.cloud, root=self.root)
+        changed = False
+        if config.store_url.startswith("sftp://") and "known_hosts" not in config.store_options:
+            changed = self._store_host_keys()
+            config.store_options["known_hosts"] = self._store_known_hosts
         # 0600: store options may carry credentials from ${VAR}s; only the agent's user may read them.
-        changed = self.call("put_text", path=str(self.paths.config_file), content=text, check=self.check,
-                            mode=0o600, restart_marker=self.marker)["changed"]
+        changed |= self.call("put_text", path=str(self.paths.config_file), content=dump_config(config),
+                             check=self.check, mode=0o600, restart_marker=self.marker)["changed"]
         if not changed:
             return OK, f"{self.paths.config_file} up to date"
         self.needs_restart = True
         return CHANGED, self.would(f"write {self.paths.config_file}")
+
+    @property
+    def _store_known_hosts(self) -> str:
+        return f"{self.paths.config_file.parent}/store_known_hosts"
+
+    def _store_host_keys(self) -> bool:
+        """Give the agent the store's host key from the inventory's known_hosts, so it verifies the store."""
+        url = urlsplit(self.site.store_url or self.inventory.cloud.store_url)
+        name = known_hosts_name(url.hostname or "", url.port or 22)
+        lines = known_host_lines(self.inventory.known_hosts, name)
+        if not lines:
+            raise StepFailed(f"the store's host key ({name}) is not in {self.inventory.known_hosts}: add it "
+                             f"(ssh-keyscan -p {url.port or 22} {url.hostname} >> FILE, then check the "
+                             f"fingerprint) so the agents can verify the store")
+        return self.call("put_text", path=self._store_known_hosts, content=lines, check=self.check, mode=0o644,
+                         restart_marker=self.marker)["changed"]
 
     def service(self) -> tuple[str, str]:
         python, config = f"{self.venv}/bin/python", str(self.paths.config_file)
