@@ -24,7 +24,7 @@ from orchestrator.sshfleet import fleet_inventory, stop_agents
 
 pytestmark = pytest.mark.timeout(240)
 
-DYNAMIC = {"status.json", "state.json", "agent.log", "agent.out", "agent.pid"}
+DYNAMIC = {"status.json", "state.json", "state.json.prev", "agent.log", "agent.out", "agent.pid"}
 
 
 @pytest.fixture(scope="module")
