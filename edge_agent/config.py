@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent.yamlfile import YamlFileError, read_yaml, validate
 
@@ -58,12 +58,33 @@ class UploadBudget(Strict):
     outbox_max_bytes: int = Field(200_000_000, ge=0, description="disk cap of the outbox; least useful samples go first")
     retry_base_s: float = Field(1.0, gt=0, description="first wait after a failed upload; doubles per failure")
     retry_max_s: float = Field(60.0, gt=0, description="longest wait between upload attempts")
+    http_share: float = Field(0.25, ge=0, le=1, description="share of the daily sample budget that images "
+                                                            "POSTed to the HTTP endpoint may take")
+
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535, description="0 disables the HTTP endpoint")
     max_image_bytes: int = Field(10_000_000, ge=1)
+    token: str | None = Field(None, description="bearer token every request must carry; required on any "
+                                                "non-loopback bind (give it as ${VAR} in the inventory)")
+    workers: int = Field(4, ge=1, le=64, description="requests handled at once")
+    max_queued: int = Field(32, ge=1, description="requests waiting for a worker; beyond, 503 at once")
+    max_connections: int = Field(256, ge=1, description="connections waiting to send a request; beyond, "
+                                                        "the one idle longest is dropped")
+    header_timeout_s: float = Field(5.0, gt=0, description="a connection that sends no request in this "
+                                                           "time is closed")
+    request_timeout_s: float = Field(15.0, gt=0, description="deadline for any one read or write of a request")
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "ServeConfig":
+        if self.port and self.host not in LOOPBACK_HOSTS and not self.host.startswith("127.") and not self.token:
+            raise ValueError(f"serving on {self.host} (not loopback) needs a bearer token: set serve.token "
+                             f"(e.g. token: ${{EDGE_HTTP_TOKEN}} in the inventory), or bind 127.0.0.1")
+        return self
 
 
 class AgentConfig(Strict):

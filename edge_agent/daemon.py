@@ -121,9 +121,13 @@ class Agent:
             return
         from edge_agent.server import Classifier, Server
 
-        classify_body = Classifier(self.handle, self.config.serve.max_image_bytes, self.sampler)
-        self.server = Server(self.config.serve.host, self.config.serve.port, classify_body, self.status).start()
-        log.info("serving HTTP on %s:%d", *self.server.address)
+        def select(raw: bytes, prediction, name: str) -> None:
+            self.sampler(raw, prediction, name, source="http")
+
+        classify_body = Classifier(self.handle, self.config.serve.max_image_bytes, select)
+        self.server = Server(self.config.serve, classify_body, self.status).start()
+        log.info("serving HTTP on %s:%d%s", *self.server.address,
+                 " (bearer token required)" if self.config.serve.token else "")
 
     # ---- steps -----------------------------------------------------------------------------------
     def scan_triggers(self) -> None:
@@ -162,7 +166,7 @@ class Agent:
             if classifier is not None:
                 image = decode_image(raw, classifier.image_size, self.config.serve.max_image_bytes)
                 prediction = classify(classifier, image[None])[0]
-            self.sampler(raw, prediction, file.name, operator_label=class_name)
+            self.sampler(raw, prediction, file.name, operator_label=class_name, source="operator")
         except (ImageError, OSError) as exc:
             log.warning("labelled file %s/%s not usable: %s", class_name, file.name, exc)
 

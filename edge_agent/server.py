@@ -1,19 +1,36 @@
 """A local HTTP endpoint: POST an image, get back the same JSON the inbox writes.
 
-stdlib only (``http.server`` in a daemon thread): nothing to install on an edge board. It serves through
-the same :class:`EnsembleHandle` as the inbox, so an activation is picked up by the next request.
+stdlib only: nothing to install on an edge board. It serves through the same :class:`EnsembleHandle` as
+the inbox, so an activation is picked up by the next request. One bad or hostile client must never stop
+the site, so every resource a client can hold is bounded:
+
+- one gate thread accepts connections and waits, with a selector, for each to send its request; a
+  connection that sends nothing within ``header_timeout_s`` is closed, and when ``max_connections`` are
+  waiting the one idle longest is dropped for the newcomer (idle connections cost no thread, and a flood
+  of them cannot lock real clients out);
+- a request that has started is handled by a pool of ``workers`` threads, ``max_queued`` at most waiting
+  (beyond that: 503 at once, never a reset), with a deadline on every read and write;
+- the body is read only after its ``Content-Length`` is checked (missing, negative, non-numeric and
+  oversize are refused before a byte is read); images are checked for pixel count before decoding;
+- a bearer token is required whenever the config has one (always off loopback).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import selectors
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable
 
 import numpy as np
 
+from edge_agent.config import ServeConfig
 from edge_agent.imaging import ImageError, decode_image
 from edge_agent.serving import EnsembleHandle, Prediction, classify
 
@@ -50,31 +67,71 @@ class Classifier:
         return prediction.as_result(name)
 
 
-def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]):
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 17\r\n"
+        b"Retry-After: 1\r\nConnection: close\r\n\r\n{\"error\": \"busy\"}")
+
+
+def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]], config: ServeConfig):
+    expected = f"Bearer {config.token}".encode() if config.token else None
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "edgeloop-agent"
+        timeout = config.request_timeout_s  # every read and write of this connection
+        protocol_version = "HTTP/1.0"  # one request per connection: a worker is never held by keep-alive
 
         def _send(self, code: int, payload: dict[str, Any]) -> None:
             body = (json.dumps(payload, sort_keys=True) + "\n").encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            if code == 401:
+                self.send_header("WWW-Authenticate", "Bearer")
             self.end_headers()
             self.wfile.write(body)
 
+        def _authorised(self) -> bool:
+            if expected is None:
+                return True
+            given = (self.headers.get("Authorization") or "").encode()
+            if hmac.compare_digest(given, expected):
+                return True
+            self._send(401, {"error": "a valid bearer token is required"})
+            return False
+
+        def _content_length(self) -> int | None:
+            """The declared body size, or None after answering why it cannot be accepted."""
+            text = self.headers.get("Content-Length")
+            if text is None:
+                self._send(411, {"error": "Content-Length is required"})
+                return None
+            if not text.strip().isdigit():
+                self._send(400, {"error": "Content-Length must be a non-negative integer"})
+                return None
+            length = int(text)
+            if length > classify_body.max_bytes:
+                self._send(413, {"error": f"too large: {length} bytes > limit {classify_body.max_bytes}"})
+                return None
+            return length
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if not self._authorised():
+                return
             if self.path.rstrip("/") in ("", "/health", "/status"):
                 self._send(200, status())
             else:
                 self._send(404, {"error": "not found"})
 
         def do_POST(self) -> None:  # noqa: N802
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > classify_body.max_bytes:
-                self._send(413, {"error": f"too large: {length} bytes > limit {classify_body.max_bytes}"})
+            if not self._authorised():
+                return
+            length = self._content_length()
+            if length is None:
                 return
             body = self.rfile.read(length)
-            name = self.headers.get("X-Filename") or self.path.rsplit("/", 1)[-1] or "upload"
+            if len(body) < length:
+                self._send(400, {"error": f"body ended after {len(body)} of {length} bytes"})
+                return
+            name = (self.headers.get("X-Filename") or self.path.rsplit("/", 1)[-1] or "upload")[:200]
             try:
                 self._send(200, classify_body(body, name))
             except ServeError as exc:
@@ -89,23 +146,96 @@ def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]
     return Handler
 
 
-class Server:
-    """The HTTP endpoint running in a background thread."""
+class Server(HTTPServer):
+    """The HTTP endpoint: a gate thread for connections, a bounded pool for requests (see the module doc)."""
 
-    def __init__(self, host: str, port: int, classify_body: Classifier, status: Callable[[], dict[str, Any]]):
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(classify_body, status))
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                       name="http", daemon=True)
+    request_queue_size = 128
+
+    def __init__(self, config: ServeConfig, classify_body: Classifier, status: Callable[[], dict[str, Any]]):
+        super().__init__((config.host, config.port), make_handler(classify_body, status, config))
+        self.config = config
+        self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="http")
+        self.slots = threading.BoundedSemaphore(config.workers + config.max_queued)
+        self.selector = selectors.DefaultSelector()
+        self.waiting: dict[socket.socket, tuple[float, Any]] = {}  # connection -> (deadline, client address)
+        self.stopping = threading.Event()
+        self.gate = threading.Thread(target=self._gate, name="http-gate", daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
-        return self.httpd.server_address[:2]
+        return self.server_address[:2]
 
     def start(self) -> "Server":
-        self.thread.start()
+        self.socket.setblocking(False)
+        self.selector.register(self.socket, selectors.EVENT_READ)
+        self.gate.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.stopping.set()
+        self.gate.join(5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for connection in list(self.waiting):
+            self._drop(connection)
+        self.server_close()
+
+    def _gate(self) -> None:
+        while not self.stopping.is_set():
+            for key, _ in self.selector.select(timeout=0.2):
+                if key.fileobj is self.socket:
+                    self._accept()
+                else:
+                    self._dispatch(key.fileobj)
+            self._expire(time.monotonic())
+
+    def _accept(self) -> None:
+        while len(self.waiting) < 10_000:  # drain the backlog, bounded
+            try:
+                connection, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, say: the gate goes on with what it has
+                log.warning("accept failed: %s", exc)
+                return
+            if len(self.waiting) >= self.config.max_connections:
+                self._drop(min(self.waiting, key=lambda c: self.waiting[c][0]))  # the one idle longest
+            connection.setblocking(False)
+            self.waiting[connection] = (time.monotonic() + self.config.header_timeout_s, address)
+            self.selector.register(connection, selectors.EVENT_READ)
+
+    def _dispatch(self, connection: socket.socket) -> None:
+        """A connection has sent something: hand it to a worker, or answer busy when all are taken."""
+        _, address = self.waiting.pop(connection)
+        self.selector.unregister(connection)
+        connection.setblocking(True)
+        connection.settimeout(self.config.request_timeout_s)
+        if not self.slots.acquire(blocking=False):
+            try:
+                connection.settimeout(1.0)
+                connection.sendall(BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(connection)
+            return
+        self.pool.submit(self._work, connection, address)
+
+    def _work(self, connection: socket.socket, address: Any) -> None:
+        try:
+            self.finish_request(connection, address)
+        except Exception as exc:  # timeouts and resets: this client's problem only
+            log.debug("http request from %s ended: %s", address, exc)
+        finally:
+            self.shutdown_request(connection)
+            self.slots.release()
+
+    def _expire(self, now: float) -> None:
+        for connection in [c for c, (deadline, _) in self.waiting.items() if deadline < now]:
+            self._drop(connection)
+
+    def _drop(self, connection: socket.socket) -> None:
+        self.waiting.pop(connection, None)
+        try:
+            self.selector.unregister(connection)
+        except (KeyError, ValueError):
+            pass
+        connection.close()

@@ -29,6 +29,7 @@ class SampleSidecar(BaseModel):
     probabilities: dict[str, float] | None = None
     member_probabilities: list[list[float]] | None = None
     operator_label: str | None = None
+    source: str | None = Field(None, description="inbox, http or operator: where the image came from")
     uncertainty: float | None = None
     disagreement: float | None = None
 

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,7 @@ def crafted() -> dict[str, bytes]:
     Image.new("1", (1, 1)).save(bomb, "PNG")
     png = bytearray(bomb.getvalue())
     struct.pack_into(">II", png, 16, 60000, 60000)  # IHDR width/height: a 3.6 gigapixel canvas in ~70 bytes
+    struct.pack_into(">I", png, 29, zlib.crc32(bytes(png[12:29])))
     return {"unimplemented.dds": b"DDS " + bytes(header) + bytes(64), "bomb.png": bytes(png),
             "blp.blp": b"BLP1" + bytes(64), "empty.png": b"", "text.jpg": b"hello"}
 
@@ -128,6 +130,7 @@ def test_fuzzed_images_and_special_files_never_stall_the_inbox(tmp_path, ensembl
     reasons = {p.name: json.loads(p.read_text())["reason"] for p in paths.quarantine.glob("*.reason.json")}
     assert "symbolic link" in reasons["link.png.reason.json"]
     assert "not a regular file" in reasons["fifo.png.reason.json"]
+    assert "pixels" in reasons["bomb.png.reason.json"]
     assert "link.png" not in selected and outside.read_bytes() == good_png(99)  # never read, never uploaded
     assert (paths.quarantine / "link.png").is_symlink()  # the link moved, not its target
 

@@ -55,8 +55,12 @@ def test_shipped_local_inventory_has_three_local_sites():
 
 
 def test_shipped_lab_inventory_has_ten_ssh_sites():
-    inv = load_inventory(REPO / "inventory" / "lab.yaml", env={})
+    inv = load_inventory(REPO / "inventory" / "lab.yaml", env={"EDGE_HTTP_TOKEN": "s3cret-token"})
     assert len(inv.sites) == 10
+    assert all(s.agent.serve.token == "s3cret-token" for s in inv.sites)
+    assert "s3cret-token" not in inv.mask(str(inv.site("plant-a-01").agent_config(inv.cloud).model_dump()))
+    with pytest.raises(InventoryError, match="EDGE_HTTP_TOKEN"):
+        load_inventory(REPO / "inventory" / "lab.yaml", env={})
     assert {s.connection.type for s in inv.sites} == {"ssh"}
     assert all(s.connection.key_file for s in inv.sites)
     jumped = [s.name for s in inv.sites if s.connection.jump]

@@ -1,0 +1,195 @@
+"""The HTTP endpoint under bad and hostile clients, on a real socket with a real ONNX ensemble: bad
+Content-Length, silent and idle connections by the thousand, bursts, canvas bombs, tokens, and the budget
+share of what the endpoint may send upstream."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import zlib
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from edge_agent.activation import activate
+from edge_agent.config import AgentConfig, ServeConfig
+from edge_agent.layout import AgentPaths
+from edge_agent.outbox import Outbox
+from edge_agent.sampler import Sampler
+from edge_agent.server import Classifier, Server
+from edge_agent.serving import EnsembleHandle
+from edge_agent.state import AgentState
+
+SIZE = 32
+
+
+def png(seed: int = 0, size: int = 40) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> AgentPaths:
+    from edge_agent.ensemble import export_ensemble
+    from edge_agent.models import ModelSpec, Normalization, build_model
+
+    paths = AgentPaths(tmp_path_factory.mktemp("site"))
+    paths.ensure()
+    folder = paths.ensembles / "v1"
+    folder.mkdir(parents=True)
+    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=SIZE)
+    export_ensemble([build_model(spec, seed=i) for i in range(2)], [Normalization()] * 2, [0.5, 0.5],
+                    folder / "ensemble.onnx", image_size=SIZE, class_names=["functional", "defective"],
+                    metadata={"version": "v1"})
+    activate(paths, "v1")
+    return paths
+
+
+def start(site: AgentPaths, on_prediction=None, **serve) -> Server:
+    config = ServeConfig(port=1, **serve).model_copy(update={"port": 0})  # port 0: any free port
+    handle = EnsembleHandle(site.active_link, image_size=SIZE)
+    return Server(config, Classifier(handle, config.max_image_bytes, on_prediction), lambda: {"ok": True}).start()
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def post(port: int, body: bytes, headers: dict | None = None, timeout: float = 30) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/classify", data=body, method="POST",
+                                     headers={"X-Filename": "x.png", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+@pytest.mark.parametrize("header, code", [("Content-Length: -5", 400), ("Content-Length: lots", 400),
+                                          (None, 411), ("Content-Length: 999999999999", 413)])
+def test_bad_content_lengths_are_answered_at_once(site, header, code):
+    server = start(site, max_image_bytes=100_000)
+    try:
+        head = b"POST /classify HTTP/1.1\r\nHost: x\r\n" + (f"{header}\r\n".encode() if header else b"") + b"\r\n"
+        started = time.monotonic()
+        answer = raw_request(server.address[1], head + b"abc", timeout=10)
+        assert status_of(answer) == code and time.monotonic() - started < 3
+    finally:
+        server.stop()
+
+
+def test_a_client_that_sends_nothing_is_cut_off(site):
+    server = start(site, header_timeout_s=0.5, request_timeout_s=2)
+    try:
+        with socket.create_connection(server.address, timeout=10) as sock:
+            started = time.monotonic()
+            assert sock.recv(10) == b""  # closed by the server
+            assert time.monotonic() - started < 3
+        with socket.create_connection(server.address, timeout=10) as sock:  # starts, then stalls mid-body
+            sock.sendall(b"POST /classify HTTP/1.1\r\nContent-Length: 1000\r\n\r\nabc")
+            started = time.monotonic()
+            answer = sock.recv(1000)
+            assert time.monotonic() - started < 8
+            assert answer == b"" or status_of(answer) == 400
+    finally:
+        server.stop()
+
+
+def test_a_thousand_idle_connections_neither_block_requests_nor_exhaust_descriptors(site):
+    server = start(site, max_connections=64, header_timeout_s=30)
+    idle = []
+    try:
+        for _ in range(1000):
+            idle.append(socket.create_connection(server.address, timeout=10))
+        time.sleep(0.5)
+        fds = len(list(Path("/proc/self/fd").iterdir()))
+        code, answer = post(server.address[1], png(1), timeout=10)
+        assert code == 200 and answer["label"] in ("functional", "defective")
+        assert len(server.waiting) <= 64  # the server holds at most its limit of idle connections
+        assert fds < 1000 + 64 + 200  # ours (1000 client ends) + the server's bounded share
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+
+
+def test_a_burst_of_requests_all_get_an_http_answer(site):
+    server = start(site, workers=2, max_queued=8)
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(lambda i: post(server.address[1], png(i))[0], range(64)))
+        assert set(results) <= {200, 503} and results.count(200) >= 10  # busy is an answer, a reset is not
+    finally:
+        server.stop()
+
+
+def test_a_huge_canvas_is_refused_before_it_is_decoded(site):
+    bomb = io.BytesIO()
+    Image.new("1", (1, 1)).save(bomb, "PNG")
+    data = bytearray(bomb.getvalue())
+    struct.pack_into(">II", data, 16, 60000, 60000)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))  # a valid IHDR: only its size lies
+    server = start(site)
+    try:
+        started = time.monotonic()
+        code, answer = post(server.address[1], bytes(data))
+        assert code == 400 and "pixels" in answer["error"] and time.monotonic() - started < 5
+    finally:
+        server.stop()
+
+
+def test_off_loopback_needs_a_token_and_requests_need_the_right_one(site, caplog):
+    with pytest.raises(ValidationError, match="needs a bearer token"):
+        ServeConfig(host="0.0.0.0", port=8765)
+    ServeConfig(host="0.0.0.0", port=0)  # off: nothing to protect
+    server = start(site, token="s3cret")
+    try:
+        port = server.address[1]
+        assert post(port, png(2))[0] == 401
+        assert post(port, png(2), {"Authorization": "Bearer wrong"})[0] == 401
+        assert post(port, png(2), {"Authorization": "Bearer s3cret"})[0] == 200
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert error.value.code == 401
+    finally:
+        server.stop()
+    assert "s3cret" not in caplog.text
+
+
+def test_http_samples_only_spend_their_own_share_of_the_budget(tmp_path):
+    config = AgentConfig(site="s", root=tmp_path, store_url="file:///tmp/x",
+                         upload={"max_samples_per_day": 20, "http_share": 0.25, "random_share": 1.0})
+    state = AgentState()
+    sampler = Sampler(config, Outbox(tmp_path / "outbox", 10**9), state, threading.Lock())
+
+    class Sure:  # a prediction the selector always keeps (random share 1.0)
+        probs = np.array([0.5, 0.5])
+        member_probs = np.array([[0.9, 0.1], [0.1, 0.9]])
+        model_version = "v1"
+        probabilities = {"functional": 0.5, "defective": 0.5}
+
+    queued_http = sum(sampler(png(i), Sure(), f"h{i}.png", source="http") for i in range(20))
+    queued_inbox = sum(sampler(png(100 + i), Sure(), f"i{i}.png") for i in range(5))
+    assert queued_http == 5 and queued_inbox == 5  # 25 % of 20 for HTTP; the inbox is not held back
+    sources = [json.loads(p.read_text())["source"] for p in (tmp_path / "outbox").glob("*.json")]
+    assert sorted(sources) == ["http"] * 5 + ["inbox"] * 5
