@@ -17,6 +17,7 @@ bench: $(STAMP) sshd
 	$(BIN)/python bench/train_elpv.py
 	$(BIN)/python bench/edge.py
 	$(BIN)/python bench/provision.py
+	$(BIN)/python bench/http_load.py
 
 venv: $(STAMP)
 

@@ -158,6 +158,7 @@ class Server(HTTPServer):
         self.slots = threading.BoundedSemaphore(config.workers + config.max_queued)
         self.selector = selectors.DefaultSelector()
         self.waiting: dict[socket.socket, tuple[float, Any]] = {}  # connection -> (deadline, client address)
+        self.closing: dict[socket.socket, float] = {}  # answered busy, draining the request until this time
         self.stopping = threading.Event()
         self.gate = threading.Thread(target=self._gate, name="http-gate", daemon=True)
 
@@ -175,7 +176,7 @@ class Server(HTTPServer):
         self.stopping.set()
         self.gate.join(5)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        for connection in list(self.waiting):
+        for connection in [*self.waiting, *self.closing]:
             self._drop(connection)
         self.server_close()
 
@@ -184,6 +185,8 @@ class Server(HTTPServer):
             for key, _ in self.selector.select(timeout=0.2):
                 if key.fileobj is self.socket:
                     self._accept()
+                elif key.fileobj in self.closing:
+                    self._drain(key.fileobj)
                 else:
                     self._dispatch(key.fileobj)
             self._expire(time.monotonic())
@@ -206,18 +209,32 @@ class Server(HTTPServer):
     def _dispatch(self, connection: socket.socket) -> None:
         """A connection has sent something: hand it to a worker, or answer busy when all are taken."""
         _, address = self.waiting.pop(connection)
+        if not self.slots.acquire(blocking=False):
+            self._busy(connection)
+            return
         self.selector.unregister(connection)
         connection.setblocking(True)
         connection.settimeout(self.config.request_timeout_s)
-        if not self.slots.acquire(blocking=False):
-            try:
-                connection.settimeout(1.0)
-                connection.sendall(BUSY)
-            except OSError:
-                pass
-            self.shutdown_request(connection)
-            return
         self.pool.submit(self._work, connection, address)
+
+    def _busy(self, connection: socket.socket) -> None:
+        """Answer 503 and close gracefully: the unread request is drained first, for closing a socket with
+        unread data sends a reset, and the client would see a broken connection instead of "busy"."""
+        try:
+            connection.send(BUSY)  # small: fits the empty send buffer of a fresh connection
+            connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._drop(connection)
+            return
+        self.closing[connection] = time.monotonic() + 2.0
+
+    def _drain(self, connection: socket.socket) -> None:
+        try:
+            if connection.recv(65536):
+                return
+        except OSError:
+            pass
+        self._drop(connection)
 
     def _work(self, connection: socket.socket, address: Any) -> None:
         try:
@@ -229,11 +246,13 @@ class Server(HTTPServer):
             self.slots.release()
 
     def _expire(self, now: float) -> None:
-        for connection in [c for c, (deadline, _) in self.waiting.items() if deadline < now]:
+        late = [c for c, (deadline, _) in self.waiting.items() if deadline < now]
+        for connection in late + [c for c, deadline in self.closing.items() if deadline < now]:
             self._drop(connection)
 
     def _drop(self, connection: socket.socket) -> None:
         self.waiting.pop(connection, None)
+        self.closing.pop(connection, None)
         try:
             self.selector.unregister(connection)
         except (KeyError, ValueError):

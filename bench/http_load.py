@@ -1,0 +1,172 @@
+"""The agent's HTTP endpoint under load: 200 concurrent clients posting real images while 1,000 idle
+connections are held open, against the real server and a real fused ONNX ensemble in its own process.
+
+Prints and writes bench/results/http_load.json: requests answered by status, connection errors, latency
+percentiles, the server's peak RSS, and the longest gap of an inference loop that keeps classifying an
+image every 0.5 s in the server process during the load (the agent's own work must go on).
+
+    .venv/bin/python bench/http_load.py            # 30 s of load
+    .venv/bin/python bench/http_load.py --quick    # 8 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+# The server process, as lean as the agent's serving side (no torch): the agent's real Server and
+# EnsembleHandle over the ensemble the bench exported, and a loop standing in for the agent's inbox work.
+SERVER = r"""
+import json, signal, sys, threading, time
+from pathlib import Path
+import numpy as np
+from edge_agent.activation import activate
+from edge_agent.config import ServeConfig
+from edge_agent.layout import AgentPaths
+from edge_agent.server import Classifier, Server
+from edge_agent.serving import EnsembleHandle, classify
+
+paths = AgentPaths(Path(sys.argv[1]))
+activate(paths, "v1")
+handle = EnsembleHandle(paths.active_link, threads=1, image_size=64)
+server = Server(ServeConfig(port=int(sys.argv[2])), Classifier(handle, 10_000_000), lambda: {"ok": True}).start()
+gaps, stop = [], threading.Event()
+def inbox_loop():
+    image, last = np.zeros((1, 64, 64), np.uint8), time.monotonic()
+    while not stop.is_set():
+        classify(handle.get(), image)
+        now = time.monotonic(); gaps.append(now - last); last = now
+        stop.wait(0.5)
+threading.Thread(target=inbox_loop, daemon=True).start()
+print("ready", flush=True)
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+stop.wait()
+server.stop()
+print(json.dumps({"inbox_ticks": len(gaps), "inbox_max_gap_s": max(gaps[1:] or [0]),
+                  # VmHWM, not ru_maxrss: the latter keeps the peak of the parent that forked us
+                  "server_peak_rss_mb": int(next(l for l in open("/proc/self/status")
+                                                 if l.startswith("VmHWM")).split()[1]) / 1024}), flush=True)
+"""
+
+
+def export(root: Path) -> None:
+    """An ensemble of three tiny CNNs at 64 px (the input size the demo's sites serve)."""
+    sys.path.insert(0, str(REPO))
+    from edge_agent.ensemble import export_ensemble
+    from edge_agent.layout import AgentPaths
+    from edge_agent.models import ModelSpec, Normalization, build_model
+
+    paths = AgentPaths(root)
+    paths.ensure()
+    (paths.ensembles / "v1").mkdir(parents=True)
+    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=64)
+    export_ensemble([build_model(spec, seed=i) for i in range(3)], [Normalization()] * 3, [1 / 3] * 3,
+                    paths.ensembles / "v1" / "ensemble.onnx", image_size=64, class_names=["functional", "defective"],
+                    metadata={"version": "v1"})
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def images(n: int) -> list[bytes]:
+    import elpv_dataset  # the package ships the real images
+
+    files = sorted((Path(elpv_dataset.__file__).parent / "data" / "images").glob("*.png"))[:n]
+    return [f.read_bytes() for f in files]
+
+
+def client(port: int, bodies: list[bytes], until: float, out: list, index: int) -> None:
+    i = index
+    while time.monotonic() < until:
+        body = bodies[i % len(bodies)]
+        i += 1
+        started = time.monotonic()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/classify", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                answer.read()
+                out.append((answer.status, time.monotonic() - started))
+        except urllib.error.HTTPError as error:
+            out.append((error.code, time.monotonic() - started))
+            if error.code == 503:
+                time.sleep(0.05)  # the endpoint said busy; a polite client backs off a little
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            out.append((f"{type(exc).__name__}: {type(reason).__name__}", time.monotonic() - started))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--idle", type=int, default=1000)
+    args = parser.parse_args()
+    seconds = 8.0 if args.quick else 30.0
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        export(Path(tmp))
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port)], stdout=subprocess.PIPE, text=True,
+                                env=env)
+        assert proc.stdout.readline().strip() == "ready"
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(args.idle)]
+        bodies, results = images(64), []
+        until = time.monotonic() + seconds
+        threads = [threading.Thread(target=client, args=(port, bodies, until, results, i)) for i in range(args.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        probe_started = time.monotonic()
+        probe = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/classify", data=bodies[0],
+                                                              method="POST"), timeout=30).status
+        probe_s = time.monotonic() - probe_started
+        for sock in idle:
+            sock.close()
+        proc.terminate()
+        server_stats = json.loads(proc.stdout.read().strip().splitlines()[-1])
+    latencies = sorted(t for status, t in results if status == 200)
+    by_status: dict[str, int] = {}
+    for status, _ in results:
+        by_status[str(status)] = by_status.get(str(status), 0) + 1
+
+    def pct(p: float) -> float | None:
+        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 1) if latencies else None
+
+    result = {
+        "benchmark": "http_load", "command": "python bench/http_load.py" + (" --quick" if args.quick else ""),
+        "seconds": seconds, "clients": args.clients, "idle_connections": args.idle,
+        "model": "fused ensemble of 3 tiny_cnn members, 64 px, onnxruntime 1 thread",
+        "answers_by_status": by_status, "served_per_s": round(by_status.get("200", 0) / seconds, 1),
+        "latency_ms_200": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+                           "mean": round(statistics.mean(latencies) * 1000, 1) if latencies else None},
+        "after_load_probe": {"status": probe, "seconds": round(probe_s, 3)},
+        **server_stats,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "http_load.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
