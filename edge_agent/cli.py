@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from logging.handlers import RotatingFileHandler
 import sys
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from edge_agent.state import AgentState
 LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 
-def setup_logging(paths: AgentPaths, verbose: bool = False, console: bool = True) -> None:
-    """Log to ``agent.log`` (and stderr unless stderr already goes to that log, as for a daemon's child)."""
+def setup_logging(paths: AgentPaths, verbose: bool = False, console: bool = True,
+                  max_bytes: int | None = None) -> None:
+    """Log to ``agent.log``, rotated past ``max_bytes`` (and stderr unless stderr already goes to that log,
+    as for a daemon's child)."""
     paths.root.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(paths.log_file)]
+    handlers: list[logging.Handler] = [RotatingFileHandler(paths.log_file, maxBytes=max_bytes or 0, backupCount=2)]
     if console:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, handlers=handlers,
@@ -43,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     paths = AgentPaths(Path(config.root))
     paths.ensure()
-    setup_logging(paths, args.verbose)
+    setup_logging(paths, args.verbose, max_bytes=config.retention.log_max_bytes)
     agent = Agent(config, Path(args.config))
     install_signal_handlers(agent.stop)
     return agent.run()

@@ -62,6 +62,19 @@ class UploadBudget(Strict):
                                                             "POSTed to the HTTP endpoint may take")
 
 
+class Retention(Strict):
+    """How much history the agent keeps on its small disk; the oldest goes first, what serves never goes."""
+
+    keep_runs: int = Field(5, ge=1, description="fine-tune run folders (member checkpoints, reports)")
+    keep_ensembles: int = Field(3, ge=1, description="published ensembles, besides the active one")
+    keep_base_models: int = Field(2, ge=1, description="deployed base models (the newest)")
+    keep_processed: int = Field(2000, ge=0, description="classified images kept in data/processed/")
+    keep_quarantined: int = Field(500, ge=0, description="quarantined files kept (with their reasons)")
+    results_max_bytes: int = Field(20_000_000, ge=1, description="results.jsonl is rotated past this size")
+    log_max_bytes: int = Field(10_000_000, ge=1, description="agent.log is rotated past this size (2 kept)")
+    interval_s: float = Field(60.0, gt=0, description="how often the limits are enforced")
+
+
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -98,6 +111,7 @@ class AgentConfig(Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     upload: UploadBudget = Field(default_factory=UploadBudget)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    retention: Retention = Field(default_factory=Retention)
     poll_interval_s: float = Field(2.0, gt=0)
     heartbeat_interval_s: float = Field(10.0, gt=0)
     workers: int | None = Field(None, ge=1, description="cores to use; default all")

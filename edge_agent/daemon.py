@@ -26,6 +26,7 @@ from edge_agent.inbox import InboxProcessor
 from edge_agent.serving import EnsembleHandle
 from edge_agent.layout import AgentPaths
 from edge_agent.outbox import Outbox
+from edge_agent.retention import disk_use, enforce
 from edge_agent.sampler import Sampler
 from edge_agent.sitedata import labelled_files
 from edge_agent.state import AgentState
@@ -42,6 +43,7 @@ FINETUNE_RETRY_S = 30.0
 @dataclass
 class Clock:
     heartbeat_due: float = 0.0
+    retention_due: float = 0.0
     finetune_retry_at: float = 0.0
 
 
@@ -72,6 +74,7 @@ class Agent:
     def run(self) -> int:
         self._take_pid_lock()
         self.outbox.sweep()
+        self._sweep_store_partials()
         from edge_agent.activation import sweep_staging
 
         sweep_staging(self.paths)
@@ -87,7 +90,7 @@ class Agent:
     def tick(self) -> None:
         """One pass of the loop; a failing step is logged and the others still run."""
         for step in (self.watch_finetune, self.scan_triggers, self.maybe_start_finetune, self.process_inbox,
-                     self.pump_uplink, self.maybe_heartbeat):
+                     self.pump_uplink, self.maybe_enforce_retention, self.maybe_heartbeat):
             if self.stop.is_set():
                 return
             try:
@@ -115,6 +118,16 @@ class Agent:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._pid_lock = handle
+
+    def _sweep_store_partials(self) -> None:
+        """Leftovers of uploads killed mid-way; the store may be away, which is fine: next start."""
+        try:
+            removed = self.uplink.store.sweep_partials(f"samples/{self.config.site}")
+        except Exception as exc:
+            log.info("store partials not swept (%s)", exc)
+            return
+        if removed:
+            log.info("removed %d partial uploads left in the store", removed)
 
     def _start_server(self) -> None:
         if self.config.serve.port == 0:
@@ -224,6 +237,13 @@ class Agent:
         if dropped or result.uploaded or result.skipped_existing or result.error:
             self.save_state()
 
+    def maybe_enforce_retention(self) -> None:
+        if time.time() < self.clock.retention_due or self.finetune.running:
+            return  # a running fine-tune owns runs/ and the staging of ensembles
+        keep = {name for name in (_version_of(self.handle.target()), self.handle.serving_version) if name}
+        enforce(self.paths, self.config.retention, keep)
+        self.clock.retention_due = time.time() + self.config.retention.interval_s
+
     def maybe_heartbeat(self) -> None:
         if time.time() >= self.clock.heartbeat_due:
             self.heartbeat()
@@ -256,6 +276,7 @@ class Agent:
             "queues": {"inbox": _count(self.paths.inbox), "outbox": len(outbox),
                        "outbox_bytes": sum(i.size for i in outbox)},
             "upload_backoff_failures": self.uplink.backoff.failures,
+            "disk_bytes": disk_use(self.paths),
             **state,
         }
 

@@ -63,6 +63,7 @@ class EnsembleHandle:
         self._target: str | None = None
         self._classifier = None
         self.problem: str | None = None
+        self.serving_version: str | None = None  # the ensemble folder actually serving (a fallback, say)
 
     def target(self) -> str | None:
         try:
@@ -80,13 +81,14 @@ class EnsembleHandle:
             return self._classifier
 
     def _load(self, target: str | None):
-        self.problem = None
+        self.problem, self.serving_version = None, None
         if target is None:
             return None
         active = (self.active_link.parent / target).resolve()
         try:
             classifier = validate_ensemble(active / ENSEMBLE_FILE, self.image_size, self.threads)
             log.info("serving ensemble %s", classifier.version)
+            self.serving_version = active.name
             return classifier
         except ValueError as exc:
             reason = str(exc)
@@ -97,6 +99,7 @@ class EnsembleHandle:
             except ValueError:
                 continue
             self.problem = f"active ensemble {active.name} unusable ({reason}); serving {folder.name} instead"
+            self.serving_version = folder.name
             log.error("%s", self.problem)
             return classifier
         self.problem = f"active ensemble {active.name} unusable ({reason}); no usable ensemble to serve"

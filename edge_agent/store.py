@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from typing import Any
 
@@ -118,6 +119,21 @@ class Store:
             raise StoreError(f"{pattern}: {type(exc).__name__}: {exc}") from exc
         prefix = f"{self._root}/" if self._root else ""
         return sorted(p.removeprefix(prefix) for p in found)
+
+    def sweep_partials(self, folder: str, older_than_s: float = 3600.0) -> int:
+        """Remove temporary ``.*.part`` files a killed upload left under ``folder``; returns how many.
+
+        A live upload renames its part within seconds, so one older than ``older_than_s`` is a leftover.
+        """
+        removed = 0
+        fs = self._connect()
+        for path in fs.glob(self.path(f"{folder}/.*.part")):
+            modified = fs.info(path).get("mtime")
+            modified = modified.timestamp() if hasattr(modified, "timestamp") else modified
+            if isinstance(modified, (int, float)) and time.time() - modified > older_than_s:
+                fs.rm_file(path)
+                removed += 1
+        return removed
 
     def put_verified(self, relative: str, data: bytes) -> bool:
         """Make ``relative`` hold exactly ``data``; returns False if it already did (nothing sent)."""

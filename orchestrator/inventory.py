@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from edge_agent.store import Store
 from edge_agent.yamlfile import YamlFileError, format_problem, line_of, read_yaml, suggest, validate
-from edge_agent.config import (AgentConfig, FinetuneConfig, MemberConfig, ServeConfig, Strict, Thresholds,
+from edge_agent.config import (AgentConfig, Retention, FinetuneConfig, MemberConfig, ServeConfig, Strict, Thresholds,
                                UploadBudget)
 
 
@@ -112,6 +112,7 @@ class AgentSettings(Strict):
     service: Literal["auto", "systemd", "process"] = Field(
         "auto", description="systemd unit where systemd runs, else a supervised background process")
     health_timeout_s: float = Field(60.0, gt=0, description="how long to wait for the first heartbeat")
+    retention: Retention = Field(default_factory=Retention)
 
 
 class Site(Strict):
@@ -139,7 +140,8 @@ class Site(Strict):
             store_options=cloud.store_options, image_size=self.learning.image_size,
             members=self.learning.members, finetune=self.learning.finetune, thresholds=self.learning.thresholds,
             upload=self.learning.upload, serve=self.agent.serve, poll_interval_s=self.agent.poll_interval_s,
-            heartbeat_interval_s=self.agent.heartbeat_interval_s, workers=self.agent.workers)
+            heartbeat_interval_s=self.agent.heartbeat_interval_s, workers=self.agent.workers,
+            retention=self.agent.retention)
 
 
 class Cloud(Strict):
