@@ -18,9 +18,11 @@ pytestmark = pytest.mark.timeout(300)
 async def _artifact_and_task_runs(key: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
-    async with get_client() as client:
-        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    async with get_client() as client:  # newest first: other flows in this session publish the same key
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC)
         task_runs = await client.read_task_runs()
     return artifacts, task_runs
 
