@@ -101,9 +101,11 @@ def timed_finetune(config: AgentConfig, parallel: bool) -> dict:
             "member_train_s": [m["seconds"] for m in report["members"]],
             "members": [{k: m[k] for k in ("index", "arch", "policy", "test_accuracy", "val_accuracy", "seconds")}
                         for m in report["members"]],
-            "ensemble_test_accuracy": report["ensemble"]["test"]["accuracy"],
+            "ensemble_test_accuracy": report["candidates"]["new"]["test"]["accuracy"],
             "ensemble_val_accuracy": report["ensemble"]["val"]["accuracy"],
-            "weights": report["ensemble"]["weights"], "test_n": report["ensemble"]["test"]["n"],
+            "base_as_is_test_accuracy": report["candidates"]["base"]["test"]["accuracy"],
+            "serving": report["serving"], "precision": (report["precision"] or {}).get("serving"),
+            "weights": report["ensemble"]["weights"], "test_n": report["candidates"]["new"]["test"]["n"],
             "run_dir": str(Path(config.root) / "runs" / report["run_id"]), "version": report["version"]}
 
 
@@ -129,7 +131,7 @@ def inference_bench(run: dict, config: AgentConfig, data: Path, seconds: float) 
     import torch
 
     from edge_agent.datasets import open_dataset
-    from edge_agent.ensemble import accuracy
+    from edge_agent.ensemble import accuracy, export_ensemble
     from edge_agent.export import Classifier, export_onnx, quantize_int8
     from edge_agent.onnx_model import OnnxClassifier
     from edge_agent.models import load_checkpoint
@@ -156,14 +158,15 @@ def inference_bench(run: dict, config: AgentConfig, data: Path, seconds: float) 
                         "speed": [latency(fn, test.images, b, seconds) for b in (1, 32)]}
     single["onnx_fp32"]["bytes"], single["onnx_int8"]["bytes"] = fp32.stat().st_size, int8.stat().st_size
 
-    fused = OnnxClassifier(Path(config.root) / "models" / "ensembles" / run["version"] / "ensemble.onnx", cores)
-    members = []
-    for k in range(len(config.members)):
-        m, mm = load_checkpoint(run_dir / f"member-{k}.pt")
-        path = export_onnx(Classifier(m, mm.normalization), out / f"member{k}.onnx", image_size=config.image_size,
-                           class_names=mm.class_names)
-        members.append(OnnxClassifier(path, cores))
+    loaded = [load_checkpoint(run_dir / f"member-{k}.pt") for k in range(len(config.members))]
     weights = np.array(run["weights"])
+    # the run's fused FP32 graph, exported again: the agent publishes it only when it beats the base as-is
+    fused = OnnxClassifier(export_ensemble([m for m, _ in loaded], [mm.normalization for _, mm in loaded], weights,
+                                           out / "fused.onnx", image_size=config.image_size,
+                                           class_names=loaded[0][1].class_names, metadata={}), cores)
+    members = [OnnxClassifier(export_onnx(Classifier(m, mm.normalization), out / f"member{k}.onnx",
+                                          image_size=config.image_size, class_names=mm.class_names), cores)
+               for k, (m, mm) in enumerate(loaded)]
 
     def separate(x):
         return np.einsum("knc,k->nc", np.stack([s.predict(x) for s in members]), weights)

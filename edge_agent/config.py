@@ -38,6 +38,7 @@ class FinetuneConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     time_budget_s: float | None = Field(None, gt=0)
     seed: int = 0
+    int8: bool = Field(True, description="try a static INT8 graph (calibrated on the site's train images)")
 
 
 class Thresholds(Strict):
@@ -46,7 +47,9 @@ class Thresholds(Strict):
     min_new_labelled: int = Field(20, ge=1, description="new operator-labelled images that trigger a fine-tune")
     uncertainty: float = Field(0.5, ge=0, le=1, description="normalised entropy above which a sample is informative")
     disagreement: float = Field(0.2, ge=0, le=1, description="spread of member probabilities that flags a sample")
-    min_gain: float = Field(0.0, ge=0, description="validation accuracy a new ensemble must add over the active one")
+    min_gain: float = Field(0.0, ge=0, description="gate-split accuracy a model must add over the one serving")
+    int8_tolerance: float = Field(0.005, ge=0, description="INT8 serves when its gate accuracy is within this "
+                                                           "of FP32's")
 
 
 class UploadBudget(Strict):

@@ -289,8 +289,8 @@ class Agent:
 
 
 def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("run_id", "reason", "version", "decision", "activated", "finished", "seconds",
-            "ensemble", "members", "active_before")
+    keys = ("run_id", "reason", "version", "decision", "activated", "finished", "seconds", "ensemble", "members",
+            "candidates", "serving", "serving_version", "gain_over_base", "precision", "counts")
     return {k: report.get(k) for k in keys if k in report}
 
 

@@ -16,22 +16,23 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import active_dir, activate, publish, staging_dir, sweep_staging
+from edge_agent.activation import STAGING_PREFIX, active_dir, activate, publish, staging_dir, sweep_staging
+from edge_agent.candidates import (choose_precision, discard, gain_over_base, gate_score, score,
+                                   stage_base_as_is)
 from edge_agent.basemodels import pick_bases
 from edge_agent.config import AgentConfig
 from edge_agent.errors import FinetuneError
 from edge_agent.fileio import write_json_atomic
-from edge_agent.gate import Score, gate
+from edge_agent.gate import choose
 from edge_agent.ids import new_id
 from edge_agent.layout import AgentPaths
 from edge_agent.members import MemberJob, make_jobs, train_members
-from edge_agent.sitedata import load_site_splits
+from edge_agent.sitedata import SPLITS, load_site_splits
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +76,9 @@ def save_splits(run_dir: Path, splits: dict) -> None:
         np.save(run_dir / f"{name}_labels.npy", splits[name].labels)
 
 
-def active_score(paths: AgentPaths, val) -> tuple[str | None, Score | None]:
-    """The serving ensemble's score on today's validation split (re-measured: the split grows)."""
-    from edge_agent.ensemble import evaluate_graph
-    from edge_agent.onnx_model import OnnxClassifier
-
-    folder = active_dir(paths)
-    if folder is None or not (folder / "ensemble.onnx").is_file():
-        return None, None
-    try:
-        classifier = OnnxClassifier(folder / "ensemble.onnx")
-    except ValueError as exc:
-        log.warning("active ensemble unreadable (%s): treated as none", exc)
-        return folder.name, None
-    if classifier.image_size != val.images.shape[-1]:
-        return folder.name, None
-    result = evaluate_graph(classifier, val.images, val.labels)
-    return folder.name, Score(result["accuracy"], result["nll"])
-
-
 def build_ensemble(config: AgentConfig, jobs: list[MemberJob], splits: dict, version: str, staged: Path,
                    class_names: list[str], extra_meta: dict[str, str]) -> dict[str, Any]:
-    """Fit the weights on val, export the fused graph into ``staged``, evaluate it on val and test."""
+    """Fit the weights on val, export the fused graph into ``staged``; returns the weights and val results."""
     from edge_agent.ensemble import evaluate_graph, export_ensemble, fit_weights
     from edge_agent.onnx_model import OnnxClassifier
     from edge_agent.models import load_checkpoint
@@ -110,8 +92,7 @@ def build_ensemble(config: AgentConfig, jobs: list[MemberJob], splits: dict, ver
                            staged / "ensemble.onnx", image_size=config.image_size, class_names=class_names,
                            metadata={"version": version, "site": config.site, **extra_meta})
     classifier = OnnxClassifier(path, threads=config.workers)
-    return {"weights": fit.weights, "val": evaluate_graph(classifier, val.images, val.labels),
-            "test": evaluate_graph(classifier, splits["test"].images, splits["test"].labels)}
+    return {"weights": fit.weights, "val": evaluate_graph(classifier, val.images, val.labels)}
 
 
 def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: str,
@@ -129,8 +110,8 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
     splits = load_site_splits(paths, class_names, config.image_size)
     save_splits(run_dir, splits)
     jobs = make_jobs(config, bases, run_dir, parallel)
-    log.info("fine-tune %s: %d members (%s), %d threads each, train/val/test %d/%d/%d", run_id, len(jobs),
-             "parallel" if parallel else "sequential", jobs[0].threads, *(len(splits[s]) for s in ("train", "val", "test")))
+    log.info("fine-tune %s: %d members (%s), %d threads each, train/val/gate/test %d/%d/%d/%d", run_id, len(jobs),
+             "parallel" if parallel else "sequential", jobs[0].threads, *(len(splits[s]) for s in SPLITS))
     progress.phase("training")
     train_start = time.time()
     members = train_members(jobs, parallel, should_stop, progress.event)
@@ -140,35 +121,70 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
     staged = staging_dir(paths, version)
     ensemble = build_ensemble(config, jobs, splits, version, staged, class_names,
                               {"run_id": run_id, "bases": json.dumps(sorted({b[0] for b in bases}))})
-    for member, val_m, test_m in zip(members, ensemble["val"]["members"], ensemble["test"]["members"]):
-        member.update(val_accuracy=val_m["accuracy"], test_accuracy=test_m["accuracy"])
     if should_stop():
         shutil.rmtree(staged, ignore_errors=True)
         raise InterruptedError("fine-tune stopped")
     progress.phase("gating")
-    before, before_score = active_score(paths, splits["val"])
-    decision = gate(Score(ensemble["val"]["accuracy"], ensemble["val"]["nll"]), before_score,
-                    config.thresholds.min_gain)
+    base_version, base_path, _ = bases[-1]
+    base_folder, base_is_new = stage_base_as_is(config, paths, base_version, base_path, class_names)
+    serving = choose_serving(config, paths, splits, {"base": base_folder, "new": staged})
+    chosen_folder = {"new": staged, "base": base_folder}.get(serving["chosen"])
+    if chosen_folder is not None and config.finetune.int8:
+        serving["precision"] = choose_precision(chosen_folder, splits["train"].images, splits["gate"],
+                                                config.thresholds.int8_tolerance, config.image_size)
+    for member, val_m, test_m in zip(members, ensemble["val"]["members"],
+                                     serving["results"].get("new", {}).get("test", {}).get("members", [])):
+        member.update(val_accuracy=val_m["accuracy"], test_accuracy=test_m["accuracy"])
     report = {"run_id": run_id, "reason": reason, "version": version, "site": config.site, "started": started,
               "bases": [b[0] for b in bases], "parallel": parallel, "train_seconds": round(train_seconds, 3),
-              "members": members, "ensemble": ensemble, "active_before": before,
-              "active_before_val": asdict(before_score) if before_score else None,
-              "decision": decision.reason, "activated": decision.accept,
-              "counts": {s: len(splits[s]) for s in ("train", "val", "test")}}
+              "members": members, "ensemble": ensemble, "candidates": serving["results"],
+              "serving": serving["chosen"], "serving_version": serving["version"],
+              "gain_over_base": gain_over_base(serving["results"], serving["chosen"]),
+              "decision": serving["decision"], "activated": serving["chosen"] != "active",
+              "precision": serving.get("precision"), "counts": {s: len(splits[s]) for s in SPLITS}}
     write_json_atomic(staged / "report.json", report)
-    if decision.accept:
-        publish(paths, staged, version)
-        activate(paths, version)
-        log.info("ensemble %s activated: %s", version, decision.reason)
-    else:
-        shutil.rmtree(staged, ignore_errors=True)
-        log.info("ensemble %s rejected: %s", version, decision.reason)
+    _publish_choice(paths, serving["chosen"], {"new": (staged, True), "base": (base_folder, base_is_new)})
     report.update(finished=time.time(), seconds=round(time.time() - started, 3))
     progress.phase("done")
     write_json_atomic(run_dir / "report.json", report)
     for name in ("train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"):
         (run_dir / name).unlink(missing_ok=True)
     return report
+
+
+def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged: dict[str, Path]) -> dict[str, Any]:
+    """Score {base as-is, new ensemble, active ensemble} on the gate split and pick what serves.
+
+    The incumbent is the active ensemble, or the base as-is when nothing serves yet; a challenger replaces
+    it only through the shared gate (``thresholds.min_gain``). The test split is scored for the report
+    after the choice and never enters it.
+    """
+    folders = dict(staged)
+    current = active_dir(paths)
+    if current is not None and current.resolve() != folders["base"].resolve():
+        folders["active"] = current
+    results = {name: r for name, folder in folders.items()
+               if (r := score(folder, splits, config.image_size, config.workers)) is not None}
+    incumbent = "active" if "active" in results else "base"
+    order = [n for n in ("base", "active", "new") if n in results]  # ties go to the simpler, then the serving
+    chosen, decision = choose({n: gate_score(results[n]) for n in order}, incumbent, config.thresholds.min_gain)
+    if current is not None and "active" not in folders and chosen == "base":
+        chosen = "active"  # the active ensemble *is* the base as-is: nothing to switch
+        results["active"] = results["base"]
+    version = results[chosen]["version"] if chosen != "active" else current.name
+    log.info("serving %s (%s): %s", chosen, version, decision.reason)
+    return {"chosen": chosen, "version": version, "decision": decision.reason, "results": results}
+
+
+def _publish_choice(paths: AgentPaths, chosen: str, staged: dict[str, tuple[Path, bool]]) -> None:
+    """Publish (one rename) and activate what was chosen; drop the other staged folders."""
+    for name, (folder, is_new) in staged.items():
+        if name == chosen:
+            final = publish(paths, folder, folder.name.removeprefix(STAGING_PREFIX)) if is_new else folder
+            activate(paths, final.name)
+            log.info("%s %s activated", name, final.name)
+        elif is_new:
+            discard(folder)
 
 
 # ---- the process -----------------------------------------------------------------------------------

@@ -38,3 +38,21 @@ def gate(challenger: Score, incumbent: Score | None, min_gain: float = 0.0) -> D
                               f"< {incumbent.nll:.4f}")
     return Decision(False, f"accuracy {challenger.accuracy:.4f} / log-loss {challenger.nll:.4f} does not beat "
                            f"{incumbent.accuracy:.4f} / {incumbent.nll:.4f} (min gain {min_gain})")
+
+
+def choose(scores: dict[str, Score], incumbent: str, min_gain: float = 0.0) -> tuple[str, Decision]:
+    """Which candidate serves: the best challenger replaces ``incumbent`` only through :func:`gate`.
+
+    ``scores`` must hold the incumbent (the model serving now, or the simplest alternative when nothing
+    serves yet). Among challengers the best is taken by accuracy, then log-loss, then insertion order, so
+    a tie goes to the candidate listed first (list the simpler ones first).
+    """
+    challengers = [name for name in scores if name != incumbent]
+    if not challengers:
+        return incumbent, Decision(False, "no challenger")
+    best = max(challengers, key=lambda name: (scores[name].accuracy, -scores[name].nll,
+                                              -challengers.index(name)))
+    decision = gate(scores[best], scores[incumbent], min_gain)
+    if decision.accept:
+        return best, Decision(True, f"{best} over {incumbent}: {decision.reason}")
+    return incumbent, Decision(False, f"{incumbent} stays over {best}: {decision.reason}")

@@ -20,7 +20,9 @@ from edge_agent.layout import AgentPaths
 
 log = logging.getLogger(__name__)
 
-SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+# train fits weights; val chooses epochs and ensemble weights; gate decides what serves; test is reported only.
+SPLITS = ("train", "val", "gate", "test")
+SPLIT_FRACTIONS = (0.55, 0.15, 0.15, 0.15)
 
 
 def labelled_files(paths: AgentPaths) -> list[tuple[str, Path]]:
@@ -52,30 +54,46 @@ def load_labelled(paths: AgentPaths, classes: list[str], size: int
     return ArraySet(array, np.array(labels, dtype=np.int64)), files, skipped
 
 
-def _split_of(name: str, data: bytes) -> str:
-    """Deterministic split for a file no manifest names: by content hash, so it never moves."""
-    bucket = int(hashlib.sha256(data).hexdigest()[:8], 16) % 1000 / 1000
-    cut1, cut2 = SPLIT_FRACTIONS[0], SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1]
-    return "train" if bucket < cut1 else "val" if bucket < cut2 else "test"
+def _bucket(data: bytes) -> float:
+    return int(hashlib.sha256(data).hexdigest()[:8], 16) % 1000 / 1000
+
+
+def _split_of(data: bytes, known: str | None) -> str:
+    """A file's split, decided once by content hash so it never moves.
+
+    A dataset version's manifest names train/val/test; its validation share is halved by hash into val and
+    gate, so what chooses the ensemble's weights never also decides whether it serves.
+    """
+    bucket = _bucket(data)
+    if known == "val":
+        return "val" if bucket < 0.5 else "gate"
+    if known in ("train", "test"):
+        return known
+    edges = np.cumsum(SPLIT_FRACTIONS)
+    return SPLITS[int(np.searchsorted(edges, bucket, side="right"))]
 
 
 def load_site_splits(paths: AgentPaths, classes: list[str], size: int):
-    """train/val/test ArraySets from the labelled folder.
+    """train/val/gate/test ArraySets from the labelled folder.
 
     A manifest in the folder (a dataset version copied in) fixes the splits of the files it names; files an
-    operator added later are split by content hash. An empty val split borrows the train split (noted).
+    operator added later are split by content hash. An empty val split borrows the train split (noted);
+    an empty gate split borrows val (noted in the report: the decision is then weaker evidence).
     """
     data, files, skipped = load_labelled(paths, classes, size)
     for path, reason in skipped:
         log.warning("labelled file %s skipped: %s", path, reason)
     manifest = read_json(paths.labelled / MANIFEST, default={}) or {}
     known = {r["file"]: r["split"] for r in manifest.get("records", [])}
-    splits = np.array([known.get(f.relative_to(paths.labelled).as_posix()) or _split_of(f.name, f.read_bytes())
+    splits = np.array([_split_of(f.read_bytes(), known.get(f.relative_to(paths.labelled).as_posix()))
                        for f in files])
-    out = {s: data.subset(np.flatnonzero(splits == s)) for s in ("train", "val", "test")}
+    out = {s: data.subset(np.flatnonzero(splits == s)) for s in SPLITS}
     if len(out["train"]) == 0:
         raise FinetuneError("no labelled training images under data/labelled/")
     if len(out["val"]) == 0:
         log.warning("no validation images; validating on the training split")
         out["val"] = out["train"]
+    if len(out["gate"]) == 0:
+        log.warning("no gate images; deciding on the validation split")
+        out["gate"] = out["val"]
     return out

@@ -139,11 +139,20 @@ def _site_line(site: str, status: dict | None) -> str:
 def publish_fleet(status: dict[str, dict]) -> None:
     rows = []
     for site, s in sorted(status.items()):
-        ensemble = ((s.get("last_run") or {}).get("ensemble") or {})
-        rows.append({"site": site, "state": s.get("state"), "active_version": s.get("active_version"),
-                     "ensemble_test_acc": ensemble.get("test_acc"), "processed": s.get("processed_total"),
-                     "selected": s.get("selected_total"), "uploaded": s.get("uploaded_total"),
-                     "outbox": s.get("queues", {}).get("outbox"),
+        run = s.get("last_run") or {}
+        candidates = run.get("candidates") or {}
+
+        def acc(name: str, split: str) -> float | None:
+            return ((candidates.get(name) or {}).get(split) or {}).get("accuracy")
+
+        rows.append({"site": site, "state": s.get("state"), "serving": run.get("serving"),
+                     "active_version": s.get("active_version"),
+                     **{f"{name}_{split}_acc": acc(name, split) for name in ("base", "active", "new")
+                        for split in ("gate", "test")},
+                     "gain_over_base_test": (run.get("gain_over_base") or {}).get("test"),
+                     "precision": (run.get("precision") or {}).get("serving"),
+                     "processed": s.get("processed_total"), "selected": s.get("selected_total"),
+                     "uploaded": s.get("uploaded_total"), "outbox": s.get("queues", {}).get("outbox"),
                      "heartbeat_age_s": round(time.time() - s.get("time", 0), 1)})
     create_table_artifact(key="fleet-status", table=rows, description="latest heartbeat of every site")
 

@@ -73,26 +73,31 @@ def clone_site(served: Path, to: Path, **overrides) -> Path:
     return write_config(to / "agent", f"file://{to / 'store'}", **overrides)
 
 
-def test_first_finetune_activates_a_fused_ensemble(served_site):
+def test_first_finetune_serves_the_best_of_the_base_as_is_and_the_new_ensemble(served_site):
     root = served_site / "agent"
-    version = active_version(root)
-    report = json.loads((root / "models" / "ensembles" / version / "report.json").read_text())
-    assert report["activated"] and len(report["members"]) == 3
-    assert {m["policy"] for m in report["members"]} == {"flips", "contrast", "geometric"}
-    assert all(m["test_accuracy"] is not None for m in report["members"])
-    assert 0.0 <= report["ensemble"]["test"]["accuracy"] <= 1.0
+    state = json.loads((root / "state.json").read_text())
+    assert state["pending_finetune"] is None
+    report = json.loads((root / "runs" / state["last_run"]["run_id"] / "report.json").read_text())
+    assert len(report["members"]) == 3 and {m["policy"] for m in report["members"]} == {"flips", "contrast", "geometric"}
+    assert set(report["candidates"]) == {"base", "new"}  # nothing was active yet
+    for candidate in report["candidates"].values():
+        assert candidate["gate"]["n"] == report["counts"]["gate"] and candidate["test"]["n"] == report["counts"]["test"]
     assert abs(sum(report["ensemble"]["weights"]) - 1.0) < 1e-6
+    assert report["serving"] in ("base", "new") and active_version(root) == report["serving_version"]
+    scores = {n: (c["gate"]["accuracy"], -c["gate"]["nll"]) for n, c in report["candidates"].items()}
+    assert (report["serving"] == "new") == (scores["new"] > scores["base"])  # the gate's rule, min_gain 0
+    served, base = report["candidates"][report["serving"]], report["candidates"]["base"]
+    assert report["gain_over_base"]["test"] == pytest.approx(served["test"]["accuracy"] - base["test"]["accuracy"])
+    assert report["precision"]["serving"] in ("int8", "fp32") and report["precision"]["gate_fp32"] is not None
     from edge_agent.onnx_model import OnnxClassifier
-
-    classifier = OnnxClassifier(root / "models" / "active" / "ensemble.onnx")
     import numpy as np
 
+    classifier = OnnxClassifier(root / "models" / "active" / "ensemble.onnx")
+    assert classifier.metadata.get("precision", "fp32") == report["precision"]["serving"]
     out = classifier.run(np.zeros((2, 32, 32), np.uint8))
-    assert out["probs"].shape == (2, 2) and out["member_probs"].shape == (2, 3, 2)
-    assert np.allclose(out["probs"], np.einsum("nkc,k->nc", out["member_probs"], report["ensemble"]["weights"]),
-                       atol=1e-5)
-    state = json.loads((root / "state.json").read_text())
-    assert state["pending_finetune"] is None and state["last_run"]["version"] == version
+    members = 3 if report["serving"] == "new" else 1
+    assert out["probs"].shape == (2, 2) and out["member_probs"].shape == (2, members, 2)
+    assert state["last_run"]["serving"] == report["serving"]
 
 
 def test_inbox_http_quarantine_and_samples_reach_the_store(served_site, elpv_small, tmp_path):

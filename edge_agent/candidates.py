@@ -1,0 +1,110 @@
+"""What could serve a site, scored the same way: the cloud's base as it came, the new ensemble, the active one.
+
+Each candidate is an ensemble folder with an ``ensemble.onnx`` (the base as-is is a one-member ensemble),
+scored on the gate split (which decides) and on the test split (which is only reported). The simplest
+alternative, serving the base unchanged, is always on the list, so a fine-tune that does not help is
+never served, and every report shows the gain over it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.activation import STAGING_PREFIX, staging_dir
+from edge_agent.config import AgentConfig
+from edge_agent.datasets import ArraySet
+from edge_agent.gate import Score
+from edge_agent.layout import AgentPaths
+from edge_agent.serving import ENSEMBLE_FILE, validate_ensemble
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_IMAGES = 128
+FP32_FILE = "ensemble.fp32.onnx"
+
+
+def base_folder_name(base_version: str) -> str:
+    return f"base-{base_version}"
+
+
+def stage_base_as_is(config: AgentConfig, paths: AgentPaths, base_version: str, base_path: Path,
+                     class_names: list[str]) -> tuple[Path, bool]:
+    """The base model as a one-member ensemble: (folder, True when it is newly staged, not yet published)."""
+    from edge_agent.ensemble import export_ensemble
+    from edge_agent.models import load_checkpoint
+
+    name = base_folder_name(base_version)
+    if (paths.ensembles / name / ENSEMBLE_FILE).is_file():
+        return paths.ensembles / name, False
+    staged = staging_dir(paths, name)
+    model, meta = load_checkpoint(base_path)
+    export_ensemble([model], [meta.normalization], [1.0], staged / ENSEMBLE_FILE, image_size=config.image_size,
+                    class_names=class_names, metadata={"version": name, "site": config.site, "base": base_version})
+    return staged, True
+
+
+def score(folder: Path, splits: dict[str, ArraySet], image_size: int, threads: int | None) -> dict[str, Any] | None:
+    """Gate and test results of the ensemble in ``folder``; None when it cannot serve at all."""
+    from edge_agent.ensemble import evaluate_graph
+
+    try:
+        classifier = validate_ensemble(folder / ENSEMBLE_FILE, image_size, threads or 1)
+    except ValueError as exc:
+        log.warning("candidate %s cannot serve: %s", folder.name, exc)
+        return None
+    return {"version": folder.name.removeprefix(STAGING_PREFIX), "precision": classifier.metadata.get("precision", "fp32"),
+            **{split: evaluate_graph(classifier, splits[split].images, splits[split].labels)
+               for split in ("gate", "test")}}
+
+
+def gate_score(result: dict[str, Any]) -> Score:
+    return Score(result["gate"]["accuracy"], result["gate"]["nll"])
+
+
+def gain_over_base(results: dict[str, dict], serving: str) -> dict[str, float | None]:
+    """Accuracy points the serving model adds over the base as-is, on gate and on test."""
+    if "base" not in results or serving not in results:
+        return {"gate": None, "test": None}
+    return {split: round(results[serving][split]["accuracy"] - results["base"][split]["accuracy"], 6)
+            for split in ("gate", "test")}
+
+
+def int8_serves(fp32_gate: float, int8_gate: float, tolerance: float) -> bool:
+    """The 0.5-point rule (``tolerance`` 0.005 by default): INT8 serves unless it costs more on the gate split."""
+    return int8_gate >= fp32_gate - tolerance - 1e-12
+
+
+def choose_precision(folder: Path, calibration: np.ndarray, gate: ArraySet, tolerance: float,
+                     image_size: int) -> dict[str, Any]:
+    """Quantise the ensemble in ``folder`` (static, calibrated on the site's own train images); keep INT8 as
+    ``ensemble.onnx`` when :func:`int8_serves`, else keep FP32. Returns what was decided and both scores."""
+    from edge_agent.ensemble import evaluate_graph
+    from edge_agent.export import quantize_int8
+
+    fp32_path, int8_path = folder / ENSEMBLE_FILE, folder / "ensemble.int8.onnx"
+    fp32 = evaluate_graph(validate_ensemble(fp32_path, image_size), gate.images, gate.labels)["accuracy"]
+    try:
+        quantize_int8(fp32_path, int8_path, calibration[:CALIBRATION_IMAGES])
+        int8 = evaluate_graph(validate_ensemble(int8_path, image_size), gate.images, gate.labels)["accuracy"]
+    except Exception as exc:  # onnxruntime's quantiser fails in many ways on unusual graphs: FP32 it is
+        int8_path.unlink(missing_ok=True)
+        return {"serving": "fp32", "gate_fp32": fp32, "gate_int8": None, "reason": f"INT8 failed: {exc}"}
+    if int8_serves(fp32, int8, tolerance):
+        os.replace(fp32_path, folder / FP32_FILE)
+        os.replace(int8_path, fp32_path)
+        return {"serving": "int8", "gate_fp32": fp32, "gate_int8": int8,
+                "reason": f"INT8 gate accuracy {int8:.4f} within {tolerance} of FP32 {fp32:.4f}"}
+    int8_path.unlink(missing_ok=True)
+    return {"serving": "fp32", "gate_fp32": fp32, "gate_int8": int8,
+            "reason": f"INT8 gate accuracy {int8:.4f} more than {tolerance} below FP32 {fp32:.4f}"}
+
+
+def discard(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

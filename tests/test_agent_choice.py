@@ -1,0 +1,104 @@
+"""What serves a site: the base as-is is always a candidate, the gate split decides, the test split never
+does, and INT8 serves only within 0.5 points of FP32 on the gate split."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from edge_agent.activation import activate
+from edge_agent.candidates import choose_precision, int8_serves, stage_base_as_is
+from edge_agent.config import AgentConfig
+from edge_agent.datasets import ArraySet, open_dataset
+from edge_agent.finetune import choose_serving
+from edge_agent.gate import Score, choose
+from edge_agent.layout import AgentPaths
+from edge_agent.onnx_model import OnnxClassifier
+from edge_agent.serving import ENSEMBLE_FILE
+
+SIZE = 32
+
+
+def test_choose_keeps_the_incumbent_unless_the_gate_says_otherwise():
+    scores = {"base": Score(0.80, 0.40), "active": Score(0.82, 0.38), "new": Score(0.81, 0.30)}
+    assert choose(scores, "active")[0] == "active"  # new beats base, not the active one
+    assert choose({**scores, "new": Score(0.85, 0.5)}, "active")[0] == "new"
+    assert choose({**scores, "new": Score(0.83, 0.5)}, "active", min_gain=0.02)[0] == "active"
+    assert choose({"base": Score(0.8, 0.4), "new": Score(0.8, 0.4)}, "base")[0] == "base"  # a tie keeps the simpler
+
+
+@pytest.mark.parametrize("fp32, int8, serves", [(0.900, 0.900, True), (0.900, 0.8951, True), (0.900, 0.895, True),
+                                                 (0.900, 0.8949, False), (0.900, 0.91, True)])
+def test_the_half_point_int8_rule(fp32, int8, serves):
+    assert int8_serves(fp32, int8, 0.005) is serves
+
+
+@pytest.fixture
+def site(tmp_path, elpv_small, tiny_base_model):
+    """A site with the cloud's base model, its own splits, and a 'new' ensemble that learnt nothing."""
+    from edge_agent.ensemble import export_ensemble
+    from edge_agent.models import ModelSpec, Normalization, build_model
+
+    config = AgentConfig(site="s", root=tmp_path / "site", store_url="file:///unused", image_size=SIZE)
+    paths = AgentPaths(config.root)
+    paths.ensure()
+    data = open_dataset(elpv_small / "sites" / "site-1")
+    train, val, test = (data.load_split(s) for s in ("train", "val", "test"))
+    gate = ArraySet(np.concatenate([val.images, train.images]), np.concatenate([val.labels, train.labels]))
+    splits = {"train": train, "val": val, "gate": gate, "test": test}
+    base_folder, _ = stage_base_as_is(config, paths, "v1", tiny_base_model, ["functional", "defective"])
+    bad = paths.ensembles / ".tmp-bad"
+    bad.mkdir()
+    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=SIZE)
+    worse = build_model(spec, seed=7)
+    with __import__("torch").no_grad():
+        worse[-1].bias.copy_(__import__("torch").tensor([-5.0, 5.0]))  # says "defective" for everything
+    export_ensemble([worse], [Normalization()], [1.0], bad / ENSEMBLE_FILE, image_size=SIZE,
+                    class_names=["functional", "defective"], metadata={"version": "bad"})
+    return config, paths, splits, base_folder, bad
+
+
+def test_the_base_keeps_serving_when_the_new_ensemble_is_worse_and_the_test_split_decides_nothing(site):
+    config, paths, splits, base_folder, bad = site
+    first = choose_serving(config, paths, splits, {"base": base_folder, "new": bad})
+    assert first["chosen"] == "base" and set(first["results"]) == {"base", "new"}
+    assert first["results"]["base"]["gate"]["accuracy"] > first["results"]["new"]["gate"]["accuracy"]
+
+    rng = np.random.default_rng(0)
+    scrambled = ArraySet(rng.integers(0, 255, splits["test"].images.shape, dtype=np.uint8),
+                         1 - splits["test"].labels)  # a test split that would favour anything else
+    again = choose_serving(config, paths, {**splits, "test": scrambled}, {"base": base_folder, "new": bad})
+    assert (again["chosen"], again["decision"]) == (first["chosen"], first["decision"])
+    assert again["results"]["base"]["test"] != first["results"]["base"]["test"]  # test was scored, not used
+
+    published = paths.ensembles / "base-v1"
+    shutil.move(base_folder, published)
+    activate(paths, "base-v1")  # now the base serves: a worse new ensemble does not replace it
+    later = choose_serving(config, paths, splits, {"base": published, "new": bad})
+    assert later["chosen"] == "active" and later["version"] == "base-v1"
+
+
+def test_int8_serves_within_the_rule_and_is_refused_beyond_it(site, monkeypatch):
+    config, paths, splits, base_folder, bad = site
+    within = choose_precision(base_folder, splits["train"].images, splits["gate"], 0.005, SIZE)
+    if within["serving"] == "int8":  # the real quantiser kept the accuracy: INT8 now serves, FP32 kept aside
+        assert OnnxClassifier(base_folder / ENSEMBLE_FILE).metadata["precision"] == "int8"
+        assert (base_folder / "ensemble.fp32.onnx").is_file()
+        assert within["gate_int8"] >= within["gate_fp32"] - 0.005
+    else:
+        assert within["gate_int8"] < within["gate_fp32"] - 0.005
+
+    import edge_agent.export as export
+
+    folder = paths.ensembles / "fresh"
+    folder.mkdir()
+    fp32 = base_folder / "ensemble.fp32.onnx"
+    shutil.copy(fp32 if fp32.exists() else base_folder / ENSEMBLE_FILE, folder / ENSEMBLE_FILE)
+    before = (folder / ENSEMBLE_FILE).read_bytes()
+    # a quantiser that loses accuracy (it hands back the model that learnt nothing)
+    monkeypatch.setattr(export, "quantize_int8", lambda src, out, calibration: shutil.copy(bad / ENSEMBLE_FILE, out))
+    refused = choose_precision(folder, splits["train"].images, splits["gate"], 0.005, SIZE)
+    assert refused["serving"] == "fp32" and refused["gate_int8"] < refused["gate_fp32"] - 0.005
+    assert (folder / ENSEMBLE_FILE).read_bytes() == before and not (folder / "ensemble.int8.onnx").exists()
