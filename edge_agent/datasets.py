@@ -65,8 +65,9 @@ class ImportReport:
 
 
 @dataclass
-class _Item:
-    """One decoded source image waiting to be written, with the fields its manifest record keeps."""
+class SourceImage:
+    """One decoded source image waiting to be written, with the fields its manifest record keeps
+    (for ELPV: ``cell_type``, mono or poly, which the demo uses to give sites different cells)."""
 
     name: str
     label: int
@@ -144,7 +145,7 @@ def stratified_split(strata: Sequence, fractions: Sequence[float], seed: int) ->
     return parts
 
 
-def _write_version(out: Path, items: list[_Item], classes: list[str], fractions: Sequence[float], seed: int,
+def write_version(out: Path, items: list[SourceImage], classes: list[str], fractions: Sequence[float], seed: int,
                    size: int, source: str, skipped: list[dict[str, str]]) -> ImportReport:
     """Write items as a dataset version, stratified by label (and cell type where known)."""
     if not items:
@@ -172,11 +173,11 @@ def _write_version(out: Path, items: list[_Item], classes: list[str], fractions:
 
 
 def _decode_all(sources: Iterable[tuple[str, Path, int, dict]], size: int,
-                skipped: list[dict[str, str]]) -> list[_Item]:
+                skipped: list[dict[str, str]]) -> list[SourceImage]:
     items = []
     for name, path, label, extra in sources:
         try:
-            items.append(_Item(name, label, decode_image(path, size), extra))
+            items.append(SourceImage(name, label, decode_image(path, size), extra))
         except ImageError as exc:
             skipped.append({"file": str(path), "reason": str(exc)})
             log.warning("skipped %s: %s", path, exc)
@@ -203,7 +204,7 @@ def import_folder(src: str | Path, out: str | Path, size: int = 96, seed: int = 
     missing = [c for i, c in enumerate(classes) if not any(it.label == i for it in items)]
     if missing:
         raise DatasetError(f"{src}: no readable images in class folder(s): {', '.join(missing)}")
-    return _write_version(Path(out), items, classes, fractions, seed, size, f"folder:{src.resolve()}", skipped)
+    return write_version(Path(out), items, classes, fractions, seed, size, f"folder:{src.resolve()}", skipped)
 
 
 def _safe_name(rel: Path) -> str:
@@ -233,6 +234,12 @@ def _elpv_sources(limit: int | None, seed: int) -> list[tuple[str, Path, int, di
     return sources
 
 
+def elpv_images(size: int, seed: int = 0, limit: int | None = None) -> tuple[list[SourceImage], list[dict[str, str]]]:
+    """The bundled ELPV images decoded at ``size`` (binary labels, cell type kept), and any skipped."""
+    skipped: list[dict[str, str]] = []
+    return _decode_all(_elpv_sources(limit, seed), size, skipped), skipped
+
+
 def import_elpv(out: str | Path, size: int = 96, seed: int = 0, sites: int = 0, limit: int | None = None,
                 fractions: Sequence[float] = (0.7, 0.15, 0.15), generic_share: float = 0.5) -> ImportReport:
     """Import the bundled ELPV solar-cell images as a binary task (defective when probability >= 0.5).
@@ -241,10 +248,9 @@ def import_elpv(out: str | Path, size: int = 96, seed: int = 0, sites: int = 0, 
     disjoint private site sets are carved out, each a dataset version with its own splits.
     """
     out = Path(out)
-    skipped: list[dict[str, str]] = []
-    items = _decode_all(_elpv_sources(limit, seed), size, skipped)
+    items, skipped = elpv_images(size, seed, limit)
     if sites <= 0:
-        return _write_version(out, items, ELPV_CLASSES, fractions, seed, size, "elpv", skipped)
+        return write_version(out, items, ELPV_CLASSES, fractions, seed, size, "elpv", skipped)
     site_share = (1 - generic_share) / sites
     parts = stratified_split([(it.label, it.extra["cell_type"]) for it in items],
                              [generic_share] + [site_share] * sites, seed)
@@ -252,7 +258,7 @@ def import_elpv(out: str | Path, size: int = 96, seed: int = 0, sites: int = 0, 
     for part in range(sites + 1):
         name = "generic" if part == 0 else f"sites/site-{part}"
         chosen = [it for it, p in zip(items, parts) if p == part]
-        children.append(_write_version(out / name, chosen, ELPV_CLASSES, fractions, seed + part, size,
+        children.append(write_version(out / name, chosen, ELPV_CLASSES, fractions, seed + part, size,
                                        f"elpv:{name}", []))
     counts = {c.out.relative_to(out).as_posix(): {s: sum(v.values()) for s, v in c.counts.items()} for c in children}
     report = ImportReport(out, manifest_id({"classes": ELPV_CLASSES,

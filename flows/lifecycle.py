@@ -33,17 +33,21 @@ PROGRESS_EVERY_S = 30.0
 
 
 @task(cache_policy=NO_CACHE)
-def prepare_data(home: Path, sites: int, size: int, seed: int) -> list[Path]:
-    return demo.prepare_elpv(home / "data", sites, size, seed)
+def prepare_data(home: Path, sites: int, size: int, seed: int, fleet: str) -> list[Path]:
+    return demo.prepare_elpv(home / "data", sites, size, seed, fleet)
 
 
 @task(cache_policy=NO_CACHE)
 def pretrain(registry: ModelRegistry, settings: demo.DemoSettings, generic: Path) -> ModelVersion:
     logger = get_run_logger()
     champion = registry.champion(settings.family)
-    if champion:
-        logger.info("champion %s already in the registry; no pretraining", champion.version)
+    pool = open_dataset(generic).id
+    if champion and registry.lineage(champion.version)[-1].dataset_id == pool:
+        logger.info("champion %s already in the registry (its lineage starts on this generic pool %s); "
+                    "no pretraining", champion.version, pool)
         return champion
+    if champion:
+        logger.info("champion %s descends from another generic pool; pretraining on %s", champion.version, pool)
     config = TrainConfig(epochs=settings.pretrain_epochs, batch_size=64, seed=settings.seed)
     version = steps.train_version(registry, settings.family, generic, settings.pretrain_arch, config,
                                       note="pretrained on the generic pool", on_epoch=_progress(config.epochs))
@@ -183,17 +187,22 @@ def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inv
 @flow(name="edgeloop-lifecycle", log_prints=True)
 def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretrain_arch: str = "resnet18",
                    pretrain_epochs: int = 8, retrain_epochs: int = 3, site_timeout_s: float = 900,
-                   stop_agents: bool = True) -> dict:
-    """One turn of the loop on a fleet; the parameters are the hyperparameter form in the Prefect UI."""
+                   stop_agents: bool = True, site_data: str = "shifted") -> dict:
+    """One turn of the loop on a fleet; the parameters are the hyperparameter form in the Prefect UI.
+
+    ``site_data``: ``shifted`` (sites differ from the cloud's pool: mono cells, their own camera, mixed) or
+    ``random`` (every site a random draw of the same pool).
+    """
     overrides = {k: v for k, v in {"inventory": inventory, "home": home}.items() if v}
     settings = demo.DemoSettings(pretrain_arch=pretrain_arch, pretrain_epochs=pretrain_epochs,
-                        retrain_epochs=retrain_epochs, site_timeout_s=site_timeout_s, **overrides)
+                                 retrain_epochs=retrain_epochs, site_timeout_s=site_timeout_s, fleet=site_data,
+                                 **overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
     # Local demo sites reuse this interpreter's packages (torch is not installed again per site).
     env = {"EDGELOOP_PYTHON": sys.executable, **os.environ, "EDGELOOP_HOME": str(settings.home.resolve())}
     fleet = load_inventory(settings.inventory, env=env)
     names = fleet.names()
-    parts = prepare_data(settings.home, len(names), _image_size(fleet), settings.seed)
+    parts = prepare_data(settings.home, len(names), _image_size(fleet), settings.seed, settings.fleet)
     registry = ModelRegistry(fleet.cloud.registry)
     champion = pretrain(registry, settings, parts[0])
 

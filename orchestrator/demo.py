@@ -6,13 +6,20 @@ label what the sites send back. The demo stands in for all three with the bundle
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
+
+import numpy as np
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_agent.datasets import DatasetVersion, import_elpv, open_dataset
+from edge_agent.datasets import (ELPV_CLASSES, DatasetVersion, SourceImage, elpv_images, import_elpv,
+                                 write_version)
 from edge_agent.layout import AgentPaths
 from orchestrator.project import PROJECT_DIR
 from orchestrator.samples import Sample
@@ -31,17 +38,70 @@ class DemoSettings(BaseSettings):
     retrain_epochs: int = Field(3, ge=1)
     seed: int = 0
     site_timeout_s: float = Field(900, gt=0, description="how long the cloud waits for an edge before going on")
+    fleet: Literal["shifted", "random"] = Field("shifted", description="sites that differ (mono, own camera, "
+                                                                        "mixed) or random draws of one pool")
 
 
-def prepare_elpv(out: Path, sites: int, size: int, seed: int) -> list[Path]:
-    """The demo's data: a generic pool for the cloud and one private set per site (reused when present)."""
+# Sites that differ the way real fleets differ (README, "The demo fleet"). The cloud's generic pool is
+# mostly polycrystalline cells; one site inspects mono cells only, one sees poly cells through its own
+# camera, one has both. Counts per site role: (mono, poly) images.
+GENERIC_SHIFTED = (60, 900)
+SITE_ROLES = {"mono": (600, 0), "poly-camera": (0, 450), "mixed": (200, 200)}
+SITE_FRACTIONS = (0.55, 0.2, 0.25)  # train / val (halved into val and gate at the edge) / test
+
+
+def camera(pixels: np.ndarray, key: str) -> np.ndarray:
+    """A site's own imaging conditions, fixed per site: underexposed, softer, noisier (seeded per image)."""
+    x = (pixels.astype(np.float32) / 255.0) ** 1.6 * 0.8  # darker exposure, flattened highlights
+    x = (x + np.roll(x, 1, 0) + np.roll(x, -1, 0) + np.roll(x, 1, 1) + np.roll(x, -1, 1)) / 5  # blur
+    rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+    x = x + rng.normal(0, 0.03, x.shape)
+    return np.clip(x * 255, 0, 255).astype(np.uint8)
+
+
+def shifted_fleet(images: list[SourceImage], sites: int, seed: int) -> list[list[SourceImage]]:
+    """[generic pool, site 1, site 2, ...]: site roles cycle mono, poly-camera, mixed."""
+    rng = np.random.default_rng(seed)
+    pools = {kind: [images[i] for i in rng.permutation(len(images)) if images[i].extra["cell_type"] == kind]
+             for kind in ("mono", "poly")}
+
+    def take(mono: int, poly: int) -> list[SourceImage]:
+        chosen = pools["mono"][:mono] + pools["poly"][:poly]
+        del pools["mono"][:mono], pools["poly"][:poly]
+        return chosen
+
+    parts = [take(*GENERIC_SHIFTED)]
+    for index in range(sites):
+        role = list(SITE_ROLES)[index % len(SITE_ROLES)]
+        chosen = take(*SITE_ROLES[role])
+        if role == "poly-camera":
+            chosen = [replace(item, pixels=camera(item.pixels, item.name),
+                              extra={**item.extra, "site_camera": "underexposed-soft-noisy"}) for item in chosen]
+        parts.append([replace(item, extra={**item.extra, "site_role": role}) for item in chosen])
+    return parts
+
+
+def prepare_elpv(out: Path, sites: int, size: int, seed: int, fleet: str = "shifted") -> list[Path]:
+    """The demo's data: a generic pool for the cloud and one private set per site (reused when present).
+
+    ``fleet="shifted"``: sites differ from the cloud's pool and from each other (:func:`shifted_fleet`);
+    ``"random"``: every set a random draw from the same pool (nothing site-specific to learn).
+    """
     parts = [out / "generic"] + [out / "sites" / f"site-{i}" for i in range(1, sites + 1)]
-    report = out / "import_report.json"
-    if report.is_file() and all((p / "manifest.json").is_file() for p in parts):
-        if all(open_dataset(p).image_size == size for p in parts):
-            return parts
+    marker = out / "fleet.json"
+    wanted = {"fleet": fleet, "size": size, "seed": seed, "sites": sites}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted and \
+            all((p / "manifest.json").is_file() for p in parts):
+        return parts
     shutil.rmtree(out, ignore_errors=True)
-    import_elpv(out, size=size, seed=seed, sites=sites)
+    if fleet == "random":
+        import_elpv(out, size=size, seed=seed, sites=sites)
+    else:
+        images, skipped = elpv_images(size, seed)
+        for index, (path, items) in enumerate(zip(parts, shifted_fleet(images, sites, seed))):
+            write_version(path, items, ELPV_CLASSES, (0.7, 0.15, 0.15) if index == 0 else SITE_FRACTIONS,
+                          seed + index, size, f"elpv:{fleet}:{path.name}", skipped if index == 0 else [])
+    marker.write_text(json.dumps(wanted))
     return parts
 
 

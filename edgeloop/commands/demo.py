@@ -21,6 +21,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--retrain-epochs", type=int, default=defaults.retrain_epochs)
     demo.add_argument("--site-timeout", type=float, default=defaults.site_timeout_s)
     demo.add_argument("--keep-agents", action="store_true", help="leave the site agents running afterwards")
+    demo.add_argument("--fleet", choices=["shifted", "random"], default=defaults.fleet,
+                      help="sites that differ from the cloud's pool (default) or random draws of it")
     demo.set_defaults(func=_demo)
 
 
@@ -33,6 +35,7 @@ def _demo(args: argparse.Namespace) -> int:
     from flows.lifecycle import lifecycle_flow
 
     result = lifecycle_flow(inventory=args.inventory, home=args.home, pretrain_epochs=args.pretrain_epochs, retrain_epochs=args.retrain_epochs,
-                            site_timeout_s=args.site_timeout, stop_agents=not args.keep_agents)
+                            site_timeout_s=args.site_timeout, stop_agents=not args.keep_agents,
+                            site_data=args.fleet)
     print(json.dumps(result, indent=1, default=str))
     return 0 if result["sites_completed"] else 1
