@@ -28,6 +28,9 @@ MANIFEST = "manifest.json"
 REPORT = "import_report.json"
 FORMAT = "edgeloop-dataset/1"
 SPLITS = ("train", "val", "test")
+# Evaluation roles (DESIGN.md): train fits weights; val chooses (epochs, ensemble weights); gate decides
+# (activation, promotion) and nothing else; test is reported and decides nothing.
+ROLES = ("train", "val", "gate", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm"}
 ELPV_CLASSES = ["functional", "defective"]
 ELPV_DEFECT_THRESHOLD = 0.5
@@ -87,12 +90,15 @@ class DatasetVersion:
         self.id = manifest_id(manifest)
 
     def files(self, split: str) -> list[dict]:
+        """The records in one split, or in one evaluation role (``val`` and ``gate`` halve the val split)."""
+        if split in ("val", "gate"):
+            return [r for r in self.records if r["split"] == "val" and role(r["split"], r["sha256"]) == split]
         return [r for r in self.records if r["split"] == split]
 
     def load_split(self, split: str, size: int | None = None) -> ArraySet:
-        """Decode one split into memory (``size`` resizes; default: the stored size)."""
-        if split not in SPLITS:
-            raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+        """Decode one split or role into memory (``size`` resizes; default: the stored size)."""
+        if split not in ROLES:
+            raise DatasetError(f"unknown split {split!r}; expected one of {ROLES}")
         records = self.files(split)
         size = size or self.image_size
         images = np.zeros((len(records), size, size), dtype=np.uint8)
@@ -102,8 +108,16 @@ class DatasetVersion:
         return ArraySet(images, labels)
 
     def counts(self) -> dict[str, dict[str, int]]:
-        counts = {s: Counter(self.classes[r["label"]] for r in self.files(s)) for s in SPLITS}
+        counts = {s: Counter(self.classes[r["label"]] for r in self.records if r["split"] == s) for s in SPLITS}
         return {s: dict(sorted(c.items())) for s, c in counts.items()}
+
+
+def role(split: str, sha256: str) -> str:
+    """The evaluation role of an image in ``split``: a val image is val or gate by its content hash, so
+    what chooses never also decides, and the halves never move as a dataset grows."""
+    if split != "val":
+        return split
+    return "val" if int(sha256[:8], 16) % 1000 < 500 else "gate"
 
 
 def manifest_id(manifest: dict) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.datasets import IMAGE_SUFFIXES, MANIFEST, ArraySet
+from edge_agent.datasets import IMAGE_SUFFIXES, MANIFEST, ArraySet, role
 from edge_agent.errors import FinetuneError
 from edge_agent.fileio import read_json
 from edge_agent.imaging import ImageError, decode_image
@@ -54,23 +54,17 @@ def load_labelled(paths: AgentPaths, classes: list[str], size: int
     return ArraySet(array, np.array(labels, dtype=np.int64)), files, skipped
 
 
-def _bucket(data: bytes) -> float:
-    return int(hashlib.sha256(data).hexdigest()[:8], 16) % 1000 / 1000
-
-
 def _split_of(data: bytes, known: str | None) -> str:
-    """A file's split, decided once by content hash so it never moves.
+    """A file's role, decided once by content hash so it never moves.
 
-    A dataset version's manifest names train/val/test; its validation share is halved by hash into val and
-    gate, so what chooses the ensemble's weights never also decides whether it serves.
+    A dataset version's manifest names train/val/test, and its val share is halved into val and gate
+    (:func:`edge_agent.datasets.role`, as in the cloud); an operator's own files are split by hash.
     """
-    bucket = _bucket(data)
-    if known == "val":
-        return "val" if bucket < 0.5 else "gate"
-    if known in ("train", "test"):
-        return known
-    edges = np.cumsum(SPLIT_FRACTIONS)
-    return SPLITS[int(np.searchsorted(edges, bucket, side="right"))]
+    digest = hashlib.sha256(data).hexdigest()
+    if known in SPLITS:
+        return role(known, digest)
+    bucket = int(digest[:8], 16) % 1000 / 1000
+    return SPLITS[int(np.searchsorted(np.cumsum(SPLIT_FRACTIONS), bucket, side="right"))]
 
 
 def load_site_splits(paths: AgentPaths, classes: list[str], size: int):

@@ -178,8 +178,8 @@ def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inv
     candidate, summary = steps.retrain_from_samples(registry, settings.family, parts[0], collection, out, config,
                                                     labellers=[reference], on_epoch=_progress(config.epochs))
     decision = steps.gate(registry, candidate, champion, parts[0])
-    logger.info("gate: candidate %s val_acc %.3f vs champion %s val_acc %.3f: %s", decision.candidate,
-                decision.candidate_val_acc, decision.champion, decision.champion_val_acc or float("nan"),
+    logger.info("gate: candidate %s gate_acc %.3f vs champion %s gate_acc %.3f: %s", decision.candidate,
+                decision.candidate_gate_acc, decision.champion, decision.champion_gate_acc or float("nan"),
                 "promoted" if decision.promoted else "kept the champion")
     return {**summary, **decision.as_dict()}
 
@@ -258,10 +258,12 @@ def _image_size(fleet: Inventory) -> int:
 
 def _gate_markdown(decision: dict) -> str:
     verdict = "promoted" if decision["promoted"] else "kept the champion"
-    return (f"### Retraining gate: {verdict}\n\n| | version | val acc | val loss |\n|---|---|---|---|\n"
-            f"| candidate | {decision['candidate']} | {decision['candidate_val_acc']:.4f} | "
-            f"{decision['candidate_val_loss']:.4f} |\n| champion | {decision['champion']} | "
-            f"{decision['champion_val_acc'] or 0:.4f} | {decision['champion_val_loss'] or 0:.4f} |\n\n"
+    return (f"### Retraining gate: {verdict}\n\n{decision['reason']}\n\n"
+            "| | version | gate acc (decides) | gate loss | test acc (reported only) |\n|---|---|---|---|---|\n"
+            f"| candidate | {decision['candidate']} | {decision['candidate_gate_acc']:.4f} | "
+            f"{decision['candidate_gate_loss']:.4f} | {decision['candidate_test_acc']:.4f} |\n"
+            f"| champion | {decision['champion']} | {decision['champion_gate_acc'] or 0:.4f} | "
+            f"{decision['champion_gate_loss'] or 0:.4f} | {decision['champion_test_acc'] or 0:.4f} |\n\n"
             f"{decision['samples_accepted']} samples accepted ({decision['by_site']}), "
             f"{decision['samples_rejected']} rejected, {decision['samples_unlabelled']} awaiting labels.")
 

@@ -38,12 +38,16 @@ def train_version(registry: ModelRegistry, family: str, data: Path, arch: str, c
 
 @dataclass
 class GateDecision:
+    """The promotion decision (on the gate split) and both models on the test split (reported only)."""
+
     candidate: str
     champion: str | None
-    candidate_val_acc: float
-    champion_val_acc: float | None
-    candidate_val_loss: float
-    champion_val_loss: float | None
+    candidate_gate_acc: float
+    champion_gate_acc: float | None
+    candidate_gate_loss: float
+    champion_gate_loss: float | None
+    candidate_test_acc: float
+    champion_test_acc: float | None
     promoted: bool
     reason: str = ""
 
@@ -53,21 +57,28 @@ class GateDecision:
 
 def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: Path,
          min_gain: float = 0.0) -> GateDecision:
-    """Promote the candidate only if it beats the champion on the same held-out split (the shared gate)."""
-    val = open_dataset(holdout).load_split("val")
+    """Promote the candidate only if it beats the champion on the pool's gate split (the shared gate).
 
-    def score(version: ModelVersion) -> Score:
+    The gate split is the half of the pool's val split that chose no epoch (:func:`edge_agent.datasets.role`);
+    retraining sets keep the pool's val records, so every candidate meets the same gate images. The test
+    split is scored after the decision, for the report.
+    """
+    pool = open_dataset(holdout)
+    gate_split, test_split = pool.load_split("gate"), pool.load_split("test")
+
+    def score(version: ModelVersion, split) -> Score:
         model, meta = load_checkpoint(registry.artifact(version.version))
-        return Score(*evaluate(model, val, meta.normalization))
+        return Score(*evaluate(model, split, meta.normalization))
 
-    cand = score(candidate)
-    champ = score(champion) if champion else None
+    cand = score(candidate, gate_split)
+    champ = score(champion, gate_split) if champion else None
     decision = decide(cand, champ, min_gain)
     if decision.accept:
         registry.promote(candidate.version)
     return GateDecision(candidate.version, champion.version if champion else None, cand.accuracy,
-                        champ.accuracy if champ else None, cand.nll, champ.nll if champ else None, decision.accept,
-                        decision.reason)
+                        champ.accuracy if champ else None, cand.nll, champ.nll if champ else None,
+                        score(candidate, test_split).accuracy,
+                        score(champion, test_split).accuracy if champion else None, decision.accept, decision.reason)
 
 
 def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, collection: Collection,

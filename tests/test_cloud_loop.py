@@ -104,9 +104,10 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
     assert candidate.parent == champion.version
     decision = gate(registry, candidate, champion, elpv_small / "generic")
     assert decision.promoted == (registry.champion("elpv").version == candidate.version)
-    assert decision.promoted == (decision.candidate_val_acc > decision.champion_val_acc or (
-        decision.candidate_val_acc == decision.champion_val_acc
-        and decision.candidate_val_loss < decision.champion_val_loss))
+    assert decision.promoted == (decision.candidate_gate_acc > decision.champion_gate_acc or (
+        decision.candidate_gate_acc == decision.champion_gate_acc
+        and decision.candidate_gate_loss < decision.champion_gate_loss))
+    assert 0 <= decision.candidate_test_acc <= 1 and 0 <= decision.champion_test_acc <= 1
     assert decision.reason  # the shared gate says why
     registry.promote(champion.version)
 

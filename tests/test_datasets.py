@@ -100,3 +100,21 @@ def test_a_sites_labelled_folder_reports_unusable_files(tmp_path, elpv_small):
     arrays, files, skipped = load_labelled(paths, ["ok", "crack"], 32)
     assert len(arrays) == len(files) == 24 and arrays.images.shape[1:] == (32, 32)
     assert {p.name for p, _ in skipped} == {"truncated.png", "garbage.jpg", "x.png"}
+
+
+def test_val_is_halved_into_val_and_gate_the_same_way_in_the_cloud_and_at_the_edge(elpv_small, tmp_path):
+    """What chooses (val) never decides (gate): disjoint halves by content hash, stable, and the same halves
+    whether the cloud opens the dataset version or an edge site finds its files in its labelled folder."""
+    from edge_agent.sitedata import _split_of
+
+    dataset = open_dataset(elpv_small / "generic")
+    val, gate = dataset.files("val"), dataset.files("gate")
+    whole = [r for r in dataset.records if r["split"] == "val"]
+    assert val and gate and {r["file"] for r in val} | {r["file"] for r in gate} == {r["file"] for r in whole}
+    assert not {r["file"] for r in val} & {r["file"] for r in gate}
+    assert len(dataset.load_split("gate")) == len(gate)
+    for record in whole:
+        data = (dataset.root / record["file"]).read_bytes()
+        expected = "gate" if record in gate else "val"
+        assert _split_of(data, "val") == expected
+    assert {_split_of((dataset.root / r["file"]).read_bytes(), "test") for r in dataset.files("test")} == {"test"}
