@@ -63,6 +63,8 @@ class UploadBudget(Strict):
     retry_max_s: float = Field(60.0, gt=0, description="longest wait between upload attempts")
     http_share: float = Field(0.25, ge=0, le=1, description="share of the daily sample budget that images "
                                                             "POSTed to the HTTP endpoint may take")
+    labelled_share: float = Field(0.5, ge=0, le=1, description="share of the daily sample budget that "
+                                                               "informative operator-labelled images may take")
 
 
 class Retention(Strict):

@@ -11,7 +11,7 @@ from edge_agent.serving import Prediction
 from edge_agent.outbox import Outbox, as_png
 from edge_agent.select import Selector
 from edge_agent.sidecar import SampleSidecar
-from edge_agent.state import AgentState
+from edge_agent.state import AgentState, UploadLedger
 
 
 class Sampler:
@@ -28,13 +28,14 @@ class Sampler:
         within their own share of the day's budget, so anonymous requests cannot crowd out the inbox."""
         probs = prediction.probs if prediction is not None else None
         members = prediction.member_probs if prediction is not None else None
-        if prediction is None:
-            chosen, score, reasons, extra = operator_label is not None, 2.0, ["operator_label"], {}
+        if prediction is None:  # no model to judge with yet: a site's labels are what the cloud lacks most
+            chosen, score, reasons, extra = operator_label is not None, 2.0, ["operator_label", "no_model"], {}
         else:
-            selection = self.selector.judge(probs, members, operator_label)
+            mistaken = operator_label is not None and prediction.label != operator_label
+            selection = self.selector.judge(probs, members, operator_label, mistaken)
             chosen, score, reasons = selection.chosen, selection.score, selection.reasons
             extra = {"uncertainty": round(selection.uncertainty, 6), "disagreement": round(selection.disagreement, 6)}
-        if not chosen or (source == "http" and not self._http_allowance()):
+        if not chosen or not self._allowance(source):
             return False
         sidecar = SampleSidecar(
             site=self.config.site, time=time.time(), source_file=name, reasons=reasons,
@@ -47,13 +48,17 @@ class Sampler:
             self.state.selected_total += 1
         return True
 
-    def _http_allowance(self) -> bool:
-        """Take one of today's HTTP sample slots, if any is left."""
-        limit = int(self.config.upload.http_share * self.config.upload.max_samples_per_day)
+    def _allowance(self, source: str) -> bool:
+        """Take one of today's slots of the source's share of the budget (HTTP requests and operator labels
+        each have a share, so neither can crowd out the inbox's inference samples)."""
+        upload = self.config.upload
+        share = {"http": upload.http_share, "operator": upload.labelled_share}.get(source)
+        if share is None:
+            return True
         with self.lock:
-            taken = self.state.http_samples
+            taken = self.state.samples_by_source.setdefault(source, UploadLedger())
             taken.roll(time.time())
-            if taken.count >= limit:
+            if taken.count >= int(share * upload.max_samples_per_day):
                 return False
             taken.count += 1
             return True

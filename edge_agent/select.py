@@ -50,12 +50,15 @@ class Selector:
     rng: random.Random = field(default_factory=random.Random)
 
     def judge(self, probs: np.ndarray, member_probs: np.ndarray | None = None,
-              operator_label: str | None = None) -> Selection:
+              operator_label: str | None = None, mistaken: bool = False) -> Selection:
+        """Is this image worth sending? An operator's label alone is not a reason: a labelled image goes
+        up when the model is unsure of it, its members disagree, it got it wrong (``mistaken``), or by the
+        random share, like any other; when chosen, its label makes it rank first."""
         unc = normalised_entropy(probs)
         dis = disagreement(member_probs) if member_probs is not None else 0.0
         reasons = []
-        if operator_label is not None:
-            reasons.append("operator_label")
+        if mistaken:
+            reasons.append("mistaken")
         if unc >= self.uncertainty_threshold:
             reasons.append("uncertain")
         if dis >= self.disagreement_threshold:
@@ -63,4 +66,6 @@ class Selector:
         if not reasons and self.rng.random() < self.random_share:
             reasons.append("random")
         score = OPERATOR_SCORE if operator_label is not None else max(unc, dis)
+        if reasons and operator_label is not None:
+            reasons.insert(0, "operator_label")
         return Selection(bool(reasons), score, reasons, unc, dis)

@@ -44,7 +44,8 @@ class AgentState(BaseModel):
     uploaded_total: int = 0
     dropped_total: int = 0
     upload_ledger: UploadLedger = Field(default_factory=UploadLedger)
-    http_samples: UploadLedger = Field(default_factory=UploadLedger, description="samples queued from HTTP today")
+    samples_by_source: dict[str, UploadLedger] = Field(default_factory=dict,
+                                                       description="samples queued today from HTTP and labels")
     last_upload_error: str | None = None
     recovery: str | None = Field(None, description="set when state.json was unreadable at start; never saved")
 

@@ -176,9 +176,10 @@ def test_off_loopback_needs_a_token_and_requests_need_the_right_one(site, caplog
     assert "s3cret" not in caplog.text
 
 
-def test_http_samples_only_spend_their_own_share_of_the_budget(tmp_path):
+def test_http_and_labelled_samples_only_spend_their_own_share_of_the_budget(tmp_path):
     config = AgentConfig(site="s", root=tmp_path, store_url="file:///tmp/x",
-                         upload={"max_samples_per_day": 20, "http_share": 0.25, "random_share": 1.0})
+                         upload={"max_samples_per_day": 20, "http_share": 0.25, "labelled_share": 0.1,
+                                 "random_share": 1.0})
     state = AgentState()
     sampler = Sampler(config, Outbox(tmp_path / "outbox", 10**9), state, threading.Lock())
 
@@ -187,9 +188,12 @@ def test_http_samples_only_spend_their_own_share_of_the_budget(tmp_path):
         member_probs = np.array([[0.9, 0.1], [0.1, 0.9]])
         model_version = "v1"
         probabilities = {"functional": 0.5, "defective": 0.5}
+        label = "functional"
 
     queued_http = sum(sampler(png(i), Sure(), f"h{i}.png", source="http") for i in range(20))
+    queued_labelled = sum(sampler(png(50 + i), Sure(), f"l{i}.png", operator_label="defective", source="operator")
+                          for i in range(20))
     queued_inbox = sum(sampler(png(100 + i), Sure(), f"i{i}.png") for i in range(5))
-    assert queued_http == 5 and queued_inbox == 5  # 25 % of 20 for HTTP; the inbox is not held back
+    assert (queued_http, queued_labelled, queued_inbox) == (5, 2, 5)  # 25 % and 10 % of 20; the inbox is not held
     sources = [json.loads(p.read_text())["source"] for p in (tmp_path / "outbox").glob("*.json")]
-    assert sorted(sources) == ["http"] * 5 + ["inbox"] * 5
+    assert sorted(sources) == ["http"] * 5 + ["inbox"] * 5 + ["operator"] * 2

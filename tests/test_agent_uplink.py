@@ -48,8 +48,12 @@ def test_selection_scores():
     assert selector.judge(np.array([0.55, 0.45])).reasons == ["uncertain"]
     assert not selector.judge(np.array([0.99, 0.01]), np.array([[0.99, 0.01], [0.98, 0.02]])).chosen
     assert selector.judge(np.array([0.95, 0.05]), np.array([[1.0, 0.0], [0.5, 0.5]])).reasons == ["disagreement"]
-    labelled = selector.judge(np.array([0.99, 0.01]), operator_label="defective")
-    assert labelled.chosen and labelled.score > 1.0
+    # a labelled image the model already gets right, surely, stays at the site; a mistaken or unsure one goes
+    assert not selector.judge(np.array([0.99, 0.01]), operator_label="functional").chosen
+    mistaken = selector.judge(np.array([0.99, 0.01]), operator_label="defective", mistaken=True)
+    assert mistaken.chosen and mistaken.reasons == ["operator_label", "mistaken"] and mistaken.score > 1.0
+    unsure = selector.judge(np.array([0.55, 0.45]), operator_label="functional")
+    assert unsure.chosen and unsure.reasons == ["operator_label", "uncertain"]
     assert Selector(0.5, 0.2, random_share=1.0).judge(np.array([0.99, 0.01])).reasons == ["random"]
 
 
@@ -114,7 +118,7 @@ def test_store_outage_then_recovery_through_the_daemon(tmp_path, elpv_small):
         agent.close()
     assert_store_consistent(store, labelled)
     sidecars = [json.loads(p.read_text()) for p in store_samples(store)[1]]
-    assert all(s["operator_label"] in ("functional", "defective") and s["reasons"] == ["operator_label"]
+    assert all(s["operator_label"] in ("functional", "defective") and s["reasons"] == ["operator_label", "no_model"]
                for s in sidecars)
     status = json.loads((store / "status" / "site-1.json").read_text())
     assert status["site"] == "site-1" and status["uploaded_total"] == labelled
