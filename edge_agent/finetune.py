@@ -156,8 +156,8 @@ def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged:
     """Score {base as-is, new ensemble, active ensemble} on the gate split and pick what serves.
 
     The incumbent is the active ensemble, or the base as-is when nothing serves yet; a challenger replaces
-    it only through the shared gate (``thresholds.min_gain``). The test split is scored for the report
-    after the choice and never enters it.
+    it only through the shared gate (``thresholds.min_gain``). Candidates are scored on the test split
+    too, for the report; the choice reads only the gate scores.
     """
     folders = dict(staged)
     current = active_dir(paths)
@@ -165,7 +165,9 @@ def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged:
         folders["active"] = current
     results = {name: r for name, folder in folders.items()
                if (r := score(folder, splits, config.image_size, config.workers)) is not None}
-    incumbent = "active" if "active" in results else "base"
+    if not results:
+        raise FinetuneError("no candidate can serve: the base as-is and the new ensemble both failed their checks")
+    incumbent = next(n for n in ("active", "base", "new") if n in results)
     order = [n for n in ("base", "active", "new") if n in results]  # ties go to the simpler, then the serving
     chosen, decision = choose({n: gate_score(results[n]) for n in order}, incumbent, config.thresholds.min_gain)
     if current is not None and "active" not in folders and chosen == "base":
