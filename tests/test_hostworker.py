@@ -3,12 +3,15 @@ driven over its line protocol as a subprocess (the way provisioning runs it on a
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from orchestrator.provision import hostworker
 from orchestrator.provision.remote import HOSTWORKER_SOURCE
@@ -114,3 +117,57 @@ def test_the_host_worker_needs_nothing_but_the_standard_library():
                 if line.startswith(("import ", "from "))}
     assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
 
+
+
+def test_the_host_worker_parses_on_an_old_python_so_it_can_say_the_python_is_too_old():
+    ast.parse(HOSTWORKER_SOURCE, feature_version=(3, 6))  # no walrus, no positional-only, no match
+
+
+def test_install_in_check_mode_on_a_fresh_host_says_what_it_would_do_and_does_nothing(tmp_path):
+    venv, marker = tmp_path / "venv", tmp_path / ".restart-pending"
+    out = call("install", venv=str(venv), wheel=str(tmp_path / "w.whl"), sha256="0" * 64, check=True,
+               restart_marker=str(marker))
+    assert out == {"changed": ["create venv", "link base packages", "install wheel"]}
+    assert not venv.exists() and not marker.exists()
+
+
+def test_health_finds_a_fresh_heartbeat_and_reports_a_stale_one_with_the_log_tail(tmp_path):
+    status, log = tmp_path / "status.json", tmp_path / "agent.log"
+    log.write_text("starting\nboom: no model\n")
+    req = {"status_file": str(status), "log_files": [str(log)], "site": "a", "timeout": 0.3, "check": False}
+    status.write_text(json.dumps({"site": "a", "time": 100.0, "pid": 7}))
+    stale = call("health", since=200.0, **req)
+    assert stale["missing"] and stale["last"]["time"] == 100.0 and "boom: no model" in stale["log_tail"]
+    status.write_text(json.dumps({"site": "a", "time": time.time(), "pid": 7, "state": "serving"}))
+    fresh = call("health", since=200.0, **req)
+    assert fresh["status"]["pid"] == 7 and fresh["status"]["state"] == "serving" and fresh["age"] < 5
+    assert call("health", since=time.time() + 60, **{**req, "timeout": 60, "check": True})["missing"]  # no wait
+
+
+@pytest.fixture
+def systemctl(tmp_path, monkeypatch):
+    """A stand-in ``systemctl`` first on PATH: it logs its arguments; ``restart`` fails while ``fail`` exists."""
+    folder, log, fail = tmp_path / "fakebin", tmp_path / "systemctl.log", tmp_path / "fail"
+    folder.mkdir()
+    script = folder / "systemctl"
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\ncase "$1" in\n'
+                      f'  is-active) echo active ;;\n  is-enabled) echo enabled ;;\n'
+                      f'  restart) test ! -e "{fail}" ;;\nesac\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return {"log": log, "fail": fail}
+
+
+def test_systemd_restart_reloads_first_and_clears_the_marker_only_when_it_succeeds(tmp_path, systemctl):
+    marker = tmp_path / ".restart-pending"
+    marker.write_text("pending\n")
+    req = {"unit": "edgeloop-agent-a.service", "reload": True, "restart": True, "restart_marker": str(marker)}
+    systemctl["fail"].write_text("")
+    assert "restart edgeloop-agent-a.service failed" in call("systemd", **req)["error"]
+    assert marker.exists()  # the next run restarts again
+    systemctl["fail"].unlink()
+    out = call("systemd", **req)
+    assert out["active"] and out["enabled"] and not marker.exists()
+    assert systemctl["log"].read_text().splitlines()[-4:] == [
+        "daemon-reload", "restart edgeloop-agent-a.service", "is-active edgeloop-agent-a.service",
+        "is-enabled edgeloop-agent-a.service"]

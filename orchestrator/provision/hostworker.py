@@ -1,13 +1,19 @@
-"""The program provisioning runs on an edge host: stdlib only, Python 3.8+, no edgeloop installed.
+"""The program provisioning runs on an edge host: stdlib only, no edgeloop installed.
 
 The cloud sends this file's source to the site's base interpreter (``python -c SOURCE``) over one SSH
 channel and then talks to it one JSON request per line (:func:`serve`). Each operation decides where
 the files are (compare hashes, create what is missing, write under a temporary name then rename), so a
 step costs one round trip and nothing is left half-written. Deploys and stops use the same worker.
 
-It must not import anything outside the standard library: the host has only a bare Python before the
-first run. Tests import it and call the operations directly.
+Standard library only (the host has a bare Python before the first run), and it parses and answers
+``facts`` on Python 3.6+, so a host too old for the agent is told so rather than failing with a syntax
+error: hence ``typing.Optional``, ``universal_newlines``, no ``from __future__``. Tests call its ops directly.
+
+Whether the agent must restart is kept on the host, not in the caller's memory: every operation that
+changes what the agent runs (wheel, venv, config, service) first writes the restart marker, and only a
+successful restart removes it, so a run cut off in between is finished by the next one.
 """
+# ruff: noqa: UP006, UP021, UP035, UP045  (old-Python syntax on purpose, see above)
 
 import hashlib
 import json
@@ -19,20 +25,28 @@ import subprocess
 import sys
 import sysconfig
 import time
+from typing import IO, Dict, Iterable, List, Optional
+
+Request = Dict  # one decoded request line: {"op": NAME, ...its fields}
+Answer = Dict  # one answer line; an "error" field means the operation failed
+
+# -- files
 
 
-def sha256(path):
+def sha256(path: str) -> Optional[str]:
+    """Hex sha256 of a file, or None when it is not there."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            for b in iter(lambda: f.read(1 << 20), b""):
-                h.update(b)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     except (FileNotFoundError, NotADirectoryError):
         return None
     return h.hexdigest()
 
 
-def read(path):
+def read(path: str) -> Optional[str]:
+    """A text file's content, or None when it is not there."""
     try:
         with open(path) as f:
             return f.read()
@@ -40,11 +54,10 @@ def read(path):
         return None
 
 
-def write_atomic(path, text, mode=None):
+def write_atomic(path: str, text: str, mode: Optional[int] = None) -> None:
     """Write under a temporary name created with its final mode (a secret is never readable by others,
     not even for a moment), fsync, then rename over ``path``."""
-    folder = os.path.dirname(path)
-    tmp = os.path.join(folder, ".%s.tmp-%d" % (os.path.basename(path), os.getpid()))
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
         with os.fdopen(fd, "w") as f:
@@ -59,46 +72,97 @@ def write_atomic(path, text, mode=None):
             os.unlink(tmp)
 
 
-def existing_parent(path):
+def mode_of(path: str) -> Optional[int]:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return None
+
+
+def existing_parent(path: str) -> str:
+    """The nearest folder that exists (a root not created yet still has a disk to measure)."""
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
 
 
-def facts(req):
-    mem = 0
+def run(cmd: List[str]) -> str:
+    """Run a command, return its output; a failure raises with the end of that output."""
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, cwd="/", check=False)  # not cwd: it would shadow the venv
+    if proc.returncode != 0:
+        raise RuntimeError("{} failed ({}): {}".format(" ".join(cmd[:4]), proc.returncode, proc.stdout[-1500:]))
+    return proc.stdout
+
+
+# -- facts
+
+
+def _first_field(path: str, prefix: str) -> Optional[str]:
+    """The value after ``prefix`` on the first line of ``path`` that starts with it."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
+        with open(path) as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line[len(prefix):].strip()
     except OSError:
         pass
-    os_name = platform.platform()
+    return None
+
+
+def _gpu() -> Optional[str]:
+    """The first GPU ``nvidia-smi -L`` lists, or None."""
+    if not shutil.which("nvidia-smi"):
+        return None
     try:
-        for line in open("/etc/os-release"):
-            if line.startswith("PRETTY_NAME="):
-                os_name = line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
-    gpu = None
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.DEVNULL,
-                                 universal_newlines=True, timeout=10).stdout.strip()
-            gpu = out.splitlines()[0] if out else None
-        except Exception:
-            gpu = None
+        out = subprocess.run(["nvidia-smi", "-L"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, universal_newlines=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def facts(req: Request) -> Answer:
+    """What the steps need to know about the host: Python, resources, home, the resolved root, systemd."""
+    mem = _first_field("/proc/meminfo", "MemTotal:")
+    os_name = _first_field("/etc/os-release", "PRETTY_NAME=")
     home = os.path.expanduser("~")
     root = req["root"].replace("~", home, 1) if req["root"].startswith("~/") else req["root"]
-    return {"os": os_name, "kernel": platform.release(), "arch": platform.machine(),
-            "python": platform.python_version(), "python_path": sys.executable, "cores": os.cpu_count(),
-            "memory_bytes": mem, "disk_free_bytes": shutil.disk_usage(existing_parent(root)).free, "gpu": gpu,
+    return {"os": os_name.strip('"') if os_name else platform.platform(), "kernel": platform.release(),
+            "arch": platform.machine(), "python": platform.python_version(), "python_path": sys.executable,
+            "cores": os.cpu_count(), "memory_bytes": int(mem.split()[0]) * 1024 if mem else 0,
+            "disk_free_bytes": shutil.disk_usage(existing_parent(root)).free, "gpu": _gpu(),
             "home": home, "root": root, "uid": os.getuid(), "time": time.time(),
             "systemd": os.path.isdir("/run/systemd/system") and bool(shutil.which("systemctl"))}
 
 
-def folders(req):
+# -- the restart marker
+
+
+def mark_restart(req: Request) -> None:
+    """Record on the host that the agent must restart, before making the change that needs it.
+
+    A connection that drops between the change and the restart leaves this marker, so the next run
+    restarts the agent instead of finding everything "ok" and leaving the old code running.
+    """
+    if req.get("restart_marker"):
+        write_atomic(req["restart_marker"], f"{time.time():f}\n")
+
+
+def clear_restart(req: Request) -> None:
+    """Called only once the restart has succeeded."""
+    if req.get("restart_marker") and os.path.exists(req["restart_marker"]):
+        os.unlink(req["restart_marker"])
+
+
+def restart_pending(req: Request) -> Answer:
+    return {"pending": os.path.exists(req["restart_marker"])}
+
+
+# -- files the agent runs from
+
+
+def folders(req: Request) -> Answer:
     missing = [f for f in req["folders"] if not os.path.isdir(f)]
     if not req["check"]:
         for f in missing:
@@ -106,48 +170,24 @@ def folders(req):
     return {"changed": missing}
 
 
-def file_sha(req):
+def file_sha(req: Request) -> Answer:
     return {"sha256": sha256(req["path"])}
 
 
-def mark_restart(req):
-    """Record on the host that the agent must restart, before making the change that needs it.
-
-    A connection that drops between the change and the restart leaves this marker, so the next run
-    restarts the agent instead of finding everything "ok" and leaving the old code running.
-    """
-    if req.get("restart_marker"):
-        write_atomic(req["restart_marker"], "%f\n" % time.time())
-
-
-def clear_restart(req):
-    if req.get("restart_marker") and os.path.exists(req["restart_marker"]):
-        os.unlink(req["restart_marker"])
-
-
-def restart_pending(req):
-    return {"pending": os.path.exists(req["restart_marker"])}
-
-
-def commit(req):
+def commit(req: Request) -> Answer:
+    """Move an uploaded file into place if it arrived whole; a corrupted one is removed, never used."""
     got = sha256(req["tmp"])
     if got != req["sha256"]:
         if os.path.exists(req["tmp"]):
             os.unlink(req["tmp"])
-        return {"error": "upload corrupted: sha256 %s, expected %s" % (got, req["sha256"])}
+        return {"error": "upload corrupted: sha256 {}, expected {}".format(got, req["sha256"])}
     mark_restart(req)
     os.replace(req["tmp"], req["path"])
     return {}
 
 
-def mode_of(path):
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        return None
-
-
-def put_text(req):
+def put_text(req: Request) -> Answer:
+    """Make a text file hold ``content`` (with ``mode`` when given); ``changed`` says whether it had to."""
     mode = req.get("mode")
     if read(req["path"]) == req["content"]:
         if mode is None or mode_of(req["path"]) == mode:
@@ -157,78 +197,101 @@ def put_text(req):
         return {"changed": True}
     if not req["check"]:
         mark_restart(req)
-        write_atomic(req["path"], req["content"], req.get("mode"))
+        write_atomic(req["path"], req["content"], mode)
     return {"changed": True}
 
 
-def run(cmd):
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          universal_newlines=True, cwd="/")  # not the caller's cwd: it would shadow the venv
-    if proc.returncode != 0:
-        raise RuntimeError("%s failed (%d): %s" % (" ".join(cmd[:4]), proc.returncode, proc.stdout[-1500:]))
-    return proc.stdout
+# -- the venv
 
 
-def install(req):
-    venv, check = req["venv"], req["check"]
-    vpy = os.path.join(venv, "bin", "python")
-    marker = os.path.join(venv, "edgeloop-wheel.sha256")
-    base = []
+def _base_site_paths() -> str:
+    """The base interpreter's site-packages, one per line: the venv reuses them (torch is not copied)."""
+    paths = []  # type: List[str]
     for key in ("purelib", "platlib"):
-        p = sysconfig.get_paths()[key]
-        if p not in base:
-            base.append(p)
-    pth_text = "".join(p + "\n" for p in base)
-    actions = []
-    if not os.path.exists(vpy):
-        actions.append("create venv")
-        if check:
-            return {"changed": actions + ["link base packages", "install wheel"]}
-        mark_restart(req)
-        has_pip = subprocess.run([sys.executable, "-c", "import pip"], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
-        tmp = "%s.tmp-%d" % (venv, os.getpid())
+        path = sysconfig.get_paths()[key]
+        if path not in paths:
+            paths.append(path)
+    return "".join(p + "\n" for p in paths)
+
+
+def _create_venv(venv: str) -> None:
+    """A venv created under a temporary name and renamed into place: never half made."""
+    has_pip = subprocess.run([sys.executable, "-c", "import pip"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode == 0
+    tmp = f"{venv}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        run([sys.executable, "-m", "venv"] + (["--without-pip"] if has_pip else []) + [tmp])
+        os.replace(tmp, venv)  # a venv without pip scripts holds no absolute path to itself
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            run([sys.executable, "-m", "venv"] + (["--without-pip"] if has_pip else []) + [tmp])
-            os.replace(tmp, venv)  # a venv without pip scripts holds no absolute path to itself
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_base_packages(vpy: str, req: Request) -> bool:
+    """Point the venv at the base site-packages (a ``.pth`` file); True when it was not already."""
     site = run([vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
-    pth = os.path.join(site, "_edgeloop_base.pth")
-    if read(pth) != pth_text:
+    pth, text = os.path.join(site, "_edgeloop_base.pth"), _base_site_paths()
+    if read(pth) == text:
+        return False
+    if not req["check"]:
+        mark_restart(req)
+        write_atomic(pth, text)
+    return True
+
+
+def _install_wheel(vpy: str, venv: str, marker: str, req: Request) -> Optional[str]:
+    """pip-install the wheel into the venv and check the agent imports from there; an error or None."""
+    mark_restart(req)
+    run([vpy, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
+         "--disable-pip-version-check", "--no-warn-script-location", req["wheel"]])
+    where = run([vpy, "-c", "import edge_agent, edge_agent.config; print(edge_agent.__file__)"]).strip()
+    if not os.path.realpath(where).startswith(os.path.realpath(venv)):
+        return f"edge_agent imports from {where}, not from the venv {venv}"
+    write_atomic(marker, req["sha256"])  # last: a cut-off install is done again next time
+    return None
+
+
+def install(req: Request) -> Answer:
+    """The site's venv with the wheel installed: created, linked to the base packages, installed, as needed."""
+    venv, check = req["venv"], req["check"]
+    vpy, marker = os.path.join(venv, "bin", "python"), os.path.join(venv, "edgeloop-wheel.sha256")
+    actions = []  # type: List[str]
+    if not os.path.exists(vpy):
+        if check:
+            return {"changed": ["create venv", "link base packages", "install wheel"]}
+        mark_restart(req)
+        _create_venv(venv)
+        actions.append("create venv")
+    if _link_base_packages(vpy, req):
         actions.append("link base packages")
-        if not check:
-            mark_restart(req)
-            write_atomic(pth, pth_text)
     if read(marker) != req["sha256"]:
         actions.append("install wheel")
-        if not check:
-            mark_restart(req)
-            run([vpy, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
-                 "--disable-pip-version-check", "--no-warn-script-location", req["wheel"]])
-            where = run([vpy, "-c", "import edge_agent, edge_agent.config; print(edge_agent.__file__)"]).strip()
-            if not os.path.realpath(where).startswith(os.path.realpath(venv)):
-                return {"error": "edge_agent imports from %s, not from the venv %s" % (where, venv)}
-            write_atomic(marker, req["sha256"])
+        error = None if check else _install_wheel(vpy, venv, marker, req)
+        if error:
+            return {"error": error}
     return {"changed": actions}
 
 
-def alive(pidfile, needle):
+# -- the agent's process (supervised, or a systemd unit)
+
+
+def alive(pidfile: str, needle: str) -> Optional[int]:
+    """The pid in ``pidfile`` if that process runs ``needle`` (a reused pid is not ours)."""
     try:
         pid = int(read(pidfile) or "")
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
     except (ValueError, OSError):
         return None
     return pid if needle in cmdline else None
 
 
-def process_state(req):
+def process_state(req: Request) -> Answer:
     return {"pid": alive(req["pidfile"], req["script"]), "time": time.time()}
 
 
-def process_stop(req):
+def process_stop(req: Request) -> Answer:
+    """Stop the supervisor and the agent (its process group): TERM, then KILL after 15 s."""
     pid = alive(req["pidfile"], req["script"])
     if pid:
         try:
@@ -243,18 +306,25 @@ def process_stop(req):
     return {"stopped": pid}
 
 
-def process_restart(req):
+def process_restart(req: Request) -> Answer:
+    """Stop the running supervisor, start the script in its own session, then clear the restart marker."""
     pid = process_stop(req)["stopped"]
     started = time.time()
-    devnull = open(os.devnull, "r+")
-    proc = subprocess.Popen(["/bin/sh", req["script"]], stdin=devnull, stdout=devnull, stderr=devnull,
-                            cwd=req["cwd"], start_new_session=True, close_fds=True)
-    write_atomic(req["pidfile"], "%d\n" % proc.pid)
+    proc = subprocess.Popen(["/bin/sh", req["script"]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=req["cwd"], start_new_session=True, close_fds=True)
+    write_atomic(req["pidfile"], f"{proc.pid}\n")
     clear_restart(req)
     return {"pid": proc.pid, "stopped": pid, "time": started}
 
 
-def systemd(req):
+def _systemctl_word(*args: str) -> str:
+    """What ``systemctl`` prints for a query (is-active, is-enabled), whatever its exit status."""
+    return subprocess.run(["systemctl"] + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          universal_newlines=True, check=False).stdout.strip()
+
+
+def systemd(req: Request) -> Answer:
+    """Reload, enable, restart or stop the unit as asked (in that order), then report its state."""
     unit, out = req["unit"], {}
     if req.get("reload"):
         run(["systemctl", "daemon-reload"])
@@ -262,53 +332,64 @@ def systemd(req):
         run(["systemctl", "enable", "--quiet", unit])
     if req.get("restart"):
         out["time"] = time.time()
-        run(["systemctl", "restart", unit])
+        run(["systemctl", "restart", unit])  # raises on failure: the marker stays for the next run
         clear_restart(req)
     if req.get("stop"):
         run(["systemctl", "stop", unit])
-    state = subprocess.run(["systemctl", "is-active", unit], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           universal_newlines=True)
-    enabled = subprocess.run(["systemctl", "is-enabled", unit], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             universal_newlines=True)
-    out.update(active=state.stdout.strip() == "active", enabled=enabled.stdout.strip() == "enabled",
-               now=time.time())
+    out.update(active=_systemctl_word("is-active", unit) == "active",
+               enabled=_systemctl_word("is-enabled", unit) == "enabled", now=time.time())
     return out
 
 
-def health(req):
+# -- health
+
+
+def _status(path: str) -> object:
+    """The agent's status file, parsed (None when missing or half written)."""
+    try:
+        return json.loads(read(path) or "null")
+    except ValueError:
+        return None
+
+
+def _is_fresh(status: object, req: Request) -> bool:
+    """This site's heartbeat, written at or after ``since``."""
+    return isinstance(status, dict) and status.get("site") == req["site"] and \
+        float(status.get("time", 0)) >= req["since"]
+
+
+def health(req: Request) -> Answer:
+    """Wait (up to ``timeout``; not at all in check mode) for a heartbeat newer than ``since``."""
     deadline = time.time() + req["timeout"]
-    last = None
     while True:
-        try:
-            status = json.loads(read(req["status_file"]) or "null")
-        except ValueError:
-            status = None
-        if isinstance(status, dict) and status.get("site") == req["site"] and \
-                float(status.get("time", 0)) >= req["since"]:
+        status = _status(req["status_file"])
+        if _is_fresh(status, req):
             return {"status": {k: status.get(k) for k in ("site", "time", "pid", "state", "version")},
                     "age": time.time() - float(status["time"])}
-        last = status
         if time.time() >= deadline or req["check"]:
             tail = "".join((read(f) or "")[-600:] for f in req["log_files"])
-            return {"missing": True, "last": last, "log_tail": tail}
+            return {"missing": True, "last": status, "log_tail": tail}
         time.sleep(0.2)
 
 
+# -- the protocol
+
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
        "install": install, "process_state": process_state, "process_restart": process_restart,
-       "process_stop": process_stop, "restart_pending": restart_pending, "systemd": systemd, "health": health}
+       "process_stop": process_stop, "restart_pending": restart_pending, "systemd": systemd,
+       "health": health}
 
 
-def handle(line):
+def handle(line: str) -> Answer:
     """Answer one request line; every error becomes an ``error`` field, never a dead worker."""
     try:
         req = json.loads(line)
         return OPS[req["op"]](req)
-    except Exception as exc:
-        return {"error": "%s: %s" % (type(exc).__name__, exc)}
+    except Exception as exc:  # noqa: BLE001 -- any failure is this request's answer, the worker goes on
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def serve(stdin, stdout):
+def serve(stdin: Iterable[str], stdout: IO[str]) -> None:
     """One request per line in, one JSON answer per line out: one SSH channel serves every step."""
     for line in stdin:
         stdout.write(json.dumps(handle(line)) + "\n")
