@@ -19,7 +19,8 @@ import pytest
 from edge_agent.config import dump_config
 from edgeloop.cli import main as cli_main
 from orchestrator.inventory import load_inventory
-from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, STEPS, build_wheel, provision
+from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, STEPS, HostResult, build_wheel, provision
+from orchestrator.provision.steps import SiteProvisioner
 from orchestrator.sshfleet import fleet_inventory, stop_agents
 
 pytestmark = pytest.mark.timeout(240)
@@ -190,6 +191,29 @@ def test_a_change_whose_restart_was_cut_off_is_restarted_by_the_next_run(fleet_e
         assert not (roots / victim.name / ".restart-pending").exists()
     finally:  # back to the module's inventory for the tests after this one
         assert not provision(fleet_env["inventory"], wheel=wheel, limit=[victim.name]).failed
+
+
+def test_a_pending_restart_under_systemd_reloads_the_unit_first(tmp_path):
+    """A run cut off after writing the unit but before ``daemon-reload`` leaves only the marker: the
+    restart that the marker triggers must reload, or systemd would start the old unit."""
+    path = tmp_path / "inv.yaml"
+    path.write_text("cloud: {store_url: 'file:///srv/store'}\n"
+                    "sites:\n  - {name: s1, root: /srv/s1, connection: {type: local}, agent: {service: systemd}}\n")
+    inventory = load_inventory(path)
+    calls = []
+
+    class Worker:  # the host worker's answers for a running unit with a restart pending
+        started = True
+
+        def call(self, op: str, timeout_s: float | None = None, **req) -> dict:
+            calls.append((op, req))
+            return {"pending": True} if op == "restart_pending" else {"active": True, "time": 1.0}
+
+    steps = SiteProvisioner(inventory.site("s1"), inventory, None, None, False, HostResult("s1"))
+    steps.mode, steps.worker = "systemd", Worker()
+    assert steps.restart() == (CHANGED, "restarted edgeloop-agent-s1.service")
+    assert calls[-1] == ("systemd", {"unit": "edgeloop-agent-s1.service", "reload": True, "restart": True,
+                                     "restart_marker": "/srv/s1/.restart-pending"})
 
 
 def test_a_host_presenting_a_different_key_is_refused_and_nothing_written(fleet_env, wheel, tmp_path):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
-from typing import Callable
 
 from edge_agent.config import dump_config
 from edge_agent.layout import AgentPaths
@@ -20,8 +20,14 @@ from orchestrator.inventory import Inventory, Site
 from orchestrator.known_hosts import known_host_lines, known_hosts_name
 from orchestrator.provision.remote import HostWorker, Remote, StepFailed
 from orchestrator.provision.report import CHANGED, FAILED, OK, SKIPPED, HostResult, StepResult
-from orchestrator.provision.service import (agent_unit, render_supervisor, render_unit, restart_marker,
-                                            supervisor_pidfile, supervisor_script)
+from orchestrator.provision.service import (
+    agent_unit,
+    render_supervisor,
+    render_unit,
+    restart_marker,
+    supervisor_pidfile,
+    supervisor_script,
+)
 from orchestrator.provision.wheel import Wheel
 
 log = logging.getLogger(__name__)
@@ -202,8 +208,8 @@ class SiteProvisioner:
         verb = "restart" if running else "start"
         if self.check:
             return CHANGED, f"would {verb} the agent"
-        if self.mode == "systemd":
-            self.restarted_at = self.call("systemd", unit=self.unit, restart=True,
+        if self.mode == "systemd":  # reload first: the unit may have been written by a run cut off before it
+            self.restarted_at = self.call("systemd", unit=self.unit, reload=True, restart=True,
                                           restart_marker=self.marker)["time"]
             return CHANGED, f"{verb}ed {self.unit}"
         out = self.call("process_restart", pidfile=self.pidfile, script=self.script, cwd=self.root,
@@ -245,7 +251,7 @@ class SiteProvisioner:
                 status, message = step()
             except StepFailed as exc:
                 status, message = FAILED, str(exc)
-            except Exception as exc:  # a dropped connection mid-step, a timeout: this host only
+            except Exception as exc:  # noqa: BLE001 -- a dropped connection mid-step, a timeout: this host only
                 status, message = FAILED, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             failed = status == FAILED
             self.result.steps.append(StepResult(name, status, self.inventory.mask(message),
