@@ -15,10 +15,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
-
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
@@ -93,9 +92,8 @@ class SshdHost:
                "-oPubkeyAuthentication=yes", "-oUsePAM=no", "-oPermitRootLogin=prohibit-password",
                "-oSubsystem=sftp internal-sftp", "-oMaxStartups=100", "-oMaxSessions=50",
                "-oLogLevel=ERROR"]
-        log = open(self.workdir / "sshd.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.workdir / "sshd.log", "ab") as log:  # sshd keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -148,7 +146,7 @@ class SshdFleet:
         for i in range(self.n):
             self.hosts.append(SshdHost(f"host{i}", free_port(), self.workdir / f"host{i}", self.authorized_keys))
 
-    def start(self) -> "SshdFleet":
+    def start(self) -> SshdFleet:
         for host in self.hosts:
             host.start()
         self.write_known_hosts()

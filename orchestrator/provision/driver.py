@@ -8,44 +8,48 @@ The one driver, used by the CLI, the demo and the ``provision`` flow: a host tha
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from orchestrator.inventory import Inventory, Site
-from orchestrator.provision.remote import open_remote
+from orchestrator.provision.remote import Remote, open_remote
 from orchestrator.provision.report import FAILED, OK, SKIPPED, STEPS, HostResult, RunReport, StepResult
 from orchestrator.provision.steps import SiteProvisioner
 from orchestrator.provision.wheel import Wheel, build_wheel
 
 
-def provision_site(site: Site, inventory: Inventory, wheel: Wheel, check: bool = False,
-                   accept_new_host_keys: bool = False, on_step: Callable[[str, str], None] | None = None) -> HostResult:
-    """Provision one site; never raises for a host problem, the result says what failed and why."""
+def _connect(site: Site, inventory: Inventory, accept_new_host_keys: bool, result: HostResult) -> Remote | None:
+    """Open the transport and record the connect step; on failure also record why (that decides retries)."""
     from orchestrator.ssh import ConnectError, HostKeyRefused
 
+    t0 = time.monotonic()
+    try:
+        remote = open_remote(site, inventory, accept_new_host_keys)
+    except HostKeyRefused as exc:
+        result.error_kind, message = "hostkey", str(exc)
+    except ConnectError as exc:
+        result.error_kind, message = "connect", str(exc)
+    except Exception as exc:  # noqa: BLE001 -- anything else about this host (a bad key file): this host only
+        result.error_kind, message = "step", f"{type(exc).__name__}: {exc}"
+    else:
+        result.steps.append(StepResult("connect", OK, inventory.mask(site.connection.describe()),
+                                       time.monotonic() - t0))
+        return remote
+    result.steps.append(StepResult("connect", FAILED, inventory.mask(message), time.monotonic() - t0))
+    return None
+
+
+def provision_site(site: Site, inventory: Inventory, wheel: Wheel, check: bool = False,
+                   accept_new_host_keys: bool = False, on_step: Callable[[str, str], None] | None = None) -> HostResult:
+    """Provision one site once; never raises for a host problem, the result says what failed and why."""
     result = HostResult(site.name)
     start = time.monotonic()
     try:
         if on_step:
             on_step(site.name, "connect")
-        t0 = time.monotonic()
-        try:
-            remote = open_remote(site, inventory, accept_new_host_keys)
-        except HostKeyRefused as exc:
-            result.error_kind = "hostkey"
-            result.steps.append(StepResult("connect", FAILED, inventory.mask(str(exc)), time.monotonic() - t0))
+        remote = _connect(site, inventory, accept_new_host_keys, result)
+        if remote is None:
             return result
-        except ConnectError as exc:
-            result.error_kind = "connect"
-            result.steps.append(StepResult("connect", FAILED, inventory.mask(str(exc)), time.monotonic() - t0))
-            return result
-        except Exception as exc:  # anything else about this host (a bad key file, a bad known_hosts): this host only
-            result.error_kind = "step"
-            result.steps.append(StepResult("connect", FAILED, inventory.mask(f"{type(exc).__name__}: {exc}"),
-                                           time.monotonic() - t0))
-            return result
-        result.steps.append(StepResult("connect", OK, inventory.mask(site.connection.describe()),
-                                       time.monotonic() - t0))
         try:
             SiteProvisioner(site, inventory, remote, wheel, check, result).run(on_step)
         finally:
@@ -55,9 +59,8 @@ def provision_site(site: Site, inventory: Inventory, wheel: Wheel, check: bool =
         return result
     finally:
         result.seconds = time.monotonic() - start
-        for name in STEPS:
-            if name not in {s.step for s in result.steps}:
-                result.steps.append(StepResult(name, SKIPPED, "an earlier step failed"))
+        done = {s.step for s in result.steps}
+        result.steps += [StepResult(name, SKIPPED, "an earlier step failed") for name in STEPS if name not in done]
 
 
 DEFAULT_RETRY_DELAYS_S = (2.0, 4.0, 8.0)

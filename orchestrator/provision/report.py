@@ -23,7 +23,6 @@ MANUAL_COMMANDS = {
     "restart": 1,   # systemctl restart
     "health": 1,    # cat status.json (and look at the time)
 }
-MIN_PYTHON = (3, 10)
 
 
 # ------------------------------------------------------------------------------------------- results
