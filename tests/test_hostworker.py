@@ -47,15 +47,16 @@ def test_put_text_creates_secret_files_owner_only_and_tightens_an_open_one(tmp_p
     assert call("put_text", path=str(target), content="password: x\n", check=False, mode=0o600) == {"changed": False}
 
 
-def test_commit_refuses_a_corrupted_upload_and_removes_it(tmp_path):
-    staged, final = tmp_path / ".w.tmp", tmp_path / "w.whl"
+def test_commit_refuses_a_corrupted_upload_and_marks_a_restart_only_for_a_whole_one(tmp_path):
+    staged, final, marker = tmp_path / ".w.tmp", tmp_path / "w.whl", tmp_path / ".restart-pending"
     staged.write_bytes(b"truncated")
-    out = call("commit", tmp=str(staged), path=str(final), sha256="0" * 64)
+    out = call("commit", tmp=str(staged), path=str(final), sha256="0" * 64, restart_marker=str(marker))
     assert "upload corrupted" in out["error"]
-    assert not staged.exists() and not final.exists()
+    assert not staged.exists() and not final.exists() and not marker.exists()
     staged.write_bytes(b"whole")
-    assert call("commit", tmp=str(staged), path=str(final), sha256=hostworker.sha256(str(staged))) == {}
-    assert final.read_bytes() == b"whole"
+    digest = hostworker.sha256(str(staged))
+    assert call("commit", tmp=str(staged), path=str(final), sha256=digest, restart_marker=str(marker)) == {}
+    assert final.read_bytes() == b"whole" and marker.is_file()  # a new wheel in place: the agent must restart
 
 
 def test_folders_and_facts(tmp_path):
