@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from edge_agent.datasets import open_dataset
+from edge_agent.datasets import ArraySet, open_dataset
 from edge_agent.gate import Score, gate as decide
 from edge_agent.models import load_checkpoint
 from edge_agent.train import EpochMetrics, TrainConfig, evaluate
@@ -52,6 +52,7 @@ class GateDecision:
     reason: str = ""
 
     def as_dict(self) -> dict:
+        """A plain copy for flow results and artifacts."""
         return self.__dict__.copy()
 
 
@@ -61,24 +62,26 @@ def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersio
 
     The gate split is the half of the pool's val split that chose no epoch (:func:`edge_agent.datasets.role`);
     retraining sets keep the pool's val records, so every candidate meets the same gate images. The test
-    split is scored after the decision, for the report.
+    split is scored too, for the report only: it never decides.
     """
     pool = open_dataset(holdout)
-    gate_split, test_split = pool.load_split("gate"), pool.load_split("test")
-
-    def score(version: ModelVersion, split) -> Score:
-        model, meta = load_checkpoint(registry.artifact(version.version))
-        return Score(*evaluate(model, split, meta.normalization))
-
-    cand = score(candidate, gate_split)
-    champ = score(champion, gate_split) if champion else None
-    decision = decide(cand, champ, min_gain)
+    splits = {name: pool.load_split(name) for name in ("gate", "test")}
+    cand = _scores(registry, candidate, splits)
+    champ = _scores(registry, champion, splits) if champion else None
+    decision = decide(cand["gate"], champ["gate"] if champ else None, min_gain)
     if decision.accept:
         registry.promote(candidate.version)
-    return GateDecision(candidate.version, champion.version if champion else None, cand.accuracy,
-                        champ.accuracy if champ else None, cand.nll, champ.nll if champ else None,
-                        score(candidate, test_split).accuracy,
-                        score(champion, test_split).accuracy if champion else None, decision.accept, decision.reason)
+    return GateDecision(candidate.version, champion.version if champion else None,
+                        cand["gate"].accuracy, champ["gate"].accuracy if champ else None,
+                        cand["gate"].nll, champ["gate"].nll if champ else None,
+                        cand["test"].accuracy, champ["test"].accuracy if champ else None,
+                        decision.accept, decision.reason)
+
+
+def _scores(registry: ModelRegistry, version: ModelVersion, splits: dict[str, ArraySet]) -> dict[str, Score]:
+    """One registered model's accuracy and mean log-loss on each split (the checkpoint loaded once)."""
+    model, meta = load_checkpoint(registry.artifact(version.version))
+    return {name: Score(*evaluate(model, split, meta.normalization)) for name, split in splits.items()}
 
 
 def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, collection: Collection,

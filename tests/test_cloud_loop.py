@@ -11,6 +11,7 @@ import pytest
 from edge_agent.datasets import open_dataset
 from edge_agent.layout import AgentPaths
 from edge_agent.fileio import file_sha256
+from edge_agent.gate import Score, gate as shared_gate
 from edge_agent.store import Store
 from edge_agent.train import TrainConfig
 from orchestrator.deploy import deploy_model, read_fleet_status
@@ -104,11 +105,10 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
     assert candidate.parent == champion.version
     decision = gate(registry, candidate, champion, elpv_small / "generic")
     assert decision.promoted == (registry.champion("elpv").version == candidate.version)
-    assert decision.promoted == (decision.candidate_gate_acc > decision.champion_gate_acc or (
-        decision.candidate_gate_acc == decision.champion_gate_acc
-        and decision.candidate_gate_loss < decision.champion_gate_loss))
+    shared = shared_gate(Score(decision.candidate_gate_acc, decision.candidate_gate_loss),
+                         Score(decision.champion_gate_acc, decision.champion_gate_loss))
+    assert (decision.promoted, decision.reason) == (shared.accept, shared.reason)  # the one tie rule
     assert 0 <= decision.candidate_test_acc <= 1 and 0 <= decision.champion_test_acc <= 1
-    assert decision.reason  # the shared gate says why
     registry.promote(champion.version)
 
 
