@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_agent.datasets import import_elpv  # noqa: E402
-from edge_agent.train import TrainConfig  # noqa: E402
-from orchestrator.training import machine_info, train_on_dataset  # noqa: E402
+from edge_agent.datasets import import_elpv
+from edge_agent.train import TrainConfig
+from orchestrator.training import machine_info, train_on_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ANCHORS = {"Deitsch et al. 2019 CNN (published)": 0.8842, "Deitsch et al. 2019 SVM (published)": 0.8244,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -21,24 +22,29 @@ from prefect.cache_policies import NO_CACHE
 
 from edge_agent.datasets import open_dataset
 from edge_agent.ids import new_id
-from edge_agent.train import TrainConfig
-from orchestrator import deploy, demo, retrain as steps
-from orchestrator.inventory import Inventory, load_inventory
+from edge_agent.train import EpochMetrics, TrainConfig
 from flows.provision import publish as publish_provisioning
+from orchestrator import demo, deploy
+from orchestrator import retrain as steps
+from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.provision import provision
 from orchestrator.registry import ModelRegistry, ModelVersion, table
 from orchestrator.samples import collect_samples
 
 PROGRESS_EVERY_S = 30.0
 
+SiteReady = Callable[[dict], bool]  # is this site's heartbeat status what we wait for?
+
 
 @task(cache_policy=NO_CACHE)
 def prepare_data(home: Path, sites: int, size: int, seed: int, fleet: str) -> list[Path]:
+    """The demo's data: [generic pool, site 1, site 2, ...] (a task, so the UI shows when it is reused)."""
     return demo.prepare_elpv(home / "data", sites, size, seed, fleet)
 
 
 @task(cache_policy=NO_CACHE)
 def pretrain(registry: ModelRegistry, settings: demo.DemoSettings, generic: Path) -> ModelVersion:
+    """The champion to start from: the registry's, unless it descends from another pool; else pretrain one."""
     logger = get_run_logger()
     champion = registry.champion(settings.family)
     pool = open_dataset(generic).id
@@ -50,16 +56,17 @@ def pretrain(registry: ModelRegistry, settings: demo.DemoSettings, generic: Path
         logger.info("champion %s descends from another generic pool; pretraining on %s", champion.version, pool)
     config = TrainConfig(epochs=settings.pretrain_epochs, batch_size=64, seed=settings.seed)
     version = steps.train_version(registry, settings.family, generic, settings.pretrain_arch, config,
-                                      note="pretrained on the generic pool", on_epoch=_progress(config.epochs))
+                                  note="pretrained on the generic pool", on_epoch=_progress(config.epochs))
     logger.info("pretrained %s: val_acc %.3f test_acc %.3f", version.version, version.metrics["val_acc"],
                 version.metrics["test_acc"])
     return registry.promote(version.version)
 
 
-def _progress(epochs: int):
+def _progress(epochs: int) -> Callable[[EpochMetrics], None]:
+    """An epoch callback that logs to the task run, so training shows progress in the Prefect UI."""
     logger = get_run_logger()
 
-    def report(m) -> None:
+    def report(m: EpochMetrics) -> None:
         logger.info("epoch %d/%d: loss %.4f, val_acc %.3f (%.1f s)", m.epoch, epochs, m.train_loss, m.val_acc,
                     m.seconds)
     return report
@@ -76,12 +83,13 @@ def provision_fleet(inventory: Inventory) -> list[str]:
 
 @task(cache_policy=NO_CACHE)
 def deploy_to(inventory: Inventory, site: str, checkpoint: Path, version: str) -> deploy.DeployResult:
+    """Deploy one version to one site (one task run per site, so each site's outcome shows on its own)."""
     result = deploy.deploy_model(inventory.site(site), inventory, checkpoint, version)
     get_run_logger().info("deploy %s to %s: %s %s", version, site, result.status, result.reason)
     return result
 
 
-def _after(version: str, since: dict[str, float]):
+def _after(version: str, since: dict[str, float]) -> SiteReady:
     """Ready when the site has seen base ``version`` and finished a fine-tune started after ``since[site]``."""
     def ready(status: dict) -> bool:
         run = status.get("last_run") or {}
@@ -92,10 +100,11 @@ def _after(version: str, since: dict[str, float]):
 
 
 def _classified(status: dict) -> int:
+    """Images a site has dealt with (served or quarantined): what the cloud counts against what it fed."""
     return status.get("processed_total", 0) + status.get("quarantined_total", 0)
 
 
-def _drained(fleet: Inventory, expected: dict[str, int]):
+def _drained(fleet: Inventory, expected: dict[str, int]) -> SiteReady:
     """Ready when every fed image is classified and the site uploaded all it may today.
 
     The outbox may legitimately keep samples: a site that spent its daily upload budget sends the
@@ -106,12 +115,14 @@ def _drained(fleet: Inventory, expected: dict[str, int]):
         budget = fleet.site(status["site"]).learning.upload
         budget_spent = (ledger.get("count", 0) >= budget.max_samples_per_day
                         or ledger.get("bytes", 0) >= budget.max_bytes_per_day)
-        return _classified(status) >= expected[status["site"]] and queues.get("inbox", 1) == 0 and (queues.get("outbox", 1) == 0 or budget_spent)
+        return (_classified(status) >= expected[status["site"]] and queues.get("inbox", 1) == 0
+                and (queues.get("outbox", 1) == 0 or budget_spent))
     return ready
 
 
 @task(cache_policy=NO_CACHE)
-def wait_for(inventory: Inventory, sites: list[str], what: str, ready, timeout_s: float) -> list[str]:
+def wait_for(inventory: Inventory, sites: list[str], what: str, ready: SiteReady, timeout_s: float) -> list[str]:
+    """Wait until each site is ``ready``; returns those that were in time (the loop goes on without the rest)."""
     logger = get_run_logger()
     next_report = time.monotonic() + PROGRESS_EVERY_S
 
@@ -141,28 +152,29 @@ def _site_line(site: str, status: dict | None) -> str:
 
 
 def publish_fleet(status: dict[str, dict]) -> None:
-    rows = []
-    for site, s in sorted(status.items()):
-        run = s.get("last_run") or {}
-        candidates = run.get("candidates") or {}
-
-        def acc(name: str, split: str) -> float | None:
-            return ((candidates.get(name) or {}).get(split) or {}).get("accuracy")
-
-        rows.append({"site": site, "state": s.get("state"), "serving": run.get("serving"),
-                     "active_version": s.get("active_version"),
-                     **{f"{name}_{split}_acc": acc(name, split) for name in ("base", "active", "new")
-                        for split in ("gate", "test")},
-                     "gain_over_base_test": (run.get("gain_over_base") or {}).get("test"),
-                     "precision": (run.get("precision") or {}).get("serving"),
-                     "processed": s.get("processed_total"), "selected": s.get("selected_total"),
-                     "uploaded": s.get("uploaded_total"), "outbox": s.get("queues", {}).get("outbox"),
-                     "heartbeat_age_s": round(time.time() - s.get("time", 0), 1)})
+    """The fleet-status artifact: one row per site from its latest heartbeat, every candidate's accuracy."""
+    rows = [_fleet_row(site, s) for site, s in sorted(status.items())]
     create_table_artifact(key="fleet-status", table=rows, description="latest heartbeat of every site")
 
 
+def _fleet_row(site: str, s: dict) -> dict:
+    """One site's row: what serves, each candidate's gate and test accuracy, queues, heartbeat age."""
+    run = s.get("last_run") or {}
+    candidates = run.get("candidates") or {}
+    accuracy = {f"{name}_{split}_acc": ((candidates.get(name) or {}).get(split) or {}).get("accuracy")
+                for name in ("base", "active", "new") for split in ("gate", "test")}
+    return {"site": site, "state": s.get("state"), "serving": run.get("serving"),
+            "active_version": s.get("active_version"), **accuracy,
+            "gain_over_base_test": (run.get("gain_over_base") or {}).get("test"),
+            "precision": (run.get("precision") or {}).get("serving"),
+            "processed": s.get("processed_total"), "selected": s.get("selected_total"),
+            "uploaded": s.get("uploaded_total"), "outbox": s.get("queues", {}).get("outbox"),
+            "heartbeat_age_s": round(time.time() - s.get("time", 0), 1)}
+
+
 @task(cache_policy=NO_CACHE)
-def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inventory, parts: list[Path]) -> dict | None:
+def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inventory,
+            parts: list[Path]) -> dict | None:
     """Retrain on the checked samples and gate the candidate; None when no sample came back."""
     logger = get_run_logger()
     collection = collect_samples(inventory.store())
@@ -222,8 +234,8 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
     return {"sites_completed": live, "decision": decision}
 
 
-def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings, champion: ModelVersion, live: list[str],
-          streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
+def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings, champion: ModelVersion,
+          live: list[str], streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
     """Deploy → edge fine-tune → inference and samples → retrain → deploy again; returns who kept up."""
     live = _deploy_and_wait(fleet, registry, champion, live, "fine-tune on the champion", settings.site_timeout_s)
     status = deploy.read_fleet_status(fleet.store(), live)
@@ -238,8 +250,8 @@ def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings
     return live, decision
 
 
-def _deploy_and_wait(fleet: Inventory, registry: ModelRegistry, version: ModelVersion, sites: list[str], what: str,
-                     timeout_s: float) -> list[str]:
+def _deploy_and_wait(fleet: Inventory, registry: ModelRegistry, version: ModelVersion, sites: list[str],
+                     what: str, timeout_s: float) -> list[str]:
     """Deploy a version and wait for the sites' fine-tunes on it (a site that already had it is not waited on)."""
     started = time.time()
     deployed = {name: deploy_to(fleet, name, registry.artifact(version.version), version.version) for name in sites}
@@ -257,6 +269,7 @@ def _image_size(fleet: Inventory) -> int:
 
 
 def _gate_markdown(decision: dict) -> str:
+    """The gate artifact: the verdict and why, what decided (gate split) apart from what is only reported (test)."""
     verdict = "promoted" if decision["promoted"] else "kept the champion"
     return (f"### Retraining gate: {verdict}\n\n{decision['reason']}\n\n"
             "| | version | gate acc (decides) | gate loss | test acc (reported only) |\n|---|---|---|---|---|\n"

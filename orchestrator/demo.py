@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from edge_agent.datasets import (ELPV_CLASSES, DatasetVersion, SourceImage, elpv_images, import_elpv,
-                                 write_version)
+from edge_agent.datasets import ELPV_CLASSES, DatasetVersion, SourceImage, elpv_images, import_elpv, write_version
 from edge_agent.layout import AgentPaths
 from orchestrator.project import PROJECT_DIR
 from orchestrator.samples import Sample
@@ -140,7 +138,7 @@ class ReferenceLabels:
     image it streamed to the sites, found by content hash.
     """
 
-    def __init__(self, datasets: list[DatasetVersion]):
+    def __init__(self, datasets: list[DatasetVersion]) -> None:
         self.truth = {r["sha256"]: r["label"] for d in datasets for r in d.records}
 
     def __call__(self, sample: Sample) -> int | None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from edge_agent.datasets import ArraySet, open_dataset
-from edge_agent.gate import Score, gate as decide
+from edge_agent.gate import Score
+from edge_agent.gate import gate as decide
 from edge_agent.models import load_checkpoint
 from edge_agent.train import EpochMetrics, TrainConfig, evaluate
 from orchestrator.registry import ModelRegistry, ModelVersion

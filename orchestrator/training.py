@@ -7,18 +7,19 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
-from edge_agent.datasets import open_dataset
+from edge_agent.datasets import ArraySet, DatasetVersion, open_dataset
 from edge_agent.export import Classifier, export_onnx, quantize_int8
-from edge_agent.onnx_model import OnnxClassifier
 from edge_agent.fileio import file_sha256
-from edge_agent.models import CheckpointMeta, ModelSpec, build_model, load_checkpoint, save_checkpoint
+from edge_agent.models import CheckpointMeta, ModelSpec, Normalization, build_model, load_checkpoint, save_checkpoint
+from edge_agent.onnx_model import OnnxClassifier
 from edge_agent.train import EpochMetrics, TrainConfig, evaluate, normalization_of, train_model
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ METRICS = "metrics.json"
 
 
 def machine_info() -> dict:
+    """Where a run trained: timings in metrics and benchmarks mean little without it."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
 
@@ -41,14 +43,7 @@ def train_on_dataset(data: str | Path, arch: str, out: str | Path, config: Train
     """
     dataset = open_dataset(data)
     train, val, test = (dataset.load_split(s) for s in ("train", "val", "test"))
-    if init is not None:
-        model, parent = load_checkpoint(init)
-        spec, normalization, parent_version = parent.spec, parent.normalization, file_sha256(init)[:12]
-        if spec.image_size != dataset.image_size:
-            raise ValueError(f"{init} expects {spec.image_size} px images, the dataset has {dataset.image_size} px")
-    else:
-        spec = ModelSpec(arch=arch, num_classes=len(dataset.classes), image_size=dataset.image_size)
-        model, normalization, parent_version = build_model(spec, config.seed), normalization_of(train), None
+    model, spec, normalization, parent_version = _starting_model(dataset, train, arch, config.seed, init)
     log.info("training %s on %s (%d train, %d val, %d test images)", spec.arch, dataset.id, len(train), len(val),
              len(test))
     result = train_model(model, train, val, config, normalization, on_epoch=on_epoch)
@@ -71,7 +66,23 @@ def train_on_dataset(data: str | Path, arch: str, out: str | Path, config: Train
     return metrics
 
 
+def _starting_model(dataset: DatasetVersion, train: ArraySet, arch: str, seed: int, init: str | Path | None
+                    ) -> tuple[nn.Module, ModelSpec, Normalization, str | None]:
+    """(model, spec, normalization, parent version): the checkpoint ``init`` as it was, or a fresh ``arch``.
+
+    A fine-tune keeps its parent's normalization, so the edge's base models and the cloud's agree on inputs.
+    """
+    if init is None:
+        spec = ModelSpec(arch=arch, num_classes=len(dataset.classes), image_size=dataset.image_size)
+        return build_model(spec, seed), spec, normalization_of(train), None
+    model, parent = load_checkpoint(init)
+    if parent.spec.image_size != dataset.image_size:
+        raise ValueError(f"{init} expects {parent.spec.image_size} px images, the dataset has {dataset.image_size} px")
+    return model, parent.spec, parent.normalization, file_sha256(init)[:12]
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, version: str | None = None) -> Path:
+    """A checkpoint as ONNX with what the edge needs inside: version, arch, normalization, classes."""
     model, meta = load_checkpoint(checkpoint)
     metadata = {"version": version or file_sha256(checkpoint)[:12], "arch": meta.spec.arch,
                 "normalization": meta.normalization.model_dump_json(), "dataset_id": meta.dataset_id or ""}
@@ -80,6 +91,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, version: str |
 
 
 def onnx_accuracy(path: str | Path, images: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of an exported graph as onnxruntime runs it (what the edge serves, not the PyTorch model)."""
     return float((OnnxClassifier(path).predict(images).argmax(1) == labels).mean())
 
 

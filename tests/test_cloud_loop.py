@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from edge_agent.datasets import open_dataset
-from edge_agent.layout import AgentPaths
 from edge_agent.fileio import file_sha256
-from edge_agent.gate import Score, gate as shared_gate
+from edge_agent.gate import Score
+from edge_agent.gate import gate as shared_gate
+from edge_agent.layout import AgentPaths
 from edge_agent.store import Store
 from edge_agent.train import TrainConfig
+from orchestrator.demo import ReferenceLabels
 from orchestrator.deploy import deploy_model, read_fleet_status
 from orchestrator.inventory import load_inventory
-from orchestrator.demo import ReferenceLabels
 from orchestrator.registry import ModelRegistry, RegistryError
 from orchestrator.retrain import gate, retrain_from_samples, train_version
 from orchestrator.samples import collect_samples
@@ -91,7 +92,7 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
         _put_sample(store, "site-1", (site.root / record["file"]).read_bytes())
     _put_sample(store, "site-1", (site.root / site.files("train")[0]["file"]).read_bytes(),
                 operator_label="defective")
-    unknown = sorted((elpv_small / "sites/site-2").rglob("*.png"))[0]
+    unknown = min((elpv_small / "sites/site-2").rglob("*.png"))
     _put_sample(store, "site-2", unknown.read_bytes())  # nobody knows its label yet
     collection = collect_samples(Store(f"file://{store}"))
     assert ReferenceLabels([site])(collection.accepted[0]) is not None

@@ -41,8 +41,8 @@ def test_one_turn_of_the_loop(prefect_harness, tmp_path):
     inventory = tmp_path / "fleet.yaml"
     inventory.write_text(INVENTORY)
     home = tmp_path / "home"
-    run = dict(inventory=str(inventory), home=str(home), pretrain_arch="tiny_cnn", pretrain_epochs=1,
-               retrain_epochs=1, site_timeout_s=300)
+    run = {"inventory": str(inventory), "home": str(home), "pretrain_arch": "tiny_cnn", "pretrain_epochs": 1,
+           "retrain_epochs": 1, "site_timeout_s": 300}
     try:
         result = lifecycle_flow(**run)
         again = lifecycle_flow(**run)  # a second turn resumes from the registry and the provisioned sites

@@ -34,8 +34,8 @@ def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.lifecycle import lifecycle_flow
 
-    result = lifecycle_flow(inventory=args.inventory, home=args.home, pretrain_epochs=args.pretrain_epochs, retrain_epochs=args.retrain_epochs,
-                            site_timeout_s=args.site_timeout, stop_agents=not args.keep_agents,
+    result = lifecycle_flow(inventory=args.inventory, home=args.home, pretrain_epochs=args.pretrain_epochs,
+                            retrain_epochs=args.retrain_epochs, site_timeout_s=args.site_timeout, stop_agents=not args.keep_agents,
                             site_data=args.fleet)
     print(json.dumps(result, indent=1, default=str))
     return 0 if result["sites_completed"] else 1

@@ -70,8 +70,8 @@ def _checkpoint_path(model: str) -> Path:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from orchestrator.training import export_checkpoint, max_abs_difference, quantize_with_report
     from edge_agent.datasets import open_dataset
+    from orchestrator.training import export_checkpoint, max_abs_difference, quantize_with_report
 
     if args.int8 and not args.calibration:
         raise ValueError("--int8 needs --calibration DIR (a dataset version)")
