@@ -32,7 +32,7 @@ RESULTS = REPO / "bench" / "results"
 # The server process, as lean as the agent's serving side (no torch): the agent's real Server and
 # EnsembleHandle over the ensemble the bench exported, and a loop standing in for the agent's inbox work.
 SERVER = r"""
-import json, signal, sys, threading, time
+import json, os, signal, sys, threading, time
 from pathlib import Path
 import numpy as np
 from edge_agent.activation import activate
@@ -45,19 +45,21 @@ paths = AgentPaths(Path(sys.argv[1]))
 activate(paths, "v1")
 handle = EnsembleHandle(paths.active_link, threads=1, image_size=64)
 server = Server(ServeConfig(port=int(sys.argv[2])), Classifier(handle, 10_000_000), lambda: {"ok": True}).start()
-gaps, stop = [], threading.Event()
+gaps, fds, stop = [], [], threading.Event()
 def inbox_loop():
     image, last = np.zeros((1, 64, 64), np.uint8), time.monotonic()
     while not stop.is_set():
         classify(handle.get(), image)
         now = time.monotonic(); gaps.append(now - last); last = now
+        fds.append(len(os.listdir("/proc/self/fd")))  # the descriptors the server holds, sampled
         stop.wait(0.5)
 threading.Thread(target=inbox_loop, daemon=True).start()
 print("ready", flush=True)
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 stop.wait()
 server.stop()
-print(json.dumps({"inbox_ticks": len(gaps), "inbox_max_gap_s": max(gaps[1:] or [0]),
+print(json.dumps({"inbox_ticks": len(gaps), "inbox_max_gap_s": round(max(gaps[1:] or [0]), 3),
+                  "server_max_open_fds": max(fds or [0]),
                   # VmHWM, not ru_maxrss: the latter keeps the peak of the parent that forked us
                   "server_peak_rss_mb": int(next(l for l in open("/proc/self/status")
                                                  if l.startswith("VmHWM")).split()[1]) / 1024}), flush=True)
@@ -139,7 +141,15 @@ def main() -> int:
         probe = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/classify", data=bodies[0],
                                                               method="POST"), timeout=30).status
         probe_s = time.monotonic() - probe_started
-        for sock in idle:
+        idle_closed = 0
+        for sock in idle:  # how many of the idle connections the server has closed (evicted, timed out)
+            sock.setblocking(False)
+            try:
+                idle_closed += sock.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                idle_closed += 1
             sock.close()
         proc.terminate()
         server_stats = json.loads(proc.stdout.read().strip().splitlines()[-1])
@@ -159,6 +169,7 @@ def main() -> int:
         "latency_ms_200": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
                            "mean": round(statistics.mean(latencies) * 1000, 1) if latencies else None},
         "after_load_probe": {"status": probe, "seconds": round(probe_s, 3)},
+        "idle_closed_by_server": idle_closed,
         **server_stats,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
     }

@@ -84,9 +84,16 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 class ServeConfig(Strict):
-    host: str = "127.0.0.1"
+    """The local HTTP endpoint (``edge_agent.server``). Every resource a client can hold is bounded here."""
+
+    host: str = Field("127.0.0.1", description="address to bind; anything but loopback requires `token`")
     port: int = Field(8765, ge=0, le=65535, description="0 disables the HTTP endpoint")
-    max_image_bytes: int = Field(10_000_000, ge=1)
+    max_image_bytes: int = Field(10_000_000, ge=1, description="largest image file accepted, by the HTTP "
+                                                               "endpoint (413) and the inbox")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="largest canvas (width x height, read from the "
+                                                                "header before decoding) the HTTP endpoint "
+                                                                "decodes; each of `workers` may hold ~4 bytes "
+                                                                "a pixel while decoding")
     token: str | None = Field(None, description="bearer token every request must carry; required on any "
                                                 "non-loopback bind (give it as ${VAR} in the inventory)")
     workers: int = Field(4, ge=1, le=64, description="requests handled at once")

@@ -137,7 +137,8 @@ class Agent:
         def select(raw: bytes, prediction, name: str) -> None:
             self.sampler(raw, prediction, name, source="http")
 
-        classify_body = Classifier(self.handle, self.config.serve.max_image_bytes, select)
+        classify_body = Classifier(self.handle, self.config.serve.max_image_bytes, select,
+                                   self.config.serve.max_image_pixels)
         self.server = Server(self.config.serve, classify_body, self.status).start()
         log.info("serving HTTP on %s:%d%s", *self.server.address,
                  " (bearer token required)" if self.config.serve.token else "")

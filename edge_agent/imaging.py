@@ -61,12 +61,16 @@ def read_regular_file(path: Path, max_bytes: int | None) -> bytes:
         os.close(fd)
 
 
-def decode_image(source: bytes | str | Path, size: int, max_bytes: int | None = None) -> np.ndarray:
-    """Decode an image file or its bytes to a ``size`` x ``size`` uint8 grayscale array."""
+def decode_image(source: bytes | str | Path, size: int, max_bytes: int | None = None,
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode an image file or its bytes to a ``size`` x ``size`` uint8 grayscale array.
+
+    The canvas size comes from the header: more than ``max_pixels`` is refused before a pixel is decoded
+    (a PNG of a few hundred bytes can declare 60000 x 60000)."""
     data = _read_bytes(source, max_bytes)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_PIXELS:
+            if image.width * image.height > max_pixels:
                 raise ImageError(f"too many pixels: {image.width}x{image.height}")
             image.load()  # forces a full decode: truncated files fail here, not later
             gray = image.convert("L")

@@ -4,12 +4,14 @@ stdlib only: nothing to install on an edge board. It serves through the same :cl
 the inbox, so an activation is picked up by the next request. One bad or hostile client must never stop
 the site, so every resource a client can hold is bounded:
 
-- one gate thread accepts connections and waits, with a selector, for each to send its request; a
-  connection that sends nothing within ``header_timeout_s`` is closed, and when ``max_connections`` are
-  waiting the one idle longest is dropped for the newcomer (idle connections cost no thread, and a flood
-  of them cannot lock real clients out);
-- a request that has started is handled by a pool of ``workers`` threads, ``max_queued`` at most waiting
-  (beyond that: 503 at once, never a reset), with a deadline on every read and write;
+- one gate thread accepts connections and reads, with a selector, each one's request line and headers
+  (``MAX_HEAD`` bytes at most, else 431); a connection whose head is not complete within
+  ``header_timeout_s`` of connecting is closed, however slowly it trickles bytes, and when
+  ``max_connections`` are waiting the one idle longest is dropped for the newcomer (waiting connections
+  cost no thread, and a flood of them cannot lock real clients out);
+- a complete request is handled by a pool of ``workers`` threads, ``max_queued`` at most waiting (beyond
+  that: 503 at once, never a reset); its body must arrive within ``request_timeout_s`` in all (408), so
+  a client dribbling a byte at a time cannot hold a worker either;
 - the body is read only after its ``Content-Length`` is checked (missing, negative, non-numeric and
   oversize are refused before a byte is read); images are checked for pixel count before decoding;
 - a bearer token is required whenever the config has one (always off loopback).
@@ -18,6 +20,7 @@ the site, so every resource a client can hold is bounded:
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import selectors
@@ -31,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_agent.config import ServeConfig
-from edge_agent.imaging import ImageError, decode_image
+from edge_agent.imaging import MAX_PIXELS, ImageError, decode_image
 from edge_agent.serving import EnsembleHandle, Prediction, classify
 
 log = logging.getLogger(__name__)
@@ -47,15 +50,16 @@ class Classifier:
     """What a request needs: decode, classify, hand the prediction to sample selection."""
 
     def __init__(self, handle: EnsembleHandle, max_bytes: int,
-                 on_prediction: Callable[[bytes, Prediction, str], None] | None = None):
+                 on_prediction: Callable[[bytes, Prediction, str], None] | None = None, max_pixels: int = MAX_PIXELS):
         self.handle, self.max_bytes, self.on_prediction = handle, max_bytes, on_prediction
+        self.max_pixels = max_pixels
 
     def __call__(self, body: bytes, name: str) -> dict[str, Any]:
         classifier = self.handle.get()
         if classifier is None:
             raise ServeError(503, "no active model")
         try:
-            image = decode_image(body, classifier.image_size, self.max_bytes)
+            image = decode_image(body, classifier.image_size, self.max_bytes, self.max_pixels)
         except ImageError as exc:
             raise ServeError(413 if "too large" in str(exc) else 400, str(exc)) from None
         prediction = classify(classifier, image[np.newaxis])[0]
@@ -69,6 +73,45 @@ class Classifier:
 
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 17\r\n"
         b"Retry-After: 1\r\nConnection: close\r\n\r\n{\"error\": \"busy\"}")
+HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 34\r\nConnection: close\r\n\r\n{\"error\": \"request head too large\"}")
+MAX_HEAD = 32 * 1024  # request line and headers; a bearer token and a file name fit many times over
+
+
+def _head_complete(data: bytes | bytearray) -> bool:
+    """Whether the request line and headers have all arrived (http.server accepts bare LF line ends too)."""
+    return b"\n\r\n" in data or b"\n\n" in data
+
+
+class _Prefixed(io.RawIOBase):
+    """A connection's bytes: first those the gate already read (the head), then the socket's."""
+
+    def __init__(self, connection: socket.socket, prefix: bytes):
+        self.connection, self.prefix = connection, memoryview(prefix)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.prefix:
+            n = min(len(buffer), len(self.prefix))
+            buffer[:n], self.prefix = self.prefix[:n], self.prefix[n:]
+            return n
+        return self.connection.recv_into(buffer)
+
+
+class _Writer(io.BufferedIOBase):
+    """Unbuffered writes that send everything (as socketserver's own writer does)."""
+
+    def __init__(self, connection: socket.socket):
+        self.connection = connection
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.connection.sendall(data)
+        return len(data)
 
 
 def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]], config: ServeConfig):
@@ -78,6 +121,12 @@ def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]
         server_version = "edgeloop-agent"
         timeout = config.request_timeout_s  # every read and write of this connection
         protocol_version = "HTTP/1.0"  # one request per connection: a worker is never held by keep-alive
+
+        def setup(self) -> None:
+            self.connection, head = self.request  # the gate has read the head already
+            self.connection.settimeout(self.timeout)
+            self.rfile = io.BufferedReader(_Prefixed(self.connection, head))
+            self.wfile = _Writer(self.connection)
 
         def _send(self, code: int, payload: dict[str, Any]) -> None:
             body = (json.dumps(payload, sort_keys=True) + "\n").encode()
@@ -113,6 +162,32 @@ def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]
                 return None
             return length
 
+        def _read_body(self, length: int) -> bytes | None:
+            """The body, all of it within ``request_timeout_s`` (not per read: a client sending a byte at a
+            time would hold a worker for ever); or None after answering why not."""
+            deadline = time.monotonic() + config.request_timeout_s
+            chunks, got = [], 0
+            try:
+                while got < length:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    self.connection.settimeout(left)
+                    chunk = self.rfile.read1(min(65536, length - got))
+                    if not chunk:
+                        self._send(400, {"error": f"body ended after {got} of {length} bytes"})
+                        return None
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except TimeoutError:
+                self.connection.settimeout(self.timeout)
+                self.close_connection = True
+                self._send(408, {"error": f"body not received within {config.request_timeout_s:g} s "
+                                          f"({got} of {length} bytes)"})
+                return None
+            self.connection.settimeout(self.timeout)
+            return b"".join(chunks)
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if not self._authorised():
                 return
@@ -127,9 +202,8 @@ def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]
             length = self._content_length()
             if length is None:
                 return
-            body = self.rfile.read(length)
-            if len(body) < length:
-                self._send(400, {"error": f"body ended after {len(body)} of {length} bytes"})
+            body = self._read_body(length)
+            if body is None:
                 return
             name = (self.headers.get("X-Filename") or self.path.rsplit("/", 1)[-1] or "upload")[:200]
             try:
@@ -157,8 +231,8 @@ class Server(HTTPServer):
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="http")
         self.slots = threading.BoundedSemaphore(config.workers + config.max_queued)
         self.selector = selectors.DefaultSelector()
-        self.waiting: dict[socket.socket, tuple[float, Any]] = {}  # connection -> (deadline, client address)
-        self.closing: dict[socket.socket, float] = {}  # answered busy, draining the request until this time
+        self.waiting: dict[socket.socket, tuple[float, Any, bytearray]] = {}  # -> (deadline, address, head so far)
+        self.closing: dict[socket.socket, float] = {}  # refused (503, 431), draining the request until this time
         self.stopping = threading.Event()
         self.gate = threading.Thread(target=self._gate, name="http-gate", daemon=True)
 
@@ -188,7 +262,7 @@ class Server(HTTPServer):
                 elif key.fileobj in self.closing:
                     self._drain(key.fileobj)
                 else:
-                    self._dispatch(key.fileobj)
+                    self._receive(key.fileobj)
             self._expire(time.monotonic())
 
     def _accept(self) -> None:
@@ -203,29 +277,51 @@ class Server(HTTPServer):
             if len(self.waiting) >= self.config.max_connections:
                 self._drop(min(self.waiting, key=lambda c: self.waiting[c][0]))  # the one idle longest
             connection.setblocking(False)
-            self.waiting[connection] = (time.monotonic() + self.config.header_timeout_s, address)
+            self.waiting[connection] = (time.monotonic() + self.config.header_timeout_s, address, bytearray())
             self.selector.register(connection, selectors.EVENT_READ)
 
-    def _dispatch(self, connection: socket.socket) -> None:
-        """A connection has sent something: hand it to a worker, or answer busy when all are taken."""
-        _, address = self.waiting.pop(connection)
+    def _receive(self, connection: socket.socket) -> None:
+        """A waiting connection sent bytes: keep them until its head is complete, then dispatch it."""
+        _, address, head = self.waiting[connection]
+        try:
+            data = connection.recv(MAX_HEAD + 1 - len(head))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client hung up (or reset) before sending a whole request
+            self._drop(connection)
+            return
+        head += data
+        if len(head) > MAX_HEAD and not _head_complete(head):
+            del self.waiting[connection]
+            self._refuse(connection, HEAD_TOO_LARGE)
+        elif _head_complete(head):
+            del self.waiting[connection]
+            self._dispatch(connection, address, bytes(head))
+
+    def _dispatch(self, connection: socket.socket, address: Any, head: bytes) -> None:
+        """A whole request head has arrived: hand it to a worker, or answer busy when all are taken."""
         if not self.slots.acquire(blocking=False):
-            self._busy(connection)
+            self._refuse(connection, BUSY)
             return
         self.selector.unregister(connection)
         connection.setblocking(True)
         connection.settimeout(self.config.request_timeout_s)
-        self.pool.submit(self._work, connection, address)
+        self.pool.submit(self._work, connection, address, head)
 
-    def _busy(self, connection: socket.socket) -> None:
-        """Answer 503 and close gracefully: the unread request is drained first, for closing a socket with
-        unread data sends a reset, and the client would see a broken connection instead of "busy"."""
+    def _refuse(self, connection: socket.socket, answer: bytes) -> None:
+        """Answer (503, 431) and close gracefully: the unread request is drained first, for closing a socket
+        with unread data sends a reset, and the client would see a broken connection instead of the answer.
+        At most ``max_connections`` are draining; beyond, the oldest is closed at once."""
         try:
-            connection.send(BUSY)  # small: fits the empty send buffer of a fresh connection
+            connection.send(answer)  # small: fits the empty send buffer of a fresh connection
             connection.shutdown(socket.SHUT_WR)
         except OSError:
             self._drop(connection)
             return
+        if len(self.closing) >= self.config.max_connections:
+            self._drop(min(self.closing, key=self.closing.__getitem__))
         self.closing[connection] = time.monotonic() + 2.0
 
     def _drain(self, connection: socket.socket) -> None:
@@ -236,9 +332,9 @@ class Server(HTTPServer):
             pass
         self._drop(connection)
 
-    def _work(self, connection: socket.socket, address: Any) -> None:
+    def _work(self, connection: socket.socket, address: Any, head: bytes) -> None:
         try:
-            self.finish_request(connection, address)
+            self.finish_request((connection, head), address)
         except Exception as exc:  # timeouts and resets: this client's problem only
             log.debug("http request from %s ended: %s", address, exc)
         finally:
@@ -246,7 +342,7 @@ class Server(HTTPServer):
             self.slots.release()
 
     def _expire(self, now: float) -> None:
-        late = [c for c, (deadline, _) in self.waiting.items() if deadline < now]
+        late = [c for c, (deadline, _, _) in self.waiting.items() if deadline < now]
         for connection in late + [c for c, deadline in self.closing.items() if deadline < now]:
             self._drop(connection)
 

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import socket
 import struct
-import zlib
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from agent_helpers import AgentProcess, wait_for, write_config
 from PIL import Image
 from pydantic import ValidationError
 
@@ -41,25 +43,14 @@ def png(seed: int = 0, size: int = 40) -> bytes:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> AgentPaths:
-    from edge_agent.ensemble import export_ensemble
-    from edge_agent.models import ModelSpec, Normalization, build_model
-
-    paths = AgentPaths(tmp_path_factory.mktemp("site"))
-    paths.ensure()
-    folder = paths.ensembles / "v1"
-    folder.mkdir(parents=True)
-    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=SIZE)
-    export_ensemble([build_model(spec, seed=i) for i in range(2)], [Normalization()] * 2, [0.5, 0.5],
-                    folder / "ensemble.onnx", image_size=SIZE, class_names=["functional", "defective"],
-                    metadata={"version": "v1"})
-    activate(paths, "v1")
-    return paths
+    return build_site(tmp_path_factory.mktemp("site"))
 
 
 def start(site: AgentPaths, on_prediction=None, **serve) -> Server:
     config = ServeConfig(port=1, **serve).model_copy(update={"port": 0})  # port 0: any free port
     handle = EnsembleHandle(site.active_link, image_size=SIZE)
-    return Server(config, Classifier(handle, config.max_image_bytes, on_prediction), lambda: {"ok": True}).start()
+    return Server(config, Classifier(handle, config.max_image_bytes, on_prediction, config.max_image_pixels),
+                  lambda: {"ok": True}).start()
 
 
 def raw_request(port: int, data: bytes, timeout: float = 10.0) -> bytes:
@@ -110,7 +101,57 @@ def test_a_client_that_sends_nothing_is_cut_off(site):
             started = time.monotonic()
             answer = sock.recv(1000)
             assert time.monotonic() - started < 8
-            assert answer == b"" or status_of(answer) == 400
+            assert answer == b"" or status_of(answer) == 408
+    finally:
+        server.stop()
+
+
+def trickle(address, head: bytes, dribble: bytes, every: float = 0.2, limit: float = 12.0) -> tuple[float, bytes]:
+    """Send ``head``, then ``dribble`` a byte every ``every`` s until the server answers or hangs up:
+    the seconds that took (``limit`` when it never did) and what it said."""
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        for byte in dribble:
+            if select.select([sock], [], [], every)[0] or time.monotonic() - started > limit:
+                break
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                break
+        elapsed = time.monotonic() - started
+        try:
+            return elapsed, sock.recv(1000)
+        except OSError:
+            return elapsed, b""
+
+
+def test_clients_that_trickle_their_request_are_cut_off_in_time_and_hold_no_worker(site):
+    """A byte every 0.2 s resets any per-read timeout: the head must be complete within header_timeout_s
+    of connecting, and the body within request_timeout_s, however it trickles."""
+    server = start(site, workers=1, max_queued=1, header_timeout_s=1, request_timeout_s=2)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            heads = pool.submit(trickle, server.address, b"", b"POST /classify HTTP/1.1\r\nX-Pad: " + b"a" * 100)
+            body = pool.submit(trickle, server.address,
+                               b"POST /classify HTTP/1.1\r\nContent-Length: 1000\r\n\r\n", b"a" * 100)
+            time.sleep(0.5)
+            started = time.monotonic()
+            code, _ = post(server.address[1], png(3), timeout=15)  # neither trickler holds the pool
+            assert code == 200 and time.monotonic() - started < 6
+            head_s, _ = heads.result()
+            body_s, body_answer = body.result()
+        assert head_s < 3, f"a trickled head held its connection {head_s:.1f} s"
+        assert body_s < 5 and status_of(body_answer) == 408, f"a trickled body held a worker {body_s:.1f} s"
+    finally:
+        server.stop()
+
+
+def test_an_oversized_head_is_refused(site):
+    server = start(site)
+    try:
+        answer = raw_request(server.address[1], b"GET /health HTTP/1.1\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n")
+        assert status_of(answer) == 431
     finally:
         server.stop()
 
@@ -158,6 +199,16 @@ def test_a_huge_canvas_is_refused_before_it_is_decoded(site):
         server.stop()
 
 
+def test_the_endpoint_has_its_own_pixel_limit(site):
+    server = start(site, max_image_pixels=1_000_000)
+    try:
+        assert post(server.address[1], png(4, size=999))[0] == 200  # under the limit: served
+        code, answer = post(server.address[1], png(5, size=1001))  # a real, well-formed image, too big a canvas
+        assert code == 400 and "too many pixels: 1001x1001" in answer["error"]
+    finally:
+        server.stop()
+
+
 def test_off_loopback_needs_a_token_and_requests_need_the_right_one(site, caplog):
     with pytest.raises(ValidationError, match="needs a bearer token"):
         ServeConfig(host="0.0.0.0", port=8765)
@@ -197,3 +248,53 @@ def test_http_and_labelled_samples_only_spend_their_own_share_of_the_budget(tmp_
     assert (queued_http, queued_labelled, queued_inbox) == (5, 2, 5)  # 25 % and 10 % of 20; the inbox is not held
     sources = [json.loads(p.read_text())["source"] for p in (tmp_path / "outbox").glob("*.json")]
     assert sorted(sources) == ["http"] * 5 + ["inbox"] * 5 + ["operator"] * 2
+
+
+def build_site(root: Path) -> AgentPaths:
+    """An agent root with a real two-member tiny_cnn ensemble active (what a deploy leaves)."""
+    from edge_agent.ensemble import export_ensemble
+    from edge_agent.models import ModelSpec, Normalization, build_model
+
+    paths = AgentPaths(root)
+    paths.ensure()
+    (paths.ensembles / "v1").mkdir(parents=True)
+    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=SIZE)
+    export_ensemble([build_model(spec, seed=i) for i in range(2)], [Normalization()] * 2, [0.5, 0.5],
+                    paths.ensembles / "v1" / "ensemble.onnx", image_size=SIZE, class_names=["functional", "defective"],
+                    metadata={"version": "v1"})
+    activate(paths, "v1")
+    return paths
+
+
+def test_the_real_agent_serves_with_its_token_and_spends_only_the_http_share(tmp_path):
+    """The daemon's wiring, end to end: its endpoint takes the token, and what it selects from requests is
+    tagged ``http`` and held to ``http_share`` of the day's samples, however many requests come."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root, store = tmp_path / "agent", tmp_path / "store"
+    build_site(root)
+    config = write_config(root, store.as_uri(), image_size=SIZE,
+                          serve={"port": port, "token": "t0ken-abc", "max_image_pixels": 1_000_000},
+                          upload={"random_share": 1.0, "max_samples_per_day": 8, "http_share": 0.25})
+    agent = AgentProcess(config)
+    try:
+        def health() -> int | None:
+            try:
+                return urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{port}/health", headers={"Authorization": "Bearer t0ken-abc"}), timeout=5).status
+            except OSError:
+                return None
+        wait_for(health, 60, "the endpoint", agent)
+        assert post(port, png(10))[0] == 401
+        token = {"Authorization": "Bearer t0ken-abc"}
+        assert post(port, png(11, size=1001), token)[0] == 400  # the site's pixel limit
+        assert [post(port, png(20 + i), token)[0] for i in range(6)] == [200] * 6  # every one chosen (random 1.0)
+        samples = store / "samples" / "site-1"
+        wait_for(lambda: samples.is_dir() and len(list(samples.glob("*.json"))) >= 2, 30, "http samples", agent)
+        time.sleep(1.5)  # time for any more to (wrongly) arrive
+        sources = [json.loads(p.read_text())["source"] for p in samples.glob("*.json")]
+        assert sources == ["http", "http"]  # 25 % of 8, not 6
+    finally:
+        agent.close()
+    assert "t0ken-abc" not in (root / "agent.log").read_text()
