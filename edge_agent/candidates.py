@@ -81,28 +81,43 @@ def int8_serves(fp32_gate: float, int8_gate: float, tolerance: float) -> bool:
 
 
 def choose_precision(folder: Path, calibration: np.ndarray, gate: ArraySet, tolerance: float,
-                     image_size: int) -> dict[str, Any]:
+                     image_size: int, test: ArraySet | None = None) -> dict[str, Any]:
     """Quantise the ensemble in ``folder`` (static, calibrated on the site's own train images); keep INT8 as
-    ``ensemble.onnx`` when :func:`int8_serves`, else keep FP32. Returns what was decided and both scores."""
-    from edge_agent.ensemble import evaluate_graph
+    ``ensemble.onnx`` when :func:`int8_serves`, else keep FP32. Returns what was decided and both precisions'
+    gate scores (which decide) and test scores (``test``: reported only)."""
     from edge_agent.export import quantize_int8
 
     fp32_path, int8_path = folder / ENSEMBLE_FILE, folder / "ensemble.int8.onnx"
-    fp32 = evaluate_graph(validate_ensemble(fp32_path, image_size), gate.images, gate.labels)["accuracy"]
+    scores = {"fp32": _accuracies(fp32_path, image_size, gate, test)}
     try:
         quantize_int8(fp32_path, int8_path, calibration[:CALIBRATION_IMAGES])
-        int8 = evaluate_graph(validate_ensemble(int8_path, image_size), gate.images, gate.labels)["accuracy"]
+        scores["int8"] = _accuracies(int8_path, image_size, gate, test)
     except Exception as exc:  # onnxruntime's quantiser fails in many ways on unusual graphs: FP32 it is
         int8_path.unlink(missing_ok=True)
-        return {"serving": "fp32", "gate_fp32": fp32, "gate_int8": None, "reason": f"INT8 failed: {exc}"}
+        return {"serving": "fp32", **_flat(scores), "reason": f"INT8 failed: {exc}"}
+    fp32, int8 = scores["fp32"]["gate"], scores["int8"]["gate"]
     if int8_serves(fp32, int8, tolerance):
         os.replace(fp32_path, folder / FP32_FILE)
         os.replace(int8_path, fp32_path)
-        return {"serving": "int8", "gate_fp32": fp32, "gate_int8": int8,
+        return {"serving": "int8", **_flat(scores),
                 "reason": f"INT8 gate accuracy {int8:.4f} within {tolerance} of FP32 {fp32:.4f}"}
     int8_path.unlink(missing_ok=True)
-    return {"serving": "fp32", "gate_fp32": fp32, "gate_int8": int8,
+    return {"serving": "fp32", **_flat(scores),
             "reason": f"INT8 gate accuracy {int8:.4f} more than {tolerance} below FP32 {fp32:.4f}"}
+
+
+def _accuracies(path: Path, image_size: int, gate: ArraySet, test: ArraySet | None) -> dict[str, float | None]:
+    from edge_agent.ensemble import evaluate_graph
+
+    classifier = validate_ensemble(path, image_size)
+    return {"gate": evaluate_graph(classifier, gate.images, gate.labels)["accuracy"],
+            "test": evaluate_graph(classifier, test.images, test.labels)["accuracy"] if test is not None else None}
+
+
+def _flat(scores: dict[str, dict]) -> dict[str, float | None]:
+    """{"gate_fp32": .., "gate_int8": .., "test_fp32": .., "test_int8": ..} (None where not measured)."""
+    return {f"{split}_{precision}": (scores.get(precision) or {}).get(split)
+            for split in ("gate", "test") for precision in ("fp32", "int8")}
 
 
 def discard(folder: Path | None) -> None:

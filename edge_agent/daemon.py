@@ -89,7 +89,8 @@ class Agent:
 
     def tick(self) -> None:
         """One pass of the loop; a failing step is logged and the others still run."""
-        for step in (self.watch_finetune, self.scan_triggers, self.maybe_start_finetune, self.process_inbox,
+        for step in (self.watch_finetune, self.scan_triggers, self.judge_labelled, self.maybe_start_finetune,
+                     self.process_inbox,
                      self.pump_uplink, self.maybe_enforce_retention, self.maybe_heartbeat):
             if self.stop.is_set():
                 return
@@ -155,12 +156,23 @@ class Agent:
         if not new:
             return
         for class_name, file in new:
-            self._queue_labelled(class_name, file)
             self.state.labelled_seen.append(f"{class_name}/{file.name}")
+            self.state.labelled_unjudged.append(f"{class_name}/{file.name}")
         self.state.new_labelled += len(new)
         if self.state.new_labelled >= self.config.thresholds.min_new_labelled:
             self._owe(f"{self.state.new_labelled} new labelled images")
             self.state.new_labelled = 0
+        self.save_state()
+
+    def judge_labelled(self) -> None:
+        """Offer newly labelled images for upload, once a model serves to judge them with: a labelled image
+        goes up only when it is informative (:mod:`edge_agent.select`), never just because it is labelled."""
+        if not self.state.labelled_unjudged or self.handle.get() is None:
+            return
+        for relative in self.state.labelled_unjudged:
+            class_name, _, name = relative.partition("/")
+            self._queue_labelled(class_name, self.paths.labelled / class_name / name)
+        self.state.labelled_unjudged = []
         self.save_state()
 
     def _owe(self, reason: str) -> None:
@@ -176,11 +188,9 @@ class Agent:
         try:
             raw = file.read_bytes()
             classifier = self.handle.get()
-            prediction = None
-            if classifier is not None:
-                image = decode_image(raw, classifier.image_size, self.config.serve.max_image_bytes)
-                prediction = classify(classifier, image[None])[0]
-            self.sampler(raw, prediction, file.name, operator_label=class_name, source="operator")
+            image = decode_image(raw, classifier.image_size, self.config.serve.max_image_bytes)
+            self.sampler(raw, classify(classifier, image[None])[0], file.name, operator_label=class_name,
+                         source="operator")
         except (ImageError, OSError) as exc:
             log.warning("labelled file %s/%s not usable: %s", class_name, file.name, exc)
 
@@ -265,7 +275,7 @@ class Agent:
 
     def status(self, phase: str | None = None) -> dict[str, Any]:
         with self.lock:
-            state = self.state.model_dump(mode="json", exclude={"labelled_seen"})
+            state = self.state.model_dump(mode="json", exclude={"labelled_seen", "labelled_unjudged"})
         outbox = self.outbox.items()
         return {
             "site": self.config.site, "time": time.time(), "pid": os.getpid(), "state": phase or self.phase(),

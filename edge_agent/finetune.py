@@ -87,7 +87,7 @@ def build_ensemble(config: AgentConfig, jobs: list[MemberJob], splits: dict, ver
     loaded = [load_checkpoint(job.checkpoint) for job in jobs]
     val = splits["val"]
     member_val = np.stack([predict_proba(m, val.images, meta.normalization) for m, meta in loaded], axis=1)
-    fit = fit_weights(member_val, val.labels, seed=config.finetune.seed)
+    fit = fit_weights(member_val, val.labels)
     path = export_ensemble([m for m, _ in loaded], [meta.normalization for _, meta in loaded], fit.weights,
                            staged / "ensemble.onnx", image_size=config.image_size, class_names=class_names,
                            metadata={"version": version, "site": config.site, **extra_meta})
@@ -128,10 +128,8 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
     base_version, base_path, _ = bases[-1]
     base_folder, base_is_new = stage_base_as_is(config, paths, base_version, base_path, class_names)
     serving = choose_serving(config, paths, splits, {"base": base_folder, "new": staged})
-    chosen_folder = {"new": staged, "base": base_folder}.get(serving["chosen"])
-    if chosen_folder is not None and config.finetune.int8:
-        serving["precision"] = choose_precision(chosen_folder, splits["train"].images, splits["gate"],
-                                                config.thresholds.int8_tolerance, config.image_size)
+    if config.finetune.int8:
+        serving.update(_precisions(config, splits, serving["chosen"], {"new": staged, "base": base_folder}))
     for member, val_m, test_m in zip(members, ensemble["val"]["members"],
                                      serving["results"].get("new", {}).get("test", {}).get("members", [])):
         member.update(val_accuracy=val_m["accuracy"], test_accuracy=test_m["accuracy"])
@@ -141,7 +139,8 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
               "serving": serving["chosen"], "serving_version": serving["version"],
               "gain_over_base": gain_over_base(serving["results"], serving["chosen"]),
               "decision": serving["decision"], "activated": serving["chosen"] != "active",
-              "precision": serving.get("precision"), "counts": {s: len(splits[s]) for s in SPLITS}}
+              "precision": serving.get("precision"), "new_precision": serving.get("new_precision"),
+              "counts": {s: len(splits[s]) for s in SPLITS}}
     write_json_atomic(staged / "report.json", report)
     _publish_choice(paths, serving["chosen"], {"new": (staged, True), "base": (base_folder, base_is_new)})
     report.update(finished=time.time(), seconds=round(time.time() - started, 3))
@@ -176,6 +175,20 @@ def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged:
     version = results[chosen]["version"] if chosen != "active" else current.name
     log.info("serving %s (%s): %s", chosen, version, decision.reason)
     return {"chosen": chosen, "version": version, "decision": decision.reason, "results": results}
+
+
+def _precisions(config: AgentConfig, splits: dict, chosen: str, folders: dict[str, Path]) -> dict[str, dict]:
+    """INT8 or FP32 for what serves (the 0.5-point rule on the gate split); the new ensemble is always
+    measured both ways, so every report shows what INT8 costs it, whether it serves or not."""
+    out = {}
+    for name in dict.fromkeys([chosen, "new"]):
+        if name in folders:
+            out["precision" if name == chosen else "new_precision"] = choose_precision(
+                folders[name], splits["train"].images, splits["gate"], config.thresholds.int8_tolerance,
+                config.image_size, test=splits["test"])
+    if chosen == "new":
+        out["new_precision"] = out["precision"]
+    return out
 
 
 def _publish_choice(paths: AgentPaths, chosen: str, staged: dict[str, tuple[Path, bool]]) -> None:

@@ -22,28 +22,22 @@ class Sampler:
         t, u = config.thresholds, config.upload
         self.selector = Selector(t.uncertainty, t.disagreement, u.random_share, random.Random())
 
-    def __call__(self, raw: bytes, prediction: Prediction | None, name: str, operator_label: str | None = None,
+    def __call__(self, raw: bytes, prediction: Prediction, name: str, operator_label: str | None = None,
                  source: str = "inbox") -> bool:
-        """Queue the sample if it is worth sending; images from the HTTP endpoint (``source="http"``) only
+        """Queue the sample if the serving model's ``prediction`` says it is worth sending; images from the HTTP endpoint (``source="http"``) only
         within their own share of the day's budget, so anonymous requests cannot crowd out the inbox."""
-        probs = prediction.probs if prediction is not None else None
-        members = prediction.member_probs if prediction is not None else None
-        if prediction is None:  # no model to judge with yet: a site's labels are what the cloud lacks most
-            chosen, score, reasons, extra = operator_label is not None, 2.0, ["operator_label", "no_model"], {}
-        else:
-            mistaken = operator_label is not None and prediction.label != operator_label
-            selection = self.selector.judge(probs, members, operator_label, mistaken)
-            chosen, score, reasons = selection.chosen, selection.score, selection.reasons
-            extra = {"uncertainty": round(selection.uncertainty, 6), "disagreement": round(selection.disagreement, 6)}
-        if not chosen or not self._allowance(source):
+        mistaken = operator_label is not None and prediction.label != operator_label
+        members = prediction.member_probs
+        selection = self.selector.judge(prediction.probs, members, operator_label, mistaken)
+        if not selection.chosen or not self._allowance(source):
             return False
         sidecar = SampleSidecar(
-            site=self.config.site, time=time.time(), source_file=name, reasons=reasons,
-            model_version=prediction.model_version if prediction else None,
-            probabilities=prediction.probabilities if prediction else None,
+            site=self.config.site, time=time.time(), source_file=name, reasons=selection.reasons,
+            model_version=prediction.model_version, probabilities=prediction.probabilities,
             member_probabilities=members.round(6).tolist() if members is not None else None,
-            operator_label=operator_label, source=source, **extra).model_dump(mode="json")
-        self.outbox.put(as_png(raw), sidecar, score)
+            operator_label=operator_label, source=source, uncertainty=round(selection.uncertainty, 6),
+            disagreement=round(selection.disagreement, 6)).model_dump(mode="json")
+        self.outbox.put(as_png(raw), sidecar, selection.score)
         with self.lock:
             self.state.selected_total += 1
         return True

@@ -34,6 +34,8 @@ class AgentState(BaseModel):
 
     base_versions_seen: list[str] = Field(default_factory=list)
     labelled_seen: list[str] = Field(default_factory=list, description="relative paths of labelled files already counted")
+    labelled_unjudged: list[str] = Field(default_factory=list, description="labelled files not yet offered for "
+                                         "upload: they wait for a serving model to say whether they are informative")
     new_labelled: int = 0
     pending_finetune: str | None = Field(None, description="why a fine-tune is owed; kept until one completes")
     finetune_failures: int = 0

@@ -118,3 +118,21 @@ def copy_labelled(dataset: Path, root: Path, limit: int | None = None) -> int:
             shutil.copy(file, target / class_dir.name / file.name)
             n += 1
     return n
+
+
+def serving_site(root: Path, size: int):
+    """An agent root with a real two-member tiny_cnn ensemble active (what a deploy and a fine-tune leave)."""
+    from edge_agent.activation import activate
+    from edge_agent.ensemble import export_ensemble
+    from edge_agent.layout import AgentPaths
+    from edge_agent.models import ModelSpec, Normalization, build_model
+
+    paths = AgentPaths(root)
+    paths.ensure()
+    (paths.ensembles / "v1").mkdir(parents=True)
+    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=size)
+    export_ensemble([build_model(spec, seed=i) for i in range(2)], [Normalization()] * 2, [0.5, 0.5],
+                    paths.ensembles / "v1" / "ensemble.onnx", image_size=size, class_names=["functional", "defective"],
+                    metadata={"version": "v1"})
+    activate(paths, "v1")
+    return paths

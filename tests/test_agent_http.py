@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_helpers import AgentProcess, wait_for, write_config
+from agent_helpers import AgentProcess, serving_site, wait_for, write_config
 from PIL import Image
 from pydantic import ValidationError
 
@@ -43,7 +43,7 @@ def png(seed: int = 0, size: int = 40) -> bytes:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> AgentPaths:
-    return build_site(tmp_path_factory.mktemp("site"))
+    return serving_site(tmp_path_factory.mktemp("site"), SIZE)
 
 
 def start(site: AgentPaths, on_prediction=None, **serve) -> Server:
@@ -250,22 +250,6 @@ def test_http_and_labelled_samples_only_spend_their_own_share_of_the_budget(tmp_
     assert sorted(sources) == ["http"] * 5 + ["inbox"] * 5 + ["operator"] * 2
 
 
-def build_site(root: Path) -> AgentPaths:
-    """An agent root with a real two-member tiny_cnn ensemble active (what a deploy leaves)."""
-    from edge_agent.ensemble import export_ensemble
-    from edge_agent.models import ModelSpec, Normalization, build_model
-
-    paths = AgentPaths(root)
-    paths.ensure()
-    (paths.ensembles / "v1").mkdir(parents=True)
-    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=SIZE)
-    export_ensemble([build_model(spec, seed=i) for i in range(2)], [Normalization()] * 2, [0.5, 0.5],
-                    paths.ensembles / "v1" / "ensemble.onnx", image_size=SIZE, class_names=["functional", "defective"],
-                    metadata={"version": "v1"})
-    activate(paths, "v1")
-    return paths
-
-
 def test_the_real_agent_serves_with_its_token_and_spends_only_the_http_share(tmp_path):
     """The daemon's wiring, end to end: its endpoint takes the token, and what it selects from requests is
     tagged ``http`` and held to ``http_share`` of the day's samples, however many requests come."""
@@ -273,7 +257,7 @@ def test_the_real_agent_serves_with_its_token_and_spends_only_the_http_share(tmp
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     root, store = tmp_path / "agent", tmp_path / "store"
-    build_site(root)
+    serving_site(root, SIZE)
     config = write_config(root, store.as_uri(), image_size=SIZE,
                           serve={"port": port, "token": "t0ken-abc", "max_image_pixels": 1_000_000},
                           upload={"random_share": 1.0, "max_samples_per_day": 8, "http_share": 0.25})

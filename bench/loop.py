@@ -1,0 +1,503 @@
+"""The whole loop, measured over rounds and seeds on the shifted fleet (issue 9).
+
+Each seed: the cloud pretrains on its generic pool (mostly poly cells); three sites differ from it (mono
+cells only; poly cells through the site's own camera; both). Each round, every site fine-tunes on the
+current cloud model with the real edge code (members in parallel → ensemble → gate → INT8 rule), serves,
+classifies that round's share of its image stream, and uploads a budgeted choice of it; the cloud retrains
+on its pool plus everything uploaded so far, gates on the pool's gate split, and the champion goes out for
+the next round.
+
+What decides and what judges are kept apart. A site has four labelled splits (train, val chooses epochs
+and weights, gate decides what serves, test is only reported) and an unlabelled stream that is disjoint
+from all of them; the cloud decides on its pool's gate split. Every figure below is a test-split figure.
+
+Beside the loop, on the same data and budget:
+- random selection: a second cloud chain retrained on uniformly random uploads of the same bytes;
+- fine-tune vs scratch: one model fine-tuned from the cloud base against one trained from scratch on a
+  site's train split (round 1), test accuracy against training seconds.
+
+    .venv/bin/python bench/loop.py                 # 3 seeds x 3 rounds (~35 min on 2 cores)
+    .venv/bin/python bench/loop.py --quick         # 1 seed x 2 rounds, small epochs (a few minutes)
+
+Writes bench/results/loop.json (every figure, the machine), loop.png (the learning curves) and loop.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edge_agent.config import AgentConfig, FinetuneConfig, MemberConfig, ServeConfig  # noqa: E402
+from edge_agent.datasets import ELPV_CLASSES, ArraySet, SourceImage, elpv_images, open_dataset, write_version  # noqa: E402
+from edge_agent.imaging import encode_png  # noqa: E402
+from edge_agent.layout import AgentPaths  # noqa: E402
+from edge_agent.select import Selector  # noqa: E402
+from orchestrator.demo import shifted_fleet  # noqa: E402
+from orchestrator.registry import ModelRegistry  # noqa: E402
+from orchestrator.samples import Collection, Sample  # noqa: E402
+from orchestrator.training import machine_info  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+FAMILY = "elpv-defects"
+SITES = 3
+STREAM_SHARE = 0.35            # of each site's images: the unlabelled stream (the rest is labelled)
+SITE_FRACTIONS = (0.5, 0.2, 0.3)  # the labelled rest: train / val (halved into val and gate) / test
+POLICIES = ("flips", "contrast", "geometric")
+
+
+@dataclass
+class Settings:
+    seeds: int = 3
+    rounds: int = 3
+    size: int = 64
+    pretrain_epochs: int = 8
+    retrain_epochs: int = 4
+    finetune_epochs: int = 6
+    scratch_epochs: int = 20
+    upload_share: float = 0.04  # of the bytes a site saw that round
+
+
+@dataclass
+class StreamImage:
+    name: str
+    png: bytes
+    label: int
+    pixels: np.ndarray
+    source: str = "inbox"  # or "operator": a labelled image, its label known at the site
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.png).hexdigest()
+
+
+@dataclass
+class Site:
+    name: str
+    role: str
+    config: AgentConfig
+    data: Path
+    test: ArraySet
+    labelled: list[StreamImage]
+    stream: list[StreamImage]
+    chunks: list[list[StreamImage]] = field(default_factory=list)
+
+    @property
+    def paths(self) -> AgentPaths:
+        return AgentPaths(self.config.root)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+def _stream_image(item: SourceImage, source: str = "inbox") -> StreamImage:
+    return StreamImage(item.name, encode_png(item.pixels), item.label, item.pixels, source)
+
+
+def make_fleet(work: Path, seed: int, settings: Settings) -> tuple[Path, list[Site]]:
+    """The generic pool and three sites, each site's images split into labelled splits and a stream."""
+    images, skipped = elpv_images(settings.size, seed)
+    parts = shifted_fleet(images, SITES, seed)
+    generic = work / "generic"
+    write_version(generic, parts[0], ELPV_CLASSES, (0.7, 0.15, 0.15), seed, settings.size, "elpv:shifted:generic",
+                  skipped)
+    sites = []
+    for index, items in enumerate(parts[1:], start=1):
+        name = f"site-{index}"
+        order = np.random.default_rng(seed * 100 + index).permutation(len(items))
+        cut = int(STREAM_SHARE * len(items))
+        stream, held = [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]
+        data = work / "sites" / name
+        write_version(data, held, ELPV_CLASSES, SITE_FRACTIONS, seed + index, settings.size, f"elpv:shifted:{name}", [])
+        dataset = open_dataset(data)
+        labelled_names = {Path(r["file"]).stem for r in dataset.records if r["split"] in ("train", "val")}
+        labelled = [_stream_image(it, "operator") for it in held if it.name in labelled_names]
+        root = work / "edge" / name
+        AgentPaths(root).ensure()
+        shutil.copytree(data, AgentPaths(root).labelled, dirs_exist_ok=True)
+        config = AgentConfig(site=name, root=root, store_url=f"file://{work / 'store'}", image_size=settings.size,
+                             members=[MemberConfig(arch="resnet18", policy=p) for p in POLICIES],
+                             finetune=FinetuneConfig(epochs=settings.finetune_epochs, batch_size=32, lr=1e-3,
+                                                     seed=seed),
+                             serve=ServeConfig(port=0))
+        site = Site(name, items[0].extra["site_role"], config, data, dataset.load_split("test"), labelled,
+                    [_stream_image(it) for it in stream])
+        site.chunks = [list(c) for c in np.array_split(np.array(site.stream, dtype=object), settings.rounds)]
+        sites.append(site)
+    return generic, sites
+
+
+# ---- the edge --------------------------------------------------------------------------------------
+
+def deploy(site: Site, registry: ModelRegistry, version: str, round_: int) -> None:
+    """What the cloud's deploy leaves at a site: the checkpoint, then its sha256."""
+    folder = site.paths.base_models / f"r{round_}-{version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = registry.artifact(version)
+    shutil.copyfile(checkpoint, folder / "model.pt")
+    (folder / "model.pt.sha256").write_text(hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+
+
+def finetune(site: Site, round_: int) -> dict:
+    from edge_agent.finetune import run_finetune
+
+    report = run_finetune(site.config, site.paths, f"r{round_}", "bench", lambda: False, parallel=True)
+    candidates = report["candidates"]
+    precision = report.get("precision") or {}
+    served = candidates[report["serving"]]["test"]["accuracy"]
+    if precision.get("serving") == "int8":
+        served = precision["test_int8"]
+    return {"site": site.name, "role": site.role, "round": round_, "test_n": candidates["base"]["test"]["n"],
+            "base_as_is": candidates["base"]["test"]["accuracy"],
+            "best_member": max(m["test_accuracy"] for m in report["members"]),
+            "members": [m["test_accuracy"] for m in report["members"]],
+            "ensemble_fp32": candidates["new"]["test"]["accuracy"],
+            "ensemble_int8": (report.get("new_precision") or {}).get("test_int8"),
+            "served": served, "serving": report["serving"], "precision": precision.get("serving"),
+            "gate": {name: c["gate"]["accuracy"] for name, c in candidates.items()},
+            "finetune_seconds": report["seconds"], "train_seconds": report["train_seconds"]}
+
+
+def classify_images(site: Site, images: list[StreamImage]) -> list:
+    from edge_agent.serving import EnsembleHandle, classify
+
+    classifier = EnsembleHandle(site.paths.active_link, threads=2, image_size=site.config.image_size).get()
+    return classify(classifier, np.stack([im.pixels for im in images]))
+
+
+def select(site: Site, seen: list[StreamImage], budget: int, rng: random.Random) -> list[StreamImage]:
+    """What the agent sends: informative images (uncertain, members disagree, or a labelled image the model
+    got wrong; a small random share of ordinary ones), best score first, labelled ones within their share."""
+    t, u = site.config.thresholds, site.config.upload
+    selector = Selector(t.uncertainty, t.disagreement, u.random_share, rng)
+    ranked = []
+    for image, prediction in zip(seen, classify_images(site, seen)):
+        label = ELPV_CLASSES[image.label] if image.source == "operator" else None
+        judged = selector.judge(prediction.probs, prediction.member_probs, label,
+                                mistaken=label is not None and prediction.label != label)
+        if judged.chosen:
+            ranked.append((judged.score, image))
+    ranked.sort(key=lambda pair: -pair[0])
+    caps = {"operator": u.labelled_share * budget, "inbox": budget}
+    return _fill([image for _, image in ranked], budget, caps)
+
+
+def select_random(seen: list[StreamImage], budget: int, rng: random.Random) -> list[StreamImage]:
+    return _fill(rng.sample(seen, len(seen)), budget, {"operator": budget, "inbox": budget})
+
+
+def _fill(ordered: list[StreamImage], budget: int, caps: dict[str, float]) -> list[StreamImage]:
+    chosen, used, by_source = [], 0, {"operator": 0, "inbox": 0}
+    for image in ordered:
+        size = len(image.png)
+        if used + size <= budget and by_source[image.source] + size <= caps[image.source]:
+            chosen.append(image)
+            used += size
+            by_source[image.source] += size
+    return chosen
+
+
+# ---- the cloud -------------------------------------------------------------------------------------
+
+class Cloud:
+    """One chain of cloud models: a registry, its uploads so far, retrain + gate each round."""
+
+    def __init__(self, name: str, home: Path, base: Path):
+        self.name, self.home = name, home
+        self.registry = ModelRegistry(home / "registry")
+        version = self.registry.register(FAMILY, base, arch="resnet18", dataset_id=None, hyperparameters={},
+                                         metrics={}, note="pretrained on the generic pool (round 0)")
+        self.registry.promote(version.version)
+        self.samples: list[Sample] = []
+        self.truth: dict[str, int] = {}
+
+    @property
+    def champion(self) -> str:
+        return self.registry.champion(FAMILY).version
+
+    def upload(self, site: str, images: list[StreamImage]) -> None:
+        for image in images:
+            label = ELPV_CLASSES[image.label] if image.source == "operator" else None
+            self.samples.append(Sample(image.sha256, site, image.png, {"reasons": [image.source],
+                                                                      "operator_label": label}))
+            self.truth[image.sha256] = image.label  # the labelling queue's answer (the demo's reference labels)
+
+    def retrain(self, generic: Path, round_: int, settings: Settings, seed: int) -> dict:
+        from edge_agent.train import TrainConfig
+        from orchestrator.retrain import gate, retrain_from_samples
+
+        champion = self.registry.champion(FAMILY)
+        config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=seed + round_)
+        candidate, summary = retrain_from_samples(
+            self.registry, FAMILY, generic, Collection(accepted=list(self.samples)),
+            self.home / f"retrain-r{round_}", config, labellers=[lambda s: self.truth.get(s.sha256)])
+        decision = gate(self.registry, candidate, champion, generic)
+        return {"candidate": candidate.version, "promoted": decision.promoted, "reason": decision.reason,
+                "samples": summary["samples_accepted"]}
+
+    def accuracy(self, generic: Path, sites: list[Site]) -> dict[str, float]:
+        from edge_agent.models import load_checkpoint
+        from edge_agent.train import evaluate
+
+        model, meta = load_checkpoint(self.registry.artifact(self.champion))
+        scores = {"generic": evaluate(model, open_dataset(generic).load_split("test"), meta.normalization)[0]}
+        scores.update({site.name: evaluate(model, site.test, meta.normalization)[0] for site in sites})
+        scores["sites_mean"] = statistics.mean(scores[site.name] for site in sites)
+        return scores
+
+
+# ---- fine-tune vs scratch --------------------------------------------------------------------------
+
+def scratch_vs_finetune(site: Site, base: Path, settings: Settings, seed: int) -> dict:
+    """Test accuracy against training seconds for one model fine-tuned from the base and one from scratch."""
+    from edge_agent.models import build_model, load_checkpoint
+    from edge_agent.sitedata import load_site_splits
+    from edge_agent.train import TrainConfig, evaluate, normalization_of, train_model
+
+    model, meta = load_checkpoint(base)
+    splits = load_site_splits(site.paths, meta.class_names, settings.size)
+
+    def curve(net, normalization, config: TrainConfig) -> dict:
+        points, elapsed = [], 0.0
+
+        def on_epoch(m) -> None:
+            nonlocal elapsed
+            elapsed += m.seconds  # training and validation only: the test scoring below is not counted
+            points.append((round(elapsed, 2), evaluate(net, splits["test"], normalization)[0]))
+
+        train_model(net, splits["train"], splits["val"], config, normalization, on_epoch=on_epoch)
+        return {"points": points, "final": evaluate(net, splits["test"], normalization)[0], "seconds": elapsed}
+
+    finetuned = curve(model, meta.normalization, TrainConfig(epochs=settings.finetune_epochs, batch_size=32,
+                                                             lr=1e-3, weight_decay=1e-4, seed=seed))
+    scratch = curve(build_model(meta.spec, seed), normalization_of(splits["train"]),
+                    TrainConfig(epochs=settings.scratch_epochs, batch_size=32, lr=3e-3, seed=seed))
+    reached = next((t for t, acc in finetuned["points"] if acc >= scratch["final"]), None)
+    return {"site": site.name, "role": site.role, "finetune": finetuned, "scratch": scratch,
+            "finetune_seconds_to_scratch_final": reached,
+            "time_ratio": None if reached is None else round(reached / scratch["seconds"], 3)}
+
+
+# ---- one seed --------------------------------------------------------------------------------------
+
+def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
+    from edge_agent.train import TrainConfig
+    from orchestrator.training import train_on_dataset
+
+    started = time.monotonic()
+    generic, sites = make_fleet(work, seed, settings)
+    pretrained = work / "pretrained"
+    train_on_dataset(generic, "resnet18", pretrained, TrainConfig(epochs=settings.pretrain_epochs, batch_size=64,
+                                                                  seed=seed))
+    clouds = {arm: Cloud(arm, work / f"cloud-{arm}", pretrained / "model.pt") for arm in ("selected", "random")}
+    cloud_rows = [{"round": 0, "arm": arm, **cloud.accuracy(generic, sites)} for arm, cloud in clouds.items()]
+    log(f"seed {seed}: round 0 cloud on sites {cloud_rows[0]['sites_mean']:.3f}, generic {cloud_rows[0]['generic']:.3f}")
+    edge_rows, upload_rows, scratch_rows, deployed = [], [], [], None
+    rngs = {arm: random.Random(seed * 7 + i) for i, arm in enumerate(clouds)}
+    for round_ in range(1, settings.rounds + 1):
+        champion = clouds["selected"].champion
+        for site in sites:
+            if champion != deployed:
+                deploy(site, clouds["selected"].registry, champion, round_)
+                edge_rows.append(finetune(site, round_))
+                log(f"seed {seed} round {round_} {site.name} ({site.role}): base {edge_rows[-1]['base_as_is']:.3f} "
+                    f"best member {edge_rows[-1]['best_member']:.3f} ensemble {edge_rows[-1]['ensemble_fp32']:.3f} "
+                    f"served {edge_rows[-1]['served']:.3f} ({edge_rows[-1]['serving']})")
+            else:  # the gate kept the champion: nothing new to fine-tune from, the sites keep serving
+                edge_rows.append({**next(r for r in reversed(edge_rows) if r["site"] == site.name), "round": round_,
+                                  "carried_over": True})
+            if round_ == 1:
+                scratch_rows.append(scratch_vs_finetune(site, clouds["selected"].registry.artifact(champion),
+                                                        settings, seed))
+            seen = site.chunks[round_ - 1] + (site.labelled if round_ == 1 else [])
+            seen_bytes = sum(len(im.png) for im in seen)
+            budget = int(settings.upload_share * seen_bytes)
+            picks = {"selected": select(site, seen, budget, rngs["selected"]),
+                     "random": select_random(seen, budget, rngs["random"])}
+            for arm, chosen in picks.items():
+                clouds[arm].upload(site.name, chosen)
+                upload_rows.append({"round": round_, "site": site.name, "arm": arm, "seen": len(seen),
+                                    "seen_bytes": seen_bytes, "uploaded": len(chosen),
+                                    "uploaded_bytes": sum(len(im.png) for im in chosen),
+                                    "labelled_uploaded": sum(im.source == "operator" for im in chosen)})
+        deployed = champion
+        for arm, cloud in clouds.items():
+            decision = cloud.retrain(generic, round_, settings, seed)
+            cloud_rows.append({"round": round_, "arm": arm, **decision, **cloud.accuracy(generic, sites)})
+            log(f"seed {seed} round {round_} cloud[{arm}]: {decision['samples']} samples, "
+                f"{'promoted' if decision['promoted'] else 'kept the champion'}; "
+                f"on sites {cloud_rows[-1]['sites_mean']:.3f}, generic {cloud_rows[-1]['generic']:.3f}")
+    return {"seed": seed, "edge": edge_rows, "cloud": cloud_rows, "upload": upload_rows, "scratch": scratch_rows,
+            "sites": {s.name: {"role": s.role, "test_n": len(s.test), "labelled": len(s.labelled),
+                               "stream": len(s.stream)} for s in sites},
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+# ---- summary ---------------------------------------------------------------------------------------
+
+def _ms(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": round(statistics.mean(values), 4), "std": round(statistics.pstdev(values), 4), "n": len(values)}
+
+
+def summarise(seeds: list[dict], rounds: int) -> dict:
+    sites = sorted(seeds[0]["sites"])
+    edge = {site: {str(r): {key: _ms([row[key] for s in seeds for row in s["edge"]
+                                     if row["site"] == site and row["round"] == r])
+                            for key in ("base_as_is", "best_member", "ensemble_fp32", "ensemble_int8", "served")}
+                   for r in range(1, rounds + 1)} for site in sites}
+    gains = {site: {str(r): _ms([row["served"] - row["base_as_is"] for s in seeds for row in s["edge"]
+                                 if row["site"] == site and row["round"] == r]) for r in range(1, rounds + 1)}
+             for site in sites}
+    ensemble_vs_member = _ms([row["ensemble_fp32"] - row["best_member"] for s in seeds for row in s["edge"]
+                              if not row.get("carried_over")])
+    cloud = {arm: {str(r): {key: _ms([row[key] for s in seeds for row in s["cloud"]
+                                      if row["arm"] == arm and row["round"] == r])
+                            for key in ("generic", "sites_mean", *sites)}
+                   for r in range(0, rounds + 1)} for arm in ("selected", "random")}
+    uploads = {arm: {"uploaded_bytes": sum(u["uploaded_bytes"] for s in seeds for u in s["upload"] if u["arm"] == arm),
+                     "seen_bytes": sum(u["seen_bytes"] for s in seeds for u in s["upload"] if u["arm"] == arm)}
+               for arm in ("selected", "random")}
+    for arm, totals in uploads.items():
+        totals["share"] = round(totals["uploaded_bytes"] / max(totals["seen_bytes"], 1), 4)
+        gain = cloud[arm][str(rounds)]["sites_mean"]["mean"] - cloud[arm]["0"]["sites_mean"]["mean"]
+        totals["site_accuracy_gain_per_mb"] = round(gain / (totals["uploaded_bytes"] / len(seeds) / 1e6), 4)
+    ratios = _ms([row["time_ratio"] for s in seeds for row in s["scratch"]])
+    reached = [row["time_ratio"] is not None for s in seeds for row in s["scratch"]]
+    shifted = [site for site in sites if seeds[0]["sites"][site]["role"] != "mixed"]
+    targets = {
+        "served beats base as-is by >= 10 points at every shifted site (round 1)":
+            all(gains[site]["1"]["mean"] >= 0.10 for site in shifted),
+        "served beats base as-is by >= 10 points at every shifted site (every round)":
+            all(gains[site][str(r)]["mean"] >= 0.10 for site in shifted for r in range(1, rounds + 1)),
+        "ensemble at least as good as its best member (mean over sites, rounds, seeds)":
+            ensemble_vs_member["mean"] >= 0,
+        "cloud accuracy on the sites' test splits rises from round 0 to the last round":
+            cloud["selected"][str(rounds)]["sites_mean"]["mean"] > cloud["selected"]["0"]["sites_mean"]["mean"],
+        "fine-tune reaches scratch's final accuracy in at most a quarter of scratch's time":
+            all(reached) and ratios["mean"] is not None and ratios["mean"] <= 0.25,
+        "upload at most 5 % of the bytes the sites saw": uploads["selected"]["share"] <= 0.05,
+    }
+    return {"edge": edge, "gain_over_base": gains, "ensemble_minus_best_member": ensemble_vs_member,
+            "cloud": cloud, "uploads": uploads, "finetune_vs_scratch_time_ratio": ratios,
+            "finetune_reached_scratch": f"{sum(reached)}/{len(reached)}", "targets": targets}
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary, rounds = result["summary"], result["settings"]["rounds"]
+    sites = sorted(summary["edge"])
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ax = axes[0]
+    for site, colour in zip(sites, ("C0", "C1", "C2")):
+        role = result["seeds"][0]["sites"][site]["role"]
+        xs = list(range(1, rounds + 1))
+        for key, style in (("served", "-o"), ("base_as_is", ":x")):
+            m = [summary["edge"][site][str(r)][key]["mean"] for r in xs]
+            e = [summary["edge"][site][str(r)][key]["std"] for r in xs]
+            ax.errorbar(xs, m, yerr=e, fmt=style, color=colour, capsize=3,
+                        label=f"{site} ({role}) {'served' if key == 'served' else 'base as-is'}")
+    ax.set(title="Edge: served model vs the base as-is (site test)", xlabel="round", ylabel="accuracy",
+           xticks=list(range(1, rounds + 1)))
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    xs = list(range(0, rounds + 1))
+    for arm, style in (("selected", "-o"), ("random", "--s")):
+        for key, colour in (("sites_mean", "C3"), ("generic", "C7")):
+            m = [summary["cloud"][arm][str(r)][key]["mean"] for r in xs]
+            e = [summary["cloud"][arm][str(r)][key]["std"] for r in xs]
+            ax.errorbar(xs, m, yerr=e, fmt=style, color=colour, capsize=3,
+                        label=f"{arm} uploads: {'sites test (mean)' if key == 'sites_mean' else 'generic test'}")
+    ax.set(title="Cloud model by round", xlabel="round", ylabel="accuracy", xticks=xs)
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    for row, colour in zip(result["seeds"][0]["scratch"], ("C0", "C1", "C2")):
+        for kind, style in (("finetune", "-o"), ("scratch", ":.")):
+            t, a = zip(*row[kind]["points"])
+            ax.plot(t, a, style, color=colour, label=f"{row['site']} {kind}")
+    ax.set(title="Fine-tune vs scratch, round 1, seed 0 (site test)", xlabel="training seconds", ylabel="accuracy")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def markdown(result: dict) -> str:
+    s, rounds = result["summary"], result["settings"]["rounds"]
+    pct = lambda x: "–" if x is None or x["mean"] is None else f"{100 * x['mean']:.1f} ± {100 * x['std']:.1f}"  # noqa: E731
+    lines = ["| site (role) | round | base as-is | best member | ensemble FP32 | ensemble INT8 | served | served − base |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for site, by_round in s["edge"].items():
+        role = result["seeds"][0]["sites"][site]["role"]
+        for r in range(1, rounds + 1):
+            e = by_round[str(r)]
+            lines.append(f"| {site} ({role}) | {r} | {pct(e['base_as_is'])} | {pct(e['best_member'])} | "
+                         f"{pct(e['ensemble_fp32'])} | {pct(e['ensemble_int8'])} | {pct(e['served'])} | "
+                         f"{pct(s['gain_over_base'][site][str(r)])} |")
+    lines += ["", "| cloud chain | round | generic test | sites' test (mean) | " +
+              " | ".join(sorted(s["edge"])) + " |", "|---|---:|---:|---:|" + "---:|" * len(s["edge"])]
+    for arm, by_round in s["cloud"].items():
+        for r in range(0, rounds + 1):
+            c = by_round[str(r)]
+            lines.append(f"| {arm} | {r} | {pct(c['generic'])} | {pct(c['sites_mean'])} | " +
+                         " | ".join(pct(c[site]) for site in sorted(s["edge"])) + " |")
+    lines += ["", "| uploads | bytes uploaded | bytes seen | share | sites' accuracy gain per uploaded MB |",
+              "|---|---:|---:|---:|---:|"]
+    for arm, u in s["uploads"].items():
+        lines.append(f"| {arm} | {u['uploaded_bytes']:,} | {u['seen_bytes']:,} | {100 * u['share']:.2f} % | "
+                     f"{u['site_accuracy_gain_per_mb']:+.3f} |")
+    lines += ["", f"Fine-tune vs scratch: the fine-tune reached scratch's final test accuracy in "
+              f"{s['finetune_reached_scratch']} site-seeds; time to reach it / scratch's training time = "
+              f"{pct(s['finetune_vs_scratch_time_ratio'])} %.", "", "| target | met |", "|---|---|"]
+    lines += [f"| {name} | {'yes' if ok else '**no**'} |" for name, ok in s["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, few epochs: checks the pipeline")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    settings = Settings(seeds=args.seeds, rounds=args.rounds)
+    if args.quick:
+        settings = Settings(seeds=1, rounds=2, pretrain_epochs=2, retrain_epochs=1, finetune_epochs=1,
+                            scratch_epochs=2)
+    started = time.monotonic()
+    seeds = []
+    for seed in range(settings.seeds):
+        with tempfile.TemporaryDirectory(prefix=f"bench-loop-{seed}-") as tmp:
+            seeds.append(run_seed(seed, settings, Path(tmp), lambda line: print(line, flush=True)))
+    result = {"benchmark": "loop", "settings": settings.__dict__, "seeds": seeds,
+              "summary": summarise(seeds, settings.rounds), "seconds": round(time.monotonic() - started, 1),
+              "machine": machine_info(), "command": "python bench/loop.py " + " ".join(sys.argv[1:])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "loop-quick" if args.quick else "loop"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {args.out / stem}.json, .png, .md in {result['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
