@@ -5,20 +5,23 @@ the version it was fine-tuned from, its metrics, and its artifacts (checkpoint, 
 sha256. One version per model family is the champion; a new candidate replaces it only through
 :meth:`ModelRegistry.promote`, and the old champion is archived, never deleted.
 
-On disk: ``<root>/<version>/record.json`` beside the artifacts. Versions sort by creation time.
+On disk: ``<root>/<version>/record.json`` beside the artifacts; ``<root>/.champion-<family>`` names the
+champion (replaced atomically: the promotion's one commit point). Versions sort by creation time.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal
 
 from pydantic import BaseModel, Field
 
-from edge_agent.fileio import file_sha256
+from edge_agent.fileio import file_sha256, write_bytes_atomic
 from edge_agent.ids import new_id
 
 Stage = Literal["candidate", "champion", "archived"]
@@ -76,10 +79,18 @@ class ModelRegistry:
         return record
 
     def get(self, version: str) -> ModelVersion:
+        """One version's record; its stage as the champion pointer says (a promotion cut short before the
+        records were updated still reads right)."""
         path = self.root / version / RECORD
         if not path.is_file():
             raise RegistryError(f"no model version {version!r} in {self.root}")
-        return ModelVersion.model_validate_json(path.read_text())
+        record = ModelVersion.model_validate_json(path.read_text())
+        pointer = self.root / f".champion-{record.family}"
+        if pointer.is_file():
+            champion = pointer.read_text().strip() == version
+            if champion or record.stage == "champion":
+                record = record.model_copy(update={"stage": "champion" if champion else "archived"})
+        return record
 
     def versions(self, family: str | None = None) -> Iterator[ModelVersion]:
         for folder in sorted(self.root.iterdir()):
@@ -100,16 +111,43 @@ class ModelRegistry:
         return path
 
     def champion(self, family: str) -> ModelVersion | None:
+        pointer = self._champion_file(family)
+        if pointer.is_file():
+            return self.get(pointer.read_text().strip())
+        # a registry written before the champion pointer existed: the record's stage says it
         return next((v for v in self.versions(family) if v.stage == "champion"), None)
 
     def promote(self, version: str) -> ModelVersion:
+        """Make ``version`` its family's champion.
+
+        One atomic rename of the family's champion pointer is the promotion, done under the registry's
+        lock (two flows promoting at once take turns); the records' stages are then brought in line. A
+        crash at any point leaves the old champion or the new one, never none.
+        """
         record = self.get(version)
-        current = self.champion(record.family)
-        if current and current.version != version:
-            self._save(current.model_copy(update={"stage": "archived"}))
-        promoted = record.model_copy(update={"stage": "champion"})
-        self._save(promoted)
+        with self._lock():
+            current = self.champion(record.family)
+            pointer = self._champion_file(record.family)
+            write_bytes_atomic(pointer, (version + "\n").encode())
+            if current and current.version != version:
+                self._save(current.model_copy(update={"stage": "archived"}))
+            promoted = record.model_copy(update={"stage": "champion"})
+            self._save(promoted)
         return promoted
+
+    def _champion_file(self, family: str) -> Path:
+        if not family or "/" in family or family.startswith("."):
+            raise RegistryError(f"bad model family name {family!r}")
+        return self.root / f".champion-{family}"
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def lineage(self, version: str) -> list[ModelVersion]:
         """This version and its ancestors, newest first: which data and which parent made it."""
@@ -123,10 +161,7 @@ class ModelRegistry:
         return chain
 
     def _save(self, record: ModelVersion) -> None:
-        path = self.root / record.version / RECORD
-        tmp = path.with_name(RECORD + ".tmp")
-        tmp.write_text(record.model_dump_json(indent=1))
-        os.replace(tmp, path)
+        write_bytes_atomic(self.root / record.version / RECORD, record.model_dump_json(indent=1).encode())
 
 
 def table(records: list[ModelVersion]) -> list[dict]:

@@ -55,6 +55,61 @@ def test_registry_records_artifacts_lineage_and_stages(registry, elpv_small):
     assert registry.get(child.version).stage == "archived"
 
 
+def _checkpoint(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / f"model-{n}.pt"
+    path.write_bytes(b"weights %d" % n)
+    return path
+
+
+@pytest.mark.parametrize("crash_at", ["pointer", "archive", "record"])
+def test_a_crash_mid_promote_leaves_a_champion(tmp_path, monkeypatch, crash_at):
+    """Promotion cut at each of its writes: the family has the old champion or the new one, never none,
+    and exactly one version reads as champion."""
+    import orchestrator.registry as registry_module
+
+    registry = ModelRegistry(tmp_path / "registry")
+    old, new = (registry.register("f", _checkpoint(tmp_path, n), arch="tiny_cnn", dataset_id=None,
+                                  hyperparameters={}, metrics={}) for n in (1, 2))
+    registry.promote(old.version)
+    writes = []
+    real_write = registry_module.write_bytes_atomic
+
+    def crashing_write(path, data):
+        writes.append(path)
+        if len(writes) == {"pointer": 1, "archive": 2, "record": 3}[crash_at]:
+            raise OSError("power cut")
+        real_write(path, data)
+
+    monkeypatch.setattr(registry_module, "write_bytes_atomic", crashing_write)
+    with pytest.raises(OSError, match="power cut"):
+        registry.promote(new.version)
+    monkeypatch.undo()
+    expected = old.version if crash_at == "pointer" else new.version
+    assert registry.champion("f").version == expected
+    assert [v.version for v in registry.versions("f") if v.stage == "champion"] == [expected]
+    registry.promote(new.version)  # a retry completes it
+    assert registry.get(old.version).stage == "archived" and registry.get(new.version).stage == "champion"
+
+
+def test_concurrent_promotions_take_turns(tmp_path):
+    """Two processes promoting different versions 30 times each: one champion at every step and at the end."""
+    import subprocess
+    import sys
+
+    registry = ModelRegistry(tmp_path / "registry")
+    versions = [registry.register("f", _checkpoint(tmp_path, n), arch="tiny_cnn", dataset_id=None,
+                                  hyperparameters={}, metrics={}).version for n in (1, 2)]
+    script = ("import sys; from orchestrator.registry import ModelRegistry\n"
+              "r = ModelRegistry(sys.argv[1])\n"
+              "for _ in range(30):\n"
+              "    r.promote(sys.argv[2]); assert r.champion('f') is not None\n")
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(registry.root), v], cwd=root) for v in versions]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    champions = [v.version for v in registry.versions("f") if v.stage == "champion"]
+    assert len(champions) == 1 and champions[0] == registry.champion("f").version
+
+
 def test_registry_refuses_a_corrupted_artifact(registry, tmp_path):
     version = registry.champion("elpv")
     path = registry.artifact(version.version, "onnx")
