@@ -148,6 +148,8 @@ class Cloud(Strict):
     store_url: str = Field(description="fsspec URL agents push samples and status to")
     store_options: dict[str, str] = Field(default_factory=dict)
     registry: str | None = Field(None, description="where model versions live (a path or fsspec URL)")
+    stale_after_s: float = Field(300, gt=0, description="a site whose last heartbeat is older is stale "
+                                 "(fleet-health fails)")
 
 
 class SshSettings(Strict):

@@ -1,0 +1,74 @@
+"""Fleet health from the sites' heartbeats: one row per site, and which sites need a person.
+
+A site is *stale* when its last heartbeat in the store is older than ``cloud.stale_after_s`` (or there is
+none): its agent is down, its host is off, or its link to the store is cut. A site that answers but
+reports trouble (a broken ensemble it fell back from, uploads failing, fine-tunes failing) is *degraded*.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class SiteHealth:
+    site: str
+    verdict: str  # ok | degraded | stale
+    reason: str
+    state: str | None
+    heartbeat_age_s: float | None
+    active_version: str | None
+    base_versions: str
+    outbox: int | None
+    uploaded_total: int | None
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def assess(status: dict[str, dict], sites: list[str], stale_after_s: float, now: float | None = None
+           ) -> list[SiteHealth]:
+    """One :class:`SiteHealth` per site in ``sites``, from its latest heartbeat (``status[site]``)."""
+    now = time.time() if now is None else now
+    return [_site(site, status.get(site), stale_after_s, now) for site in sites]
+
+
+def _site(site: str, s: dict | None, stale_after_s: float, now: float) -> SiteHealth:
+    if not s:
+        return SiteHealth(site, "stale", "no heartbeat in the store", None, None, None, "", None, None)
+    age = round(now - float(s.get("time", 0)), 1)
+    verdict, reason = "ok", ""
+    if age > stale_after_s or s.get("state") == "stopped":
+        verdict, reason = "stale", (f"agent stopped {age:.0f} s ago" if s.get("state") == "stopped"
+                                    else f"last heartbeat {age:.0f} s ago (limit {stale_after_s:.0f} s)")
+    elif trouble := _trouble(s):
+        verdict, reason = "degraded", trouble
+    return SiteHealth(site, verdict, reason, s.get("state"), age, s.get("active_version"),
+                      ", ".join(s.get("base_versions") or []), (s.get("queues") or {}).get("outbox"),
+                      s.get("uploaded_total"))
+
+
+def _trouble(s: dict) -> str:
+    """What a live site reports wrong, in words; empty when nothing."""
+    problems = []
+    if s.get("serving_problem"):
+        problems.append(f"serving a fallback: {s['serving_problem']}")
+    if s.get("last_upload_error"):
+        problems.append(f"uploads failing: {s['last_upload_error']}")
+    if s.get("finetune_failures"):
+        problems.append(f"{s['finetune_failures']} fine-tune failure(s) in a row")
+    if s.get("recovery"):
+        problems.append(s["recovery"])
+    return "; ".join(problems)
+
+
+def summary(rows: list[SiteHealth]) -> str:
+    """One line for logs and errors, e.g. ``2 ok, 1 stale (site-c: no heartbeat in the store)``."""
+    counts = {v: [r for r in rows if r.verdict == v] for v in ("ok", "degraded", "stale")}
+    parts = [f"{len(counts['ok'])} ok"]
+    for verdict in ("degraded", "stale"):
+        if counts[verdict]:
+            parts.append(f"{len(counts[verdict])} {verdict} ("
+                         + "; ".join(f"{r.site}: {r.reason}" for r in counts[verdict]) + ")")
+    return ", ".join(parts)
