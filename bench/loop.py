@@ -280,10 +280,11 @@ def scratch_vs_finetune(site: Site, base: Path, settings: Settings, seed: int) -
         train_model(net, splits["train"], splits["val"], config, normalization, on_epoch=on_epoch)
         return {"points": points, "final": evaluate(net, splits["test"], normalization)[0], "seconds": elapsed}
 
+    # Both end on their last epoch, as the edge's members do (FinetuneConfig.keep).
     finetuned = curve(model, meta.normalization, TrainConfig(epochs=settings.finetune_epochs, batch_size=32,
-                                                             lr=1e-3, weight_decay=1e-4, seed=seed))
+                                                             lr=1e-3, weight_decay=1e-4, seed=seed, keep="last"))
     scratch = curve(build_model(meta.spec, seed), normalization_of(splits["train"]),
-                    TrainConfig(epochs=settings.scratch_epochs, batch_size=32, lr=3e-3, seed=seed))
+                    TrainConfig(epochs=settings.scratch_epochs, batch_size=32, lr=3e-3, seed=seed, keep="last"))
     reached = next((t for t, acc in finetuned["points"] if acc >= scratch["final"]), None)
     return {"site": site.name, "role": site.role, "finetune": finetuned, "scratch": scratch,
             "finetune_seconds_to_scratch_final": reached,

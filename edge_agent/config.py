@@ -8,6 +8,7 @@ so it lives here, on the side that must stay importable without the cloud packag
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -38,6 +39,8 @@ class FinetuneConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     time_budget_s: float | None = Field(None, gt=0)
     seed: int = 0
+    keep: Literal["best", "last"] = Field("last", description="member weights kept: the last epoch, or the best "
+                                          "on the site's val split (a few dozen images choose noise; bench/loop.py)")
     int8: bool = Field(True, description="try a static INT8 graph (calibrated on the site's train images)")
 
 

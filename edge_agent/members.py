@@ -168,7 +168,7 @@ def make_jobs(config: AgentConfig, bases: list[tuple[str, Path, str]], run_dir: 
     ft = config.finetune
     budget = ft.time_budget_s if parallel or ft.time_budget_s is None else ft.time_budget_s / k
     train = {"epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay,
-             "label_smoothing": ft.label_smoothing, "time_budget_s": budget}
+             "label_smoothing": ft.label_smoothing, "time_budget_s": budget, "keep": ft.keep}
     return [MemberJob(i, arch, member.policy, version, str(path), str(run_dir),
                       threads_per_member(cores, k, parallel), ft.seed + 1000 * (i + 1), train)
             for i, (member, (version, path, arch)) in enumerate(zip(config.members, bases))]

@@ -40,6 +40,9 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch threads; default every core")
     time_budget_s: float | None = Field(None, gt=0, description="stop after this many seconds (best weights kept)")
     policy: str = Field("flips", description="augmentation policy name (edge_agent.augment.POLICIES)")
+    keep: Literal["best", "last"] = Field(
+        "best", description="weights to end with: the best epoch on val, or the last (when val is too small "
+                            "to choose an epoch: a few dozen images pick a lucky one)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast for the forward pass; auto = bf16 where the CPU has AMX or AVX512-BF16")
 
@@ -130,7 +133,7 @@ def train_model(model: nn.Module, train: ArraySet, val: ArraySet, config: TrainC
                 normalization: Normalization,
                 on_epoch: Callable[[EpochMetrics], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train ``model`` in place; it ends holding the best weights by validation accuracy."""
+    """Train ``model`` in place; it ends holding the best weights by validation accuracy (or the last)."""
     if len(train) == 0:
         raise ValueError("no training images")
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
@@ -188,7 +191,10 @@ def train_model(model: nn.Module, train: ArraySet, val: ArraySet, config: TrainC
             on_epoch(metrics)
         if best.stopped_early:
             break
-    model.load_state_dict(best.state_dict)
+    if config.keep == "best":
+        model.load_state_dict(best.state_dict)
+    else:
+        best.best_epoch, best.best_val_acc = len(best.history), best.history[-1].val_acc if best.history else -1.0
     model.to(memory_format=torch.contiguous_format).eval()  # the layout exporters and checkpoints expect
     best.seconds = time.monotonic() - started
     return best
