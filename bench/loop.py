@@ -56,7 +56,7 @@ FAMILY = "elpv-defects"
 SITES = 3
 STREAM_SHARE = 0.35            # of each site's images: the unlabelled stream (the rest is labelled)
 SITE_FRACTIONS = (0.5, 0.2, 0.3)  # the labelled rest: train / val (halved into val and gate) / test
-POLICIES = ("flips", "contrast", "geometric")
+POLICIES = ("flips", "noise", "none")  # the default members (bench/member_policies.py)
 
 
 @dataclass
