@@ -39,6 +39,8 @@ class FinetuneConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     time_budget_s: float | None = Field(None, gt=0)
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast in training; auto = "
+                                                       "where the CPU has AMX or AVX512-BF16 (bench/finetune_speed.py)")
     keep: Literal["best", "last"] = Field("last", description="member weights kept: the last epoch, or the best "
                                           "on the site's val split (a few dozen images choose noise; bench/loop.py)")
     int8: bool = Field(True, description="try a static INT8 graph (calibrated on the site's train images)")

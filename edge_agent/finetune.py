@@ -129,7 +129,8 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
     base_folder, base_is_new = stage_base_as_is(config, paths, base_version, base_path, class_names)
     serving = choose_serving(config, paths, splits, {"base": base_folder, "new": staged})
     if config.finetune.int8:
-        serving.update(_precisions(config, splits, serving["chosen"], {"new": staged, "base": base_folder}))
+        fresh = {"new": staged, **({"base": base_folder} if base_is_new else {})}  # published ones were decided
+        serving.update(_precisions(config, splits, serving["chosen"], fresh))
     for member, val_m, test_m in zip(members, ensemble["val"]["members"],
                                      serving["results"].get("new", {}).get("test", {}).get("members", [])):
         member.update(val_accuracy=val_m["accuracy"], test_accuracy=test_m["accuracy"])

@@ -30,12 +30,14 @@ from edge_agent.fileio import read_json, write_json_atomic
 
 
 PRELOAD = ["edge_agent.train", "edge_agent.models", "edge_agent.datasets"]
+START_METHOD = "forkserver"  # "spawn" only to measure what the forkserver saves (bench/finetune_speed.py)
 
 
 def worker_context() -> mp.context.BaseContext:
     """The process context member workers start from: a forkserver with the ML stack preloaded."""
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
+    context = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        context.set_forkserver_preload(PRELOAD)
     return context
 
 
@@ -168,7 +170,8 @@ def make_jobs(config: AgentConfig, bases: list[tuple[str, Path, str]], run_dir: 
     ft = config.finetune
     budget = ft.time_budget_s if parallel or ft.time_budget_s is None else ft.time_budget_s / k
     train = {"epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay,
-             "label_smoothing": ft.label_smoothing, "time_budget_s": budget, "keep": ft.keep}
+             "label_smoothing": ft.label_smoothing, "time_budget_s": budget, "keep": ft.keep,
+             "precision": ft.precision}
     return [MemberJob(i, arch, member.policy, version, str(path), str(run_dir),
                       threads_per_member(cores, k, parallel), ft.seed + 1000 * (i + 1), train)
             for i, (member, (version, path, arch)) in enumerate(zip(config.members, bases))]

@@ -80,6 +80,36 @@ def test_training_reports_each_epoch_and_keeps_the_best_weights(generic):
     assert accuracy == pytest.approx(result.best_val_acc)  # the model ends holding the best epoch
 
 
+def test_keep_last_ends_on_the_last_epoch(generic):
+    model, result, epochs = _train(generic, keep="last")
+    train, val = generic
+    assert result.best_epoch == 3 and result.best_val_acc == epochs[-1].val_acc
+    assert evaluate(model, val, normalization_of(train))[0] == pytest.approx(epochs[-1].val_acc)
+
+
+def test_bf16_autocast_trains_where_asked_and_auto_follows_the_cpu(generic):
+    from edge_agent.train import bf16_native, uses_bf16
+
+    _, result, _ = _train(generic, precision="bf16")
+    assert all(np.isfinite(m.train_loss) for m in result.history)
+    assert uses_bf16(TrainConfig(precision="auto")) == bf16_native()
+    assert not uses_bf16(TrainConfig(precision="fp32"))
+
+
+def test_ensemble_weights_stay_uniform_unless_leaving_members_out_clearly_wins():
+    from edge_agent.ensemble import fit_weights
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 40)
+    right, wrong = np.eye(2)[labels] * 0.8 + 0.1, np.eye(2)[1 - labels] * 0.8 + 0.1
+    near = right.copy()
+    near[:1] = wrong[:1]  # a member one image worse than another: not a reason to drop it
+    assert fit_weights(np.stack([right, near, right], axis=1), labels).weights == pytest.approx([1 / 3] * 3)
+    # one member wrong everywhere drags the vote down by far more than two images: it is left out
+    fit = fit_weights(np.stack([right, wrong, wrong], axis=1), labels)
+    assert fit.weights == pytest.approx([1, 0, 0]) and fit.val_accuracy == 1.0
+
+
 def test_time_budget_and_stop_callback_end_training_early(generic):
     train, val = generic
     model = build_model(ModelSpec(arch="tiny_cnn", num_classes=2, image_size=32))
