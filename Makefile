@@ -5,12 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SSHD   ?= /usr/sbin/sshd
 
-.PHONY: demo test bench venv sshd clean
+.PHONY: demo test bench venv sshd chromium clean
 
 demo: $(STAMP)
 	$(BIN)/edgeloop demo
 
-test: $(STAMP) sshd
+test: $(STAMP) sshd chromium
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP) sshd
@@ -40,3 +40,13 @@ sshd:
 
 clean:
 	rm -rf .demo .pytest_cache build *.egg-info
+
+# The labelling page is tested in a real headless Chromium.
+chromium:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver (needed by the browser tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "error: chromium and chromedriver are missing; install them (e.g. sudo apt-get install chromium chromium-driver)" >&2; exit 1; \
+	fi

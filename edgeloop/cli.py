@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "edgeloop.commands.models",
     "edgeloop.commands.inventory",
     "edgeloop.commands.provision",
+    "edgeloop.commands.label",
     "edgeloop.commands.demo",
 )
 

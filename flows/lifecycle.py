@@ -27,6 +27,7 @@ from flows.provision import publish as publish_provisioning
 from orchestrator import demo, deploy
 from orchestrator import retrain as steps
 from orchestrator.inventory import Inventory, load_inventory
+from orchestrator.labelling import LabelQueue
 from orchestrator.provision import provision
 from orchestrator.registry import ModelRegistry, ModelVersion, table
 from orchestrator.samples import collect_samples
@@ -186,9 +187,11 @@ def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inv
     champion = registry.champion(settings.family)
     out = settings.home / "data" / f"retrain-{new_id()}"
     config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=settings.seed)
+    # People's labels from the queue (`edgeloop label`) first; the demo's reference labels stand in for the rest.
+    people = LabelQueue(registry.root, open_dataset(parts[0]).classes)
     reference = demo.ReferenceLabels([open_dataset(p) for p in parts[1:]])
     candidate, summary = steps.retrain_from_samples(registry, settings.family, parts[0], collection, out, config,
-                                                    labellers=[reference], on_epoch=_progress(config.epochs))
+                                                    labellers=[people, reference], on_epoch=_progress(config.epochs))
     decision = steps.gate(registry, candidate, champion, parts[0])
     logger.info("gate: candidate %s gate_acc %.3f vs champion %s gate_acc %.3f: %s", decision.candidate,
                 decision.candidate_gate_acc, decision.champion, decision.champion_gate_acc or float("nan"),

@@ -132,10 +132,11 @@ def feed_inbox(site_root: Path, images: list[Path]) -> int:
 
 
 class ReferenceLabels:
-    """The demo's stand-in for a human review queue: the true label of an image from dataset manifests.
+    """The demo's stand-in for the labelling queue: the true label of an image from dataset manifests.
 
-    Real fleets put a person here (an annotation tool); the demo knows the ELPV ground truth of every
-    image it streamed to the sites, found by content hash.
+    Real fleets put people here (``edgeloop label``, :mod:`orchestrator.labelling`, or Label Studio); the
+    demo knows the ELPV ground truth of every image it streamed to the sites, found by content hash, and
+    answers only for what nobody labelled in the queue.
     """
 
     def __init__(self, datasets: list[DatasetVersion]) -> None:

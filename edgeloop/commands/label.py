@@ -1,0 +1,68 @@
+"""``edgeloop label``: the labelling queue as a local web page, or exported to / imported from Label Studio."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from edgeloop.cli import UserError
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("label", help="label the samples the sites sent (web page, or Label Studio files)")
+    parser.add_argument("-i", "--inventory", required=True, help="the fleet's inventory (its store and registry)")
+    parser.add_argument("--classes", help="comma-separated class names (default: the champion model's)")
+    parser.add_argument("--family", default="elpv-defects", help="model family whose champion names the classes")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8790)
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--export", type=Path, metavar="FILE", help="write the pending samples as Label Studio tasks")
+    what.add_argument("--import", dest="import_", type=Path, metavar="FILE",
+                      help="take the labels from a Label Studio JSON export")
+    parser.set_defaults(func=_label)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from orchestrator.inventory import load_inventory
+    from orchestrator.labelling import LabelQueue, label_studio_config
+    from orchestrator.samples import collect_samples
+
+    fleet = load_inventory(args.inventory)
+    if not fleet.cloud.registry:
+        raise UserError(f"{args.inventory}: cloud.registry is not set; the labels live beside the registry")
+    queue = LabelQueue(fleet.cloud.registry, _classes(args, fleet.cloud.registry))
+    store = fleet.store()
+
+    def samples():
+        return collect_samples(store).accepted
+
+    if args.export:
+        print(f"wrote {queue.export_label_studio(samples(), args.export)} tasks to {args.export}; labelling "
+              f"interface for the project:\n{label_studio_config(queue.classes)}")
+        return 0
+    if args.import_:
+        print(f"took {queue.import_label_studio(args.import_)} labels from {args.import_}")
+        return 0
+    import uvicorn
+
+    from orchestrator.labelpage import create_app
+
+    print(f"labelling queue on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    uvicorn.run(create_app(queue, samples), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _classes(args: argparse.Namespace, registry_root: str) -> list[str]:
+    if args.classes:
+        return [c.strip() for c in args.classes.split(",") if c.strip()]
+    import torch
+
+    from orchestrator.registry import ModelRegistry
+
+    registry = ModelRegistry(registry_root)
+    champion = registry.champion(args.family)
+    if champion is None:
+        raise UserError(f"no champion of family {args.family!r} in {registry_root} to name the classes; "
+                        "pass --classes")
+    payload = torch.load(registry.artifact(champion.version), map_location="cpu", weights_only=True)
+    return list(payload["meta"]["class_names"])

@@ -1,0 +1,110 @@
+"""``edgeloop label``: a small local web page that works through the labelling queue, one sample at a time.
+
+It shows the sample, what the site's served model said (the ensemble's probabilities and each member's),
+and why the site sent it; a click or a key (1..9 for the classes, d to discard) saves the answer at once
+and brings the next one. Nothing here needs a build step or a browser extension: one HTML page, one form.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from orchestrator.labelling import LabelError, LabelQueue, Pending
+from orchestrator.samples import Sample
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:860px;color:#1b1f24}
+.card{display:flex;gap:2rem;align-items:flex-start}
+img{width:320px;height:320px;image-rendering:pixelated;border:1px solid #ccc;background:#000}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}
+th:first-child,td:first-child{text-align:left}
+button{font-size:1.1rem;margin:.3rem .4rem .3rem 0;padding:.5rem 1rem;cursor:pointer}
+.discard{background:#eee}.muted{color:#666}kbd{border:1px solid #bbb;border-radius:3px;padding:0 .3rem}
+"""
+
+
+def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]]) -> FastAPI:
+    """The page over ``queue``; ``load_samples`` reads the checked samples (called per page view)."""
+    app = FastAPI(title="edgeloop labelling queue")
+
+    def pending() -> list[Pending]:
+        return queue.pending(load_samples())
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        waiting = pending()
+        done = len(queue.labels())
+        if not waiting:
+            return _html("<h1>Nothing to label</h1>"
+                         f"<p class=muted>{done} answered so far; new samples appear as the sites send them.</p>")
+        return _html(_card(waiting[0], queue.classes, len(waiting), done))
+
+    @app.get("/image/{sha256}")
+    def image(sha256: str) -> Response:
+        sample = next((s for s in load_samples() if s.sha256 == sha256), None)
+        if sample is None:
+            raise HTTPException(404, "no such sample")
+        return Response(sample.image, media_type="image/png")
+
+    @app.post("/label")
+    async def label(request: Request) -> RedirectResponse:
+        form = {k: v[-1] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
+        try:
+            queue.set(form.get("sha256", ""), form.get("label"), discard=form.get("action") == "discard")
+        except LabelError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return RedirectResponse("/", status_code=303)
+
+    @app.get("/api/queue")
+    def status() -> dict:
+        waiting = pending()
+        return {"pending": len(waiting), "answered": len(queue.labels()),
+                "next": waiting[0].sha256 if waiting else None}
+
+    return app
+
+
+def _card(item: Pending, classes: list[str], waiting: int, done: int) -> str:
+    s = item.sample.sidecar
+    probs = s.get("probabilities") or {}
+    members = s.get("member_probabilities") or []
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{probs.get(c, 0):.3f}</td>"
+                   + "".join(f"<td>{m[i]:.3f}</td>" for m in members if i < len(m)) + "</tr>"
+                   for i, c in enumerate(classes))
+    head = "<tr><th>class</th><th>ensemble</th>" + "".join(f"<th>member {k}</th>" for k in range(len(members)))
+    buttons = "".join(f'<button name="label" value="{html.escape(c)}" data-key="{k + 1}">'
+                      f"<kbd>{k + 1}</kbd> {html.escape(c)}</button>" for k, c in enumerate(classes))
+    reasons = ", ".join(s.get("reasons") or []) or "–"
+    return f"""
+<h1>Label a sample <span class=muted>({waiting} waiting, {done} answered)</span></h1>
+<div class=card>
+  <img id=sample src="/image/{item.sha256}" alt="sample {item.sha256[:12]}">
+  <div>
+    <p><b>site</b> {html.escape(item.sample.site)} · <b>model</b> {html.escape(str(s.get('model_version') or '–'))}</p>
+    <p><b>why it was sent</b> {html.escape(reasons)}
+       (uncertainty {s.get('uncertainty') or 0:.2f}, disagreement {s.get('disagreement') or 0:.2f})</p>
+    <p><b>the model said</b> <span id=prediction>{html.escape(item.prediction or '–')}</span></p>
+    <table>{head}</tr>{rows}</table>
+    <form id=answer method=post action="/label">
+      <input type=hidden name=sha256 value="{item.sha256}">
+      {buttons}
+      <button class=discard name=action value=discard data-key=d><kbd>d</kbd> discard</button>
+    </form>
+  </div>
+</div>
+<script>
+document.addEventListener("keydown", e => {{
+  const b = document.querySelector(`#answer button[data-key="${{e.key}}"]`);
+  if (b) {{ e.preventDefault(); b.click(); }}
+}});
+</script>"""
+
+
+def _html(body: str) -> str:
+    return f"<!doctype html><html><head><meta charset=utf-8><title>edgeloop · labelling</title>" \
+           f"<style>{STYLE}</style></head><body>{body}</body></html>"

@@ -1,0 +1,174 @@
+"""The labelling queue: the library, Label Studio files, and the web page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edge_agent.datasets import open_dataset
+from edge_agent.store import Store
+from orchestrator.labelling import LabelError, LabelQueue, label_studio_config
+from orchestrator.samples import build_retraining_set, collect_samples
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["functional", "defective"]
+ARTIFACTS = Path(os.environ.get("EDGELOOP_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def _store_with_samples(root: Path, elpv_small: Path, n: int = 4) -> Store:
+    """A file store holding ``n`` real ELPV images as samples from site-1, the first with an operator label."""
+    dataset = open_dataset(elpv_small / "sites" / "site-1")
+    folder = root / "samples" / "site-1"
+    folder.mkdir(parents=True)
+    for i, record in enumerate(dataset.records[:n]):
+        image = (dataset.root / record["file"]).read_bytes()
+        sha = hashlib.sha256(image).hexdigest()
+        (folder / f"{sha}.png").write_bytes(image)
+        sidecar = {"site": "site-1", "time": 1000.0 + i, "reasons": ["uncertain"], "model_version": "v7",
+                   "probabilities": {"functional": 0.45 + 0.01 * i, "defective": 0.55 - 0.01 * i},
+                   "member_probabilities": [[0.4, 0.6], [0.5 + 0.02 * i, 0.5 - 0.02 * i]],
+                   "uncertainty": 0.99 - 0.01 * i, "disagreement": 0.1,
+                   "operator_label": "defective" if i == 0 else None}
+        (folder / f"{sha}.json").write_text(json.dumps(sidecar))
+    return Store(root.as_uri())
+
+
+def test_queue_orders_saves_and_labels_the_retraining_set(tmp_path, elpv_small):
+    samples = collect_samples(_store_with_samples(tmp_path / "store", elpv_small)).accepted
+    queue = LabelQueue(tmp_path / "registry", CLASSES)
+    pending = queue.pending(samples)
+    assert len(pending) == 3  # the operator-labelled one is not asked about
+    assert [p.score for p in pending] == sorted((p.score for p in pending), reverse=True)
+    queue.set(pending[0].sha256, "defective")
+    queue.set(pending[1].sha256, None, discard=True)
+    with pytest.raises(LabelError, match="unknown class"):
+        queue.set(pending[2].sha256, "cracked")
+    assert [p.sha256 for p in queue.pending(samples)] == [pending[2].sha256]
+    assert queue(pending[0].sample) == 1 and queue(pending[1].sample) is None
+    report, unlabelled = build_retraining_set(open_dataset(elpv_small / "generic"), samples, queue,
+                                              tmp_path / "retrain")
+    added = [r for r in open_dataset(tmp_path / "retrain").records if r["file"].split("/")[-1].startswith("sample-")]
+    assert unlabelled == 3 and [r["label"] for r in added] == [1]  # only what a person labelled went in
+
+
+def test_label_studio_round_trip(tmp_path, elpv_small):
+    samples = collect_samples(_store_with_samples(tmp_path / "store", elpv_small)).accepted
+    queue = LabelQueue(tmp_path / "registry", CLASSES)
+    assert queue.export_label_studio(samples, tmp_path / "tasks.json") == 3
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    png = base64.b64decode(tasks[0]["data"]["image"].split(",", 1)[1])
+    assert hashlib.sha256(png).hexdigest() == tasks[0]["data"]["sha256"]
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"] == ["defective"]
+    tasks[0]["annotations"] = [{"result": [{"value": {"choices": ["functional"]}}]}]
+    tasks[1]["annotations"] = [{"was_cancelled": True, "result": [{"value": {"choices": ["defective"]}}]}]
+    (tmp_path / "export.json").write_text(json.dumps(tasks))
+    assert queue.import_label_studio(tmp_path / "export.json") == 1
+    assert queue.labels()[tasks[0]["data"]["sha256"]]["label"] == "functional"
+    with pytest.raises(LabelError, match="not a Label Studio"):
+        (tmp_path / "broken.json").write_text("{oops")
+        queue.import_label_studio(tmp_path / "broken.json")
+    assert '<Choice value="defective"/>' in label_studio_config(CLASSES)
+
+
+@pytest.fixture
+def label_page(tmp_path, elpv_small):
+    """``edgeloop label`` as a real subprocess on a free port, over a store with samples."""
+    _store_with_samples(tmp_path / "store", elpv_small)
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(f"""
+cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}"}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
+""")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "edgeloop", "label", "-i", str(inventory),
+                             "--classes", ",".join(CLASSES), "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/api/queue", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"edgeloop label did not come up:\n{proc.stdout.read().decode()}")
+            time.sleep(0.3)
+    yield url, tmp_path
+    proc.terminate()
+    proc.wait(10)
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("chromium and chromium-driver are missing: `apt-get install -y chromium chromium-driver` "
+                    "(make test does this)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,700"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_page_labels_by_key_and_click_and_the_label_reaches_retraining(label_page, elpv_small):
+    from selenium.webdriver.common.by import By
+
+    url, home = label_page
+    queue = json.loads(urllib.request.urlopen(url + "/api/queue").read())
+    assert queue["pending"] == 3
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser = _browser()
+    try:
+        browser.get(url)
+        first = browser.find_element(By.NAME, "sha256").get_attribute("value")
+        assert first == queue["next"] and browser.find_element(By.ID, "prediction").text == "defective"
+        assert browser.execute_script("const i = document.getElementById('sample'); "
+                                      "return i.complete && i.naturalWidth") > 0  # the image really loads
+        browser.save_screenshot(str(ARTIFACTS / "labelling-page.png"))
+        browser.find_element(By.TAG_NAME, "body").send_keys("2")  # key 2: the second class, defective
+        deadline = time.monotonic() + 10
+        while browser.find_element(By.NAME, "sha256").get_attribute("value") == first:
+            assert time.monotonic() < deadline, "the page did not move on after the key"
+            time.sleep(0.1)
+        second = browser.find_element(By.NAME, "sha256").get_attribute("value")
+        browser.find_element(By.CSS_SELECTOR, 'button[value="functional"]').click()
+        browser.find_element(By.CSS_SELECTOR, 'button[value="discard"]').click()
+        assert "Nothing to label" in browser.find_element(By.TAG_NAME, "h1").text
+        browser.save_screenshot(str(ARTIFACTS / "labelling-done.png"))
+    finally:
+        browser.quit()
+    labels = LabelQueue(home / "registry", CLASSES).labels()
+    assert labels[first]["label"] == "defective" and labels[second]["label"] == "functional"
+    samples = collect_samples(Store((home / "store").as_uri())).accepted
+    build_retraining_set(open_dataset(elpv_small / "generic"), samples, LabelQueue(home / "registry", CLASSES),
+                         home / "retrain")
+    added = {r["file"].split("/")[-1][len("sample-site-1-"):-4]: r["label"]
+             for r in open_dataset(home / "retrain").records if "/sample-" in r["file"]}
+    assert added == {first[:16]: 1, second[:16]: 0}
+
+
+def test_a_bad_inventory_or_label_is_a_clear_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "edgeloop", "label", "-i", str(tmp_path / "none.yaml")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "none.yaml" in result.stderr
+    queue = LabelQueue(tmp_path, CLASSES)
+    with pytest.raises(LabelError, match="not a sample id"):
+        queue.set("../../etc/passwd", "defective")
