@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "edgeloop.commands.inventory",
     "edgeloop.commands.provision",
     "edgeloop.commands.label",
+    "edgeloop.commands.serve",
     "edgeloop.commands.demo",
 )
 

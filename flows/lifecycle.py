@@ -24,6 +24,7 @@ from edge_agent.datasets import open_dataset
 from edge_agent.ids import new_id
 from edge_agent.train import EpochMetrics, TrainConfig
 from flows.provision import publish as publish_provisioning
+from flows.stages import gate_markdown
 from orchestrator import demo, deploy
 from orchestrator import retrain as steps
 from orchestrator.inventory import Inventory, load_inventory
@@ -233,7 +234,7 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
     create_table_artifact(key="model-versions", table=table(list(registry.versions(settings.family))),
                           description="registry: every version, its stage, data and metrics")
     if decision:
-        create_markdown_artifact(key="gate", markdown=_gate_markdown(decision), description="retraining gate")
+        create_markdown_artifact(key="gate", markdown=gate_markdown(decision), description="retraining gate")
     return {"sites_completed": live, "decision": decision}
 
 
@@ -269,19 +270,6 @@ def _image_size(fleet: Inventory) -> int:
     if len(sizes) != 1:
         raise ValueError(f"sites disagree on learning.image_size ({sorted(sizes)}); one base model serves them all")
     return sizes.pop()
-
-
-def _gate_markdown(decision: dict) -> str:
-    """The gate artifact: the verdict and why, what decided (gate split) apart from what is only reported (test)."""
-    verdict = "promoted" if decision["promoted"] else "kept the champion"
-    return (f"### Retraining gate: {verdict}\n\n{decision['reason']}\n\n"
-            "| | version | gate acc (decides) | gate loss | test acc (reported only) |\n|---|---|---|---|---|\n"
-            f"| candidate | {decision['candidate']} | {decision['candidate_gate_acc']:.4f} | "
-            f"{decision['candidate_gate_loss']:.4f} | {decision['candidate_test_acc']:.4f} |\n"
-            f"| champion | {decision['champion']} | {decision['champion_gate_acc'] or 0:.4f} | "
-            f"{decision['champion_gate_loss'] or 0:.4f} | {decision['champion_test_acc'] or 0:.4f} |\n\n"
-            f"{decision['samples_accepted']} samples accepted ({decision['by_site']}), "
-            f"{decision['samples_rejected']} rejected, {decision['samples_unlabelled']} awaiting labels.")
 
 
 if __name__ == "__main__":

@@ -150,6 +150,15 @@ class Cloud(Strict):
     registry: str | None = Field(None, description="where model versions live (a path or fsspec URL)")
     stale_after_s: float = Field(300, gt=0, description="a site whose last heartbeat is older is stale "
                                  "(fleet-health fails)")
+    retrain_schedule: str | None = Field(None, description="cron for the retrain deployment (collect, then "
+                                         "retrain), e.g. '0 3 * * *'; none: started by hand")
+
+    @field_validator("retrain_schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) not in (5, 6):
+            raise ValueError(f"not a cron expression (5 fields, e.g. '0 3 * * *'): {value!r}")
+        return value
 
 
 class SshSettings(Strict):

@@ -172,3 +172,27 @@ def test_a_bad_inventory_or_label_is_a_clear_error(tmp_path):
     queue = LabelQueue(tmp_path, CLASSES)
     with pytest.raises(LabelError, match="not a sample id"):
         queue.set("../../etc/passwd", "defective")
+
+
+def test_collect_takes_only_new_samples_and_pseudo_labels_the_sure_ones(tmp_path, elpv_small):
+    from orchestrator.collect import collect_new
+
+    store = _store_with_samples(tmp_path / "store", elpv_small, n=4)
+    folder = tmp_path / "store" / "samples" / "site-1"
+    sure = sorted(folder.glob("*.json"))[-1]  # make one sample sure, with its members agreeing
+    sidecar = json.loads(sure.read_text())
+    sidecar.update(operator_label=None, probabilities={"functional": 0.02, "defective": 0.98},
+                   member_probabilities=[[0.03, 0.97], [0.01, 0.99]])
+    sure.write_text(json.dumps(sidecar))
+    queue = LabelQueue(tmp_path / "registry", CLASSES)
+    first = collect_new(store, tmp_path / "registry", queue, confidence=0.95)
+    assert len(first.new) == 4 and first.operator_labelled == 1 and first.pseudo_labelled == 1
+    assert first.queued == 2 and queue.labels()[sure.stem] == {**queue.labels()[sure.stem], "label": "defective",
+                                                               "by": "pseudo"}
+    again = collect_new(store, tmp_path / "registry", queue, confidence=0.95)
+    assert again.new == [] and again.pseudo_labelled == 0  # the watermark: nothing is collected twice
+    _store_with_samples(tmp_path / "late", elpv_small, n=6)  # two older samples a site uploads late
+    for path in (tmp_path / "late" / "samples" / "site-1").iterdir():
+        if not (folder / path.name).exists():
+            path.replace(folder / path.name)
+    assert len(collect_new(store, tmp_path / "registry", queue, confidence=0.95).new) == 2
