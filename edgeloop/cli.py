@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "edgeloop.commands.inventory",
     "edgeloop.commands.provision",
     "edgeloop.commands.label",
+    "edgeloop.commands.rollout",
     "edgeloop.commands.serve",
     "edgeloop.commands.demo",
 )

@@ -161,6 +161,23 @@ class Cloud(Strict):
         return value
 
 
+class RolloutSettings(Strict):
+    """How a new version goes out: canary sites first, then the rest at once."""
+
+    canary: list[str] | float = Field(0.1, description="canary sites by name, or the fraction of the fleet "
+                                      "(at least one site) taken in inventory order")
+    soak_s: float = Field(60.0, ge=0, description="how long a canary must keep serving the new model, healthy, "
+                          "before the rest of the fleet gets it")
+    timeout_s: float = Field(1800.0, gt=0, description="how long to wait for a canary's verdict")
+
+    @field_validator("canary")
+    @classmethod
+    def _fraction(cls, value: list[str] | float) -> list[str] | float:
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError(f"a canary fraction must be in (0, 1] (got {value})")
+        return value
+
+
 class SshSettings(Strict):
     known_hosts: str = Field("~/.ssh/known_hosts", description="relative paths are relative to the inventory file")
     concurrency: int = Field(8, ge=1, description="hosts provisioned at once")
@@ -172,6 +189,7 @@ class Inventory(BaseModel):
     path: Path
     cloud: Cloud
     ssh: SshSettings
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     sites: list[Site]
     secrets: dict[str, str] = Field(default_factory=dict, repr=False, description="env var name -> value")
 
@@ -210,7 +228,7 @@ class Inventory(BaseModel):
         return mask(text, self.secrets)
 
 
-TOP_LEVEL = {"cloud": Cloud, "ssh": SshSettings, "defaults": None, "sites": None}
+TOP_LEVEL = {"cloud": Cloud, "ssh": SshSettings, "rollout": RolloutSettings, "defaults": None, "sites": None}
 
 
 # ------------------------------------------------------------------------------------ env variables
@@ -327,6 +345,7 @@ def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None
 
     cloud = validate(Cloud, raw.get("cloud"), path, lines, ("cloud",), "cloud", problems)
     ssh = validate(SshSettings, raw.get("ssh") or {}, path, lines, ("ssh",), "ssh", problems)
+    rollout = validate(RolloutSettings, raw.get("rollout") or {}, path, lines, ("rollout",), "rollout", problems)
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         problems.append(format_problem(path, line_of(lines, ("defaults",)), "defaults", (), "must be a mapping"))
@@ -359,9 +378,13 @@ def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None
         if site is not None:
             sites.append(site)
 
+    unknown = [n for n in (rollout.canary if rollout and isinstance(rollout.canary, list) else []) if n not in seen]
+    if unknown:
+        problems.append(format_problem(path, line_of(lines, ("rollout", "canary")), "rollout", ("canary",),
+                                       f"names unknown site(s) {', '.join(map(str, unknown))}"))
     if problems:
         raise InventoryError([mask(p, secrets) for p in problems])
-    return Inventory(path=path, cloud=cloud, ssh=ssh, sites=sites, secrets=secrets)
+    return Inventory(path=path, cloud=cloud, ssh=ssh, rollout=rollout, sites=sites, secrets=secrets)
 
 
 def _where(raw: dict, loc: tuple) -> tuple[str, tuple]:

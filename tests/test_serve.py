@@ -17,7 +17,7 @@ from test_labelling import ARTIFACTS, _browser
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"edgeloop-pretrain": "pretrain", "provision": "provision", "edgeloop-collect": "collect",
-          "edgeloop-retrain": "retrain", "edgeloop-fleet-health": "fleet-health", "edgeloop-lifecycle": "lifecycle"}
+          "edgeloop-retrain": "retrain", "edgeloop-rollout": "rollout", "edgeloop-fleet-health": "fleet-health", "edgeloop-lifecycle": "lifecycle"}
 pytestmark = pytest.mark.timeout(600)
 
 

@@ -22,6 +22,7 @@ def deployments(inventory: str) -> list:
     from flows.health import fleet_health
     from flows.lifecycle import lifecycle_flow
     from flows.provision import provision_flow
+    from flows.rollout import rollout
     from flows.stages import collect, pretrain, retrain
     from orchestrator.inventory import load_inventory
 
@@ -31,6 +32,7 @@ def deployments(inventory: str) -> list:
     return [
         pretrain.to_deployment(name="pretrain", parameters={"inventory": path}, tags=tags),
         provision_flow.to_deployment(name="provision", parameters={"inventory": path}, tags=tags),
+        rollout.to_deployment(name="rollout", parameters={"inventory": path}, tags=tags),
         collect.to_deployment(name="collect", parameters={"inventory": path}, tags=tags),
         retrain.to_deployment(name="retrain", parameters={"inventory": path}, tags=tags,
                               cron=fleet.cloud.retrain_schedule),

@@ -372,12 +372,59 @@ def health(req: Request) -> Answer:
         time.sleep(0.2)
 
 
+def rollback(req: Request) -> Answer:
+    """Undo a deploy at a site: the base version is set aside (the agent ignores dot-folders, so it is never
+    fine-tuned from again) and ``models/active`` points back at the ensemble that served before, in one
+    atomic rename; the running agent picks the link up on its next request."""
+    root = os.path.expanduser(req["root"])
+    changed = []
+    version = req.get("version") or _newest(os.path.join(root, "models", "base"), keep_one=True)
+    if version is None:
+        return {"changed": [], "error": "nothing to roll back: the site has at most one base model"}
+    req = dict(req, version=version)
+    if req.get("active") == "previous":
+        link = os.path.join(root, "models", "active")
+        current = os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+        req["active"] = _newest(os.path.join(root, "models", "ensembles"), skip=current)
+    base = os.path.join(root, "models", "base", req["version"])
+    if os.path.isdir(base):
+        os.rename(base, os.path.join(root, "models", "base", ".rolled-back-{}-{}".format(req["version"],
+                                                                                          int(time.time()))))
+        changed.append("base")
+    active = req.get("active")
+    if active:  # (none: the agent serves what it serves; with no older ensemble, the base as-is again)
+        target = os.path.join("ensembles", active)
+        if not os.path.isdir(os.path.join(root, "models", target)):
+            return {"changed": changed, "error": "ensemble {} to roll back to is gone".format(active)}
+        link = os.path.join(root, "models", "active")
+        if not (os.path.islink(link) and os.readlink(link) == target):
+            temp = os.path.join(root, "models", ".active-rollback")
+            if os.path.lexists(temp):
+                os.unlink(temp)
+            os.symlink(target, temp)
+            os.replace(temp, link)
+            changed.append("active")
+    return {"changed": changed, "version": req["version"], "active": active}
+
+
+def _newest(folder: str, keep_one: bool = False, skip: Optional[str] = None) -> Optional[str]:
+    """The most recently written sub-folder of ``folder`` (dot-folders and ``skip`` aside)."""
+    try:
+        names = [n for n in os.listdir(folder) if not n.startswith(".") and n != skip
+                 and os.path.isdir(os.path.join(folder, n))]
+    except OSError:
+        return None
+    if not names or (keep_one and len(names) < 2):
+        return None
+    return max(names, key=lambda n: os.path.getmtime(os.path.join(folder, n)))
+
+
 # -- the protocol
 
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
        "install": install, "process_state": process_state, "process_restart": process_restart,
        "process_stop": process_stop, "restart_pending": restart_pending, "systemd": systemd,
-       "health": health}
+       "health": health, "rollback": rollback}
 
 
 def handle(line: str) -> Answer:
