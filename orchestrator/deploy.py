@@ -18,7 +18,7 @@ from edge_agent.store import Store, StoreError
 from edge_agent.fileio import file_sha256
 from orchestrator.inventory import Inventory, Site
 from orchestrator.provision.remote import HostWorker, open_remote
-from orchestrator.provision.service import agent_unit, supervisor_pidfile, supervisor_script
+from orchestrator.provision.service import agent_unit, service_mode, supervisor_pidfile, supervisor_script
 
 
 @dataclass
@@ -36,11 +36,11 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
     ``model.pt`` is uploaded under a temporary name, checked and renamed; its ``.sha256`` is written last.
     """
     digest = file_sha256(checkpoint)
-    folder = f"{AgentPaths(Path(site.root)).base_models}/{version}"
     remote = None
     try:
         remote = open_remote(site, inventory, accept_new_host_keys)
         worker = HostWorker(remote, site.python)
+        folder = f"{AgentPaths(Path(host_facts(worker, site)['root'])).base_models}/{version}"
         weights, marker = f"{folder}/model.pt", f"{folder}/model.pt.sha256"
         if worker.call("file_sha", path=weights)["sha256"] == digest and \
                 worker.call("put_text", path=marker, content=f"{digest}\n", check=True)["changed"] is False:
@@ -88,15 +88,21 @@ def wait_for_sites(store: Store, sites: list[str], ready: Callable[[dict], bool]
         time.sleep(poll_s)
 
 
+def host_facts(worker: HostWorker, site: Site) -> dict:
+    """The host's facts, among them ``root``: the site's root with ``~/`` resolved to the login user's home."""
+    return worker.call("facts", root=site.root)
+
+
 def stop_agent(site: Site, inventory: Inventory) -> bool:
     """Stop a site's agent (systemd unit or supervised process); True when one was running."""
     remote = open_remote(site, inventory, False)
     try:
         worker = HostWorker(remote, site.python)
-        if site.agent.service == "systemd":
+        facts = host_facts(worker, site)
+        if service_mode(site.agent.service, facts) == "systemd":
             worker.call("systemd", unit=agent_unit(site.name), stop=True)
             return True
-        return bool(worker.call("process_stop", pidfile=supervisor_pidfile(site.root),
-                                script=supervisor_script(site.root))["stopped"])
+        return bool(worker.call("process_stop", pidfile=supervisor_pidfile(facts["root"]),
+                                script=supervisor_script(facts["root"]))["stopped"])
     finally:
         remote.close()

@@ -190,6 +190,28 @@ sites:
     assert file_sha256(target / "model.pt") == file_sha256(checkpoint)
 
 
+def test_deploy_and_stop_resolve_a_home_relative_root(registry, tmp_path, monkeypatch):
+    """``root: ~/...`` means the login user's home on the host, for deploy and stop as for provisioning;
+    ``service: auto`` stops what provisioning started (a supervised process where systemd is absent)."""
+    from orchestrator.deploy import stop_agent
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    inventory_file = tmp_path / "inv.yaml"
+    inventory_file.write_text(f"""
+cloud: {{store_url: "file://{tmp_path}/store"}}
+defaults: {{connection: {{type: local}}, agent: {{service: auto}}}}
+sites: [{{name: s1, root: "~/edge/s1"}}]
+""")
+    inventory = load_inventory(inventory_file)
+    champion = registry.champion("elpv")
+    result = deploy_model(inventory.site("s1"), inventory, registry.artifact(champion.version), champion.version)
+    assert result.status == "changed", result.reason
+    assert (tmp_path / "home" / "edge" / "s1" / "models" / "base" / champion.version / "model.pt").is_file()
+    assert not (Path.cwd() / "~").exists()
+    assert stop_agent(inventory.site("s1"), inventory) is False  # nothing was running; no error either
+
+
 def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
     (tmp_path / "status").mkdir()
     (tmp_path / "status" / "a.json").write_text(json.dumps({"site": "a", "time": 5}))

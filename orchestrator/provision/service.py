@@ -84,3 +84,11 @@ def render_unit(site: str, python: str, config: str, root: str) -> str:
     """The systemd unit, every value quoted the way systemd reads it."""
     return UNIT.format(site=systemd_value(site), python=systemd_word(python), config=systemd_word(config),
                        root=systemd_value(root))
+
+
+def service_mode(wanted: str, facts: dict) -> str:
+    """How the agent runs on a host: ``auto`` is systemd where systemd runs and the login user is root,
+    else a supervised process (provisioning and stopping decide it the same way)."""
+    if wanted != "auto":
+        return wanted
+    return "systemd" if facts["systemd"] and facts["uid"] == 0 else "process"

@@ -22,6 +22,7 @@ from orchestrator.provision.remote import HostWorker, Remote, StepFailed
 from orchestrator.provision.report import CHANGED, FAILED, OK, SKIPPED, HostResult, StepResult
 from orchestrator.provision.service import (
     agent_unit,
+    service_mode,
     render_supervisor,
     render_unit,
     restart_marker,
@@ -112,8 +113,7 @@ class SiteProvisioner:
             raise StepFailed(f"python {facts['python']} at {facts['python_path']} is too old "
                              f"(need {'.'.join(map(str, MIN_PYTHON))}+)")
         mode = self.site.agent.service
-        self.mode = "systemd" if mode == "systemd" or (mode == "auto" and facts["systemd"] and facts["uid"] == 0) \
-            else "process"
+        self.mode = service_mode(mode, facts)
         if mode == "systemd" and not facts["systemd"]:
             raise StepFailed("service: systemd was asked for but systemd does not run on this host")
         gpu = facts["gpu"] or "no GPU"
