@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 ENSEMBLE_FILE = "ensemble.onnx"
 
 
+PROBS_SUM_TOLERANCE = 0.02
+
+
 def validate_ensemble(path: Path, image_size: int | None = None, threads: int = 1) -> OnnxClassifier:
     """Load an ensemble graph and run it once; ValueError saying why it cannot serve.
 
@@ -43,8 +46,10 @@ def validate_ensemble(path: Path, image_size: int | None = None, threads: int = 
     except Exception as exc:  # onnxruntime's own error types
         raise ValueError(f"{path.name} fails on a test batch ({type(exc).__name__}: {exc})") from None
     probs = outputs.get("probs", outputs[classifier.output_names[0]])
-    if probs.shape != (2, len(classifier.class_names)) or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
-        raise ValueError(f"{path.name} does not output class probabilities (got shape {probs.shape})")
+    # An INT8 graph's probabilities come out in 1/255 steps, so they sum to one only within a few steps.
+    if probs.shape != (2, len(classifier.class_names)) or not np.allclose(probs.sum(1), 1.0, atol=PROBS_SUM_TOLERANCE):
+        raise ValueError(f"{path.name} does not output class probabilities (got shape {probs.shape}, "
+                         f"row sums {np.round(probs.sum(1), 4).tolist() if probs.ndim == 2 else '-'})")
     return classifier
 
 

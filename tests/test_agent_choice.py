@@ -102,3 +102,21 @@ def test_int8_serves_within_the_rule_and_is_refused_beyond_it(site, monkeypatch)
     refused = choose_precision(folder, splits["train"].images, splits["gate"], 0.005, SIZE)
     assert refused["serving"] == "fp32" and refused["gate_int8"] < refused["gate_fp32"] - 0.005
     assert (folder / ENSEMBLE_FILE).read_bytes() == before and not (folder / "ensemble.int8.onnx").exists()
+
+
+def test_a_resnet_ensemble_quantises_and_its_int8_graph_passes_the_serving_check(tmp_path):
+    """INT8 probabilities come out in 1/255 steps; the serving check must not take them for a broken graph
+    (it did, and every ResNet ensemble silently stayed FP32: bench/loop.py showed no INT8 figure)."""
+    from edge_agent.datasets import ArraySet
+    from edge_agent.ensemble import export_ensemble
+    from edge_agent.models import ModelSpec, Normalization, build_model
+
+    spec = ModelSpec(arch="resnet18", num_classes=2, image_size=32)
+    export_ensemble([build_model(spec, seed=i) for i in range(2)], [Normalization()] * 2, [0.5, 0.5],
+                    tmp_path / "ensemble.onnx", image_size=32, class_names=["functional", "defective"],
+                    metadata={"version": "r"})
+    rng = np.random.default_rng(0)
+    images = ArraySet(rng.integers(0, 255, (24, 32, 32), dtype=np.uint8), rng.integers(0, 2, 24))
+    result = choose_precision(tmp_path, images.images, images, 1.0, 32, test=images)
+    assert result["gate_int8"] is not None and result["serving"] == "int8", result["reason"]
+    assert result["test_int8"] is not None and result["test_fp32"] is not None
