@@ -133,8 +133,8 @@ def inference_bench(run: dict, config: AgentConfig, data: Path, seconds: float) 
     from edge_agent.datasets import open_dataset
     from edge_agent.ensemble import accuracy, export_ensemble
     from edge_agent.export import Classifier, export_onnx, quantize_int8
-    from edge_agent.onnx_model import OnnxClassifier
     from edge_agent.models import load_checkpoint
+    from edge_agent.onnx_model import OnnxClassifier
 
     site = open_dataset(data / "sites" / "site-1")
     test, calib = site.load_split("test", config.image_size), site.load_split("train", config.image_size)

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_agent.datasets import open_dataset, import_elpv
+from edge_agent.datasets import import_elpv, open_dataset
 from edge_agent.models import load_checkpoint
 from edge_agent.train import TrainConfig, predict_proba, uses_bf16
 from orchestrator.training import machine_info, train_on_dataset

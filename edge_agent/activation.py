@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from edge_agent.layout import AgentPaths
 from edge_agent.fileio import fsync_dir
+from edge_agent.layout import AgentPaths
 
 STAGING_PREFIX = ".tmp-"
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from logging.handlers import RotatingFileHandler
 import sys
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from edge_agent.config import AgentConfig, ConfigError, load_config
-from edge_agent.layout import AgentPaths
 from edge_agent.fileio import read_json
+from edge_agent.layout import AgentPaths
 from edge_agent.state import AgentState
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"

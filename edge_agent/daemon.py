@@ -23,15 +23,15 @@ from edge_agent.basemodels import verified_base_models
 from edge_agent.config import AgentConfig
 from edge_agent.fileio import write_json_atomic
 from edge_agent.inbox import InboxProcessor
-from edge_agent.serving import EnsembleHandle
 from edge_agent.layout import AgentPaths
 from edge_agent.outbox import Outbox
 from edge_agent.retention import disk_use, enforce
 from edge_agent.sampler import Sampler
+from edge_agent.serving import EnsembleHandle
 from edge_agent.sitedata import labelled_files
 from edge_agent.state import AgentState
-from edge_agent.supervisor import FinetuneSupervisor
 from edge_agent.store import Store
+from edge_agent.supervisor import FinetuneSupervisor
 from edge_agent.uplink import Backoff, Uplink
 
 log = logging.getLogger("edge_agent")

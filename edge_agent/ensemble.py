@@ -16,7 +16,6 @@ from typing import Sequence
 import numpy as np
 
 
-
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float((probs.argmax(-1) == labels).mean()) if len(labels) else float("nan")
 

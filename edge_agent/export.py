@@ -19,8 +19,8 @@ import onnx
 import torch
 from torch import nn
 
-from .onnx_model import INPUT_NAME
 from .models import Normalization
+from .onnx_model import INPUT_NAME
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import STAGING_PREFIX, active_dir, activate, publish, staging_dir, sweep_staging
-from edge_agent.candidates import (choose_precision, discard, gain_over_base, gate_score, score,
-                                   stage_base_as_is)
+from edge_agent.activation import STAGING_PREFIX, activate, active_dir, publish, staging_dir, sweep_staging
 from edge_agent.basemodels import pick_bases
+from edge_agent.candidates import choose_precision, discard, gain_over_base, gate_score, score, stage_base_as_is
 from edge_agent.config import AgentConfig
 from edge_agent.errors import FinetuneError
 from edge_agent.fileio import write_json_atomic
@@ -80,8 +79,8 @@ def build_ensemble(config: AgentConfig, jobs: list[MemberJob], splits: dict, ver
                    class_names: list[str], extra_meta: dict[str, str]) -> dict[str, Any]:
     """Fit the weights on val, export the fused graph into ``staged``; returns the weights and val results."""
     from edge_agent.ensemble import evaluate_graph, export_ensemble, fit_weights
-    from edge_agent.onnx_model import OnnxClassifier
     from edge_agent.models import load_checkpoint
+    from edge_agent.onnx_model import OnnxClassifier
     from edge_agent.train import predict_proba
 
     loaded = [load_checkpoint(job.checkpoint) for job in jobs]

@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.imaging import ImageError, decode_image, read_regular_file
-from edge_agent.serving import EnsembleHandle, Prediction, classify
-from edge_agent.layout import AgentPaths
 from edge_agent.fileio import fsync_dir, write_json_atomic
+from edge_agent.imaging import ImageError, decode_image, read_regular_file
+from edge_agent.layout import AgentPaths
+from edge_agent.serving import EnsembleHandle, Prediction, classify
 
 log = logging.getLogger(__name__)
 

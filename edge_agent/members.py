@@ -28,7 +28,6 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import FinetuneError
 from edge_agent.fileio import read_json, write_json_atomic
 
-
 PRELOAD = ["edge_agent.train", "edge_agent.models", "edge_agent.datasets"]
 START_METHOD = "forkserver"  # "spawn" only to measure what the forkserver saves (bench/finetune_speed.py)
 

@@ -10,8 +10,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnxruntime as ort
 
-from .imaging import ImageError, decode_image
 from .fileio import file_sha256
+from .imaging import ImageError, decode_image
 
 # The graph's input: raw 0..255 pixels, float32 [N,1,H,W]. Serving must not import torch, so this lives here.
 INPUT_NAME = "image"

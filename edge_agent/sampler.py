@@ -7,9 +7,9 @@ import threading
 import time
 
 from edge_agent.config import AgentConfig
-from edge_agent.serving import Prediction
 from edge_agent.outbox import Outbox, as_png
 from edge_agent.select import Selector
+from edge_agent.serving import Prediction
 from edge_agent.sidecar import SampleSidecar
 from edge_agent.state import AgentState, UploadLedger
 

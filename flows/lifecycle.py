@@ -1,8 +1,11 @@
-"""The demo lifecycle flow: pretrain → provision → deploy → edge fine-tune and serve → samples → retrain → deploy.
+"""The demo lifecycle flow: the stage flows composed, on the demo's data.
 
-Thin on purpose: every step is a function in :mod:`orchestrator`; this module adds task runs in the
-Prefect UI, mapping over sites, and artifacts (model versions, fleet status, the gate's decision).
-Sites that do not answer in time are reported and left behind; the loop goes on with the others.
+pretrain (when the registry has no champion from this pool) → provision → rollout (canary, then the rest)
+→ the sites fine-tune and serve → their inboxes are fed → samples → retrain (collect, label, gate) →
+rollout of the new champion. Every stage is the same flow an operator starts from the Prefect UI
+(``edgeloop serve``); this module adds only what the demo needs around them: its data, seeding the sites,
+feeding their inboxes, and waiting for the sites before the next stage. Sites that do not answer in time
+are reported and left behind; the loop goes on with the others.
 
 Run it: ``edgeloop demo`` (or ``python -m flows.lifecycle``). With no Prefect server configured it runs
 on Prefect's ephemeral local API.
@@ -17,21 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from edge_agent.datasets import open_dataset
-from edge_agent.ids import new_id
-from edge_agent.train import EpochMetrics, TrainConfig
-from flows.provision import publish as publish_provisioning
-from flows.stages import gate_markdown
+from flows import stages
+from flows.provision import provision_flow
+from flows.rollout import RolloutHalted, RolloutRequest, rollout
 from orchestrator import demo, deploy
-from orchestrator import retrain as steps
 from orchestrator.inventory import Inventory, load_inventory
-from orchestrator.labelling import LabelQueue
-from orchestrator.provision import provision
 from orchestrator.registry import ModelRegistry, ModelVersion, table
-from orchestrator.samples import collect_samples
 
 PROGRESS_EVERY_S = 30.0
 
@@ -44,9 +42,8 @@ def prepare_data(home: Path, sites: int, size: int, seed: int, fleet: str) -> li
     return demo.prepare_elpv(home / "data", sites, size, seed, fleet)
 
 
-@task(cache_policy=NO_CACHE)
-def pretrain(registry: ModelRegistry, settings: demo.DemoSettings, generic: Path) -> ModelVersion:
-    """The champion to start from: the registry's, unless it descends from another pool; else pretrain one."""
+def pretrained_champion(registry: ModelRegistry, settings: demo.DemoSettings, generic: Path) -> ModelVersion:
+    """The champion to start from: the registry's, unless it descends from another pool; else the pretrain stage."""
     logger = get_run_logger()
     champion = registry.champion(settings.family)
     pool = open_dataset(generic).id
@@ -54,50 +51,24 @@ def pretrain(registry: ModelRegistry, settings: demo.DemoSettings, generic: Path
         logger.info("champion %s already in the registry (its lineage starts on this generic pool %s); "
                     "no pretraining", champion.version, pool)
         return champion
-    if champion:
-        logger.info("champion %s descends from another generic pool; pretraining on %s", champion.version, pool)
-    config = TrainConfig(epochs=settings.pretrain_epochs, batch_size=64, seed=settings.seed)
-    version = steps.train_version(registry, settings.family, generic, settings.pretrain_arch, config,
-                                  note="pretrained on the generic pool", on_epoch=_progress(config.epochs))
-    logger.info("pretrained %s: val_acc %.3f test_acc %.3f", version.version, version.metrics["val_acc"],
-                version.metrics["test_acc"])
-    return registry.promote(version.version)
+    decision = stages.pretrain(str(settings.inventory), stages.PretrainSettings(
+        data=str(generic), family=settings.family, arch=settings.pretrain_arch, epochs=settings.pretrain_epochs,
+        seed=settings.seed))
+    if not decision["promoted"]:  # a champion from another pool won the gate: the demo starts from this pool's
+        registry.promote(decision["candidate"])
+    return registry.get(decision["candidate"])
 
 
-def _progress(epochs: int) -> Callable[[EpochMetrics], None]:
-    """An epoch callback that logs to the task run, so training shows progress in the Prefect UI."""
-    logger = get_run_logger()
+def _after(version: str) -> SiteReady:
+    """Ready when the site serves from a finished fine-tune on base ``version`` and owes no other.
 
-    def report(m: EpochMetrics) -> None:
-        logger.info("epoch %d/%d: loss %.4f, val_acc %.3f (%.1f s)", m.epoch, epochs, m.train_loss, m.val_acc,
-                    m.seconds)
-    return report
-
-
-@task(cache_policy=NO_CACHE)
-def provision_fleet(inventory: Inventory) -> list[str]:
-    """Provision every site; returns the names of those that came up healthy."""
-    report = provision(inventory)
-    publish_provisioning(report, "the demo fleet")
-    get_run_logger().info("\n%s", report.recap())
-    return [host.site for host in report.hosts if not host.failed]
-
-
-@task(cache_policy=NO_CACHE)
-def deploy_to(inventory: Inventory, site: str, checkpoint: Path, version: str) -> deploy.DeployResult:
-    """Deploy one version to one site (one task run per site, so each site's outcome shows on its own)."""
-    result = deploy.deploy_model(inventory.site(site), inventory, checkpoint, version)
-    get_run_logger().info("deploy %s to %s: %s %s", version, site, result.status, result.reason)
-    return result
-
-
-def _after(version: str, since: dict[str, float]) -> SiteReady:
-    """Ready when the site has seen base ``version`` and finished a fine-tune started after ``since[site]``."""
+    (A run summarised by an older agent does not name its bases; the newest base the site has stands in.)
+    """
     def ready(status: dict) -> bool:
         run = status.get("last_run") or {}
-        return (version in status.get("base_versions", []) and not status.get("pending_finetune")
-                and not status.get("finetune", {}).get("running")
-                and (run.get("finished") or 0) > since[status["site"]])
+        bases = run.get("bases") or status.get("base_versions", [])[-1:]
+        return (version in bases and run.get("finished") and not status.get("pending_finetune")
+                and not status.get("finetune", {}).get("running"))
     return ready
 
 
@@ -174,32 +145,6 @@ def _fleet_row(site: str, s: dict) -> dict:
             "heartbeat_age_s": round(time.time() - s.get("time", 0), 1)}
 
 
-@task(cache_policy=NO_CACHE)
-def retrain(registry: ModelRegistry, settings: demo.DemoSettings, inventory: Inventory,
-            parts: list[Path]) -> dict | None:
-    """Retrain on the checked samples and gate the candidate; None when no sample came back."""
-    logger = get_run_logger()
-    collection = collect_samples(inventory.store())
-    logger.info("samples: %d accepted %s, %d rejected", len(collection.accepted), collection.by_site(),
-                len(collection.rejected))
-    if not collection.accepted:
-        logger.warning("no samples came back from the sites; nothing to retrain on")
-        return None
-    champion = registry.champion(settings.family)
-    out = settings.home / "data" / f"retrain-{new_id()}"
-    config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=settings.seed)
-    # People's labels from the queue (`edgeloop label`) first; the demo's reference labels stand in for the rest.
-    people = LabelQueue(registry.root, open_dataset(parts[0]).classes)
-    reference = demo.ReferenceLabels([open_dataset(p) for p in parts[1:]])
-    candidate, summary = steps.retrain_from_samples(registry, settings.family, parts[0], collection, out, config,
-                                                    labellers=[people, reference], on_epoch=_progress(config.epochs))
-    decision = steps.gate(registry, candidate, champion, parts[0])
-    logger.info("gate: candidate %s gate_acc %.3f vs champion %s gate_acc %.3f: %s", decision.candidate,
-                decision.candidate_gate_acc, decision.champion, decision.champion_gate_acc or float("nan"),
-                "promoted" if decision.promoted else "kept the champion")
-    return {**summary, **decision.as_dict()}
-
-
 @flow(name="edgeloop-lifecycle", log_prints=True)
 def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretrain_arch: str = "resnet18",
                    pretrain_epochs: int = 8, retrain_epochs: int = 3, site_timeout_s: float = 900,
@@ -214,17 +159,20 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
                                  retrain_epochs=retrain_epochs, site_timeout_s=site_timeout_s, fleet=site_data,
                                  **overrides)
     settings.home.mkdir(parents=True, exist_ok=True)
-    # Local demo sites reuse this interpreter's packages (torch is not installed again per site).
-    env = {"EDGELOOP_PYTHON": sys.executable, **os.environ, "EDGELOOP_HOME": str(settings.home.resolve())}
-    fleet = load_inventory(settings.inventory, env=env)
+    # The stage flows read the inventory by path: its ${EDGELOOP_HOME} and ${EDGELOOP_PYTHON} (local demo
+    # sites reuse this interpreter's packages, so torch is not installed again per site) come from here.
+    os.environ["EDGELOOP_HOME"] = str(settings.home.resolve())
+    os.environ.setdefault("EDGELOOP_PYTHON", sys.executable)
+    fleet = load_inventory(settings.inventory)
     names = fleet.names()
     parts = prepare_data(settings.home, len(names), _image_size(fleet), settings.seed, settings.fleet)
     registry = ModelRegistry(fleet.cloud.registry)
-    champion = pretrain(registry, settings, parts[0])
+    champion = pretrained_champion(registry, settings, parts[0])
 
     streams = {name: demo.seed_site(Path(fleet.site(name).root), open_dataset(part))
                for name, part in zip(names, parts[1:])}
-    live = provision_fleet(fleet)
+    provisioned = provision_flow(str(settings.inventory))
+    live = [name for name in names if name not in provisioned["failed"]]
     try:
         live, decision = _turn(fleet, registry, settings, champion, live, streams, parts)
     finally:
@@ -233,35 +181,38 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
                 deploy.stop_agent(fleet.site(name), fleet)
     create_table_artifact(key="model-versions", table=table(list(registry.versions(settings.family))),
                           description="registry: every version, its stage, data and metrics")
-    if decision:
-        create_markdown_artifact(key="gate", markdown=gate_markdown(decision), description="retraining gate")
     return {"sites_completed": live, "decision": decision}
 
 
 def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings, champion: ModelVersion,
           live: list[str], streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
-    """Deploy → edge fine-tune → inference and samples → retrain → deploy again; returns who kept up."""
-    live = _deploy_and_wait(fleet, registry, champion, live, "fine-tune on the champion", settings.site_timeout_s)
+    """Rollout → edge fine-tune → inference and samples → retrain → rollout again; returns who kept up."""
+    live = _rollout_and_wait(fleet, settings, champion.version, live, "fine-tune on the champion")
     status = deploy.read_fleet_status(fleet.store(), live)
     expected = {name: _classified(status.get(name, {})) + demo.feed_inbox(Path(fleet.site(name).root),
                                                                              streams[name]) for name in live}
     live = wait_for(fleet, live, "inference and upload", _drained(fleet, expected), settings.site_timeout_s)
-
-    decision = retrain(registry, settings, fleet, parts)
-    if decision and decision["promoted"]:
-        live = _deploy_and_wait(fleet, registry, registry.get(decision["candidate"]), live,
-                                "fine-tune on the new champion", settings.site_timeout_s)
+    decision = stages.retrain(str(settings.inventory), stages.RetrainSettings(
+        base_data=str(parts[0]), family=settings.family, epochs=settings.retrain_epochs, seed=settings.seed,
+        reference_data=[str(p) for p in parts[1:]]))
+    if decision["promoted"]:
+        live = _rollout_and_wait(fleet, settings, decision["candidate"], live, "fine-tune on the new champion")
     return live, decision
 
 
-def _deploy_and_wait(fleet: Inventory, registry: ModelRegistry, version: ModelVersion, sites: list[str],
-                     what: str, timeout_s: float) -> list[str]:
-    """Deploy a version and wait for the sites' fine-tunes on it (a site that already had it is not waited on)."""
-    started = time.time()
-    deployed = {name: deploy_to(fleet, name, registry.artifact(version.version), version.version) for name in sites}
-    reached = [name for name, result in deployed.items() if result.status != "failed"]
-    since = {name: started if deployed[name].status == "changed" else 0.0 for name in reached}
-    return wait_for(fleet, reached, what, _after(version.version, since), timeout_s)
+def _rollout_and_wait(fleet: Inventory, settings: demo.DemoSettings, version: str, sites: list[str],
+                      what: str) -> list[str]:
+    """The rollout stage (canaries judged, then the rest), then wait for every site's fine-tune on ``version``.
+
+    A halted rollout (a canary failed and was rolled back) is reported; the demo goes on with the sites as
+    they are, serving what they served.
+    """
+    try:
+        rollout(str(settings.inventory), RolloutRequest(version=version, family=settings.family, limit=sites))
+    except RolloutHalted as exc:
+        get_run_logger().warning("rollout of %s stopped: %s", version, exc)
+        return sites
+    return wait_for(fleet, sites, what, _after(version), settings.site_timeout_s)
 
 
 def _image_size(fleet: Inventory) -> int:

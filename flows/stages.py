@@ -18,6 +18,7 @@ from edge_agent.ids import new_id
 from edge_agent.train import TrainConfig
 from orchestrator import retrain as steps
 from orchestrator.collect import collect_new
+from orchestrator.demo import ReferenceLabels
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelling import LabelQueue
 from orchestrator.registry import ModelRegistry
@@ -51,6 +52,8 @@ class RetrainSettings(BaseModel):
     lr: float = Field(1e-3, gt=0, description="peak learning rate (one-cycle)")
     min_gain: float = Field(0.0, ge=0, description="gate-split accuracy the candidate must add over the champion")
     seed: int = 0
+    reference_data: list[str] = Field(default_factory=list, description="the demo's stand-in for people: dataset "
+                                      "versions whose manifests label the samples nobody labelled in the queue")
 
 
 def _fleet(inventory: str) -> tuple[Inventory, ModelRegistry]:
@@ -66,8 +69,14 @@ def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = Pr
     _, registry = _fleet(inventory)
     config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)
     champion = registry.champion(settings.family)
+    logger = get_run_logger()
+
+    def progress(m) -> None:
+        logger.info("epoch %d/%d: loss %.4f, val_acc %.3f (%.1f s)", m.epoch, settings.epochs, m.train_loss,
+                    m.val_acc, m.seconds)
+
     candidate = steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
-                                    note=f"pretrained on {settings.data}")
+                                    note=f"pretrained on {settings.data}", on_epoch=progress)
     decision = steps.gate(registry, candidate, champion, Path(settings.data))
     create_markdown_artifact(key="pretrain-gate", markdown=gate_markdown(decision.as_dict()),
                              description="pretraining: the gate's decision")
@@ -100,9 +109,10 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
     config = TrainConfig(epochs=settings.epochs, batch_size=64, lr=settings.lr, seed=settings.seed)
     champion = registry.champion(settings.family)
     out = registry.root.parent / "retraining-sets" / f"retrain-{new_id()}"
+    people = LabelQueue(registry.root, base.classes)
+    stand_in = [ReferenceLabels([open_dataset(p) for p in settings.reference_data])] if settings.reference_data else []
     candidate, summary = steps.retrain_from_samples(registry, settings.family, Path(settings.base_data),
-                                                    collection, out, config,
-                                                    labellers=[LabelQueue(registry.root, base.classes)])
+                                                    collection, out, config, labellers=[people, *stand_in])
     decision = steps.gate(registry, candidate, champion, Path(settings.base_data), settings.min_gain)
     result = {**summary, **decision.as_dict()}
     create_markdown_artifact(key="gate", markdown=gate_markdown(result), description="retraining gate")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from edge_agent.fileio import file_sha256
 from edge_agent.layout import AgentPaths
 from edge_agent.store import Store, StoreError
-from edge_agent.fileio import file_sha256
 from orchestrator.inventory import Inventory, Site
 from orchestrator.provision.remote import HostWorker, open_remote
 from orchestrator.provision.service import agent_unit, service_mode, supervisor_pidfile, supervisor_script

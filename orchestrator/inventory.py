@@ -33,10 +33,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from edge_agent.config import (
+    AgentConfig,
+    FinetuneConfig,
+    MemberConfig,
+    Retention,
+    ServeConfig,
+    Strict,
+    Thresholds,
+    UploadBudget,
+)
 from edge_agent.store import Store
 from edge_agent.yamlfile import YamlFileError, format_problem, line_of, read_yaml, suggest, validate
-from edge_agent.config import (AgentConfig, Retention, FinetuneConfig, MemberConfig, ServeConfig, Strict, Thresholds,
-                               UploadBudget)
 
 
 class InventoryError(ValueError):

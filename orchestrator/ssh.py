@@ -22,7 +22,8 @@ import threading
 from pathlib import Path
 
 import paramiko
-from fabric import Config, Connection as FabricConnection
+from fabric import Config
+from fabric import Connection as FabricConnection
 
 from orchestrator.inventory import Connection, JumpHost
 from orchestrator.known_hosts import known_hosts_name, load_known_hosts

@@ -23,7 +23,6 @@ from agent_helpers import AgentProcess, serving_site, wait_for, write_config
 from PIL import Image
 from pydantic import ValidationError
 
-from edge_agent.activation import activate
 from edge_agent.config import AgentConfig, ServeConfig
 from edge_agent.layout import AgentPaths
 from edge_agent.outbox import Outbox

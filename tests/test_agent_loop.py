@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from agent_helpers import AgentProcess, copy_labelled, deploy_base, wait_for, write_config
 
 FINETUNE_TIMEOUT = 180
@@ -89,8 +88,9 @@ def test_first_finetune_serves_the_best_of_the_base_as_is_and_the_new_ensemble(s
     served, base = report["candidates"][report["serving"]], report["candidates"]["base"]
     assert report["gain_over_base"]["test"] == pytest.approx(served["test"]["accuracy"] - base["test"]["accuracy"])
     assert report["precision"]["serving"] in ("int8", "fp32") and report["precision"]["gate_fp32"] is not None
-    from edge_agent.onnx_model import OnnxClassifier
     import numpy as np
+
+    from edge_agent.onnx_model import OnnxClassifier
 
     classifier = OnnxClassifier(root / "models" / "active" / "ensemble.onnx")
     assert classifier.metadata.get("precision", "fp32") == report["precision"]["serving"]

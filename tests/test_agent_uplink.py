@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from agent_helpers import AgentProcess, copy_labelled, serving_site, wait_for, write_config
+
 from edge_agent.outbox import Outbox
 from edge_agent.select import Selector, disagreement, normalised_entropy
 from edge_agent.state import UploadLedger

@@ -20,6 +20,7 @@ INVENTORY = """
 cloud:
   store_url: file://${EDGELOOP_HOME}/store
   registry: ${EDGELOOP_HOME}/registry
+rollout: {canary: [north], soak_s: 1, timeout_s: 300}
 defaults:
   connection: {type: local}
   python: ${EDGELOOP_PYTHON}
@@ -69,7 +70,8 @@ def test_one_turn_of_the_loop(prefect_harness, tmp_path):
     if decision["promoted"]:  # the new champion went out to the sites again
         for site in ("north", "south"):
             assert (AgentPaths(home / "sites" / site).base_models / first_champion / "model.pt").is_file()
-    assert {"provision-results", "fleet-status", "model-versions", "gate"} <= asyncio.run(_artifact_keys())
+    assert {"provision-results", "rollout", "collect", "fleet-status", "model-versions", "gate"} \
+        <= asyncio.run(_artifact_keys())
 
     assert sorted(again["sites_completed"]) == ["north", "south"]
     assert again["decision"]["champion"] == first_champion  # the second turn starts from the first's champion

@@ -17,8 +17,17 @@ For each site (over SSH, or locally for the demo)::
 
 from orchestrator.provision.driver import DEFAULT_RETRY_DELAYS_S, provision, provision_host, provision_site
 from orchestrator.provision.remote import HostWorker, StepFailed, open_remote
-from orchestrator.provision.report import (CHANGED, FAILED, MANUAL_COMMANDS, OK, SKIPPED, STEPS, HostResult,
-                                           RunReport, StepResult)
+from orchestrator.provision.report import (
+                                           CHANGED,
+                                           FAILED,
+                                           MANUAL_COMMANDS,
+                                           OK,
+                                           SKIPPED,
+                                           STEPS,
+                                           HostResult,
+                                           RunReport,
+                                           StepResult,
+)
 from orchestrator.provision.service import agent_unit, restart_marker, supervisor_pidfile, supervisor_script
 from orchestrator.provision.wheel import Wheel, build_wheel
 

@@ -22,10 +22,10 @@ from orchestrator.provision.remote import HostWorker, Remote, StepFailed
 from orchestrator.provision.report import CHANGED, FAILED, OK, SKIPPED, HostResult, StepResult
 from orchestrator.provision.service import (
     agent_unit,
-    service_mode,
     render_supervisor,
     render_unit,
     restart_marker,
+    service_mode,
     supervisor_pidfile,
     supervisor_script,
 )
