@@ -139,3 +139,34 @@ def test_plan_and_verdicts():
         verdict = judge(looping, {**status, "pid": pid}, "v2", 5, 160)
     assert verdict[0] == "failed" and "crash loop" in verdict[1]
     assert judge(Watch("a", 100.0, None), {**status, "finetune_failures": 2}, "v2", 5, 160)[0] == "failed"
+
+
+def test_rollback_on_a_site_sets_the_newest_base_aside_and_serves_the_ensemble_before(tmp_path):
+    """``edgeloop rollback`` with no version: the newest base goes aside, the ensemble before the serving one
+    serves again; with a single base there is nothing to undo, and it says so."""
+    import os
+    import subprocess
+
+    from orchestrator.rollout import rollback_site
+
+    paths = AgentPaths(tmp_path / "s1")
+    paths.ensure()
+    for i, name in enumerate(("v1", "v2")):
+        (paths.base_models / name).mkdir(parents=True)
+        (paths.ensembles / f"e{i + 1}").mkdir(parents=True)
+        os.utime(paths.base_models / name, (1000 + i, 1000 + i))
+        os.utime(paths.ensembles / f"e{i + 1}", (1000 + i, 1000 + i))
+    (paths.models / "active").symlink_to("ensembles/e2")
+    inventory_file = tmp_path / "inv.yaml"
+    inventory_file.write_text(f"""
+cloud: {{store_url: "file://{tmp_path}/store"}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: s1, root: "{tmp_path / 's1'}"}}]
+""")
+    done = rollback_site(load_inventory(inventory_file), "s1")
+    assert done["changed"] == ["base", "active"] and done["version"] == "v2" and done["active"] == "e1"
+    assert [p.name for p in paths.base_models.iterdir() if not p.name.startswith(".")] == ["v1"]
+    assert os.readlink(paths.active_link) == "ensembles/e1"
+    cli = subprocess.run([sys.executable, "-m", "edgeloop", "rollback", "-i", str(inventory_file)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert cli.returncode == 1 and "s1: failed" in cli.stdout and "at most one base model" in cli.stdout
