@@ -194,7 +194,7 @@ def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings
     live = wait_for(fleet, live, "inference and upload", _drained(fleet, expected), settings.site_timeout_s)
     decision = stages.retrain(str(settings.inventory), stages.RetrainSettings(
         base_data=str(parts[0]), family=settings.family, epochs=settings.retrain_epochs, seed=settings.seed,
-        reference_data=[str(p) for p in parts[1:]]))
+        reference_data=[str(p) for p in parts[1:]], rollout=False))  # the demo rolls out and waits itself
     if decision["promoted"]:
         live = _rollout_and_wait(fleet, settings, decision["candidate"], live, "fine-tune on the new champion")
     return live, decision

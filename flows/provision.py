@@ -18,7 +18,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from orchestrator.inventory import Inventory, load_inventory
-from orchestrator.provision import DEFAULT_RETRY_DELAYS_S, HostResult, RunReport, Wheel, build_wheel, provision_host
+from orchestrator.provision import (
+    DEFAULT_RETRY_DELAYS_S,
+    HostResult,
+    RunReport,
+    Wheel,
+    build_wheel,
+    provision_host,
+)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="provision-{site}")

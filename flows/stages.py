@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from edge_agent.datasets import open_dataset
 from edge_agent.ids import new_id
 from edge_agent.train import TrainConfig
+from flows.rollout import RolloutRequest, rollout
 from orchestrator import retrain as steps
 from orchestrator.collect import collect_new
 from orchestrator.demo import ReferenceLabels
@@ -54,6 +55,7 @@ class RetrainSettings(BaseModel):
     seed: int = 0
     reference_data: list[str] = Field(default_factory=list, description="the demo's stand-in for people: dataset "
                                       "versions whose manifests label the samples nobody labelled in the queue")
+    rollout: bool = Field(True, description="roll a promoted candidate out to the fleet (canaries first)")
 
 
 def _fleet(inventory: str) -> tuple[Inventory, ModelRegistry]:
@@ -101,7 +103,7 @@ def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = Coll
 @flow(name="edgeloop-retrain", log_prints=True)
 def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = RetrainSettings(),
             collect_settings: CollectSettings = CollectSettings()) -> dict:
-    """Collect, then champion + generic pool + every labelled sample → candidate → gate → promote."""
+    """Collect, then champion + generic pool + every labelled sample → candidate → gate → promote → rollout."""
     collect(inventory, collect_settings)
     fleet, registry = _fleet(inventory)
     collection = collect_samples(fleet.store())
@@ -116,6 +118,9 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
     decision = steps.gate(registry, candidate, champion, Path(settings.base_data), settings.min_gain)
     result = {**summary, **decision.as_dict()}
     create_markdown_artifact(key="gate", markdown=gate_markdown(result), description="retraining gate")
+    if decision.promoted and settings.rollout:
+        # a halted rollout (a canary failed and was rolled back) fails this run too: it shows red
+        result["rollout"] = rollout(inventory, RolloutRequest(version=candidate.version, family=settings.family))
     return result
 
 
