@@ -18,6 +18,9 @@ bench: $(STAMP) sshd
 	$(BIN)/python bench/edge.py
 	$(BIN)/python bench/provision.py
 	$(BIN)/python bench/http_load.py
+	$(BIN)/python bench/member_policies.py
+	$(BIN)/python bench/finetune_speed.py
+	$(BIN)/python bench/loop.py
 
 venv: $(STAMP)
 
