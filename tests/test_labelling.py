@@ -143,15 +143,11 @@ def test_the_page_labels_by_key_and_click_and_the_label_reaches_retraining(label
         assert browser.execute_script("const i = document.getElementById('sample'); "
                                       "return i.complete && i.naturalWidth") > 0  # the image really loads
         browser.save_screenshot(str(ARTIFACTS / "labelling-page.png"))
-        browser.find_element(By.TAG_NAME, "body").send_keys("2")  # key 2: the second class, defective
-        deadline = time.monotonic() + 10
-        while browser.find_element(By.NAME, "sha256").get_attribute("value") == first:
-            assert time.monotonic() < deadline, "the page did not move on after the key"
-            time.sleep(0.1)
-        second = browser.find_element(By.NAME, "sha256").get_attribute("value")
-        browser.find_element(By.CSS_SELECTOR, 'button[value="functional"]').click()
-        browser.find_element(By.CSS_SELECTOR, 'button[value="discard"]').click()
-        assert "Nothing to label" in browser.find_element(By.TAG_NAME, "h1").text
+        second = _answer(browser, lambda: browser.find_element(By.TAG_NAME, "body").send_keys("2"))  # key 2
+        third = _answer(browser, lambda: browser.find_element(By.CSS_SELECTOR, 'button[value="functional"]').click())
+        assert third not in (first, second, None)
+        assert _answer(browser, lambda: browser.find_element(By.CSS_SELECTOR, 'button[value="discard"]').click()) \
+            is None  # nothing left: the page says so
         browser.save_screenshot(str(ARTIFACTS / "labelling-done.png"))
     finally:
         browser.quit()
@@ -163,6 +159,32 @@ def test_the_page_labels_by_key_and_click_and_the_label_reaches_retraining(label
     added = {r["file"].split("/")[-1][len("sample-site-1-"):-4]: r["label"]
              for r in open_dataset(home / "retrain").records if "/sample-" in r["file"]}
     assert added == {first[:16]: 1, second[:16]: 0}
+
+
+def _current(browser) -> str | None:
+    """The sample on the page, or None on the "Nothing to label" page; raises while the page is loading."""
+    from selenium.webdriver.common.by import By
+
+    if "Nothing to label" in browser.find_element(By.TAG_NAME, "h1").text:
+        return None
+    return browser.find_element(By.NAME, "sha256").get_attribute("value")
+
+
+def _answer(browser, act) -> str | None:
+    """Answer the sample on the page with ``act`` and wait for the next page; returns its sample."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    before = _current(browser)
+    act()
+
+    def moved_on(driver) -> bool:
+        try:
+            return _current(driver) != before
+        except Exception:  # the old page is gone and the new one not there yet
+            return False
+
+    WebDriverWait(browser, 15).until(moved_on, "the page did not move on to the next sample")
+    return _current(browser)
 
 
 def test_a_bad_inventory_or_label_is_a_clear_error(tmp_path):
