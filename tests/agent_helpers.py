@@ -136,3 +136,29 @@ def serving_site(root: Path, size: int):
                     metadata={"version": "v1"})
     activate(paths, "v1")
     return paths
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_url(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Wait until ``url`` answers; fail with the tail of ``proc``'s output if it dies or the time is up."""
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"{what} did not come up:\n{proc.stdout.read().decode()[-3000:]}")
+            time.sleep(0.3)

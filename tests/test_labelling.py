@@ -7,14 +7,13 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from agent_helpers import free_port, wait_for_url
 
 from edge_agent.datasets import open_dataset
 from edge_agent.store import Store
@@ -91,23 +90,12 @@ cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'r
 defaults: {{connection: {{type: local}}}}
 sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
 """)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edgeloop", "label", "-i", str(inventory),
                              "--classes", ",".join(CLASSES), "--port", str(port)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/api/queue", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"edgeloop label did not come up:\n{proc.stdout.read().decode()}")
-            time.sleep(0.3)
+    wait_for_url(url + "/api/queue", proc, "edgeloop label", timeout=60)
     yield url, tmp_path
     proc.terminate()
     proc.wait(10)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from agent_helpers import free_port, wait_for_url
 from test_labelling import ARTIFACTS, _browser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,35 +20,16 @@ STAGES = {"edgeloop-pretrain": "pretrain", "provision": "provision", "edgeloop-c
 pytestmark = pytest.mark.timeout(600)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"{what} did not come up:\n{proc.stdout.read().decode()[-3000:]}")
-            time.sleep(0.5)
-
-
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port)}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     api = f"http://127.0.0.1:{port}/api"
-    _wait(api + "/health", proc, "prefect server")
+    wait_for_url(api + "/health", proc, "prefect server")
     yield api
     proc.terminate()
     proc.wait(30)
