@@ -166,7 +166,7 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
     fleet = load_inventory(settings.inventory)
     names = fleet.names()
     parts = prepare_data(settings.home, len(names), _image_size(fleet), settings.seed, settings.fleet)
-    registry = ModelRegistry(fleet.cloud.registry)
+    registry = fleet.registry()
     champion = pretrained_champion(registry, settings, parts[0])
 
     streams = {name: demo.seed_site(Path(fleet.site(name).root), open_dataset(part))

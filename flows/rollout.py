@@ -64,7 +64,7 @@ def rollout(inventory: str = "inventory/local.yaml", request: RolloutRequest = R
     """Canaries (``rollout.canary`` in the inventory) first, judged; then the rest of the fleet at once."""
     logger = get_run_logger()
     fleet = load_inventory(inventory)
-    registry = ModelRegistry(fleet.cloud.registry or "")
+    registry = fleet.registry()
     version = request.version or _champion(registry, request.family)
     checkpoint = registry.artifact(version)
     plan = waves.plan(fleet, request.limit)

@@ -60,9 +60,7 @@ class RetrainSettings(BaseModel):
 
 def _fleet(inventory: str) -> tuple[Inventory, ModelRegistry]:
     fleet = load_inventory(inventory)
-    if not fleet.cloud.registry:
-        raise ValueError(f"{inventory}: cloud.registry is not set; the stage flows need a registry")
-    return fleet, ModelRegistry(fleet.cloud.registry)
+    return fleet, fleet.registry()
 
 
 @flow(name="edgeloop-pretrain", log_prints=True)
@@ -90,7 +88,7 @@ def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = Pr
 def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = CollectSettings()) -> dict:
     """New samples since the watermark, checked; sure ones pseudo-labelled, the rest to the labelling queue."""
     fleet, registry = _fleet(inventory)
-    queue = LabelQueue(registry.root, _classes(registry, settings.family))
+    queue = LabelQueue(registry.root, registry.champion_classes(settings.family))
     result = collect_new(fleet.store(), registry.root, queue, settings.pseudo_label_confidence)
     create_table_artifact(key="collect", table=result.by_site() or [{"site": "-", "new": 0}],
                           description="new samples per site since the last collect")
@@ -122,16 +120,6 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
         # a halted rollout (a canary failed and was rolled back) fails this run too: it shows red
         result["rollout"] = rollout(inventory, RolloutRequest(version=candidate.version, family=settings.family))
     return result
-
-
-def _classes(registry: ModelRegistry, family: str) -> list[str]:
-    import torch
-
-    champion = registry.champion(family)
-    if champion is None:
-        raise ValueError(f"no champion of family {family!r} in {registry.root}: run pretrain first")
-    return list(torch.load(registry.artifact(champion.version), map_location="cpu",
-                           weights_only=True)["meta"]["class_names"])
 
 
 def gate_markdown(decision: dict) -> str:

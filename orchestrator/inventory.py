@@ -45,6 +45,7 @@ from edge_agent.config import (
 )
 from edge_agent.store import Store
 from edge_agent.yamlfile import YamlFileError, format_problem, line_of, read_yaml, suggest, validate
+from orchestrator.registry import ModelRegistry
 
 
 class InventoryError(ValueError):
@@ -211,6 +212,12 @@ class Inventory(BaseModel):
         checked against the inventory's known_hosts unless the store options name another file."""
         return Store(self.cloud.store_url, {"known_hosts": str(self.known_hosts), **self.cloud.store_options}
                      if self.cloud.store_url.startswith("sftp://") else self.cloud.store_options)
+
+    def registry(self) -> ModelRegistry:
+        """The cloud's model registry; a clear error when the inventory names none."""
+        if not self.cloud.registry:
+            raise InventoryError([f"{self.path}: cloud.registry is not set; the cloud's stages need a registry"])
+        return ModelRegistry(self.cloud.registry)
 
     def site(self, name: str) -> Site:
         for site in self.sites:

@@ -117,6 +117,16 @@ class ModelRegistry:
         # a registry written before the champion pointer existed: the record's stage says it
         return next((v for v in self.versions(family) if v.stage == "champion"), None)
 
+    def champion_classes(self, family: str) -> list[str]:
+        """The class names the family's champion predicts (from its checkpoint); RegistryError without one."""
+        import torch
+
+        champion = self.champion(family)
+        if champion is None:
+            raise RegistryError(f"no champion of family {family!r} in {self.root}: run pretrain first")
+        payload = torch.load(self.artifact(champion.version), map_location="cpu", weights_only=True)
+        return list(payload["meta"]["class_names"])
+
     def promote(self, version: str) -> ModelVersion:
         """Make ``version`` its family's champion.
 

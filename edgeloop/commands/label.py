@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgeloop.cli import UserError
-
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("label", help="label the samples the sites sent (web page, or Label Studio files)")
@@ -28,9 +26,10 @@ def _label(args: argparse.Namespace) -> int:
     from orchestrator.samples import collect_samples
 
     fleet = load_inventory(args.inventory)
-    if not fleet.cloud.registry:
-        raise UserError(f"{args.inventory}: cloud.registry is not set; the labels live beside the registry")
-    queue = LabelQueue(fleet.cloud.registry, _classes(args, fleet.cloud.registry))
+    registry = fleet.registry()  # the labels live beside it
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else \
+        registry.champion_classes(args.family)
+    queue = LabelQueue(registry.root, classes)
     store = fleet.store()
 
     def samples():
@@ -50,19 +49,3 @@ def _label(args: argparse.Namespace) -> int:
     print(f"labelling queue on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     uvicorn.run(create_app(queue, samples), host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def _classes(args: argparse.Namespace, registry_root: str) -> list[str]:
-    if args.classes:
-        return [c.strip() for c in args.classes.split(",") if c.strip()]
-    import torch
-
-    from orchestrator.registry import ModelRegistry
-
-    registry = ModelRegistry(registry_root)
-    champion = registry.champion(args.family)
-    if champion is None:
-        raise UserError(f"no champion of family {args.family!r} in {registry_root} to name the classes; "
-                        "pass --classes")
-    payload = torch.load(registry.artifact(champion.version), map_location="cpu", weights_only=True)
-    return list(payload["meta"]["class_names"])
