@@ -3,6 +3,11 @@
 Data are decoded once into memory (:class:`~edge_agent.datasets.ArraySet`); each epoch augments a
 fresh copy with the chosen policy. The best weights by validation accuracy are kept; a time budget
 and a stop callback can end training between batches, and the model still ends with the best weights.
+
+The same loop runs data-parallel when torch.distributed is initialised (``edgeloop train
+--nproc-per-node N`` starts it under torch's elastic launcher): every rank takes its share of each
+global batch through a :class:`~torch.utils.data.DistributedSampler`, DDP averages the gradients, and
+rank 0 alone validates and keeps the best weights. One process is the same loop with one rank.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from .augment import build_policy
 from .datasets import ArraySet
@@ -30,7 +38,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch: split evenly over the ranks of a distributed run")
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -44,7 +52,27 @@ class TrainConfig(BaseModel):
         "best", description="weights to end with: the best epoch on val, or the last (when val is too small "
                             "to choose an epoch: a few dozen images pick a lucky one)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 autocast for the forward pass; auto = bf16 where the CPU has AMX or AVX512-BF16")
+        "auto", description="mixed precision for the forward pass; auto = bf16 on a GPU and where the CPU has AMX "
+                            "or AVX512-BF16")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = a CUDA GPU when there is one")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a distributed run (rank 0 of 1 when there is none)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Ranks:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass
@@ -91,6 +119,42 @@ def uses_bf16(config: TrainConfig) -> bool:
     return config.precision == "bf16" or (config.precision == "auto" and bf16_native())
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device ``TrainConfig.device`` names; a rank's GPU is the one its launcher set as current."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but no CUDA GPU is available here")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _mixed_precision(config: TrainConfig, device: torch.device) -> tuple[torch.autocast, torch.amp.GradScaler]:
+    """Autocast for the forward pass, and the gradient scaler fp16 needs (a no-op otherwise).
+
+    On the CPU, bf16 halves the step time with AMX (bench/train_elpv.py); elsewhere it is emulated and slower.
+    On a GPU, bf16 where it has it, else fp16 with loss scaling. Weights and the optimizer stay fp32.
+    """
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        enabled = config.precision != "fp32"
+    else:
+        dtype, enabled = torch.bfloat16, uses_bf16(config)
+    scaler = torch.amp.GradScaler(device.type, enabled=enabled and dtype == torch.float16)
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled), scaler
+
+
+def _per_rank_batch(config: TrainConfig, ranks: Ranks) -> int:
+    if config.batch_size % ranks.world:
+        raise ValueError(f"batch size {config.batch_size} does not split evenly over {ranks.world} ranks")
+    return config.batch_size // ranks.world
+
+
+def _threads(config: TrainConfig) -> int:
+    """Every core, shared between the ranks on this host (torchrun says how many there are)."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return config.threads or max(1, (os.cpu_count() or 1) // local_ranks)
+
+
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
@@ -110,7 +174,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int
 def predict_proba(model: nn.Module, images: np.ndarray, normalization: Normalization,
                   batch_size: int = 256) -> np.ndarray:
     model.eval()
-    out = [torch.softmax(model(to_tensor(images[i:i + batch_size], normalization)), dim=1)
+    device = next(model.parameters()).device
+    out = [torch.softmax(model(to_tensor(images[i:i + batch_size], normalization).to(device)), dim=1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
@@ -133,68 +198,90 @@ def train_model(model: nn.Module, train: ArraySet, val: ArraySet, config: TrainC
                 normalization: Normalization,
                 on_epoch: Callable[[EpochMetrics], None] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train ``model`` in place; it ends holding the best weights by validation accuracy (or the last)."""
+    """Train ``model`` in place; it ends on the CPU holding the best weights by validation accuracy (or the last).
+
+    In a distributed run every rank calls this; rank 0 alone validates, keeps the best weights and calls
+    ``on_epoch`` (the others end with the last weights, which nobody reads).
+    """
     if len(train) == 0:
         raise ValueError("no training images")
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    ranks, device = Ranks.current(), resolve_device(config.device)
+    batch_size = _per_rank_batch(config, ranks)
+    torch.set_num_threads(_threads(config))
     torch.manual_seed(config.seed)
     # oneDNN's CPU convolutions run about a fifth faster on channels-last tensors (measured: bench/).
-    model.to(memory_format=torch.channels_last)
-    rng = np.random.default_rng(config.seed)
-    policy = build_policy(config.policy, seed=config.seed)
-    batches_per_epoch = -(-len(train) // config.batch_size)
+    model.to(device=device, memory_format=torch.channels_last)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ranks.world > 1 else model
+    # The sampler deals each rank every world-th index of one shared shuffle, so the ranks' batches
+    # together are the batch one process would take: the same global batch and seed, the same training.
+    sampler = DistributedSampler(range(len(train)), num_replicas=ranks.world, rank=ranks.rank, seed=config.seed)
+    policy = build_policy(config.policy, seed=config.seed + ranks.rank)
     optimizer = _optimizer(model, config)
-    scheduler = _scheduler(optimizer, config, config.epochs * batches_per_epoch)
+    scheduler = _scheduler(optimizer, config, config.epochs * -(-len(sampler) // batch_size))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    # bf16 autocast: about half the step time with AMX (bench/train_elpv.py); weights and the optimizer stay fp32.
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=uses_bf16(config))
+    autocast, scaler = _mixed_precision(config, device)
     started = time.monotonic()
     best = TrainResult(copy.deepcopy(model.state_dict()), -1.0, 0)
 
-    def out_of_time() -> bool:
-        over_budget = config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s
-        return over_budget or bool(should_stop and should_stop())
+    def stop_now() -> bool:
+        if config.time_budget_s is None and should_stop is None:
+            return False
+        stop = (config.time_budget_s is not None and time.monotonic() - started > config.time_budget_s) \
+            or bool(should_stop and should_stop())
+        return bool(_all_ranks_sum(torch.tensor([float(stop)]), ranks)[0])  # one rank's stop stops them all
 
     for epoch in range(1, config.epochs + 1):
         epoch_start = time.monotonic()
-        model.train()
-        order = rng.permutation(len(train))
-        seen = correct = 0
-        loss_sum = 0.0
-        for i in range(0, len(order), config.batch_size):
-            index = order[i:i + config.batch_size]
-            if len(index) < 2 and seen:  # a batch of one breaks BatchNorm; drop the remainder
+        net.train()
+        sampler.set_epoch(epoch)
+        order = np.fromiter(sampler, dtype=np.int64)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, seen: summed over ranks at the end
+        for i in range(0, len(order), batch_size):
+            index = order[i:i + batch_size]
+            if len(index) < 2 and totals[2]:  # a batch of one breaks BatchNorm; drop the remainder
                 continue
-            x = to_tensor(_augmented_batch(train.images[index], policy), normalization)
-            y = torch.from_numpy(train.labels[index])
+            x = to_tensor(_augmented_batch(train.images[index], policy), normalization).to(device, non_blocking=True)
+            y = torch.from_numpy(train.labels[index]).to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                logits = model(x)
+                logits = net(x)
                 loss = criterion(logits.float(), y)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
-            seen += len(index)
-            loss_sum += loss.item() * len(index)
-            correct += int((logits.argmax(1) == y).sum())
-            if out_of_time():
+            totals += torch.stack([loss.detach() * len(index), (logits.argmax(1) == y).sum(),
+                                   torch.tensor(len(index), device=device)]).double().cpu()
+            if stop_now():
                 best.stopped_early = True
                 break
-        val_acc, val_loss = evaluate(model, val, normalization)
+        loss_sum, correct, seen = _all_ranks_sum(totals, ranks).tolist()
+        val_acc, val_loss = evaluate(model, val, normalization) if ranks.main else (float("nan"), float("nan"))
         metrics = EpochMetrics(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc,
                                time.monotonic() - epoch_start, optimizer.param_groups[0]["lr"])
         best.history.append(metrics)
         score = metrics.train_acc if np.isnan(val_acc) else val_acc
-        if score > best.best_val_acc:
+        if ranks.main and score > best.best_val_acc:
             best.state_dict, best.best_val_acc, best.best_epoch = copy.deepcopy(model.state_dict()), score, epoch
-        if on_epoch:
+        if on_epoch and ranks.main:
             on_epoch(metrics)
         if best.stopped_early:
             break
-    if config.keep == "best":
+    if config.keep == "best" and ranks.main:
         model.load_state_dict(best.state_dict)
     else:
         best.best_epoch, best.best_val_acc = len(best.history), best.history[-1].val_acc if best.history else -1.0
-    model.to(memory_format=torch.contiguous_format).eval()  # the layout exporters and checkpoints expect
+    # the device and layout that exporters, checkpoints and the edge expect
+    model.to(device="cpu", memory_format=torch.contiguous_format).eval()
     best.seconds = time.monotonic() - started
     return best
+
+
+def _all_ranks_sum(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """``values`` summed over every rank (as they are when there is one); NCCL sums on the GPU."""
+    if ranks.world == 1:
+        return values
+    on_device = values.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(on_device)
+    return on_device.cpu()

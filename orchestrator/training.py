@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -17,10 +16,10 @@ from torch import nn
 
 from edge_agent.datasets import ArraySet, DatasetVersion, open_dataset
 from edge_agent.export import Classifier, export_onnx, quantize_int8
-from edge_agent.fileio import file_sha256
+from edge_agent.fileio import file_sha256, write_json_atomic
 from edge_agent.models import CheckpointMeta, ModelSpec, Normalization, build_model, load_checkpoint, save_checkpoint
 from edge_agent.onnx_model import OnnxClassifier
-from edge_agent.train import EpochMetrics, TrainConfig, evaluate, normalization_of, train_model
+from edge_agent.train import EpochMetrics, Ranks, TrainConfig, evaluate, normalization_of, train_model
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +34,24 @@ def machine_info() -> dict:
 
 
 def train_on_dataset(data: str | Path, arch: str, out: str | Path, config: TrainConfig, *,
-                     init: str | Path | None = None,
+                     init: str | Path | None = None, image_size: int | None = None,
                      on_epoch: Callable[[EpochMetrics], None] | None = None) -> dict:
     """Train ``arch`` (or fine-tune the checkpoint ``init``) on a dataset version.
 
-    Writes ``out/model.pt`` (best by validation accuracy) and ``out/metrics.json`` and returns the metrics.
+    Writes ``out/model.pt`` (best by validation accuracy) and ``out/metrics.json``, each atomically, and
+    returns the metrics. ``image_size`` trains on resized images (default: the dataset's own size). In a
+    distributed run every rank trains and rank 0 alone evaluates and writes; the others return ``{}``.
     """
     dataset = open_dataset(data)
-    train, val, test = (dataset.load_split(s) for s in ("train", "val", "test"))
-    model, spec, normalization, parent_version = _starting_model(dataset, train, arch, config.seed, init)
-    log.info("training %s on %s (%d train, %d val, %d test images)", spec.arch, dataset.id, len(train), len(val),
-             len(test))
+    train, val, test = (dataset.load_split(s, image_size) for s in ("train", "val", "test"))
+    model, spec, normalization, parent_version = _starting_model(dataset, train, arch, config.seed, init, image_size)
+    ranks = Ranks.current()
+    if ranks.main:
+        log.info("training %s on %s (%d train, %d val, %d test images%s)", spec.arch, dataset.id, len(train),
+                 len(val), len(test), f"; {ranks.world} ranks" if ranks.world > 1 else "")
     result = train_model(model, train, val, config, normalization, on_epoch=on_epoch)
+    if not ranks.main:
+        return {}
     test_acc, test_loss = evaluate(model, test, normalization)
     epochs = len(result.history)
     metrics = {
@@ -55,29 +60,30 @@ def train_on_dataset(data: str | Path, arch: str, out: str | Path, config: Train
         "best_epoch": result.best_epoch, "val_acc": result.best_val_acc, "test_acc": test_acc,
         "test_loss": test_loss, "epochs_run": epochs, "seconds": result.seconds,
         "seconds_per_epoch": result.seconds / max(epochs, 1), "stopped_early": result.stopped_early,
-        "config": config.model_dump(), "history": [asdict(m) for m in result.history], "machine": machine_info(),
+        "ranks": ranks.world, "config": config.model_dump(), "history": [asdict(m) for m in result.history],
+        "machine": machine_info(),
     }
     out = Path(out)
     meta = CheckpointMeta(spec=spec, class_names=dataset.classes, normalization=normalization,
                           metrics={"val_acc": result.best_val_acc, "test_acc": test_acc},
                           dataset_id=dataset.id, parent=parent_version, train_config=config.model_dump())
     save_checkpoint(out / CHECKPOINT, model, meta)
-    (out / METRICS).write_text(json.dumps(metrics, indent=1))
+    write_json_atomic(out / METRICS, metrics)
     return metrics
 
 
-def _starting_model(dataset: DatasetVersion, train: ArraySet, arch: str, seed: int, init: str | Path | None
-                    ) -> tuple[nn.Module, ModelSpec, Normalization, str | None]:
+def _starting_model(dataset: DatasetVersion, train: ArraySet, arch: str, seed: int, init: str | Path | None,
+                    image_size: int | None = None) -> tuple[nn.Module, ModelSpec, Normalization, str | None]:
     """(model, spec, normalization, parent version): the checkpoint ``init`` as it was, or a fresh ``arch``.
 
     A fine-tune keeps its parent's normalization, so the edge's base models and the cloud's agree on inputs.
     """
     if init is None:
-        spec = ModelSpec(arch=arch, num_classes=len(dataset.classes), image_size=dataset.image_size)
+        spec = ModelSpec(arch=arch, num_classes=len(dataset.classes), image_size=image_size or dataset.image_size)
         return build_model(spec, seed), spec, normalization_of(train), None
     model, parent = load_checkpoint(init)
-    if parent.spec.image_size != dataset.image_size:
-        raise ValueError(f"{init} expects {parent.spec.image_size} px images, the dataset has {dataset.image_size} px")
+    if parent.spec.image_size != (image_size or dataset.image_size):
+        raise ValueError(f"{init} expects {parent.spec.image_size} px images, not {image_size or dataset.image_size} px")
     return model, parent.spec, parent.normalization, file_sha256(init)[:12]
 
 

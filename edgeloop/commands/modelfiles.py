@@ -32,6 +32,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int)
     train.add_argument("--threads", type=int, help="default: every core")
     train.add_argument("--time-budget", dest="time_budget_s", type=float, help="seconds; best weights so far are kept")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: a CUDA GPU when there is one")
+    train.add_argument("--image-size", type=int, help="train on images resized to this size (default: the dataset's)")
+    parallel = train.add_argument_group("distributed (torch.distributed, DDP)")
+    parallel.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this host (default 1: no DDP)")
+    parallel.add_argument("--nnodes", type=int, default=1, help="hosts in the job; each runs this same command")
+    parallel.add_argument("--rdzv-endpoint", help="HOST:PORT where the hosts meet (needed with --nnodes > 1)")
+    parallel.add_argument("--rdzv-id", help="job id, the same on every host (default: a new one)")
+    train.add_argument("--config-json", help=argparse.SUPPRESS)  # how the launcher hands a rank its settings
     train.set_defaults(func=_train)
 
     export = sub.add_parser("export", help="export a trained model to ONNX (optionally INT8)")
@@ -49,18 +58,46 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from edge_agent.train import TrainConfig
-    from orchestrator.training import train_on_dataset
+    from orchestrator.distributed import Launch, RankFailed, launch, torch_distributed_rank
 
     knobs = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
-    config = TrainConfig(**knobs)
+    config = TrainConfig.model_validate_json(args.config_json) if args.config_json else TrainConfig(**knobs)
+    spec = Launch(args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+    if not spec.distributed or torch_distributed_rank():  # alone, or a rank the launcher started
+        return _train_here(args, config)
+    rank_args = ["-m", "edgeloop", "train", "--data", args.data, "--arch", args.arch, "--out", args.out,
+                 "--config-json", config.model_dump_json()]
+    rank_args += ["--init", args.init] if args.init else []
+    rank_args += ["--image-size", str(args.image_size)] if args.image_size else []
+    try:
+        launch(spec, rank_args)
+    except RankFailed as exc:
+        print(f"edgeloop train: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train_here(args: argparse.Namespace, config) -> int:
+    """Train in this process: alone, or as one rank of a job the launcher started."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from orchestrator.distributed import process_group
+    from orchestrator.training import train_on_dataset
 
     def progress(m) -> None:
         print(f"epoch {m.epoch:>3}/{config.epochs}  loss {m.train_loss:.4f}  acc {m.train_acc:.3f}  "
               f"val_loss {m.val_loss:.4f}  val_acc {m.val_acc:.3f}  {m.seconds:.1f}s", flush=True)
 
-    metrics = train_on_dataset(args.data, args.arch, args.out, config, init=args.init, on_epoch=progress)
-    print(f"best val_acc {metrics['val_acc']:.4f} (epoch {metrics['best_epoch']}), test_acc {metrics['test_acc']:.4f}; "
-          f"wrote {Path(args.out) / 'model.pt'}")
+    @record  # a rank's exception goes to the launcher, which names it in its error
+    def run() -> dict:
+        with process_group(config.device):
+            return train_on_dataset(args.data, args.arch, args.out, config, init=args.init,
+                                    image_size=args.image_size, on_epoch=progress)
+
+    metrics = run()
+    if metrics:  # rank 0, or the only process
+        print(f"best val_acc {metrics['val_acc']:.4f} (epoch {metrics['best_epoch']}), test_acc "
+              f"{metrics['test_acc']:.4f}; wrote {Path(args.out) / 'model.pt'}", flush=True)
     return 0
 
 

@@ -1,0 +1,114 @@
+"""Training past one process: torch.distributed (DDP), started by torch's own elastic launcher (torchrun).
+
+``edgeloop train --nproc-per-node N`` calls :func:`launch`, which runs N copies of ``edgeloop train`` on
+this host (and joins ``--nnodes`` hosts through a c10d rendezvous); each copy calls :func:`process_group`
+and runs the one training loop, which sees the group and trains data-parallel. The launcher watches its
+ranks: when one dies it stops the others and :func:`launch` raises :class:`RankFailed` naming the rank.
+Rank 0 writes the checkpoint atomically after the last epoch, so a failed job leaves the previous one as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from edge_agent.train import Ranks, resolve_device
+
+# How long a rank waits for its peers in one collective before giving up (a hung peer, not a slow epoch).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+class RankFailed(RuntimeError):
+    """A rank of a distributed job died or raised; the job was stopped and wrote nothing."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where the ranks run: ``nproc_per_node`` on each of ``nnodes`` hosts that meet at ``rdzv_endpoint``."""
+
+    nproc_per_node: int
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None  # HOST:PORT of the rendezvous; none = this host alone (standalone)
+    rdzv_id: str | None = None  # the same on every host of one job
+
+    def __post_init__(self):
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ValueError("--nproc-per-node and --nnodes must be at least 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (where the hosts meet)")
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node * self.nnodes > 1
+
+
+def launch(spec: Launch, worker_args: list[str]) -> None:
+    """Run ``python <worker_args>`` as the ranks of one job; returns when every rank has finished."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    standalone = spec.rdzv_endpoint is None
+    config = LaunchConfig(
+        min_nodes=spec.nnodes, max_nodes=spec.nnodes, nproc_per_node=spec.nproc_per_node,
+        run_id=spec.rdzv_id or f"edgeloop-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0" if standalone else spec.rdzv_endpoint,
+        max_restarts=0,  # a rank that dies ends the job: a restart would start the epochs over anyway
+        monitor_interval=0.5)
+    # the launcher logs each failure at length; RankFailed says it once, in a line
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, sys.executable)(*worker_args)
+    except ChildFailedError as exc:
+        raise RankFailed(describe_failure(exc)) from None
+    except RendezvousError as exc:
+        raise RankFailed(f"the hosts did not meet at {spec.rdzv_endpoint or 'localhost'}: {exc}") from None
+
+
+def describe_failure(exc) -> str:
+    """The first rank that failed, how, and that no checkpoint was written, in one line."""
+    rank, failure = exc.get_first_failure()
+    if failure.exitcode < 0:
+        how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+    else:  # the rank's exception, as torch's @record wrote it to the error file
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+        detail = str(message or "").strip().splitlines()
+        how = f"exited with code {failure.exitcode}" + (f": {detail[-1]}" if detail and failure.error_file else "")
+    return (f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {how}; "
+            f"the job was stopped and no checkpoint was written")
+
+
+def torch_distributed_rank() -> bool:
+    """Is this process a rank that torch's launcher started (rather than the command a user typed)?"""
+    return dist.is_torchelastic_launched()
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[Ranks]:
+    """Join the job torchrun started this process in (gloo on the CPU, NCCL on GPUs), and leave it after.
+
+    Outside a torchrun job this is a no-op that yields rank 0 of 1, so callers need no second path.
+    """
+    if not torch_distributed_rank() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield Ranks()
+        return
+    if resolve_device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        yield Ranks.current()
+    finally:
+        dist.destroy_process_group()
