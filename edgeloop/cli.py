@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "edgeloop.commands.data",
     "edgeloop.commands.modelfiles",
+    "edgeloop.commands.tune",
     "edgeloop.commands.models",
     "edgeloop.commands.inventory",
     "edgeloop.commands.provision",

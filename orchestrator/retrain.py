@@ -12,14 +12,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.datasets import ArraySet, open_dataset
+from edge_agent.datasets import DatasetVersion, open_dataset
 from edge_agent.gate import Score
 from edge_agent.gate import gate as decide
 from edge_agent.models import load_checkpoint
 from edge_agent.train import EpochMetrics, TrainConfig, evaluate
 from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import Collection, Labeller, OperatorLabels, build_retraining_set, first_label
-from orchestrator.training import export_checkpoint, train_on_dataset
+from orchestrator.training import CHECKPOINT, METRICS, export_checkpoint, train_on_dataset
 
 
 def train_version(registry: ModelRegistry, family: str, data: Path, arch: str, config: TrainConfig,
@@ -28,13 +28,21 @@ def train_version(registry: ModelRegistry, family: str, data: Path, arch: str, c
     """Train (or fine-tune ``parent``) on a dataset version and register the result as a candidate."""
     with tempfile.TemporaryDirectory(prefix="edgeloop-train-") as tmp:
         init = registry.artifact(parent.version) if parent else None
-        metrics = train_on_dataset(data, arch, tmp, config, init=init, on_epoch=on_epoch)
-        onnx = export_checkpoint(Path(tmp) / "model.pt", Path(tmp) / "model.onnx")
-        return registry.register(
-            family, Path(tmp) / "model.pt", arch=metrics["arch"], dataset_id=metrics["dataset_id"],
-            hyperparameters=config.model_dump(), parent=parent.version if parent else None,
-            metrics={k: metrics[k] for k in ("val_acc", "test_acc", "seconds_per_epoch")},
-            extra_artifacts={"onnx": onnx}, note=note)
+        train_on_dataset(data, arch, tmp, config, init=init, on_epoch=on_epoch)
+        return register_trained(registry, family, Path(tmp), parent=parent, note=note)
+
+
+def register_trained(registry: ModelRegistry, family: str, folder: Path, parent: ModelVersion | None = None,
+                     note: str = "", extra_hyperparameters: dict | None = None) -> ModelVersion:
+    """Register what :func:`train_on_dataset` wrote in ``folder`` (and its ONNX export) as a candidate."""
+    metrics = json.loads((folder / METRICS).read_text())
+    onnx = export_checkpoint(folder / CHECKPOINT, folder / "model.onnx")
+    return registry.register(
+        family, folder / CHECKPOINT, arch=metrics["arch"], dataset_id=metrics["dataset_id"],
+        hyperparameters={**metrics["config"], "image_size": metrics["image_size"], **(extra_hyperparameters or {})},
+        parent=parent.version if parent else None,
+        metrics={k: metrics[k] for k in ("val_acc", "test_acc", "seconds_per_epoch")},
+        extra_artifacts={"onnx": onnx}, note=note)
 
 
 @dataclass
@@ -66,9 +74,8 @@ def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersio
     split is scored too, for the report only: it never decides.
     """
     pool = open_dataset(holdout)
-    splits = {name: pool.load_split(name) for name in ("gate", "test")}
-    cand = _scores(registry, candidate, splits)
-    champ = _scores(registry, champion, splits) if champion else None
+    cand = _scores(registry, candidate, pool)
+    champ = _scores(registry, champion, pool) if champion else None
     decision = decide(cand["gate"], champ["gate"] if champ else None, min_gain)
     if decision.accept:
         registry.promote(candidate.version)
@@ -79,10 +86,11 @@ def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersio
                         decision.accept, decision.reason)
 
 
-def _scores(registry: ModelRegistry, version: ModelVersion, splits: dict[str, ArraySet]) -> dict[str, Score]:
-    """One registered model's accuracy and mean log-loss on each split (the checkpoint loaded once)."""
+def _scores(registry: ModelRegistry, version: ModelVersion, pool: DatasetVersion) -> dict[str, Score]:
+    """A registered model's accuracy and mean log-loss on the gate and test splits, at its own input size."""
     model, meta = load_checkpoint(registry.artifact(version.version))
-    return {name: Score(*evaluate(model, split, meta.normalization)) for name, split in splits.items()}
+    return {name: Score(*evaluate(model, pool.load_split(name, meta.spec.image_size), meta.normalization))
+            for name in ("gate", "test")}
 
 
 def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, collection: Collection,

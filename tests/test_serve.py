@@ -15,8 +15,9 @@ from agent_helpers import free_port, wait_for_url
 from test_labelling import ARTIFACTS, _browser
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = {"edgeloop-pretrain": "pretrain", "provision": "provision", "edgeloop-collect": "collect",
-          "edgeloop-retrain": "retrain", "edgeloop-rollout": "rollout", "edgeloop-fleet-health": "fleet-health", "edgeloop-lifecycle": "lifecycle"}
+STAGES = {"edgeloop-pretrain": "pretrain", "edgeloop-tune": "tune", "provision": "provision",
+          "edgeloop-collect": "collect", "edgeloop-retrain": "retrain", "edgeloop-rollout": "rollout",
+          "edgeloop-fleet-health": "fleet-health", "edgeloop-lifecycle": "lifecycle"}
 pytestmark = pytest.mark.timeout(600)
 
 

@@ -24,6 +24,7 @@ def deployments(inventory: str) -> list:
     from flows.provision import provision_flow
     from flows.rollout import rollout
     from flows.stages import collect, pretrain, retrain
+    from flows.tune import tune
     from orchestrator.inventory import load_inventory
 
     fleet = load_inventory(inventory)  # a bad inventory is reported here, before anything is registered
@@ -31,6 +32,7 @@ def deployments(inventory: str) -> list:
     tags = ["edgeloop"]
     return [
         pretrain.to_deployment(name="pretrain", parameters={"inventory": path}, tags=tags),
+        tune.to_deployment(name="tune", parameters={"inventory": path}, tags=tags),
         provision_flow.to_deployment(name="provision", parameters={"inventory": path}, tags=tags),
         rollout.to_deployment(name="rollout", parameters={"inventory": path}, tags=tags),
         collect.to_deployment(name="collect", parameters={"inventory": path}, tags=tags),

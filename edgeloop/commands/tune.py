@@ -1,0 +1,34 @@
+"""``edgeloop tune``: random search with successive halving; the best trial meets the gate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("tune", help="random hyperparameter search; the best trial becomes a gated candidate")
+    parser.add_argument("--data", required=True, help="dataset version (val chooses the trial, gate decides)")
+    parser.add_argument("--trials", type=int, default=8, help="random draws from the search space (default 8)")
+    parser.add_argument("--dask", metavar="ADDRESS", help="run the trials on this Dask scheduler (tcp://HOST:PORT)")
+    parser.add_argument("-i", "--inventory", default="inventory/local.yaml", help="whose registry gets the candidate")
+    parser.add_argument("--family", default="elpv-defects", help="registry name of the model being improved")
+    parser.add_argument("--arch", action="append", help="architectures to search (repeat; default: all three)")
+    parser.add_argument("--concurrency", type=int, default=2, help="trials at once on the local process pool")
+    parser.add_argument("--min-epochs", type=int, default=1, help="epochs of the first rung (every trial)")
+    parser.add_argument("--max-epochs", type=int, default=8, help="epochs of the longest rung")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from flows.tune import TuneSettings, tune
+    from orchestrator.tune import Halving, SearchSpace
+
+    space = SearchSpace(**({"arch": args.arch} if args.arch else {}))
+    settings = TuneSettings(data=args.data, family=args.family, trials=args.trials, space=space,
+                            halving=Halving(min_epochs=args.min_epochs, max_epochs=args.max_epochs),
+                            concurrency=args.concurrency, dask_address=args.dask, seed=args.seed)
+    result = tune(args.inventory, settings)
+    print(json.dumps(result, indent=1, default=str))
+    return 0

@@ -1,0 +1,104 @@
+"""``edgeloop-tune``: random search with successive halving, each trial a mapped Prefect task.
+
+The trials run on a process pool here, or on a Dask cluster (``dask_address``) through prefect-dask; the
+pool's size, or the cluster's workers, bound how many train at once. Every trial of every rung is a row of
+the ``tune-trials`` table artifact; the winner is registered with its parameters and meets the gate.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ProcessPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from edge_agent.datasets import open_dataset
+from edge_agent.ids import new_id
+from flows.stages import DEFAULT_INVENTORY, gate_markdown
+from orchestrator import retrain as steps
+from orchestrator.inventory import load_inventory
+from orchestrator.tune import (
+    Halving,
+    Search,
+    SearchSpace,
+    Trial,
+    TrialResult,
+    random_trials,
+    run_trial,
+    successive_halving,
+)
+
+
+class TuneSettings(BaseModel):
+    data: str = Field(".demo/data/generic", description="dataset version to search on (val chooses, gate decides)")
+    family: str = Field("elpv-defects", description="registry name of the model being improved")
+    trials: int = Field(8, ge=1, description="random draws from the search space")
+    space: SearchSpace = SearchSpace()
+    halving: Halving = Halving()
+    concurrency: int = Field(2, ge=1, description="trials training at once on the process pool")
+    dask_address: str | None = Field(None, description="tcp://HOST:PORT of a Dask scheduler to run the trials on "
+                                                       "instead (its workers bound the concurrency)")
+    seed: int = Field(0, description="seeds the draws and every trial's training")
+
+
+@task(name="trial", task_run_name="trial {trial.number} rung {rung} ({epochs} epochs)")
+def train_trial(data: str, trial: Trial, rung: int, epochs: int, out: str, seed: int, threads: int) -> TrialResult:
+    return run_trial(data, trial, rung, epochs, out, seed=seed, threads=threads)
+
+
+@flow(name="edgeloop-tune-trials")
+def run_trials(settings: TuneSettings, out: str, threads: int) -> list[TrialResult]:
+    """Every rung of the search; the caller gives it the task runner the trials run on."""
+    logger = get_run_logger()
+    dataset = open_dataset(settings.data)
+
+    def run_rung(trials: list[Trial], rung: int, epochs: int) -> list[TrialResult]:
+        futures = train_trial.map(unmapped(settings.data), trials, rung, epochs, unmapped(out), settings.seed,
+                                  threads)
+        return [future.result() for future in futures]
+
+    def report(rung: int, results: list[TrialResult]) -> None:
+        scored = sorted((r for r in results if not r.error), key=lambda r: -r.val_acc)
+        logger.info("rung %d: %d trials, best val_acc %s, %d failed", rung, len(results),
+                    f"{scored[0].val_acc:.3f} (trial {scored[0].trial.number})" if scored else "-",
+                    sum(bool(r.error) for r in results))
+
+    trials = random_trials(settings.space, settings.trials, dataset.image_size, settings.seed)
+    return successive_halving(trials, settings.halving, run_rung, on_rung=report).results
+
+
+def _task_runner(settings: TuneSettings):
+    if settings.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=settings.dask_address)
+    return ProcessPoolTaskRunner(max_workers=settings.concurrency)
+
+
+@flow(name="edgeloop-tune", log_prints=True)
+def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettings()) -> dict:
+    """Search, register the best trial as a candidate, and gate it against the champion."""
+    fleet = load_inventory(inventory)
+    registry = fleet.registry()
+    out = registry.root.parent / "tuning" / f"tune-{new_id()}"
+    threads = max(1, (os.cpu_count() or 1) // settings.concurrency) if not settings.dask_address else 1
+    results = run_trials.with_options(task_runner=_task_runner(settings))(settings, str(out), threads)
+    search = Search(results)
+    create_table_artifact(key="tune-trials", table=search.table(),
+                          description=f"random search: {settings.trials} trials, successive halving")
+    best = search.best
+    champion = registry.champion(settings.family)
+    candidate = steps.register_trained(
+        registry, settings.family, Path(best.checkpoint).parent,
+        note=f"random search: trial {best.trial.number} of {settings.trials}, {best.epochs} epochs",
+        extra_hyperparameters={"search": {"trial": best.trial.number, "trials": settings.trials,
+                                          "rung": best.rung, **best.trial.params}})
+    decision = steps.gate(registry, candidate, champion, Path(settings.data))
+    create_markdown_artifact(key="tune-gate", markdown=gate_markdown(decision.as_dict()),
+                             description="random search: the gate's decision on the best trial")
+    get_run_logger().info("best trial %d %s (val_acc %.3f): %s", best.trial.number, best.trial.params, best.val_acc,
+                          decision.reason)
+    return {**decision.as_dict(), "best_trial": best.row(), "trials_run": len(results)}

@@ -1,0 +1,186 @@
+"""Random-search hyperparameter tuning with successive halving: the cloud's automatic tuning.
+
+Random search, not a grid: with the same number of trials it tries as many values of each knob as there
+are trials, where a grid repeats a few (Bergstra and Bengio, JMLR 2012; ``bench/scale.py`` measures both).
+Successive halving spends the epochs where they pay: every trial trains a few epochs, the better part
+(1/eta) goes on to eta times as many, and so on until one is left. Each rung trains from scratch, so the
+learning-rate schedule always spans a trial's whole budget.
+
+Trials are chosen on the val split. The winner is then only a candidate: the gate split decides
+whether it replaces the champion, and the test split is reported, deciding nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edge_agent.train import TrainConfig
+from orchestrator.training import train_on_dataset
+
+# Augmentation strength, weakest to strongest (edge_agent.augment's policies).
+POLICY_STRENGTH = ("none", "flips", "geometric", "strong")
+
+
+class SearchSpace(BaseModel):
+    """What a search may choose; the Prefect UI shows it as the search's form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: tuple[float, float] = Field((3e-4, 1e-2), description="peak learning rate: log-uniform between the two")
+    weight_decay: tuple[float, float] = Field((1e-6, 1e-2), description="log-uniform between the two")
+    policy: list[str] = Field(list(POLICY_STRENGTH), description="augmentation, weakest to strongest")
+    image_size: list[int] = Field(default_factory=list, description="input sizes in px; empty = the dataset's "
+                                  "own size, 3/4 of it and half of it")
+    arch: list[str] = Field(["tiny_cnn", "mobilenet_v3_small", "resnet18"])
+
+    def sizes(self, dataset_size: int) -> list[int]:
+        return self.image_size or sorted({dataset_size, dataset_size * 3 // 4, dataset_size // 2}, reverse=True)
+
+
+@dataclass(frozen=True)
+class Trial:
+    number: int
+    params: dict  # lr, weight_decay, policy, image_size, arch
+
+
+@dataclass
+class TrialResult:
+    trial: Trial
+    rung: int
+    epochs: int
+    val_acc: float
+    test_acc: float
+    seconds: float
+    checkpoint: str
+    error: str = ""  # a trial that failed scores nothing and is not promoted; the search goes on
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # where it trained
+
+    def row(self) -> dict:
+        return {"trial": self.trial.number, "rung": self.rung, "epochs": self.epochs, **self.trial.params,
+                "val_acc": round(self.val_acc, 4), "test_acc (reported only)": round(self.test_acc, 4),
+                "seconds": round(self.seconds, 1), "worker": self.worker, "error": self.error}
+
+
+def random_trials(space: SearchSpace, count: int, dataset_size: int, seed: int = 0) -> list[Trial]:
+    """``count`` independent draws from the space."""
+    rng = np.random.default_rng(seed)
+
+    def log_uniform(bounds: tuple[float, float]) -> float:
+        return float(math.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1]))))
+
+    sizes = space.sizes(dataset_size)
+    return [Trial(n, {"lr": log_uniform(space.lr), "weight_decay": log_uniform(space.weight_decay),
+                      "policy": str(rng.choice(space.policy)), "image_size": int(rng.choice(sizes)),
+                      "arch": str(rng.choice(space.arch))}) for n in range(count)]
+
+
+def grid_trials(space: SearchSpace, count: int, dataset_size: int) -> list[Trial]:
+    """A grid of at most ``count`` points: the baseline random search is measured against.
+
+    Levels go to the knobs in turn (two each, then three, ...) while the grid still fits the budget; a knob
+    without levels of its own stays at its middle value.
+    """
+    choices = {"lr": _log_levels(space.lr), "weight_decay": _log_levels(space.weight_decay),
+               "arch": space.arch, "policy": space.policy, "image_size": space.sizes(dataset_size)}
+    levels = dict.fromkeys(choices, 1)
+    grown = True
+    while grown:
+        grown = False
+        for name in choices:
+            wider = {**levels, name: levels[name] + 1}
+            if levels[name] < len(choices[name]) and math.prod(wider.values()) <= count:
+                levels, grown = wider, True
+    axes = [_spread(choices[name], levels[name]) for name in choices]
+    return [Trial(n, dict(zip(choices, point))) for n, point in enumerate(itertools.product(*axes))]
+
+
+def _log_levels(bounds: tuple[float, float], count: int = 5) -> list[float]:
+    return [float(v) for v in np.geomspace(bounds[0], bounds[1], count)]
+
+
+def _spread(values: list, count: int) -> list:
+    """``count`` values spread over ``values``, its middle one when one."""
+    if count == 1:
+        return [values[len(values) // 2]]
+    return [values[round(i * (len(values) - 1) / (count - 1))] for i in range(count)]
+
+
+class Halving(BaseModel):
+    """Successive halving: rung k trains the survivors for ``min_epochs * eta**k`` epochs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_epochs: int = Field(1, ge=1, description="epochs of the first rung, which every trial runs")
+    max_epochs: int = Field(8, ge=1, description="no rung trains longer")
+    eta: int = Field(2, ge=2, description="1/eta of a rung's trials go on to eta times the epochs")
+
+    def rungs(self, trials: int) -> list[tuple[int, int]]:
+        """(trials, epochs) of each rung."""
+        out, epochs = [(trials, self.min_epochs)], self.min_epochs
+        while trials > 1 and epochs * self.eta <= self.max_epochs:
+            trials, epochs = max(1, trials // self.eta), epochs * self.eta
+            out.append((trials, epochs))
+        return out
+
+
+@dataclass
+class Search:
+    """Every trial's result in every rung, and the winner (best val accuracy in the last rung)."""
+
+    results: list[TrialResult] = field(default_factory=list)
+
+    @property
+    def best(self) -> TrialResult:
+        last = max(r.rung for r in self.results)
+        ranked = [r for r in self.results if r.rung == last and not r.error]
+        if not ranked:
+            raise RuntimeError("every trial of the last rung failed: " + "; ".join(r.error for r in self.results))
+        return max(ranked, key=lambda r: (r.val_acc, -r.trial.number))
+
+    def table(self) -> list[dict]:
+        return [r.row() for r in sorted(self.results, key=lambda r: (r.rung, -r.val_acc))]
+
+
+RunRung = Callable[[list[Trial], int, int], list[TrialResult]]
+
+
+def successive_halving(trials: list[Trial], halving: Halving, run_rung: RunRung,
+                       on_rung: Callable[[int, list[TrialResult]], None] | None = None) -> Search:
+    """Run the rungs: ``run_rung(trials, rung, epochs)`` trains a rung's trials (in parallel, as it likes)."""
+    search, survivors = Search(), list(trials)
+    for rung, (count, epochs) in enumerate(halving.rungs(len(trials))):
+        survivors = _top(search.results, rung - 1, count) if rung else survivors
+        results = run_rung(survivors, rung, epochs)
+        search.results += results
+        if on_rung:
+            on_rung(rung, results)
+    return search
+
+
+def _top(results: list[TrialResult], rung: int, count: int) -> list[Trial]:
+    ranked = sorted((r for r in results if r.rung == rung and not r.error), key=lambda r: (-r.val_acc, r.trial.number))
+    return [r.trial for r in ranked[:count]]
+
+
+def run_trial(data: str | Path, trial: Trial, rung: int, epochs: int, out: str | Path, *, seed: int = 0,
+              threads: int | None = None) -> TrialResult:
+    """Train one trial for ``epochs`` into ``out/trial-<n>-rung-<k>``; a failure is recorded, not raised."""
+    folder = Path(out) / f"trial-{trial.number:03d}-rung-{rung}"
+    params = trial.params
+    config = TrainConfig(epochs=epochs, lr=params["lr"], weight_decay=params["weight_decay"],
+                         policy=params["policy"], seed=seed, threads=threads)
+    try:
+        metrics = train_on_dataset(data, params["arch"], folder, config, image_size=params["image_size"])
+    except Exception as exc:  # one bad combination (say, too small an image for an arch) ends only itself
+        return TrialResult(trial, rung, epochs, float("nan"), float("nan"), 0.0, "", f"{type(exc).__name__}: {exc}")
+    return TrialResult(trial, rung, epochs, metrics["val_acc"], metrics["test_acc"], metrics["seconds"],
+                       str(folder / "model.pt"))

@@ -1,0 +1,118 @@
+"""Random search with successive halving: the library directly, the flow on a process pool and on Dask."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
+
+from edge_agent.models import load_checkpoint
+from orchestrator.registry import ModelRegistry
+from orchestrator.tune import Halving, SearchSpace, Trial, TrialResult, grid_trials, random_trials, successive_halving
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_random_draws_cover_the_space_and_a_grid_repeats_values():
+    space = SearchSpace()
+    trials = random_trials(space, 16, dataset_size=64, seed=1)
+    lrs = [t.params["lr"] for t in trials]
+    assert len(set(lrs)) == 16 and all(space.lr[0] <= lr <= space.lr[1] for lr in lrs)
+    assert {t.params["image_size"] for t in trials} <= {64, 48, 32}
+    assert random_trials(space, 16, 64, seed=1) == trials  # the seed makes a search repeatable
+    grid = grid_trials(space, 16, dataset_size=64)
+    assert 8 <= len(grid) <= 16
+    assert len({t.params["lr"] for t in grid}) <= 3  # a grid of 16 tries few values of each knob
+
+
+def test_successive_halving_promotes_the_better_half_with_more_epochs():
+    trials = [Trial(n, {"quality": q}) for n, q in enumerate([0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6])]
+    calls = []
+
+    def run_rung(batch: list[Trial], rung: int, epochs: int) -> list[TrialResult]:
+        calls.append((sorted(t.number for t in batch), epochs))
+        return [TrialResult(t, rung, epochs, t.params["quality"] * epochs, 0.0, 0.0, f"{t.number}.pt",
+                            error="boom" if t.number == 1 and rung == 1 else "") for t in batch]
+
+    search = successive_halving(trials, Halving(min_epochs=1, max_epochs=4, eta=2), run_rung)
+    assert calls == [([0, 1, 2, 3, 4, 5, 6, 7], 1), ([1, 3, 5, 7], 2), ([3, 5], 4)]
+    assert search.best.trial.number == 5  # trial 1 was best but failed in rung 1: it goes no further
+    assert len(search.table()) == 14
+
+
+def _inventory(tmp_path: Path) -> Path:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(f"""
+cloud: {{store_url: "file://{tmp_path / 'store'}", registry: "{tmp_path / 'registry'}"}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: only, root: "{tmp_path / 'only'}"}}]
+""")
+    return path
+
+
+def _settings(data: Path, **overrides):
+    from flows.tune import TuneSettings
+
+    space = SearchSpace(arch=["tiny_cnn"], policy=["none", "flips"], image_size=[32, 24])
+    return TuneSettings(data=str(data), family="tuned", trials=4, space=space,
+                        halving=Halving(min_epochs=1, max_epochs=2, eta=2), concurrency=2, **overrides)
+
+
+def _workers(tmp_path: Path) -> set[int]:
+    """The processes the trials trained in (from their rows in the table artifact)."""
+    rows = json.loads(_trial_table()[0].data)
+    return {int(row["worker"].rsplit(":", 1)[1]) for row in rows}
+
+
+def _check_registered(result: dict, tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.get(result["candidate"])
+    search = version.hyperparameters["search"]
+    assert result["trials_run"] == 4 + 2  # four trials for one epoch, the better two for two
+    assert search["trials"] == 4 and search["rung"] == 1
+    assert {k: search[k] for k in ("arch", "policy", "image_size")} == \
+        {k: result["best_trial"][k] for k in ("arch", "policy", "image_size")}
+    assert version.hyperparameters["lr"] == pytest.approx(search["lr"])
+    assert version.hyperparameters["image_size"] == search["image_size"]
+    _, meta = load_checkpoint(registry.artifact(version.version))
+    assert meta.spec.image_size == search["image_size"]
+    assert result["promoted"] and registry.champion("tuned").version == version.version  # no champion yet
+
+
+def _trial_table(key: str = "tune-trials") -> list:
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC, limit=1)
+        return found
+
+    return asyncio.run(read())
+
+
+def test_tune_on_a_process_pool_registers_the_best_trial(prefect_harness, elpv_small, tmp_path):
+    from flows.tune import tune
+
+    result = tune(str(_inventory(tmp_path)), _settings(elpv_small / "generic"))
+    _check_registered(result, tmp_path)
+    workers = _workers(tmp_path)
+    assert workers and os.getpid() not in workers  # trained in the pool's processes, not in the flow's
+
+
+def test_tune_on_a_local_dask_cluster(prefect_harness, elpv_small, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from flows.tune import tune
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        settings = _settings(elpv_small / "generic", dask_address=cluster.scheduler_address)
+        result = tune(str(_inventory(tmp_path)), settings)
+        dask_workers = set(client.run(os.getpid).values())
+    _check_registered(result, tmp_path)
+    assert _workers(tmp_path) <= dask_workers  # every trial trained on the cluster
