@@ -120,6 +120,31 @@ class Store:
         prefix = f"{self._root}/" if self._root else ""
         return sorted(p.removeprefix(prefix) for p in found)
 
+    def listing(self, folder: str) -> dict[str, tuple]:
+        """``{name: (size, mtime)}`` of the files directly in ``folder``, in one request ({} when absent)."""
+        try:
+            entries = self._connect().ls(self.path(folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:
+            self.reset()
+            raise StoreError(f"{folder}: {type(exc).__name__}: {exc}") from exc
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e.get("size"), str(e.get("mtime", e.get("LastModified"))))
+                for e in entries if e.get("type") == "file"}
+
+    def read_many(self, relatives: list[str]) -> dict[str, bytes]:
+        """The bytes of each of ``relatives`` that could be read, in one batched call of the store's driver
+        (concurrent where it is asynchronous, one session where it is sftp); the missing are left out."""
+        if not relatives:
+            return {}
+        paths = {self.path(r): r for r in relatives}
+        try:
+            found = self._connect().cat(list(paths), on_error="omit")
+        except Exception as exc:
+            self.reset()
+            raise StoreError(f"{len(relatives)} files: {type(exc).__name__}: {exc}") from exc
+        return {paths[path]: data for path, data in found.items() if path in paths}
+
     def sweep_partials(self, folder: str, older_than_s: float = 3600.0) -> int:
         """Remove temporary ``.*.part`` files a killed upload left under ``folder``; returns how many.
 

@@ -9,7 +9,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from orchestrator import health
-from orchestrator.deploy import read_fleet_status
 from orchestrator.inventory import load_inventory
 
 
@@ -21,7 +20,7 @@ class FleetUnhealthy(RuntimeError):
 def fleet_health(inventory: str = "inventory/local.yaml") -> list[dict]:
     """Heartbeat age, state, versions, outbox and errors per site; stale sites fail the run."""
     fleet = load_inventory(inventory)
-    rows = health.assess(read_fleet_status(fleet.store(), fleet.names()), fleet.names(), fleet.cloud.stale_after_s)
+    rows = health.assess(health.read_fleet_status(fleet.store(), fleet.names()), fleet.names(), fleet.cloud.stale_after_s)
     create_table_artifact(key="fleet-health", table=[r.row() for r in rows],
                           description=f"latest heartbeat per site; stale after {fleet.cloud.stale_after_s:.0f} s")
     line = health.summary(rows)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from orchestrator import deploy
 from orchestrator import rollout as waves
+from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.registry import ModelRegistry
 
@@ -68,16 +69,16 @@ def rollout(inventory: str = "inventory/local.yaml", request: RolloutRequest = R
     version = request.version or _champion(registry, request.family)
     checkpoint = registry.artifact(version)
     plan = waves.plan(fleet, request.limit)
-    store = fleet.store()
-    before = deploy.read_fleet_status(store, plan.canaries)
+    fleet_status = FleetStatus(fleet.store())
+    before = fleet_status.read(plan.canaries)
     started = time.time()
     logger.info("rollout of %s: canaries %s, then %s", version, plan.canaries, plan.rest)
     deployed = _deploy_all(fleet, plan.canaries, checkpoint, version)
     verdicts = {s: ("failed", f"deploy failed: {r.reason}") for s, r in deployed.items() if r.status == "failed"}
     watches = [waves.Watch(s, started if r.status == "changed" else 0.0, (before.get(s) or {}).get("active_version"))
                for s, r in deployed.items() if r.status != "failed"]
-    verdicts |= waves.wait_for_canaries(lambda names: deploy.read_fleet_status(store, names), watches, version,
-                                        fleet.rollout.soak_s, fleet.rollout.timeout_s)
+    verdicts |= waves.wait_for_canaries(fleet_status.read, watches, version, fleet.rollout.soak_s,
+                                        fleet.rollout.timeout_s)
     rows = [{"site": s, "wave": "canary", "verdict": v, "reason": why, "rolled_back": ""} for s, (v, why)
             in sorted(verdicts.items())]
     failed = [row for row in rows if row["verdict"] == "failed"]

@@ -7,7 +7,6 @@ cut connection leaves at worst an ignored temporary folder, never a half-written
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import Callable
 
 from edge_agent.fileio import file_sha256
 from edge_agent.layout import AgentPaths
-from edge_agent.store import Store, StoreError
+from edge_agent.store import Store
+from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, Site
 from orchestrator.provision.remote import HostWorker, open_remote
 from orchestrator.provision.service import agent_unit, service_mode, supervisor_pidfile, supervisor_script
@@ -58,17 +58,6 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
             remote.close()
 
 
-def read_fleet_status(store: Store, sites: list[str]) -> dict[str, dict]:
-    """The latest heartbeat each site pushed to the store (missing or unreadable sites are absent)."""
-    status = {}
-    for name in sites:
-        try:
-            status[name] = json.loads(store.read(f"status/{name}.json"))
-        except (OSError, ValueError, StoreError):
-            continue
-    return status
-
-
 def wait_for_sites(store: Store, sites: list[str], ready: Callable[[dict], bool], timeout_s: float,
                    poll_s: float = 2.0, on_poll: Callable[[dict[str, dict]], None] | None = None
                    ) -> tuple[list[str], dict[str, dict]]:
@@ -78,8 +67,9 @@ def wait_for_sites(store: Store, sites: list[str], ready: Callable[[dict], bool]
     that answered (a dead or slow edge never holds the fleet back).
     """
     deadline = time.monotonic() + timeout_s
+    fleet_status = FleetStatus(store)
     while True:
-        status = read_fleet_status(store, sites)
+        status = fleet_status.read(sites)
         done = [s for s in sites if s in status and ready(status[s])]
         if on_poll:
             on_poll(status)

@@ -7,8 +7,54 @@ reports trouble (a broken ensemble it fell back from, uploads failing, fine-tune
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
+
+from edge_agent.store import Store, StoreError
+
+
+class FleetStatus:
+    """The fleet's latest heartbeats, as cheaply as the store allows at any fleet size.
+
+    Each :meth:`read` lists ``status/`` once and fetches, in one batched call, only the heartbeats whose
+    size or time changed since the last read: polling 100 sites is one listing plus what changed, with no
+    request and no thread per site.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._seen: dict[str, tuple[tuple, dict]] = {}  # site -> (listing entry, heartbeat)
+        self.fetched = 0  # heartbeats fetched by the last read
+        self.error = ""  # why the last read could not reach the store
+
+    def read(self, sites: list[str]) -> dict[str, dict]:
+        """``{site: heartbeat}`` for the sites in ``sites`` that have a readable one.
+
+        When the store cannot be reached, the heartbeats read before are returned (their times age, so
+        the sites turn stale as they would) and :attr:`error` says why.
+        """
+        try:
+            listing = self.store.listing("status")
+            changed = [s for s in sites if f"{s}.json" in listing and self._seen.get(s, ((),))[0] != listing[f"{s}.json"]]
+            fetched = self.store.read_many([f"status/{s}.json" for s in changed])
+        except StoreError as exc:
+            self.error, self.fetched = str(exc), 0
+            return {s: self._seen[s][1] for s in sites if s in self._seen}
+        self.error, self.fetched = "", len(fetched)
+        for site in [s for s in self._seen if f"{s}.json" not in listing]:
+            del self._seen[site]  # its heartbeat was removed from the store
+        for site in changed:
+            try:
+                self._seen[site] = (listing[f"{site}.json"], json.loads(fetched[f"status/{site}.json"]))
+            except (KeyError, ValueError):  # gone between the listing and the read, or half-written
+                self._seen.pop(site, None)
+        return {s: self._seen[s][1] for s in sites if s in self._seen}
+
+
+def read_fleet_status(store: Store, sites: list[str]) -> dict[str, dict]:
+    """The latest heartbeat each site pushed to the store (missing or unreadable sites are absent)."""
+    return FleetStatus(store).read(sites)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from edge_agent.layout import AgentPaths
 from edge_agent.store import Store
 from edge_agent.train import TrainConfig
 from orchestrator.demo import ReferenceLabels
-from orchestrator.deploy import deploy_model, read_fleet_status
+from orchestrator.deploy import deploy_model
+from orchestrator.health import read_fleet_status
 from orchestrator.inventory import load_inventory
 from orchestrator.registry import ModelRegistry, RegistryError
 from orchestrator.retrain import gate, retrain_from_samples, train_version
@@ -230,3 +231,28 @@ def test_models_cli_lists_versions_and_lineage(registry, capsys):
     assert champion.version in capsys.readouterr().out
     assert main(["models", "show", "missing", "--registry", str(registry.root)]) == 2
     assert "no model version 'missing'" in capsys.readouterr().err
+
+
+def test_fleet_status_lists_once_and_fetches_only_what_changed(tmp_path):
+    from orchestrator.health import FleetStatus
+
+    status = tmp_path / "status"
+    status.mkdir()
+    sites = [f"site-{n:03d}" for n in range(100)]
+    for n, site in enumerate(sites):
+        (status / f"{site}.json").write_text(json.dumps({"site": site, "time": n}))
+    reader = FleetStatus(Store(f"file://{tmp_path}"))
+    assert len(reader.read(sites)) == 100 and reader.fetched == 100
+    assert reader.read(sites)[sites[7]] == {"site": sites[7], "time": 7} and reader.fetched == 0
+    for site in sites[:3]:
+        (status / f"{site}.json").write_text(json.dumps({"site": site, "time": 1000}))
+    seen = reader.read(sites)
+    assert reader.fetched == 3 and seen[sites[0]]["time"] == 1000 and seen[sites[99]]["time"] == 99
+    (status / f"{sites[5]}.json").unlink()
+    assert sites[5] not in reader.read(sites)  # a heartbeat that is gone is not served from memory
+
+    from agent_helpers import free_port
+
+    reader.store = Store(f"sftp://127.0.0.1:{free_port()}/store", {"timeout": "3"})  # the link is cut
+    after = reader.read(sites)  # the heartbeats read before are kept (they age into stale), and it says why
+    assert len(after) == 99 and reader.fetched == 0 and reader.error

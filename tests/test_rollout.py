@@ -19,6 +19,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from edge_agent.layout import AgentPaths
 from flows.rollout import RolloutHalted, RolloutRequest, rollout
 from orchestrator import deploy
+from orchestrator.health import read_fleet_status
 from orchestrator.inventory import load_inventory
 from orchestrator.provision import provision
 from orchestrator.registry import ModelRegistry
@@ -89,7 +90,7 @@ def test_canary_passes_then_a_failing_canary_is_rolled_back_and_the_fleet_untouc
             store, ["host1", "host2"], lambda s: (s.get("last_run") or {}).get("bases", [None])[0] == first, 120)
         assert sorted(ready) == ["host1", "host2"], status
         active_before = {h: status[h]["active_version"] for h in ready}
-        canary_active = deploy.read_fleet_status(store, ["host0"])["host0"]["active_version"]
+        canary_active = read_fleet_status(store, ["host0"])["host0"]["active_version"]
 
         deploy.stop_agent(inventory.site("host0"), inventory)  # the canary's agent is down
         with pytest.raises(RolloutHalted, match="canary host0 failed: no heartbeat since the deploy"):
@@ -105,7 +106,7 @@ def test_canary_passes_then_a_failing_canary_is_rolled_back_and_the_fleet_untouc
             paths = AgentPaths(roots / host)
             assert not (paths.base_models / second).exists()
             time.sleep(1.5)
-            latest = deploy.read_fleet_status(store, [host])[host]
+            latest = read_fleet_status(store, [host])[host]
             assert latest["state"] == "serving" and time.time() - latest["time"] < 10
             assert latest["active_version"] == active_before[host]
         rows = {r["site"]: r for r in asyncio.run(_rows())}
