@@ -7,6 +7,7 @@ settings model, so the Prefect UI's run form shows named fields with their descr
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -24,6 +25,7 @@ from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelling import LabelQueue
 from orchestrator.registry import ModelRegistry
 from orchestrator.samples import collect_samples
+from orchestrator.trainers import train_on_trainers
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
 
@@ -37,6 +39,8 @@ class PretrainSettings(BaseModel):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(3e-3, gt=0, description="peak learning rate (one-cycle)")
     seed: int = 0
+    on_trainers: bool = Field(True, description="train on the inventory's cloud.trainers (torch.distributed over "
+                              "SSH) when it lists any; the dataset path must be readable there")
 
 
 class CollectSettings(BaseModel):
@@ -66,7 +70,7 @@ def _fleet(inventory: str) -> tuple[Inventory, ModelRegistry]:
 @flow(name="edgeloop-pretrain", log_prints=True)
 def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = PretrainSettings()) -> dict:
     """Train a version on a dataset; promoted when it passes the gate against the champion (or there is none)."""
-    _, registry = _fleet(inventory)
+    fleet, registry = _fleet(inventory)
     config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)
     champion = registry.champion(settings.family)
     logger = get_run_logger()
@@ -75,8 +79,16 @@ def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = Pr
         logger.info("epoch %d/%d: loss %.4f, val_acc %.3f (%.1f s)", m.epoch, settings.epochs, m.train_loss,
                     m.val_acc, m.seconds)
 
-    candidate = steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
-                                    note=f"pretrained on {settings.data}", on_epoch=progress)
+    if fleet.cloud.trainers and settings.on_trainers:
+        hosts = ", ".join(t.name for t in fleet.cloud.trainers)
+        logger.info("training on the trainers %s (torch.distributed over SSH)", hosts)
+        with tempfile.TemporaryDirectory(prefix="edgeloop-pretrain-") as tmp:
+            train_on_trainers(fleet, settings.data, settings.arch, config, Path(tmp))
+            candidate = steps.register_trained(registry, settings.family, Path(tmp),
+                                               note=f"pretrained on {settings.data} by {hosts}")
+    else:
+        candidate = steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
+                                        note=f"pretrained on {settings.data}", on_epoch=progress)
     decision = steps.gate(registry, candidate, champion, Path(settings.data))
     create_markdown_artifact(key="pretrain-gate", markdown=gate_markdown(decision.as_dict()),
                              description="pretraining: the gate's decision")

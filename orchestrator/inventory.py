@@ -153,6 +153,23 @@ class Site(Strict):
             retention=self.agent.retention)
 
 
+class Trainer(Strict):
+    """A cloud host that pretrains: one node of a torch.distributed job, started over SSH."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    connection: Connection
+    python: str = Field("python3", description="an interpreter with edgeloop[cloud] installed")
+    workdir: str = Field(description="where runs are written on the host; the dataset path must be readable there")
+    nproc_per_node: int = Field(1, ge=1, description="ranks on this host (its GPUs, or a few CPU processes)")
+
+    @field_validator("connection")
+    @classmethod
+    def _ssh(cls, value: Connection) -> Connection:
+        if value.type != "ssh" or not value.host:
+            raise ValueError("a trainer is reached over SSH: give connection.host (and user, key_file)")
+        return value
+
+
 class Cloud(Strict):
     store_url: str = Field(description="fsspec URL agents push samples and status to")
     store_options: dict[str, str] = Field(default_factory=dict)
@@ -161,6 +178,10 @@ class Cloud(Strict):
                                  "(fleet-health fails)")
     retrain_schedule: str | None = Field(None, description="cron for the retrain deployment (collect, then "
                                          "retrain), e.g. '0 3 * * *'; none: started by hand")
+    trainers: list[Trainer] = Field(default_factory=list, description="hosts the pretrain flow trains on together "
+                                    "(DDP over SSH); none: it trains in the flow's own process")
+    rendezvous_port: int = Field(29400, ge=1, le=65535, description="port on the first trainer where the "
+                                 "trainers meet")
 
     @field_validator("retrain_schedule")
     @classmethod

@@ -1,0 +1,83 @@
+"""The pretrain flow on ``cloud.trainers``: one DDP job across two real sshd hosts, started over SSH."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent_helpers import free_port
+from edge_agent.models import load_checkpoint
+from orchestrator.inventory import InventoryError, load_inventory
+from orchestrator.registry import ModelRegistry
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _inventory(fleet, tmp_path: Path, trainers: list, port: int) -> Path:
+    entries = "".join(
+        f"    - {{name: {host.name}, workdir: {tmp_path / host.name}, python: {sys.executable},\n"
+        f"       connection: {{host: 127.0.0.1, port: {host.port}, user: {fleet.user}, key_file: {fleet.client_key}}}}}\n"
+        for host in trainers)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(f"""
+cloud:
+  store_url: "file://{tmp_path / 'store'}"
+  registry: "{tmp_path / 'registry'}"
+  rendezvous_port: {port}
+  trainers:
+{entries}
+ssh: {{known_hosts: {fleet.known_hosts}}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: only, root: "{tmp_path / 'only'}"}}]
+""")
+    return path
+
+
+def test_pretrain_runs_one_ddp_job_across_the_trainers(prefect_harness, sshd_fleet, elpv_small, tmp_path):
+    from flows.stages import PretrainSettings, pretrain
+
+    inventory = _inventory(sshd_fleet, tmp_path, sshd_fleet.hosts[:2], free_port())
+    settings = PretrainSettings(data=str(elpv_small / "generic"), family="ddp", arch="tiny_cnn", epochs=2,
+                                batch_size=16)
+    result = pretrain(str(inventory), settings)
+
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.get(result["candidate"])
+    assert "by host0, host1" in version.note
+    load_checkpoint(registry.artifact(version.version))  # what the edge will load
+    # rank 0 wrote on one trainer; the other holds an empty run folder: one job, two nodes
+    outputs = [p for host in ("host0", "host1") for p in (tmp_path / host).glob("*/metrics.json")]
+    assert len(outputs) == 1
+    assert json.loads(outputs[0].read_text())["ranks"] == 2
+
+
+def test_a_trainer_that_cannot_be_reached_fails_the_job_by_name(prefect_harness, sshd_fleet, elpv_small, tmp_path):
+    from flows.stages import PretrainSettings, pretrain
+    from orchestrator.trainers import TrainersFailed
+
+    sshd_fleet.hosts[2].kill()
+    try:
+        inventory = _inventory(sshd_fleet, tmp_path, [sshd_fleet.hosts[0], sshd_fleet.hosts[2]], free_port())
+        settings = PretrainSettings(data=str(elpv_small / "generic"), family="ddp", arch="tiny_cnn", epochs=1,
+                                    batch_size=16)
+        with pytest.raises(TrainersFailed, match=r"host2: ConnectError: .*cannot connect"):
+            pretrain(str(inventory), settings)
+    finally:
+        sshd_fleet.hosts[2].start()
+    assert list(ModelRegistry(tmp_path / "registry").versions("ddp")) == []
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "host0")], capture_output=True, text=True, check=False)
+    assert not left.stdout.strip(), "host0's half of the job was left waiting at the rendezvous"
+
+
+def test_a_trainer_needs_an_ssh_host(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("""
+cloud: {store_url: "file:///tmp/s", trainers: [{name: t1, workdir: /tmp/w, connection: {type: local}}]}
+sites: [{name: only, root: /tmp/only, connection: {type: local}}]
+""")
+    with pytest.raises(InventoryError, match="a trainer is reached over SSH"):
+        load_inventory(path)
