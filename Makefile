@@ -21,6 +21,7 @@ bench: $(STAMP) sshd
 	$(BIN)/python bench/member_policies.py
 	$(BIN)/python bench/finetune_speed.py
 	$(BIN)/python bench/loop.py
+	$(BIN)/python bench/scale.py
 
 venv: $(STAMP)
 

@@ -31,6 +31,10 @@ def check_command(args: argparse.Namespace) -> int:
 
     inventory = load_inventory(args.file)  # InventoryError is a ValueError: the CLI prints it, no traceback
     print(site_table(inventory))
+    for trainer in inventory.cloud.trainers:
+        conn = trainer.connection
+        print(f"trainer {trainer.name}: ssh {conn.user or ''}@{conn.host}:{conn.port}, {trainer.nproc_per_node} "
+              f"rank(s), {trainer.python}, runs in {trainer.workdir}")
     print(inventory.mask(f"{len(inventory.sites)} site(s) OK in {args.file}; store {inventory.cloud.store_url}; "
                          f"known_hosts {inventory.known_hosts}"))
     return 0
