@@ -86,32 +86,30 @@ def random_trials(space: SearchSpace, count: int, dataset_size: int, seed: int =
 def grid_trials(space: SearchSpace, count: int, dataset_size: int) -> list[Trial]:
     """A grid of at most ``count`` points: the baseline random search is measured against.
 
-    Levels go to the knobs in turn (two each, then three, ...) while the grid still fits the budget; a knob
-    without levels of its own stays at its middle value.
+    Levels go to the knobs in turn (two each, then three, ...) while the grid still fits the budget. A knob's
+    k levels sit at the centres of k equal parts of its range (log scale for lr and weight decay), so a knob
+    with one level stays at its middle: the grid a careful person would lay out, not the range's corners.
     """
-    choices = {"lr": _log_levels(space.lr), "weight_decay": _log_levels(space.weight_decay),
-               "arch": space.arch, "policy": space.policy, "image_size": space.sizes(dataset_size)}
+    choices = {"lr": space.lr, "weight_decay": space.weight_decay, "arch": space.arch, "policy": space.policy,
+               "image_size": space.sizes(dataset_size)}
     levels = dict.fromkeys(choices, 1)
     grown = True
     while grown:
         grown = False
-        for name in choices:
+        for name, values in choices.items():
             wider = {**levels, name: levels[name] + 1}
-            if levels[name] < len(choices[name]) and math.prod(wider.values()) <= count:
+            if (isinstance(values, tuple) or levels[name] < len(values)) and math.prod(wider.values()) <= count:
                 levels, grown = wider, True
-    axes = [_spread(choices[name], levels[name]) for name in choices]
+    axes = [_centres(choices[name], levels[name]) for name in choices]
     return [Trial(n, dict(zip(choices, point))) for n, point in enumerate(itertools.product(*axes))]
 
 
-def _log_levels(bounds: tuple[float, float], count: int = 5) -> list[float]:
-    return [float(v) for v in np.geomspace(bounds[0], bounds[1], count)]
-
-
-def _spread(values: list, count: int) -> list:
-    """``count`` values spread over ``values``, its middle one when one."""
-    if count == 1:
-        return [values[len(values) // 2]]
-    return [values[round(i * (len(values) - 1) / (count - 1))] for i in range(count)]
+def _centres(values: tuple[float, float] | list, count: int) -> list:
+    """``count`` values at the centres of ``count`` equal parts of a log range, or of a list of choices."""
+    if isinstance(values, tuple):
+        low, high = math.log(values[0]), math.log(values[1])
+        return [float(math.exp(low + (i + 0.5) * (high - low) / count)) for i in range(count)]
+    return [values[int((i + 0.5) * len(values) / count)] for i in range(count)]
 
 
 class Halving(BaseModel):

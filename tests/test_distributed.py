@@ -125,10 +125,13 @@ def test_a_killed_rank_fails_the_job_by_name_and_keeps_the_previous_checkpoint(p
     assert not _rank_pids(run_id, 0), "rank 0 outlived the failed job"
 
 
-def test_a_multi_host_job_needs_a_rendezvous_endpoint(pool, tmp_path):
+def test_a_bad_launch_fails_before_any_rank_starts(pool, tmp_path):
     done = run(train_command(pool, tmp_path / "m", "--nnodes", "2"))
     assert done.returncode == 2
     assert "--nnodes above 1 needs --rdzv-endpoint" in done.stderr
+    done = run(train_command(tmp_path / "missing", tmp_path / "m", "--nproc-per-node", "2"))
+    assert done.returncode == 2
+    assert "not a dataset version" in done.stderr and "rank" not in done.stderr
     assert not (tmp_path / "m").exists()
 
 

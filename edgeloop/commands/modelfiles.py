@@ -57,6 +57,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from edge_agent.datasets import open_dataset
     from edge_agent.train import TrainConfig
     from orchestrator.distributed import Launch, RankFailed, launch, torch_distributed_rank
 
@@ -65,6 +66,7 @@ def _train(args: argparse.Namespace) -> int:
     spec = Launch(args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
     if not spec.distributed or torch_distributed_rank():  # alone, or a rank the launcher started
         return _train_here(args, config)
+    open_dataset(args.data)  # a missing or broken dataset is one clear error here, not one per rank
     rank_args = ["-m", "edgeloop", "train", "--data", args.data, "--arch", args.arch, "--out", args.out,
                  "--config-json", config.model_dump_json()]
     rank_args += ["--init", args.init] if args.init else []
