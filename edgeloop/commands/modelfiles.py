@@ -40,7 +40,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parallel.add_argument("--nnodes", type=int, default=1, help="hosts in the job; each runs this same command")
     parallel.add_argument("--rdzv-endpoint", help="HOST:PORT where the hosts meet (needed with --nnodes > 1)")
     parallel.add_argument("--rdzv-id", help="job id, the same on every host (default: a new one)")
-    train.add_argument("--config-json", help=argparse.SUPPRESS)  # how the launcher hands a rank its settings
+    # the settings as one JSON: how the launcher hands them to its ranks, and the cloud to its trainers
+    train.add_argument("--config-json", help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
     export = sub.add_parser("export", help="export a trained model to ONNX (optionally INT8)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -21,9 +22,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_tune)
 
 
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A clear error, at once, for a Dask scheduler that is not there (Dask itself retries for 30 s)."""
+    from urllib.parse import urlsplit
+
+    from edgeloop.cli import UserError
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        socket.create_connection((parts.hostname or "", parts.port or 8786), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
 def _tune(args: argparse.Namespace) -> int:
     from flows.tune import TuneSettings, tune
     from orchestrator.tune import Halving, SearchSpace
+
+    if args.dask:
+        _reachable(args.dask)
 
     space = SearchSpace(**({"arch": args.arch} if args.arch else {}))
     settings = TuneSettings(data=args.data, family=args.family, trials=args.trials, space=space,
