@@ -163,8 +163,11 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int):
-    if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.25)
+    if config.schedule == "onecycle" and steps >= 3:
+        # a quarter warm-up, but at least a step and a half of warm-up and of annealing: OneCycleLR divides by
+        # each phase's length, so a phase of zero steps (4 steps in all, say) would divide by zero
+        warmup = min(max(0.25, 1.5 / steps), 1 - 1.5 / steps)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=warmup)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

@@ -30,6 +30,10 @@ from orchestrator.training import train_on_dataset
 POLICY_STRENGTH = ("none", "flips", "geometric", "strong")
 
 
+class NoTrialFinished(LookupError):
+    """A search in which no trial of the last rung trained to the end: there is no best one."""
+
+
 class SearchSpace(BaseModel):
     """What a search may choose; the Prefect UI shows it as the search's form."""
 
@@ -141,7 +145,8 @@ class Search:
         last = max(r.rung for r in self.results)
         ranked = [r for r in self.results if r.rung == last and not r.error]
         if not ranked:
-            raise RuntimeError("every trial of the last rung failed: " + "; ".join(r.error for r in self.results))
+            raise NoTrialFinished("every trial of the last rung failed: "
+                                  + "; ".join(f"trial {r.trial.number}: {r.error}" for r in self.results if r.error))
         return max(ranked, key=lambda r: (r.val_acc, -r.trial.number))
 
     def table(self) -> list[dict]:

@@ -56,7 +56,7 @@ def generic(elpv_small):
 
 def _train(generic, **overrides):
     train, val = generic
-    config = TrainConfig(epochs=3, batch_size=16, threads=1, policy="strong", **overrides)
+    config = TrainConfig(**{"epochs": 3, "batch_size": 16, "threads": 1, "policy": "strong", **overrides})
     model = build_model(ModelSpec(arch="tiny_cnn", num_classes=2, image_size=32), seed=config.seed)
     epochs = []
     result = train_model(model, train, val, config, normalization_of(train), on_epoch=epochs.append)
@@ -151,3 +151,13 @@ def test_unknown_policy_is_a_clear_error():
 
     with pytest.raises(ValueError, match="unknown augmentation policy 'sepia'"):
         build_policy("sepia")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
+def test_a_run_of_a_few_steps_trains_with_every_schedule(generic, steps):
+    """A tiny dataset or a first search rung can mean 4 steps in all: OneCycleLR once divided by zero there."""
+    train, _ = generic
+    batch = -(-len(train) // steps)
+    for schedule in ("onecycle", "cosine", "constant"):
+        _, result, epochs = _train(generic, epochs=1, batch_size=batch, schedule=schedule)
+        assert len(epochs) == 1 and np.isfinite(epochs[0].train_loss)
