@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Modules that contribute commands, in the order they appear in --help.
@@ -44,8 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Prefect settings every command starts with unless the environment says otherwise: offline (no telemetry,
+# no phoning home from the ephemeral server), and time for the ephemeral API's first start, which migrates
+# its database (20 s is short on a busy 2-core box).
+PREFECT_DEFAULTS = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; problems the user can fix print one line and exit 2 (no traceback)."""
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner
 from pydantic import BaseModel, Field
 
@@ -85,7 +87,9 @@ def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettin
     registry = fleet.registry()
     out = registry.root.parent / "tuning" / f"tune-{new_id()}"
     threads = max(1, (os.cpu_count() or 1) // settings.concurrency) if not settings.dask_address else 1
-    results = run_trials.with_options(task_runner=_task_runner(settings))(settings, str(out), threads)
+    # the trials' processes report to this run's API, even an ephemeral one (else each would start its own)
+    with get_client(sync_client=True) as client, temporary_settings({PREFECT_API_URL: str(client.api_url)}):
+        results = run_trials.with_options(task_runner=_task_runner(settings))(settings, str(out), threads)
     search = Search(results)
     create_table_artifact(key="tune-trials", table=search.table(),
                           description=f"random search: {settings.trials} trials, successive halving")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from orchestrator.demo import DemoSettings
 
@@ -27,11 +26,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # Offline by default: no telemetry, no phoning home from the ephemeral server.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    # The first start of the ephemeral API migrates its database; on a busy 2-core edge box 20 s is short.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.lifecycle import lifecycle_flow
 
     result = lifecycle_flow(inventory=args.inventory, home=args.home, pretrain_epochs=args.pretrain_epochs,
