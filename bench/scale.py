@@ -7,7 +7,7 @@
 3. Provisioning 100 real sshd hosts on loopback, fresh and re-run, with wall time and the cloud's CPU seconds
    per host; and reading the fleet's status: one listing of an sftp store against one read per site.
 
-Reproduce: ``.venv/bin/python bench/scale.py`` (about 30 minutes on 2 cores; ``--only training|search|fleet``
+Reproduce: ``.venv/bin/python bench/scale.py`` (about 45 minutes on 2 cores; ``--only training|search|fleet``
 runs one part). Writes ``bench/results/scale.json`` and ``bench/results/scale.md`` (the BENCHMARKS.md section).
 """
 
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,11 +138,35 @@ def fleet(work: Path, hosts: int, concurrency: int) -> dict:
                 print(f"provision {name}: {report.seconds:.0f} s, {used / hosts:.3f} cloud CPU s/host, "
                       f"{len(failed)} failed", flush=True)
             status = status_polling(sshd, work, inventory.names())
+            deploys = deploy_wave(inventory, work)
         finally:
             stop_agents(roots)
     finally:
         sshd.stop()
-    return {"hosts": hosts, "concurrency": concurrency, "provisioning": scenarios, "status": status}
+    return {"hosts": hosts, "concurrency": concurrency, "provisioning": scenarios, "status": status,
+            "deploy": deploys}
+
+
+def deploy_wave(inventory, work: Path) -> list[dict]:
+    """A model to every site, 8 at once as the rollout flow deploys a wave; then again, unchanged."""
+    from edge_agent.train import TrainConfig
+    from orchestrator.deploy import deploy_model
+    from orchestrator.training import train_on_dataset
+
+    import_elpv(work / "tiny", size=32, sites=1, limit=200)
+    train_on_dataset(work / "tiny" / "generic", "tiny_cnn", work / "model", TrainConfig(epochs=1, batch_size=16))
+    rows = []
+    for name in ("new version", "again (unchanged)"):
+        cpu, started = _cpu_seconds(), time.monotonic()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda site: deploy_model(site, inventory, work / "model" / "model.pt", "v-bench"),
+                                    inventory.sites))
+        rows.append({"name": name, "sites": len(results), "wall_s": round(time.monotonic() - started, 1),
+                     "by_status": {s: sum(r.status == s for r in results) for s in ("changed", "ok", "failed")},
+                     "why": [f"{r.site}: {r.reason}" for r in results if r.status == "failed"],
+                     "cloud_cpu_s_per_site": round((_cpu_seconds() - cpu) / len(results), 3)})
+        print(f"deploy {name}: {rows[-1]['wall_s']} s, {rows[-1]['by_status']}", flush=True)
+    return rows
 
 
 def status_polling(sshd, work: Path, sites: list[str]) -> dict:
@@ -177,6 +201,10 @@ def status_polling(sshd, work: Path, sites: list[str]) -> dict:
 
 # report ----------------------------------------------------------------------------------------------------
 
+def _spread(figure: dict) -> str:
+    return f"{figure['mean']:.3f} ({figure['min']:.3f}–{figure['max']:.3f})"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     out = [f"## Past one process, past ten hosts\n\nMachine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}.\n"]
@@ -196,26 +224,28 @@ batch {t['global_batch']}; 2 processes split each batch and average gradients wi
 Reproduce: `.venv/bin/python bench/scale.py --only training`
 """)
     if "search" in result:
-        s = result["search"]
-        rows = "\n".join(f"| {name} | {v['val_acc']['mean']:.3f} ({v['val_acc']['min']:.3f}–{v['val_acc']['max']:.3f}) | "
-                         f"{v['test_acc']['mean']:.3f} ({v['test_acc']['min']:.3f}–{v['test_acc']['max']:.3f}) |"
-                         for name, v in s["summary"].items())
+        budgets = sorted(result["search"].values(), key=lambda b: b["trials"])
+        rows = "\n".join(f"| {b['trials']} | {name} | {_spread(v['val_acc'])} | {_spread(v['test_acc'])} |"
+                         for b in budgets for name, v in b["summary"].items())
+        first = budgets[0]
         out.append(f"""### Random search against a grid of the same budget
 
-{s['trials']} trials each, the same successive halving (rungs of {s['halving']['min_epochs']} to
-{s['halving']['max_epochs']} epochs, eta {s['halving']['eta']}), {s['seeds']} seeds (the seed draws the random
-trials and seeds every training). Val chose the best trial; test decided nothing. Mean (min–max) over seeds:
+The same successive halving for both (rungs of {first['halving']['min_epochs']} to {first['halving']['max_epochs']}
+epochs, eta {first['halving']['eta']}), {first['seeds']} seeds (the seed draws the random trials and seeds every
+training). Val chose the best trial; test decided nothing. Mean (min–max) over seeds:
 
-| strategy | best trial's val acc | its test acc |
-|---|---:|---:|
+| trials | strategy | best trial's val acc | its test acc |
+|---:|---|---:|---:|
 {rows}
 
-Reproduce: `.venv/bin/python bench/scale.py --only search`
+Reproduce: `.venv/bin/python bench/scale.py --only search --trials {' '.join(str(b['trials']) for b in budgets)}`
 """)
     if "fleet" in result:
         f = result["fleet"]
         rows = "\n".join(f"| {p['name']} | {p['hosts']} | {p['failed']} | {p['wall_s']} | {p['changed_steps']} | "
                          f"{p['cloud_cpu_s_per_host']} |" for p in f["provisioning"])
+        deploy = "".join(f"\n- {d['name']}: {d['wall_s']} s for {d['sites']} sites ({d['by_status']}), "
+                         f"{d['cloud_cpu_s_per_site']} cloud CPU s per site" for d in f.get("deploy", []))
         why = "".join(f"\n- {p['name']}: {reason}" for p in f["provisioning"] for reason in p.get("why", []))
         st = f["status"]
         out.append(f"""### A fleet of {f['hosts']} hosts
@@ -233,6 +263,9 @@ Status of {st['sites']} sites from an sftp store: one read per site (before) {st
 listing plus a batched read of all {st['sites']} heartbeats {st['listing_first_read_s']} s; a poll when 5 sites
 sent a new heartbeat {st['listing_poll_5_changed_s']} s ({st['fetched_on_poll']} files fetched).
 
+A model deployed to every site, 8 at once (as the rollout flow deploys a wave; sha256-checked upload):
+{deploy}
+
 Reproduce: `.venv/bin/python bench/scale.py --only fleet`
 """)
     return "\n".join(out)
@@ -243,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=["training", "search", "fleet"], action="append")
     parser.add_argument("--size", type=int, default=64, help="image size of the ELPV pool")
     parser.add_argument("--epochs", type=int, default=3, help="training epochs for the throughput runs")
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, nargs="+", default=[8, 16], help="search budgets, in trials")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--hosts", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=10)
@@ -252,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.only or ["training", "search", "fleet"]
     previous = RESULTS / "scale.json"
     result = json.loads(previous.read_text()) if args.only and previous.is_file() else {}
+    if "trials" in result.get("search", {}):  # written when the script took one budget
+        result["search"] = {str(result["search"]["trials"]): result["search"]}
     result.update({"benchmark": "scale", "machine": machine_info(), "time": time.time(),
                    "command": "python bench/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])})
     with tempfile.TemporaryDirectory(prefix="edgeloop-scale-") as tmp:
@@ -260,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         if "training" in parts:
             result["training"] = training(data, work, args.epochs)
         if "search" in parts:
-            result["search"] = search(data, work, args.trials, args.seeds)
+            for trials in args.trials:
+                result.setdefault("search", {})[str(trials)] = search(data, work, trials, args.seeds)
         if "fleet" in parts:
             result["fleet"] = fleet(work, args.hosts, args.concurrency)
     args.out.mkdir(parents=True, exist_ok=True)

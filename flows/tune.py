@@ -1,13 +1,16 @@
 """``edgeloop-tune``: random search with successive halving, each trial a mapped Prefect task.
 
 The trials run on a process pool here, or on a Dask cluster (``dask_address``) through prefect-dask; the
-pool's size, or the cluster's workers, bound how many train at once. Every trial of every rung is a row of
-the ``tune-trials`` table artifact; the winner is registered with its parameters and meets the gate.
+pool's size, or the cluster's workers, bound how many train at once. Trials write under the registry's
+folder (``<registry>/../tuning``), so Dask workers on other hosts need it on a shared file system. Every
+trial of every rung is a row of the ``tune-trials`` table artifact; the winner is registered with its
+parameters and meets the gate.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -100,6 +103,7 @@ def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettin
         note=f"random search: trial {best.trial.number} of {settings.trials}, {best.epochs} epochs",
         extra_hyperparameters={"search": {"trial": best.trial.number, "trials": settings.trials,
                                           "rung": best.rung, **best.trial.params}})
+    shutil.rmtree(out, ignore_errors=True)  # the registry holds the winner; the table holds every trial's figures
     decision = steps.gate(registry, candidate, champion, Path(settings.data))
     create_markdown_artifact(key="tune-gate", markdown=gate_markdown(decision.as_dict()),
                              description="random search: the gate's decision on the best trial")

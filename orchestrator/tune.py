@@ -1,7 +1,8 @@
 """Random-search hyperparameter tuning with successive halving: the cloud's automatic tuning.
 
-Random search, not a grid: with the same number of trials it tries as many values of each knob as there
-are trials, where a grid repeats a few (Bergstra and Bengio, JMLR 2012; ``bench/scale.py`` measures both).
+Random search rather than a grid: with the same number of trials it tries as many values of each knob as
+there are trials, where a grid repeats a few (Bergstra and Bengio, JMLR 2012). ``bench/scale.py`` compares
+the two at the same budget.
 Successive halving spends the epochs where they pay: every trial trains a few epochs, the better part
 (1/eta) goes on to eta times as many, and so on until one is left. Each rung trains from scratch, so the
 learning-rate schedule always spans a trial's whole budget.
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from edge_agent.augment import POLICIES
+from edge_agent.models import ARCHITECTURES
 from edge_agent.train import TrainConfig
 from orchestrator.training import train_on_dataset
 
@@ -45,6 +48,25 @@ class SearchSpace(BaseModel):
     image_size: list[int] = Field(default_factory=list, description="input sizes in px; empty = the dataset's "
                                   "own size, 3/4 of it and half of it")
     arch: list[str] = Field(["tiny_cnn", "mobilenet_v3_small", "resnet18"])
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < bounds[0] <= bounds[1]:
+            raise ValueError(f"a log-uniform range needs 0 < low <= high (got {bounds})")
+        return bounds
+
+    @field_validator("policy", "arch", "image_size")
+    @classmethod
+    def _known(cls, values: list, info: ValidationInfo) -> list:
+        known = {"policy": POLICIES, "arch": ARCHITECTURES}.get(info.field_name)
+        unknown = [v for v in values if known is not None and v not in known]
+        if unknown or (info.field_name != "image_size" and not values):
+            raise ValueError(f"unknown {info.field_name} {unknown} (choose from {sorted(known)})" if unknown
+                             else f"no {info.field_name} to choose from")
+        if info.field_name == "image_size" and any(v < 16 for v in values):
+            raise ValueError(f"image sizes below 16 px cannot be classified by these models (got {values})")
+        return values
 
     def sizes(self, dataset_size: int) -> list[int]:
         return self.image_size or sorted({dataset_size, dataset_size * 3 // 4, dataset_size // 2}, reverse=True)

@@ -116,3 +116,10 @@ def test_tune_on_a_local_dask_cluster(prefect_harness, elpv_small, tmp_path):
         dask_workers = set(client.run(os.getpid).values())
     _check_registered(result, tmp_path)
     assert _workers(tmp_path) <= dask_workers  # every trial trained on the cluster
+
+
+@pytest.mark.parametrize("bad, why", [({"arch": ["vgg"]}, "unknown arch"), ({"policy": []}, "no policy"),
+                                      ({"lr": (0, 1)}, "0 < low <= high"), ({"image_size": [8]}, "below 16 px")])
+def test_a_search_space_with_a_bad_choice_is_refused_before_any_trial(bad, why):
+    with pytest.raises(ValueError, match=why):
+        SearchSpace(**bad)
