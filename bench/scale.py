@@ -138,6 +138,10 @@ def fleet(work: Path, hosts: int, concurrency: int) -> dict:
                 print(f"provision {name}: {report.seconds:.0f} s, {used / hosts:.3f} cloud CPU s/host, "
                       f"{len(failed)} failed", flush=True)
             status = status_polling(sshd, work, inventory.names())
+            # Each agent starts a fine-tune when a new base lands: 100 of them on this machine's 2 cores would
+            # measure its overload (a load average near 190), not the deploy. On a real fleet each site
+            # fine-tunes on its own CPU; here the agents are stopped first and the deploy is files over SSH.
+            stop_agents(roots)
             deploys = deploy_wave(inventory, work)
         finally:
             stop_agents(roots)
@@ -263,7 +267,8 @@ Status of {st['sites']} sites from an sftp store: one read per site (before) {st
 listing plus a batched read of all {st['sites']} heartbeats {st['listing_first_read_s']} s; a poll when 5 sites
 sent a new heartbeat {st['listing_poll_5_changed_s']} s ({st['fetched_on_poll']} files fetched).
 
-A model deployed to every site, 8 at once (as the rollout flow deploys a wave; sha256-checked upload):
+A model deployed to every site, 8 at once (as the rollout flow deploys a wave; sha256-checked upload; the
+agents stopped first, so that 100 fine-tunes of the new base on these 2 cores do not measure their overload):
 {deploy}
 
 Reproduce: `.venv/bin/python bench/scale.py --only fleet`
