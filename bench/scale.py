@@ -89,7 +89,8 @@ def search(data: Path, work: Path, trials: int, seeds: int) -> dict:
             for strategy, drawn in (("random", random_trials(space, trials, size, seed)),
                                     ("grid", grid_trials(space, trials, size))):
                 started = time.monotonic()
-                found = successive_halving(drawn, halving, _run_rung_with(pool, data, work / f"{strategy}-{seed}", seed))
+                run_rung = _run_rung_with(pool, data, work / f"{strategy}-{seed}", seed)
+                found = successive_halving(drawn, halving, run_rung)
                 best = found.best
                 runs.append({"strategy": strategy, "seed": seed, "trials": len(drawn), "val_acc": best.val_acc,
                              "test_acc": best.test_acc, "params": best.trial.params,
@@ -101,7 +102,8 @@ def search(data: Path, work: Path, trials: int, seeds: int) -> dict:
     for strategy in ("random", "grid"):
         mine = [r for r in runs if r["strategy"] == strategy]
         summary[strategy] = {key: {"mean": round(statistics.mean(r[key] for r in mine), 4),
-                                   "min": round(min(r[key] for r in mine), 4), "max": round(max(r[key] for r in mine), 4)}
+                                   "min": round(min(r[key] for r in mine), 4),
+                                   "max": round(max(r[key] for r in mine), 4)}
                              for key in ("val_acc", "test_acc")}
     return {"trials": trials, "seeds": seeds, "halving": halving.model_dump(), "space": space.model_dump(),
             "runs": runs, "summary": summary}
@@ -131,7 +133,8 @@ def fleet(work: Path, hosts: int, concurrency: int) -> dict:
                 report = provision(inventory, wheel=wheel)
                 used = _cpu_seconds() - cpu
                 failed = [h for h in report.hosts if h.failed]
-                reasons = [f"{h.site} {st.step}: {st.message}" for h in failed for st in h.steps if st.status == "failed"]
+                reasons = [f"{h.site} {st.step}: {st.message}" for h in failed for st in h.steps
+                           if st.status == "failed"]
                 scenarios.append({"name": name, "hosts": len(report.hosts), "failed": len(failed), "why": reasons,
                                   "wall_s": round(report.seconds, 1), "changed_steps": report.changed,
                                   "cloud_cpu_s_per_host": round(used / hosts, 3)})

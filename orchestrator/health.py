@@ -36,7 +36,8 @@ class FleetStatus:
         """
         try:
             listing = self.store.listing("status")
-            changed = [s for s in sites if f"{s}.json" in listing and self._seen.get(s, ((),))[0] != listing[f"{s}.json"]]
+            changed = [s for s in sites if f"{s}.json" in listing
+                       and self._seen.get(s, ((),))[0] != listing[f"{s}.json"]]
             fetched = self.store.read_many([f"status/{s}.json" for s in changed])
         except StoreError as exc:
             self.error, self.fetched = str(exc), 0

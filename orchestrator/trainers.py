@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import shlex
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.ids import new_id
 from edge_agent.train import TrainConfig
 from orchestrator.inventory import Inventory, Trainer
+from orchestrator.ssh import connect
 from orchestrator.training import CHECKPOINT, METRICS
 
 # A job that runs longer than this is ended (a hung rendezvous must not hold the flow forever).
@@ -44,8 +45,6 @@ def train_on_trainers(inventory: Inventory, data: str, arch: str, config: TrainC
     run_id = f"edgeloop-{new_id()}"
     endpoint = f"{trainers[0].connection.host}:{inventory.cloud.rendezvous_port}"
 
-    from orchestrator.ssh import connect
-
     def command(trainer: Trainer) -> str:
         argv = [trainer.python, "-m", "edgeloop", "train", "--data", data, "--arch", arch,
                 "--out", f"{trainer.workdir}/{run_id}", "--config-json", config.model_dump_json(),
@@ -68,29 +67,24 @@ def train_on_trainers(inventory: Inventory, data: str, arch: str, config: TrainC
         for future in as_completed(futures):
             if future.result().exit_status != 0 and first_failure is None:
                 first_failure = future.result()  # the others would wait at the rendezvous: stop them now
-                _stop_job(inventory, [t for f, t in futures.items() if not f.done()], run_id, futures)
+                _stop_job(inventory, futures, run_id)
     if first_failure:
         raise TrainersFailed(f"{first_failure.trainer}: {_last_error(first_failure)} (the job was stopped on every "
                              f"trainer; nothing was registered)")
     return _fetch_rank0(inventory, trainers, run_id, out)
 
 
-def _stop_job(inventory: Inventory, trainers: list[Trainer], run_id: str, futures: dict) -> None:
-    """End the job's processes on ``trainers`` (their launcher stops its ranks), until their commands return."""
-    from orchestrator.ssh import connect
-
-    pending = {t.name for t in trainers}
-    while pending:
-        for trainer in trainers:
-            if trainer.name in pending:
-                try:
-                    with connect(trainer.connection, inventory.known_hosts) as conn:
-                        # "[-]-" matches the job's "--rdzv-id" but not this pkill's own command line
-                        conn.run(f"pkill -TERM -f -- '[-]-rdzv-id {run_id}'", hide=True, warn=True, in_stream=False)
-                except Exception:  # noqa: BLE001 - an unreachable trainer has nothing left to stop
-                    pending.discard(trainer.name)
+def _stop_job(inventory: Inventory, futures: dict[Future, Trainer], run_id: str) -> None:
+    """End the job on the trainers still running it (their launcher stops its ranks), until their commands return."""
+    while running := [trainer for future, trainer in futures.items() if not future.done()]:
+        for trainer in running:
+            try:
+                with connect(trainer.connection, inventory.known_hosts) as conn:
+                    # "[-]-" matches the job's "--rdzv-id" but not this pkill's own command line
+                    conn.run(f"pkill -TERM -f -- '[-]-rdzv-id {run_id}'", hide=True, warn=True, in_stream=False)
+            except Exception:  # noqa: BLE001 - unreachable now: its own command fails by itself
+                pass
         time.sleep(1.0)
-        pending -= {t.name for f, t in futures.items() if f.done()}
 
 
 def _last_error(run: TrainerRun) -> str:
@@ -100,8 +94,6 @@ def _last_error(run: TrainerRun) -> str:
 
 
 def _fetch_rank0(inventory: Inventory, trainers: list[Trainer], run_id: str, out: Path) -> Path:
-    from orchestrator.ssh import connect
-
     out.mkdir(parents=True, exist_ok=True)
     for trainer in trainers:
         folder = f"{trainer.workdir}/{run_id}"

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.timeout(600)
 def _inventory(fleet, tmp_path: Path, trainers: list, port: int) -> Path:
     entries = "".join(
         f"    - {{name: {host.name}, workdir: {tmp_path / host.name}, python: {sys.executable},\n"
-        f"       connection: {{host: 127.0.0.1, port: {host.port}, user: {fleet.user}, key_file: {fleet.client_key}}}}}\n"
+        f"       connection: {{host: 127.0.0.1, port: {host.port}, user: {fleet.user},\n"
+        f"                     key_file: {fleet.client_key}}}}}\n"
         for host in trainers)
     path = tmp_path / "inventory.yaml"
     path.write_text(f"""
