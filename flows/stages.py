@@ -7,6 +7,7 @@ settings model, so the Prefect UI's run form shows named fields with their descr
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -83,7 +84,10 @@ def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = Pr
         hosts = ", ".join(t.name for t in fleet.cloud.trainers)
         logger.info("training on the trainers %s (torch.distributed over SSH)", hosts)
         with tempfile.TemporaryDirectory(prefix="edgeloop-pretrain-") as tmp:
-            train_on_trainers(fleet, settings.data, settings.arch, config, Path(tmp))
+            metrics = json.loads((train_on_trainers(fleet, settings.data, settings.arch, config, Path(tmp))
+                                  / "metrics.json").read_text())
+            logger.info("trained on %d ranks in %.0f s: val_acc %.3f (epoch %d of %d)", metrics["ranks"],
+                        metrics["seconds"], metrics["val_acc"], metrics["best_epoch"], metrics["epochs_run"])
             candidate = steps.register_trained(registry, settings.family, Path(tmp),
                                                note=f"pretrained on {settings.data} by {hosts}")
     else:
