@@ -75,9 +75,29 @@ def launch(spec: Launch, worker_args: list[str]) -> None:
         raise RankFailed(f"the hosts did not meet at {spec.rdzv_endpoint or 'localhost'}: {exc}") from None
 
 
+# What a rank says when a peer died under it: a consequence, not the cause.
+PEER_LOST = ("connection reset by peer", "connection closed by peer", "socket timeout", "broken pipe")
+
+
+def _cause_first(item) -> tuple:
+    """Order failures cause first: a rank killed from outside (or crashed), then one that raised on its own,
+    then the ranks that only lost a peer or that the launcher stopped with SIGTERM; then by time and rank."""
+    rank, failure = item
+    message = str(failure.message).lower()
+    if failure.exitcode < 0:
+        kind = 2 if failure.exitcode == -signal.SIGTERM else 0
+    else:
+        kind = 2 if any(words in message for words in PEER_LOST) else 1
+    return kind, failure.timestamp, rank
+
+
 def describe_failure(exc) -> str:
-    """The first rank that failed, how, and that no checkpoint was written, in one line."""
-    rank, failure = exc.get_first_failure()
+    """The rank that failed first, how, and that no checkpoint was written, in one line.
+
+    When one rank dies the others fail too (their peer is gone, then the launcher stops them), within the
+    same second; the one named is the cause, not a casualty.
+    """
+    rank, failure = min(exc.failures.items(), key=_cause_first)
     if failure.exitcode < 0:
         how = f"was killed by {signal.Signals(-failure.exitcode).name}"
     else:  # the rank's exception, as torch's @record wrote it to the error file

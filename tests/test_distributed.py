@@ -141,3 +141,27 @@ def test_a_rank_that_raises_is_named_with_its_error(pool, tmp_path):
     failure = r"rank [01] \(local rank [01], pid \d+\) exited with code \d+: ValueError: batch size 7 does not split"
     assert re.search(failure, done.stderr), done.stderr[-3000:]
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_the_rank_named_is_the_cause_not_a_casualty(tmp_path):
+    """When rank 1 is killed, rank 0 fails too (its peer is gone) within the same second, and the launcher
+    stops what is left with SIGTERM; the error must name rank 1 whatever the order the launcher saw them in."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from orchestrator.distributed import describe_failure
+
+    lost_peer = tmp_path / "rank0.json"
+    lost_peer.write_text(json.dumps({"message": {"message": "RuntimeError: [gloo] Read error: Connection reset by "
+                                                            "peer", "extraInfo": {"timestamp": "100"}}}))
+    casualty = ProcessFailure(local_rank=0, pid=10, exitcode=1, error_file=str(lost_peer))
+    stopped = ProcessFailure(local_rank=2, pid=12, exitcode=-signal.SIGTERM, error_file="<N/A>")
+    cause = ProcessFailure(local_rank=1, pid=11, exitcode=-signal.SIGKILL, error_file="<N/A>")
+    cause.timestamp = casualty.timestamp + 1  # seen after the casualty
+    for failures in ({0: casualty, 1: cause, 2: stopped}, {2: stopped, 0: casualty, 1: cause}):
+        message = describe_failure(ChildFailedError("edgeloop", failures))
+        assert message.startswith("rank 1 (local rank 1, pid 11) was killed by SIGKILL"), message
+    raised = tmp_path / "rank3.json"
+    raised.write_text(json.dumps({"message": {"message": "ValueError: bad batch", "extraInfo": {"timestamp": "1"}}}))
+    own_error = ProcessFailure(local_rank=3, pid=13, exitcode=1, error_file=str(raised))
+    assert "rank 3 (local rank 3, pid 13) exited with code 1: ValueError: bad batch" in \
+        describe_failure(ChildFailedError("edgeloop", {0: casualty, 3: own_error, 2: stopped}))
