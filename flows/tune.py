@@ -66,7 +66,7 @@ def run_trials(settings: TuneSettings, out: str, threads: int) -> list[TrialResu
         return [future.result() for future in futures]
 
     def report(rung: int, results: list[TrialResult]) -> None:
-        scored = sorted((r for r in results if not r.error), key=lambda r: -r.val_acc)
+        scored = Search(results).ranked(rung)
         logger.info("rung %d: %d trials, best val_acc %s, %d failed", rung, len(results),
                     f"{scored[0].val_acc:.3f} (trial {scored[0].trial.number})" if scored else "-",
                     sum(bool(r.error) for r in results))

@@ -162,14 +162,18 @@ class Search:
 
     results: list[TrialResult] = field(default_factory=list)
 
+    def ranked(self, rung: int) -> list[TrialResult]:
+        """A rung's trials that finished, best first: val accuracy, ties to the earlier trial."""
+        return sorted((r for r in self.results if r.rung == rung and not r.error),
+                      key=lambda r: (-r.val_acc, r.trial.number))
+
     @property
     def best(self) -> TrialResult:
-        last = max(r.rung for r in self.results)
-        ranked = [r for r in self.results if r.rung == last and not r.error]
+        ranked = self.ranked(max(r.rung for r in self.results))
         if not ranked:
             raise NoTrialFinished("every trial of the last rung failed: "
                                   + "; ".join(f"trial {r.trial.number}: {r.error}" for r in self.results if r.error))
-        return max(ranked, key=lambda r: (r.val_acc, -r.trial.number))
+        return ranked[0]
 
     def table(self) -> list[dict]:
         return [r.row() for r in sorted(self.results, key=lambda r: (r.rung, -r.val_acc))]
@@ -183,17 +187,12 @@ def successive_halving(trials: list[Trial], halving: Halving, run_rung: RunRung,
     """Run the rungs: ``run_rung(trials, rung, epochs)`` trains a rung's trials (in parallel, as it likes)."""
     search, survivors = Search(), list(trials)
     for rung, (count, epochs) in enumerate(halving.rungs(len(trials))):
-        survivors = _top(search.results, rung - 1, count) if rung else survivors
+        survivors = [r.trial for r in search.ranked(rung - 1)[:count]] if rung else survivors
         results = run_rung(survivors, rung, epochs)
         search.results += results
         if on_rung:
             on_rung(rung, results)
     return search
-
-
-def _top(results: list[TrialResult], rung: int, count: int) -> list[Trial]:
-    ranked = sorted((r for r in results if r.rung == rung and not r.error), key=lambda r: (-r.val_acc, r.trial.number))
-    return [r.trial for r in ranked[:count]]
 
 
 def run_trial(data: str | Path, trial: Trial, rung: int, epochs: int, out: str | Path, *, seed: int = 0,

@@ -162,3 +162,21 @@ def wait_for_url(url: str, proc: subprocess.Popen, what: str, timeout: float = 1
                 proc.kill()
                 pytest.fail(f"{what} did not come up:\n{proc.stdout.read().decode()[-3000:]}")
             time.sleep(0.3)
+
+
+def latest_table(key: str) -> list[dict]:
+    """The rows of the newest table artifact published under ``key`` (other runs in the session reuse keys)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read() -> list[dict]:
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC, limit=1)
+        data = found[0].data
+        return json.loads(data) if isinstance(data, str) else data
+
+    return asyncio.run(read())

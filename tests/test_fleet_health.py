@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 
 import pytest
-from agent_helpers import AgentProcess, wait_for, write_config
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from agent_helpers import AgentProcess, latest_table, wait_for, write_config
 
 from flows.health import FleetUnhealthy, fleet_health
 from orchestrator import health
@@ -57,16 +53,8 @@ def test_the_flow_fails_red_while_a_site_is_stale_and_names_it(prefect_harness, 
             agent.close()
     message = str(failure.value)
     assert message.startswith("1 ok") and "site-2: last heartbeat" in message and "site-3: no heartbeat" in message
-    rows = asyncio.run(_artifact_rows("fleet-health"))
+    rows = latest_table("fleet-health")
     assert {r["site"]: r["verdict"] for r in rows} == {"site-1": "ok", "site-2": "stale", "site-3": "stale"}
     assert rows[0]["state"] == "no-model" and rows[0]["heartbeat_age_s"] < 2
 
 
-async def _artifact_rows(key: str) -> list[dict]:
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    async with get_client() as client:
-        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                                sort=ArtifactSort.CREATED_DESC)
-    data = artifacts[0].data
-    return json.loads(data) if isinstance(data, str) else data

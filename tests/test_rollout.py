@@ -4,8 +4,6 @@ and the artifact names the site and the reason."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import shutil
 import sys
 import time
@@ -13,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from agent_helpers import latest_table
 
 from edge_agent.layout import AgentPaths
 from flows.rollout import RolloutHalted, RolloutRequest, rollout
@@ -59,15 +57,6 @@ def _second_version(registry: ModelRegistry, base: Path, tmp_path: Path) -> str:
                              metrics={}, note="second").version
 
 
-async def _rows() -> list[dict]:
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    async with get_client() as client:
-        found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rollout"])),
-                                            sort=ArtifactSort.CREATED_DESC)
-    return json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data
-
-
 def test_canary_passes_then_a_failing_canary_is_rolled_back_and_the_fleet_untouched(
         prefect_harness, sshd_fleet, tmp_path, elpv_small, tiny_base_model):
     roots, registry_root = tmp_path / "roots", tmp_path / "registry"
@@ -109,7 +98,7 @@ def test_canary_passes_then_a_failing_canary_is_rolled_back_and_the_fleet_untouc
             latest = read_fleet_status(store, [host])[host]
             assert latest["state"] == "serving" and time.time() - latest["time"] < 10
             assert latest["active_version"] == active_before[host]
-        rows = {r["site"]: r for r in asyncio.run(_rows())}
+        rows = {r["site"]: r for r in latest_table("rollout")}
         assert rows["host0"]["verdict"] == "failed" and "no heartbeat" in rows["host0"]["reason"]
         assert rows["host0"]["rolled_back"] == "base"
         assert rows["host1"]["verdict"] == rows["host2"]["verdict"] == "not deployed"

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.client.schemas.sorting import ArtifactSort
+from agent_helpers import latest_table
 
 from edge_agent.models import load_checkpoint
 from orchestrator.registry import ModelRegistry
@@ -66,7 +62,7 @@ def _settings(data: Path, **overrides):
 
 def _workers(tmp_path: Path) -> set[int]:
     """The processes the trials trained in (from their rows in the table artifact)."""
-    rows = json.loads(_trial_table()[0].data)
+    rows = latest_table("tune-trials")
     return {int(row["worker"].rsplit(":", 1)[1]) for row in rows}
 
 
@@ -83,16 +79,6 @@ def _check_registered(result: dict, tmp_path: Path) -> None:
     _, meta = load_checkpoint(registry.artifact(version.version))
     assert meta.spec.image_size == search["image_size"]
     assert result["promoted"] and registry.champion("tuned").version == version.version  # no champion yet
-
-
-def _trial_table(key: str = "tune-trials") -> list:
-    async def read():
-        async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                                sort=ArtifactSort.CREATED_DESC, limit=1)
-        return found
-
-    return asyncio.run(read())
 
 
 def test_tune_on_a_process_pool_registers_the_best_trial(prefect_harness, elpv_small, tmp_path):
