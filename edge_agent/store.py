@@ -1,25 +1,93 @@
 """The store: one fsspec URL that edges write samples and status to and the cloud reads them from.
 
-``file://`` for the demo, ``sftp://`` or ``s3://`` for a real fleet; the same class, with the same
-options (credentials, known hosts), on both sides. Writes go to a temporary name, are renamed to their
-content-addressed name and read back and hashed, so a repeated upload changes nothing.
+``file://`` for the demo, ``sftp://`` or ``s3://`` (AWS or any S3-compatible service) for a real fleet; the
+same class, with the same options (credentials, known hosts), on both sides. A write is never seen half
+done: on a filesystem (file, sftp) it goes to a temporary ``.*.part`` name and is renamed; on an object
+store one PUT makes the object appear whole (a rename there is a copy and a delete, and the part would be
+listed meanwhile). Then it is read back and hashed, and names are content hashes, so a repeated upload
+changes nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import fsspec
 
 NUMERIC_OPTIONS = {"port", "timeout", "banner_timeout", "auth_timeout", "channel_timeout"}
+S3_SCHEMES = ("s3://", "s3a://")
+# What an s3:// store takes from the inventory. Credentials are not among them: they come from the
+# environment or the host's AWS configuration (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
+# ~/.aws/credentials, an instance role), as every AWS tool reads them.
+S3_OPTIONS = {"endpoint_url": "an S3-compatible service's URL, e.g. https://minio.example.net:9000",
+              "region": "the bucket's region, e.g. eu-central-1",
+              "profile": "a profile of the host's AWS configuration (~/.aws/credentials)",
+              "timeout": "seconds to connect and to wait for each answer (default 10)"}
+S3_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
 class StoreError(RuntimeError):
     """The store could not take or return a file (unreachable, unwritable, or a verify mismatch)."""
+
+
+class Listed(NamedTuple):
+    """One file of a listing: what tells a changed file apart, and when the store last wrote it."""
+
+    size: int | None
+    mtime: float | None  # seconds since the epoch by the store's clock (S3: LastModified), not the writer's
+    tag: str = ""  # S3's ETag: two writes of the same size within LastModified's one second still differ
+
+
+def modified_time(info: dict[str, Any]) -> float | None:
+    """An fsspec ``info``/``ls`` entry's modification time as epoch seconds, whichever the driver:
+    a float ``mtime`` (file), a datetime ``mtime`` (sftp) or S3's ``LastModified`` datetime."""
+    value = info.get("mtime", info.get("LastModified"))
+    if hasattr(value, "timestamp"):
+        return value.timestamp()
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith(S3_SCHEMES)
+
+
+def store_option_problems(url: str, options: dict[str, str]) -> list[str]:
+    """Why ``options`` cannot go with the store at ``url`` (empty when they can): an S3 store takes only
+    :data:`S3_OPTIONS`, and never credentials."""
+    if not is_s3(url):
+        return []
+    problems = []
+    for key in sorted(set(options) - set(S3_OPTIONS)):
+        if re.search(r"key|secret|token|password|credential", key, re.IGNORECASE):
+            problems.append(f"store_options.{key}: S3 credentials never go in the inventory or the agent's config; "
+                            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, or use the "
+                            "host's AWS configuration (store_options.profile, ~/.aws/credentials, an instance role)")
+        else:
+            problems.append(f"store_options.{key}: not an S3 store option (known: {', '.join(S3_OPTIONS)})")
+    return problems
+
+
+def display_url(url: str) -> str:
+    """``url`` as it may be printed: without a password in its user part."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _mask_credentials(text: str) -> str:
+    """``text`` without the AWS credentials of this process's environment (a key id keeps its last 4)."""
+    for name in S3_SECRET_ENV:
+        value = os.environ.get(name, "")
+        if len(value) >= 4:
+            text = text.replace(value, f"…{value[-4:]}" if name == "AWS_ACCESS_KEY_ID" else f"${{{name}}}")
+    return text
 
 
 def _known_hosts_policy(path: str):
@@ -46,11 +114,13 @@ DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 
 def storage_options(options: dict[str, str], url: str = "") -> dict[str, Any]:
-    """Config values are strings; turn the ones that libraries need typed into their types.
+    """Config values are strings; turn them into what the store's driver takes.
 
     An ``sftp://`` store always has its host key checked: against ``known_hosts`` when given, else against
     the user's ``~/.ssh/known_hosts``. fsspec's own default would trust any key (and any man in the middle).
     """
+    if is_s3(url):
+        return _s3_options(options)
     out: dict[str, Any] = {}
     if url.startswith("sftp://") and "known_hosts" not in options:
         out["host_key_policy"] = _known_hosts_policy(os.path.expanduser(DEFAULT_KNOWN_HOSTS))
@@ -64,12 +134,37 @@ def storage_options(options: dict[str, str], url: str = "") -> dict[str, Any]:
     return out
 
 
+def _s3_options(options: dict[str, str]) -> dict[str, Any]:
+    """s3fs's arguments for the inventory's S3 options (checked by :func:`store_option_problems`)."""
+    problems = store_option_problems("s3://", options)
+    if problems:
+        raise StoreError("; ".join(problems))
+    timeout = float(options.get("timeout", 10))
+    out: dict[str, Any] = {
+        "use_listings_cache": False,  # each poll must see the heartbeats written since the last one
+        # The uplink backs off and retries by itself: an outage should fail a call in seconds, not minutes.
+        "config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                          "retries": {"max_attempts": 3, "mode": "standard"}},
+    }
+    if options.get("endpoint_url"):
+        out["endpoint_url"] = options["endpoint_url"]
+    if options.get("region"):
+        out["client_kwargs"] = {"region_name": options["region"]}
+    if options.get("profile"):
+        out["profile"] = options["profile"]
+    return out
+
+
+CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "PermissionError", "ClientError"}
+
+
 class Store:
     """One fsspec store with verified, atomic, idempotent writes."""
 
     def __init__(self, url: str, options: dict[str, str] | None = None):
         self.url = url
         self.options = dict(options or {})
+        self.name = display_url(url)
         self._fs = None
         self._root = ""
 
@@ -79,9 +174,25 @@ class Store:
             self._fs, self._root = fs, root.rstrip("/")
         return self._fs
 
+    @property
+    def object_store(self) -> bool:
+        """True where one PUT writes a whole object and a rename would be a copy (S3)."""
+        return is_s3(self.url)
+
     def reset(self) -> None:
         """Forget the connection (a dead sftp session must not be reused after an outage)."""
         self._fs = None
+
+    def _failed(self, what: str, exc: BaseException) -> StoreError:
+        """One line naming the store and what failed, never a credential; the connection is dropped."""
+        self.reset()
+        if isinstance(exc, StoreError):
+            return exc
+        why = f"{type(exc).__name__}: {exc}"
+        if self.object_store and type(exc).__name__ in CREDENTIAL_ERRORS:
+            why += (" (S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the host's AWS "
+                    "configuration; check them and that they may read and write this bucket)")
+        return StoreError(_mask_credentials(f"store {self.name}: {what}: {why}"))
 
     def path(self, relative: str) -> str:
         self._connect()
@@ -102,61 +213,69 @@ class Store:
         try:
             fs, path = self._connect(), self.path(relative)
             if max_bytes is not None and fs.size(path) > max_bytes:
-                raise StoreError(f"{relative}: larger than {max_bytes} bytes")
+                raise StoreError(f"store {self.name}: {relative}: larger than {max_bytes} bytes")
             return fs.cat_file(path)
         except (FileNotFoundError, StoreError):
             raise
         except Exception as exc:
-            self.reset()
-            raise StoreError(f"{relative}: {type(exc).__name__}: {exc}") from exc
+            raise self._failed(relative, exc) from exc
 
     def list(self, pattern: str) -> list[str]:
         """Relative paths matching a glob ``pattern``, sorted, in one listing of the store."""
         try:
             found = self._connect().glob(self.path(pattern))
         except Exception as exc:
-            self.reset()
-            raise StoreError(f"{pattern}: {type(exc).__name__}: {exc}") from exc
+            raise self._failed(pattern, exc) from exc
         prefix = f"{self._root}/" if self._root else ""
         return sorted(p.removeprefix(prefix) for p in found)
 
-    def listing(self, folder: str) -> dict[str, tuple]:
-        """``{name: (size, mtime)}`` of the files directly in ``folder``, in one request ({} when absent)."""
+    def listing(self, folder: str) -> dict[str, Listed]:
+        """``{name: Listed(size, mtime, tag)}`` of the files directly in ``folder``, in one listing ({} when
+        absent). ``mtime`` is the store's own clock on every driver (file, sftp, S3's LastModified)."""
         try:
             entries = self._connect().ls(self.path(folder), detail=True)
         except FileNotFoundError:
             return {}
         except Exception as exc:
-            self.reset()
-            raise StoreError(f"{folder}: {type(exc).__name__}: {exc}") from exc
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e.get("size"), str(e.get("mtime", e.get("LastModified"))))
+            raise self._failed(folder, exc) from exc
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: Listed(e.get("size"), modified_time(e), e.get("ETag", ""))
                 for e in entries if e.get("type") == "file"}
 
     def read_many(self, relatives: list[str]) -> dict[str, bytes]:
         """The bytes of each of ``relatives`` that could be read, in one batched call of the store's driver
-        (concurrent where it is asynchronous, one session where it is sftp); the missing are left out."""
+        (concurrent where it is asynchronous, one session where it is sftp); the missing are left out, any
+        other failure (refused credentials, a cut link) is a :class:`StoreError`."""
         if not relatives:
             return {}
         paths = {self.path(r): r for r in relatives}
         try:
-            found = self._connect().cat(list(paths), on_error="omit")
+            found = self._connect().cat(list(paths), on_error="return")
+            failed = next((v for v in found.values() if isinstance(v, Exception)
+                           and not isinstance(v, FileNotFoundError)), None)
+            if failed is not None:
+                raise failed
         except Exception as exc:
-            self.reset()
-            raise StoreError(f"{len(relatives)} files: {type(exc).__name__}: {exc}") from exc
-        return {paths[path]: data for path, data in found.items() if path in paths}
+            raise self._failed(f"{len(relatives)} files", exc) from exc
+        return {paths[path]: data for path, data in found.items() if path in paths and isinstance(data, bytes)}
 
     def sweep_partials(self, folder: str, older_than_s: float = 3600.0) -> int:
-        """Remove temporary ``.*.part`` files a killed upload left under ``folder``; returns how many.
+        """Remove temporary ``.*.part`` files a killed upload left in ``folder``; returns how many.
 
-        A live upload renames its part within seconds, so one older than ``older_than_s`` is a leftover.
+        A live upload renames its part within seconds, so one older than ``older_than_s`` (by the store's
+        clock, compared with ours) is a leftover. An object store gets no parts from this class (one PUT
+        per object), but one left by an older agent is swept all the same.
         """
         removed = 0
-        fs = self._connect()
-        for path in fs.glob(self.path(f"{folder}/.*.part")):
-            modified = fs.info(path).get("mtime")
-            modified = modified.timestamp() if hasattr(modified, "timestamp") else modified
-            if isinstance(modified, (int, float)) and time.time() - modified > older_than_s:
-                fs.rm_file(path)
+        for name, entry in self.listing(folder).items():
+            if not (name.startswith(".") and name.endswith(".part")):
+                continue
+            if entry.mtime is not None and time.time() - entry.mtime > older_than_s:
+                try:
+                    self._connect().rm_file(self.path(f"{folder}/{name}"))
+                except FileNotFoundError:
+                    continue  # another sweeper was first
+                except Exception as exc:
+                    raise self._failed(f"{folder}/{name}", exc) from exc
                 removed += 1
         return removed
 
@@ -168,19 +287,24 @@ class Store:
             digest = hashlib.sha256(data).hexdigest()
             if self._matches(final, digest, len(data)):
                 return False
-            folder, name = final.rsplit("/", 1) if "/" in final else ("", final)
-            if folder:
-                fs.makedirs(folder, exist_ok=True)
-            temp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.part" if folder else f".{name}.part"
-            with fs.open(temp, "wb") as handle:
-                handle.write(data)
-            fs.mv(temp, final)
+            if self.object_store:
+                fs.pipe_file(final, data)  # one PUT: the object is listed whole or not at all
+            else:
+                self._write_and_rename(fs, final, data)
             if not self._matches(final, digest, len(data)):
-                raise StoreError(f"{relative}: read-back does not match what was written")
+                raise StoreError(f"store {self.name}: {relative}: read-back does not match what was written")
             return True
-        except StoreError:
-            self.reset()
-            raise
         except Exception as exc:  # any transport or filesystem failure is an outage to retry later
-            self.reset()
-            raise StoreError(f"{relative}: {type(exc).__name__}: {exc}") from exc
+            raise self._failed(relative, exc) from exc
+
+    @staticmethod
+    def _write_and_rename(fs, final: str, data: bytes) -> None:
+        """A filesystem's atomic write: a hidden ``.part`` name, then a rename (what a reader never lists
+        half-written; a killed upload leaves the part for :meth:`sweep_partials`)."""
+        folder, name = final.rsplit("/", 1) if "/" in final else ("", final)
+        if folder:
+            fs.makedirs(folder, exist_ok=True)
+        temp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.part" if folder else f".{name}.part"
+        with fs.open(temp, "wb") as handle:
+            handle.write(data)
+        fs.mv(temp, final)

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-from edge_agent.store import Store, StoreError
+from edge_agent.store import Listed, Store, StoreError
 
 
 class FleetStatus:
@@ -24,7 +24,7 @@ class FleetStatus:
 
     def __init__(self, store: Store):
         self.store = store
-        self._seen: dict[str, tuple[tuple, dict]] = {}  # site -> (listing entry, heartbeat)
+        self._seen: dict[str, tuple[Listed, dict]] = {}  # site -> (listing entry, heartbeat)
         self.fetched = 0  # heartbeats fetched by the last read
         self.error = ""  # why the last read could not reach the store
 
@@ -51,6 +51,12 @@ class FleetStatus:
             except (KeyError, ValueError):  # gone between the listing and the read, or half-written
                 self._seen.pop(site, None)
         return {s: self._seen[s][1] for s in sites if s in self._seen}
+
+
+    def stored_at(self, sites: list[str]) -> dict[str, float]:
+        """When the store last wrote each site's heartbeat, by the store's clock (file and sftp mtime, S3's
+        LastModified), from the last :meth:`read`'s listing: a heartbeat's age that trusts no edge clock."""
+        return {s: self._seen[s][0].mtime for s in sites if s in self._seen and self._seen[s][0].mtime is not None}
 
 
 def read_fleet_status(store: Store, sites: list[str]) -> dict[str, dict]:

@@ -43,7 +43,7 @@ from edge_agent.config import (
     Thresholds,
     UploadBudget,
 )
-from edge_agent.store import Store
+from edge_agent.store import Store, store_option_problems
 from edge_agent.yamlfile import YamlFileError, format_problem, line_of, read_yaml, suggest, validate
 from orchestrator.registry import ModelRegistry
 
@@ -182,6 +182,12 @@ class Cloud(Strict):
                                     "(DDP over SSH); none: it trains in the flow's own process")
     rendezvous_port: int = Field(29400, ge=1, le=65535, description="port on the first trainer where the "
                                  "trainers meet")
+
+    @model_validator(mode="after")
+    def _store_options_fit(self) -> "Cloud":
+        if problems := store_option_problems(self.store_url, self.store_options):
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("retrain_schedule")
     @classmethod
