@@ -11,7 +11,7 @@ import time
 
 import pytest
 from agent_helpers import AgentProcess, copy_labelled, serving_site, wait_for, write_config
-from test_agent_uplink import png
+from test_agent_uplink import png, sftp_host, sftp_store  # noqa: F401 (sftp_host: a fixture)
 
 from edge_agent.outbox import Outbox
 from edge_agent.state import UploadLedger
@@ -220,3 +220,15 @@ def test_partials_swept_and_listing_times_by_the_stores_clock_on_s3(s3_env):
     assert store.sweep_partials("samples/north") == 0  # younger than an hour: may be a live upload
     assert store.sweep_partials("samples/north", older_than_s=-1) == 1
     assert keys(s3, "samples/north/") == ["samples/north/abc.png"]
+
+
+def test_listing_times_are_the_stores_clock_in_epoch_seconds_on_every_kind(tmp_path, s3_env, sftp_host):
+    """One ``Listed.mtime`` for file, sftp and S3 alike (what heartbeat freshness is read from)."""
+    stores = {"file": Store(f"file://{tmp_path / 'file-store'}"), "s3": Store(s3_env.url, s3_env.options()),
+              "sftp": Store(*sftp_store(sftp_host, tmp_path / "sftp-store"))}
+    for kind, store in stores.items():
+        before = time.time()
+        store.put_verified("status/clock.json", f'{{"kind": "{kind}"}}'.encode())
+        entry = store.listing("status")["clock.json"]
+        assert isinstance(entry.mtime, float) and before - 2 <= entry.mtime <= time.time() + 1, (kind, entry)
+        assert entry.size == len(f'{{"kind": "{kind}"}}'), kind
