@@ -155,7 +155,7 @@ def _s3_options(options: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "PermissionError", "ClientError"}
+CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "PermissionError"}  # s3fs: 403 -> PermissionError
 
 
 class Store:
@@ -250,8 +250,8 @@ class Store:
         other failure (refused credentials, a cut link) is a :class:`StoreError`."""
         if not relatives:
             return {}
-        paths = {self.path(r): r for r in relatives}
         try:
+            paths = {self.path(r): r for r in relatives}
             found = self._connect().cat(list(paths), on_error="return")
             failed = next((v for v in found.values() if isinstance(v, Exception)
                            and not isinstance(v, FileNotFoundError)), None)
