@@ -146,7 +146,7 @@ def put_sample(store: Path, site: str, image: bytes, sidecar: bytes, name: str |
 
 def test_fuzzed_sidecars_are_rejected_alone_and_good_samples_still_come_in(tmp_path):
     store = tmp_path / "store"
-    good = {"site": "a", "time": 1.0, "reasons": ["uncertain"], "probabilities": {"functional": 0.5}}
+    good = {"site": "a", "time": 1.0, "reasons": ["uncertain"], "probabilities": {"functional": 0.5, "defective": 0.5}}
     bad_sidecars = [b"null", b'"a string"', b"42", b"[1, 2]", b"{", b"\xff\xfe", json.dumps({}).encode(),
                     json.dumps({**good, "time": "yesterday"}).encode(), json.dumps({**good, "reasons": "x"}).encode(),
                     json.dumps({**good, "probabilities": [1, 2]}).encode(), json.dumps({**good, "site": 7}).encode(),
