@@ -62,7 +62,8 @@ class Agent:
         self.handle = EnsembleHandle(self.paths.active_link, threads=1, image_size=config.image_size)
         self.outbox = Outbox(self.paths.outbox, config.upload.outbox_max_bytes)
         self.sampler = Sampler(config, self.outbox, self.state, self.lock)
-        self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler)
+        self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler,
+                                    max_pixels=config.serve.max_image_pixels)
         self.uplink = Uplink(Store(config.store_url, config.store_options), self.outbox, config.site,
                              config.upload.max_samples_per_day, config.upload.max_bytes_per_day,
                              Backoff(config.upload.retry_base_s, config.upload.retry_max_s))
@@ -286,6 +287,7 @@ class Agent:
                          "reason": self.finetune.reason, "progress": self.finetune.progress()},
             "queues": {"inbox": _count(self.paths.inbox), "outbox": len(outbox),
                        "outbox_bytes": sum(i.size for i in outbox)},
+            "inbox_stuck": self.inbox.stuck_summary(),
             "upload_backoff_failures": self.uplink.backoff.failures,
             "disk_bytes": disk_use(self.paths),
             **state,

@@ -93,6 +93,7 @@ class Heartbeat(_Part):
     last_upload_error: str | None = None
     recovery: str | None = None
     disk_full: str | None = None
+    inbox_stuck: str | None = None
     processed_total: int = Field(0, ge=0)
     quarantined_total: int = Field(0, ge=0)
     selected_total: int = Field(0, ge=0)
@@ -236,8 +237,9 @@ def _trouble(s: dict) -> str:
         problems.append(f"{s['finetune_failures']} fine-tune failure(s) in a row")
     if s.get("recovery"):
         problems.append(s["recovery"])
-    if s.get("disk_full"):
-        problems.append(s["disk_full"])
+    for key in ("disk_full", "inbox_stuck"):
+        if s.get(key):
+            problems.append(s[key])
     return "; ".join(problems)
 
 
