@@ -214,14 +214,15 @@ class Store:
                 refused[relative] = str(exc)
         return found, refused
 
-    def sweep_partials(self, folder: str, older_than_s: float = 3600.0) -> int:
-        """Remove temporary ``.*.part`` files a killed upload left under ``folder``; returns how many.
+    def sweep_partials(self, folder: str, older_than_s: float = 3600.0, name: str = "") -> int:
+        """Remove temporary ``.*.part`` files (of ``name`` only, when given) that a killed or failed upload
+        left under ``folder``; returns how many.
 
         A live upload renames its part within seconds, so one older than ``older_than_s`` is a leftover.
         """
         removed = 0
         fs = self._connect()
-        for path in fs.glob(self.path(f"{folder}/.*.part")):
+        for path in fs.glob(self.path(f"{folder}/.{name}*.part")):
             modified = fs.info(path).get("mtime")
             modified = modified.timestamp() if hasattr(modified, "timestamp") else modified
             if isinstance(modified, (int, float)) and time.time() - modified > older_than_s:
@@ -241,9 +242,13 @@ class Store:
             if folder:
                 fs.makedirs(folder, exist_ok=True)
             temp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.part" if folder else f".{name}.part"
-            with fs.open(temp, "wb") as handle:
-                handle.write(data)
-            fs.mv(temp, final)
+            try:
+                with fs.open(temp, "wb") as handle:
+                    handle.write(data)
+                fs.mv(temp, final)
+            except Exception:
+                _remove_quietly(fs, temp)  # a full store must not keep what it could not finish
+                raise
             if not self._matches(final, digest, len(data)):
                 raise StoreError(f"{relative}: read-back does not match what was written")
             return True
@@ -253,6 +258,13 @@ class Store:
         except Exception as exc:  # any transport or filesystem failure is an outage to retry later
             self.reset()
             raise StoreError(f"{relative}: {type(exc).__name__}: {exc}") from exc
+
+
+def _remove_quietly(fs, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except Exception:  # noqa: BLE001 - the store is failing; the sweep after it comes back removes it
+        pass
 
 
 def _read_capped(handle, relative: str, max_bytes: int, deadline: float) -> bytes:
