@@ -51,8 +51,8 @@ def assert_samples_whole(s3, site: str, expected: int) -> None:
     store = Store(s3.url, s3.options())
     for image in images:
         sha = image.rsplit("/", 1)[-1].removesuffix(".png")
-        assert hashlib.sha256(store.read(image)).hexdigest() == sha
-        assert json.loads(store.read(image[:-4] + ".json"))["sha256"] == sha
+        assert hashlib.sha256(store.read(image, max_bytes=10**7)).hexdigest() == sha
+        assert json.loads(store.read(image[:-4] + ".json", max_bytes=10**6))["sha256"] == sha
 
 
 class ListingWatcher(threading.Thread):
@@ -161,7 +161,7 @@ def test_wrong_credentials_are_one_clear_error_naming_the_store_without_the_secr
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)
     store = Store(s3.url, s3.options())
     for attempt in (lambda: store.put_verified("status/north.json", b"{...}"), lambda: store.listing("status"),
-                    lambda: store.read("status/north.json"), lambda: store.read_many(["status/north.json"]),
+                    lambda: store.read("status/north.json", 100), lambda: store.read_many(["status/north.json"], 100),
                     lambda: store.list("samples/*/*.json")):
         with pytest.raises(StoreError) as caught:
             attempt()
@@ -232,3 +232,23 @@ def test_listing_times_are_the_stores_clock_in_epoch_seconds_on_every_kind(tmp_p
         entry = store.listing("status")["clock.json"]
         assert isinstance(entry.mtime, float) and before - 2 <= entry.mtime <= time.time() + 1, (kind, entry)
         assert entry.size == len(f'{{"kind": "{kind}"}}'), kind
+
+
+def test_the_bounded_reader_on_s3_reads_no_more_than_its_cap(s3_env):
+    """The cloud's one reader: on S3 a ranged GET of cap + 1 bytes, so an oversized heartbeat is refused
+    (named, alone) after reading 1 MiB and a byte, not 3 MiB; an empty object reads as empty."""
+    from orchestrator.health import MAX_HEARTBEAT_BYTES
+
+    s3 = s3_env
+    client = s3.client()
+    client.put_object(Bucket=s3.bucket, Key="fleet/status/huge.json", Body=b" " * (3 * MAX_HEARTBEAT_BYTES))
+    client.put_object(Bucket=s3.bucket, Key="fleet/status/empty.json", Body=b"")
+    Store(s3.url, s3.options()).put_verified("status/fine.json", json.dumps({"site": "fine", "time": 1.0}).encode())
+    store = Store(s3.url, s3.options())
+    assert store.read("status/empty.json", 10) == b""
+    with pytest.raises(FileNotFoundError):
+        store.read("status/absent.json", 10)
+    reader = FleetStatus(store)
+    assert set(reader.read(["huge", "empty", "fine", "absent"])) == {"fine"}
+    assert reader.unreadable["huge"] == f"unreadable heartbeat: larger than {MAX_HEARTBEAT_BYTES} bytes"
+    assert reader.unreadable["empty"].startswith("unreadable heartbeat: not JSON")
