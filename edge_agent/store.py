@@ -330,18 +330,25 @@ class Store:
         prefix = f"{self._root}/" if self._root else ""
         return sorted(p.removeprefix(prefix) for p in found)
 
-    def listing(self, folder: str) -> dict[str, Listed]:
-        """``{name: Listed(size, mtime, tag)}`` of the entries directly in ``folder`` other than folders, in
-        one listing ({} when absent). Links and special files are listed too, so that a reader can refuse
-        them by name. ``mtime`` is the store's own clock on every driver (file, sftp, S3's LastModified)."""
+    def listing(self, folder: str, prefix: str = "") -> dict[str, Listed]:
+        """``{name: Listed(size, mtime, tag)}`` of the entries directly in ``folder`` other than folders whose
+        names start with ``prefix``, in one listing ({} when absent; on S3 the server filters by ``prefix``,
+        so a sweep does not list every sample). Links and special files are listed too, so that a reader
+        can refuse them by name. ``mtime`` is the store's own clock on every driver (file, sftp, S3's
+        LastModified)."""
         try:
-            entries = self._connect().ls(self.path(folder), detail=True)
+            fs = self._connect()
+            if self.object_store and prefix:
+                entries = list(fs.find(self.path(folder), maxdepth=1, prefix=prefix, detail=True).values())
+            else:
+                entries = fs.ls(self.path(folder), detail=True)
         except FileNotFoundError:
             return {}
         except Exception as exc:
             raise self._failed(folder, exc) from exc
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: Listed(e.get("size"), modified_time(e), e.get("ETag", ""))
-                for e in entries if e.get("type") != "directory"}
+        named = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in entries if e.get("type") != "directory"}
+        return {name: Listed(e.get("size"), modified_time(e), e.get("ETag", ""))
+                for name, e in named.items() if name.startswith(prefix)}
 
     def read_many(self, relatives: list[str], max_bytes: int, deadline_s: float = READ_DEADLINE_S
                   ) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -370,8 +377,8 @@ class Store:
         per object), but one left by an older agent is swept all the same.
         """
         removed = 0
-        for entry_name, entry in self.listing(folder).items():
-            if not (entry_name.startswith(f".{name}") and entry_name.endswith(".part")):
+        for entry_name, entry in self.listing(folder, prefix=f".{name}").items():
+            if not entry_name.endswith(".part"):
                 continue
             if entry.mtime is not None and time.time() - entry.mtime > older_than_s:
                 try:

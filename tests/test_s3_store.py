@@ -224,6 +224,7 @@ def test_partials_swept_and_listing_times_by_the_stores_clock_on_s3(s3_env):
     store = Store(s3.url, s3.options())
     listing = store.listing("samples/north")
     assert set(listing) == {".abc.png.1234abcd.part", "abc.png"}
+    assert set(store.listing("samples/north", prefix=".")) == {".abc.png.1234abcd.part"}  # S3 filters it
     assert all(abs(entry.mtime - time.time()) < 60 and entry.size for entry in listing.values())
     assert store.sweep_partials("samples/north") == 0  # younger than an hour: may be a live upload
     assert store.sweep_partials("samples/north", older_than_s=-1) == 1
