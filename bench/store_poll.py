@@ -3,9 +3,9 @@
 Both stores are real servers on loopback, each a process of its own: OpenSSH's sshd (sftp) and moto's S3
 API server (``python -m orchestrator.s3local``, signatures checked). The 100 heartbeats are written as the
 agents write them (``Store.put_verified``); then :class:`orchestrator.health.FleetStatus` polls: a first
-read (one listing, all 100 fetched in one batched call), a poll after 5 sites sent a new heartbeat (one
-listing, 5 fetched) and a poll with nothing new (one listing). Each figure is the median of ``--rounds``
-with its range.
+read (one listing, all 100 fetched), a poll after 5 sites sent a new heartbeat (one listing, 5 fetched)
+and a poll with nothing new (one listing). The stores' rounds alternate, so both see the same load; each
+figure is the median of ``--rounds`` with its range.
 
 Reproduce: ``.venv/bin/python bench/store_poll.py`` (about a minute). Writes
 ``bench/results/store_poll.json`` and ``bench/results/store_poll.md`` (the BENCHMARKS.md rows).
@@ -51,24 +51,34 @@ def heartbeat(site: str, n: int) -> bytes:
                       sort_keys=True).encode()
 
 
-def measure(store: Store, sites: list[str], rounds: int) -> dict:
-    """Write every heartbeat, then time the first read, a 5-changed poll and an unchanged poll."""
-    store.listing("status")  # connect once, outside the timings
-    write = timed(lambda: [store.put_verified(f"status/{s}.json", heartbeat(s, 0)) for s in sites])
-    first, changed, unchanged, fetched = [], [], [], set()
-    for r in range(1, rounds + 1):
-        reader = FleetStatus(store)
-        first.append(timed(lambda: reader.read(sites)))
-        assert reader.fetched == len(sites), reader.error
-        for site in sites[:5]:  # five sites send a new heartbeat
-            store.put_verified(f"status/{site}.json", heartbeat(site, r))
-        changed.append(timed(lambda: reader.read(sites)))
-        fetched.add(reader.fetched)
-        unchanged.append(timed(lambda: reader.read(sites)))
+class Poller:
+    """One store's figures, taken a round at a time so that the stores' rounds can alternate."""
+
+    def __init__(self, store: Store, sites: list[str]):
+        self.store, self.sites = store, sites
+        self.first: list[float] = []
+        self.changed: list[float] = []
+        self.unchanged: list[float] = []
+        self.fetched: set[int] = set()
+        store.listing("status")  # connect once, outside the timings
+        self.write_s = timed(lambda: [store.put_verified(f"status/{s}.json", heartbeat(s, 0)) for s in sites])
+
+    def round(self, r: int) -> None:
+        """A first read (every heartbeat), a poll after 5 sites sent a new one, a poll with nothing new."""
+        reader = FleetStatus(self.store)
+        self.first.append(timed(lambda: reader.read(self.sites)))
+        assert reader.fetched == len(self.sites), reader.error
+        for site in self.sites[:5]:
+            self.store.put_verified(f"status/{site}.json", heartbeat(site, r))
+        self.changed.append(timed(lambda: reader.read(self.sites)))
+        self.fetched.add(reader.fetched)
+        self.unchanged.append(timed(lambda: reader.read(self.sites)))
         assert reader.fetched == 0, reader.error
-    return {"write_100_heartbeats_s": round(write, 3), "first_read": figure(first),
-            "poll_5_changed": figure(changed), "poll_unchanged": figure(unchanged),
-            "fetched_on_5_changed_poll": sorted(fetched)}
+
+    def result(self) -> dict:
+        return {"write_100_heartbeats_s": round(self.write_s, 3), "first_read": figure(self.first),
+                "poll_5_changed": figure(self.changed), "poll_unchanged": figure(self.unchanged),
+                "fetched_on_5_changed_poll": sorted(self.fetched)}
 
 
 def sftp_store(work: Path) -> tuple[Store, SshdFleet]:
@@ -115,15 +125,16 @@ def main(argv: list[str] | None = None) -> int:
               "rounds": args.rounds, "load_average": {"before": os.getloadavg()[0]}, "stores": {},
               "command": "python bench/store_poll.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     with tempfile.TemporaryDirectory(prefix="edgeloop-store-poll-") as tmp:
-        store, sshd = sftp_store(Path(tmp))
+        sftp, sshd = sftp_store(Path(tmp))
+        s3, server = s3_store()
         try:
-            result["stores"]["sftp"] = measure(store, sites, args.rounds)
+            pollers = {"sftp": Poller(sftp, sites), "s3": Poller(s3, sites)}
+            for r in range(1, args.rounds + 1):  # alternate, so that both see the same load
+                for poller in pollers.values():
+                    poller.round(r)
+            result["stores"] = {name: poller.result() for name, poller in pollers.items()}
         finally:
             sshd.stop()
-        store, server = s3_store()
-        try:
-            result["stores"]["s3"] = measure(store, sites, args.rounds)
-        finally:
             server.terminate()
             server.wait(10)
     result["load_average"]["after"] = os.getloadavg()[0]
