@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import yaml
 from agent_helpers import AgentProcess, copy_labelled, serving_site, wait_for, write_config
 from test_agent_uplink import png, sftp_host, sftp_store  # noqa: F401 (sftp_host: a fixture)
 
@@ -162,7 +163,8 @@ def test_s3_server_stopped_mid_upload_loses_nothing_and_duplicates_nothing(tmp_p
     assert sum(r.uploaded + r.skipped_existing for r in results) == n and ledger.count == n
 
 
-def test_wrong_credentials_are_one_clear_error_naming_the_store_without_the_secret(s3_env, monkeypatch):
+def test_wrong_credentials_are_one_clear_error_naming_the_store_without_the_secret(tmp_path, s3_env, monkeypatch,
+                                                                                   capsys):
     s3 = s3_env
     Store(s3.url, s3.options()).put_verified("status/north.json", b"{}")
     wrong_secret = "WrongSecretValue0123456789abcdefghijKLMN"
@@ -180,6 +182,18 @@ def test_wrong_credentials_are_one_clear_error_naming_the_store_without_the_secr
     reader = FleetStatus(store)
     assert reader.read(["north"]) == {} and reader.error.startswith(f"store {s3.url}: status: PermissionError")
 
+    from edgeloop.cli import main
+
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_text(yaml.safe_dump({
+        "cloud": {"store_url": s3.url, "store_options": s3.options(), "registry": str(tmp_path / "registry")},
+        "defaults": {"connection": {"type": "local"}}, "sites": [{"name": "north", "root": str(tmp_path / "north")}]}))
+    assert main(["label", "-i", str(inventory), "--classes", "functional,defective",
+                 "--export", str(tmp_path / "tasks.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"edgeloop label: error: store {s3.url}: ") and "\n" not in error
+    assert wrong_secret not in error and "Traceback" not in error
+
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(StoreError, match=f"store {s3.url}: status: NoCredentialsError: Unable to locate credentials"):
@@ -188,8 +202,6 @@ def test_wrong_credentials_are_one_clear_error_naming_the_store_without_the_secr
 
 def test_s3_options_in_the_inventory_and_the_agent_config(tmp_path, s3_env):
     """endpoint_url and region come from the inventory; credentials there are refused, naming the field."""
-    import yaml
-
     from edge_agent.config import ConfigError, load_config
     from orchestrator.inventory import InventoryError, load_inventory
 
