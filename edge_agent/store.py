@@ -94,6 +94,11 @@ def store_option_problems(url: str, options: dict[str, str]) -> list[str]:
                             "host's AWS configuration (store_options.profile, ~/.aws/credentials, an instance role)")
         else:
             problems.append(f"store_options.{key}: not an S3 store option (known: {', '.join(S3_OPTIONS)})")
+    try:
+        if float(options.get("timeout", 10)) <= 0:
+            raise ValueError
+    except ValueError:
+        problems.append(f"store_options.timeout: seconds, a positive number (got {options['timeout']!r})")
     return problems
 
 

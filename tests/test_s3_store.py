@@ -222,9 +222,10 @@ def test_s3_options_in_the_inventory_and_the_agent_config(tmp_path, s3_env):
     assert "store_options.secret: S3 credentials never go in the inventory" in message
     assert "store_options.endpoint: not an S3 store option" in message and "s3cr3t-value" not in message
 
-    config = write_config(tmp_path / "agent", s3.url, store_options={"key": "AKIA0000"})
-    with pytest.raises(ConfigError, match="store_options.key: S3 credentials never go"):
+    config = write_config(tmp_path / "agent", s3.url, store_options={"key": "AKIA0000", "timeout": "soon"})
+    with pytest.raises(ConfigError, match="store_options.key: S3 credentials never go") as caught:
         load_config(config)
+    assert "store_options.timeout: seconds, a positive number (got 'soon')" in str(caught.value)
 
 
 def test_partials_swept_and_listing_times_by_the_stores_clock_on_s3(s3_env):
