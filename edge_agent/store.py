@@ -275,7 +275,7 @@ class Store:
             data = self._connect().cat_ranges(paths, [0] * len(paths), [max_bytes + 1] * len(paths),
                                               on_error="return", timeout=deadline_s)
         except Exception as exc:
-            raise self._failed(f"{len(relatives)} files", exc) from exc
+            raise self._failed(relatives[0] if len(relatives) == 1 else f"{len(relatives)} files", exc) from exc
         found: dict[str, bytes] = {}
         refused: dict[str, str] = {}
         for relative, got in zip(relatives, data):
