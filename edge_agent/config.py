@@ -134,6 +134,9 @@ class AgentConfig(Strict):
     poll_interval_s: float = Field(2.0, gt=0)
     heartbeat_interval_s: float = Field(10.0, gt=0)
     workers: int | None = Field(None, ge=1, description="cores to use; default all")
+    profile: Literal["edge", "edge-serve"] = Field(
+        "edge", description="what is installed: edge fine-tunes and serves; edge-serve serves the deployed model "
+                            "as it comes (no torch), selects and uploads")
 
 
 class ConfigError(ValueError):

@@ -171,11 +171,14 @@ def sshd_fleet_at(workdir: Path, n: int) -> Iterator[SshdFleet]:
 
 
 def fleet_inventory(fleet: SshdFleet, path: Path, roots: Path, python: str | None = None,
-                    concurrency: int = 8, extra_site: str = "", known_hosts: Path | None = None) -> Path:
+                    concurrency: int = 8, extra_site: str = "", known_hosts: Path | None = None,
+                    install: str = "{mode: system}") -> Path:
     """Write an inventory for ``fleet`` (one site per sshd, agent roots under ``roots``) and return its path.
 
     The agents heartbeat every second and serve no HTTP, so many of them share this machine quietly.
-    ``python`` is the base interpreter the site venvs reuse (default: the one running the tests).
+    ``python`` is the base interpreter of the site venvs (default: the one running the tests); ``install``
+    the sites' install settings: by default they reuse that interpreter's packages (``system``), which
+    keeps a test fleet from installing torch once per host; a bare interpreter wants a wheelhouse.
     """
     import sys
 
@@ -195,6 +198,7 @@ def fleet_inventory(fleet: SshdFleet, path: Path, roots: Path, python: str | Non
         "defaults:\n"
         f"  connection: {{type: ssh, user: {fleet.user}, key_file: {fleet.client_key}, connect_timeout_s: 5}}\n"
         f"  python: {python}\n"
+        f"  install: {install}\n"
         "  learning:\n"
         "    members: [{arch: resnet18, policy: flips}, {arch: resnet18, policy: contrast}]\n"
         "  agent: {heartbeat_interval_s: 1, poll_interval_s: 1, serve: {port: 0}, service: process,"

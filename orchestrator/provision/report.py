@@ -45,6 +45,7 @@ class HostResult:
     seconds: float = 0.0
     commands: int = 0  # SSH sessions/uploads this tool opened on the host
     requests: int = 0  # step requests answered by the remote worker (one line each way)
+    shipped_bytes: int = 0  # wheels uploaded to the host (or that would be, in check mode)
     attempts: int = 1  # tries: an unreachable host is tried again (see the driver's retry delays)
 
     @property
