@@ -68,6 +68,7 @@ class SshdHost:
     port: int
     workdir: Path
     authorized_keys: Path
+    env: dict[str, str] = field(default_factory=dict)  # set in every session (sshd's SetEnv)
     host_key: Path = field(init=False)
     proc: subprocess.Popen | None = None
 
@@ -92,6 +93,8 @@ class SshdHost:
                "-oPubkeyAuthentication=yes", "-oUsePAM=no", "-oPermitRootLogin=prohibit-password",
                "-oSubsystem=sftp internal-sftp", "-oMaxStartups=100", "-oMaxSessions=50",
                "-oLogLevel=ERROR"]
+        if self.env:
+            cmd.append("-oSetEnv=" + " ".join(f"{k}={v}" for k, v in self.env.items()))
         with open(self.workdir / "sshd.log", "ab") as log:  # sshd keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -136,6 +139,7 @@ class SshdFleet:
     n: int = 3
     user: str = field(default_factory=getpass.getuser)
     hosts: list[SshdHost] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # every host's session environment
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +148,8 @@ class SshdFleet:
         self.authorized_keys.write_text(Path(f"{self.client_key}.pub").read_text())
         self.known_hosts = self.workdir / "known_hosts"
         for i in range(self.n):
-            self.hosts.append(SshdHost(f"host{i}", free_port(), self.workdir / f"host{i}", self.authorized_keys))
+            self.hosts.append(SshdHost(f"host{i}", free_port(), self.workdir / f"host{i}", self.authorized_keys,
+                                       self.env))
 
     def start(self) -> SshdFleet:
         for host in self.hosts:

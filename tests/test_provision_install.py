@@ -1,0 +1,218 @@
+"""Bare hosts become sites: provisioning installs the agent's dependencies from a wheelhouse, offline.
+
+Real OpenSSH servers on loopback ports whose sessions have no package index (``PIP_NO_INDEX=1``, empty
+``PIP_INDEX_URL`` / ``PIP_FIND_LINKS``, no pip config); each site's ``python:`` is a bare interpreter (a
+fresh venv with no packages, not even pip). One run provisions a healthy ``edge-serve`` host beside a
+host whose disk is too small and one whose Python is too old: the two are refused at ``facts`` with the
+reason, before anything is shipped, and the healthy one serves a deployed model without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.imaging import encode_png
+from orchestrator.deploy import deploy_model
+from orchestrator.health import read_fleet_status
+from orchestrator.inventory import load_inventory
+from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, build_wheel, provision
+from orchestrator.provision.wheelhouse import Platform, wheelhouse_at
+from orchestrator.sshfleet import SshdFleet, fleet_inventory, stop_agents
+
+pytestmark = pytest.mark.timeout(600)
+
+# The hosts' sessions: pip told there is no index, and nowhere to find links.
+NO_INDEX = {"PIP_NO_INDEX": "1", "PIP_INDEX_URL": "", "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": "/dev/null"}
+OLD_PYTHONS = ("python3.9", "python3.8", "python3.7", "python3.6")
+
+
+def old_python() -> str | None:
+    """A real interpreter older than the agent supports (3.6-3.9), from pyenv or PATH, that runs as is."""
+    candidates = sorted(Path("~/.pyenv/versions").expanduser().glob("3.[6-9].*/bin/python3"), reverse=True)
+    candidates += [Path(p) for p in map(shutil.which, OLD_PYTHONS) if p]
+    for path in candidates:
+        probe = subprocess.run([str(path), "-c", "import sys; print(sys.version_info < (3, 10))"],
+                               capture_output=True, text=True, check=False)
+        if probe.stdout.strip() == "True":
+            return str(path)
+    return None
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory) -> str:
+    """A fresh venv with nothing installed (``--without-pip``): the host's bare interpreter."""
+    bare = tmp_path_factory.mktemp("bare") / "python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    assert not list((bare / "lib").glob("python3*/site-packages/*")), "the bare interpreter has packages"
+    return str(bare / "bin" / "python")
+
+
+@pytest.fixture(scope="module")
+def offline_fleet(tmp_path_factory):
+    fleet = SshdFleet(tmp_path_factory.mktemp("sshd-offline"), 3, env=NO_INDEX).start()
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory):
+    """A 40 MiB tmpfs for one site's root (root may mount); else a reserve larger than any disk."""
+    mount = tmp_path_factory.mktemp("small-disk")
+    if os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)],
+                                            capture_output=True, check=False).returncode == 0:
+        try:
+            yield {"root": mount / "site", "install": "{mode: wheelhouse, profile: edge-serve}"}
+        finally:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+    else:
+        yield {"root": mount / "site", "install": "{mode: wheelhouse, profile: edge-serve, disk_reserve_mb: 1e12}"}
+
+
+def site_block(name: str, **fields: str) -> str:
+    return "".join(f"    {k}: {v}\n" for k, v in fields.items())
+
+
+@pytest.fixture(scope="module")
+def served(offline_fleet, bare_python, small_disk, tmp_path_factory):
+    """One provisioning run over the three hosts, and the healthy one's re-run."""
+    work = tmp_path_factory.mktemp("install")
+    roots = work / "roots"
+    path = fleet_inventory(offline_fleet, work / "fleet.yaml", roots, python=bare_python,
+                           install="{mode: wheelhouse, profile: edge-serve}")
+    text = path.read_text().replace("cloud:\n", f"cloud:\n  wheelhouse: {work / 'wheelhouse'}\n")
+    host1, host2 = offline_fleet.hosts[1].name, offline_fleet.hosts[2].name
+    text = text.replace(f"root: {roots / host1}\n", f"root: {small_disk['root']}\n"
+                                                    f"    install: {small_disk['install']}\n")
+    old = old_python()
+    if old:
+        text = text.replace(f"root: {roots / host2}\n", f"root: {roots / host2}\n    python: {old}\n")
+    path.write_text(text)
+    inventory = load_inventory(path)
+    wheel = build_wheel()
+    try:
+        first = provision(inventory, wheel=wheel)
+        again = provision(inventory, wheel=wheel, limit=[offline_fleet.hosts[0].name])
+        yield {"inventory": inventory, "roots": roots, "first": first, "again": again, "wheel": wheel,
+               "work": work, "old_python": old, "small_disk": small_disk}
+    finally:
+        stop_agents(roots)
+
+
+def steps_of(host) -> dict:
+    return {s.step: s for s in host.steps}
+
+
+def test_a_bare_edge_serve_host_is_provisioned_offline_from_the_wheelhouse(served):
+    report = served["first"]
+    host = report.hosts[0]
+    steps = steps_of(host)
+    assert not host.failed, report.recap()
+    assert steps["wheel"].status == CHANGED and "shipped" in steps["wheel"].message
+    assert steps["install"].status == CHANGED and "(wheelhouse)" in steps["install"].message
+    assert steps["health"].status == OK
+    assert host.shipped_bytes > 10 << 20  # onnxruntime, numpy, ... went up
+    venv_site = next((served["roots"] / host.site / "venv" / "lib").glob("python3*/site-packages"))
+    installed = {p.name.split("-")[0].lower() for p in venv_site.glob("*.dist-info")}
+    assert {"onnxruntime", "numpy", "pillow", "pydantic", "paramiko", "edgeloop"} <= installed
+    assert not {"torch", "torchvision", "albumentations"} & installed
+    # exactly the versions the cloud locked for this platform: nothing came from anywhere else
+    lock = wheelhouse_at(served["inventory"].wheelhouse()).lock("edge-serve", Platform.from_facts(host.facts))
+    versions = {p.name.removesuffix(".dist-info").split("-")[0].lower().replace("_", "-"):
+                p.name.removesuffix(".dist-info").split("-")[1] for p in venv_site.glob("*.dist-info")}
+    for wheel in lock.wheels:
+        assert versions[wheel.project] == wheel.name.split("-")[1], wheel.name
+    assert not (venv_site / "_edgeloop_base.pth").exists()
+
+
+def test_the_re_run_ships_nothing_and_changes_nothing(served):
+    again = served["again"].hosts[0]
+    assert again.shipped_bytes == 0 and again.changed == 0, served["again"].recap()
+    assert "0 B to ship" in steps_of(again)["facts"].message
+
+
+def test_the_deployed_model_serves_an_inbox_image_without_torch(served, tmp_path):
+    import torch
+
+    from edge_agent.models import CheckpointMeta, ModelSpec, build_model, save_checkpoint
+
+    inventory, host = served["inventory"], served["first"].hosts[0]
+    site, root = inventory.site(host.site), served["roots"] / host.site
+    spec = ModelSpec(arch="tiny_cnn", num_classes=2, image_size=site.learning.image_size)
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", build_model(spec, seed=0),
+                                 CheckpointMeta(spec=spec, class_names=["functional", "defective"]))
+    result = deploy_model(site, inventory, checkpoint, "v-serve")
+    assert result.status == "changed", result.reason
+    assert (root / "models" / "base" / "v-serve" / "ensemble.onnx").is_file()
+    assert not (root / "models" / "base" / "v-serve" / "model.pt").exists()  # no torch there to read it
+    image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    (root / "data" / "inbox" / "cell-1.png").write_bytes(encode_png(image))
+
+    results, deadline = root / "data" / "processed" / "results.jsonl", time.time() + 60
+    while time.time() < deadline and not results.exists():
+        time.sleep(0.5)
+    assert results.exists(), (root / "agent.log").read_text()[-3000:]
+    line = json.loads(results.read_text().splitlines()[0])
+    assert line["file"] == "cell-1.png" and set(line["probabilities"]) == {"functional", "defective"}, line
+    status_before = json.loads((root / "status.json").read_text())["time"]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        status = json.loads((root / "status.json").read_text())
+        if status["time"] > status_before:
+            break
+        time.sleep(0.5)
+    assert status["time"] > status_before, "no heartbeat after serving"
+    assert status["active_version"] == "base-v-serve"
+    assert status["finetune"]["state"] == "off (profile edge-serve)"
+    stored = read_fleet_status(inventory.store(), [host.site])[host.site]  # the heartbeat arrived in the store
+    assert stored["active_version"] == "base-v-serve" and stored["time"] >= status_before
+    pid = status["pid"]
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "libtorch" not in maps and "onnxruntime" in maps  # serving, and torch was never loaded
+
+
+def test_too_little_disk_and_too_old_a_python_are_refused_before_anything_is_shipped(served):
+    report = served["first"]
+    by_site = {h.site: h for h in report.hosts}
+    small = by_site["host1"]
+    facts = steps_of(small)["facts"]
+    assert small.failed and facts.status == FAILED, report.recap()
+    assert "not enough disk" in facts.message and "need" in facts.message and "free" in facts.message
+    assert all(s.status == SKIPPED for s in small.steps[2:])
+    assert small.shipped_bytes == 0 and not (served["small_disk"]["root"] / "wheels").exists()
+    print("refused:", facts.message)
+
+    if served["old_python"] is None:
+        pytest.skip("no Python 3.6-3.9 on this machine to stand for an unsupported host interpreter")
+    old = by_site["host2"]
+    facts = steps_of(old)["facts"]
+    assert old.failed and facts.status == FAILED
+    assert "too old" in facts.message and "need 3.10+" in facts.message, facts.message
+    assert not (served["roots"] / "host2").exists()
+    print("refused:", facts.message)
+    assert [h.site for h in report.failed] == ["host1", "host2"]
+
+
+def test_a_platform_without_a_wheel_is_refused_naming_the_package(tmp_path):
+    """32-bit ARM boards get no manylinux wheels of the agent's compiled dependencies: the resolution
+    names the package and the platform (the facts step refuses the host with that message)."""
+    from orchestrator.provision.wheelhouse import NoWheel, project_requirements
+
+    house = wheelhouse_at(tmp_path / "wheelhouse")
+    with pytest.raises(NoWheel) as refused:
+        house.lock("edge-serve", Platform("3.11", "cp", "armv7l", "glibc", "2.31"))
+    message = str(refused.value)
+    assert "for cp3.11 glibc 2.31 armv7l" in message, message
+    named = message.split("no wheel of ")[1].split()[0]
+    assert named in {r.split(">")[0].split("=")[0] for r in project_requirements("edge-serve")}, message
