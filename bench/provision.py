@@ -58,8 +58,8 @@ def du(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def tree_rss(pid: int) -> tuple[int, int]:
-    """(RSS of ``pid``, RSS of ``pid`` and all its descendants), bytes."""
+def tree_rss(pid: int) -> tuple[int, int, int]:
+    """(RSS of ``pid``, of ``pid`` and all its descendants, of its largest descendant), bytes."""
     from orchestrator.sshfleet import _descendants
 
     def rss(p: int) -> int:
@@ -71,17 +71,18 @@ def tree_rss(pid: int) -> tuple[int, int]:
             pass
         return 0
 
-    return rss(pid), rss(pid) + sum(rss(c) for c in _descendants(pid))
+    children = [rss(c) for c in _descendants(pid)]
+    return rss(pid), rss(pid) + sum(children), max(children, default=0)
 
 
-def peak_rss(pid: int, until, timeout_s: float) -> tuple[int, int, float]:
-    """Peak (agent, agent + children) RSS sampled every 0.2 s until ``until()`` or the timeout; seconds taken."""
-    peak, peak_tree, start = 0, 0, time.monotonic()
+def peak_rss(pid: int, until, timeout_s: float) -> tuple[int, int, int, float]:
+    """Peak RSS (agent, agent + descendants, largest descendant) sampled every 0.2 s until ``until()`` or the
+    timeout, and the seconds taken."""
+    peaks, start = (0, 0, 0), time.monotonic()
     while time.monotonic() - start < timeout_s and not until():
-        own, tree = tree_rss(pid)
-        peak, peak_tree = max(peak, own), max(peak_tree, tree)
+        peaks = tuple(max(a, b) for a, b in zip(peaks, tree_rss(pid)))
         time.sleep(0.2)
-    return peak, peak_tree, time.monotonic() - start
+    return (*peaks, time.monotonic() - start)
 
 
 def status(root: Path) -> dict:
@@ -115,9 +116,9 @@ def footprint(site, inventory, root: Path, data: Path, images: int, finetune: bo
     out = {"rss_idle_mb": round(idle / 2**20, 1)}
     if finetune:
         started = peak_rss(pid, lambda: status(root)["finetune"]["running"], 60)
-        peak, tree, seconds = peak_rss(pid, lambda: not status(root)["finetune"]["running"], 1800)
+        peak, tree, largest, seconds = peak_rss(pid, lambda: not status(root)["finetune"]["running"], 1800)
         out.update(rss_finetune_agent_mb=round(peak / 2**20, 1), rss_finetune_tree_mb=round(tree / 2**20, 1),
-                   finetune_s=round(seconds + started[2], 1),
+                   rss_finetune_largest_process_mb=round(largest / 2**20, 1), finetune_s=round(seconds + started[-1], 1),
                    members_at_once=json.loads(max((root / "runs").glob("*/report.json"),
                                                   key=lambda p: p.stat().st_mtime).read_text()).get("members_at_once"))
     else:
@@ -126,7 +127,7 @@ def footprint(site, inventory, root: Path, data: Path, images: int, finetune: bo
     for i in range(images):
         (root / "data" / "inbox" / f"load-{i:04d}.png").write_bytes(
             encode_png((rng.random((site.learning.image_size,) * 2) * 255).astype(np.uint8)))
-    peak, _, seconds = peak_rss(pid, lambda: not any((root / "data" / "inbox").glob("*.png")), 600)
+    peak, _, _, seconds = peak_rss(pid, lambda: not any((root / "data" / "inbox").glob("*.png")), 600)
     out.update(rss_serving_mb=round(peak / 2**20, 1), serving_images=images,
                serving_images_per_s=round(images / max(seconds, 1e-3), 1))
     return out

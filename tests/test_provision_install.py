@@ -216,3 +216,49 @@ def test_a_platform_without_a_wheel_is_refused_naming_the_package(tmp_path):
     assert "for cp3.11 glibc 2.31 armv7l" in message, message
     named = message.split("no wheel of ")[1].split()[0]
     assert named in {r.split(">")[0].split("=")[0] for r in project_requirements("edge-serve")}, message
+
+
+def test_a_cut_off_wheel_upload_resumes_where_it_stopped(offline_fleet, bare_python, tmp_path):
+    """The host goes down part way through the wheels; the next run ships only the rest (the partial file's
+    bytes are kept and the whole is sha256-checked on the host before it counts)."""
+    import threading
+
+    host = offline_fleet.hosts[0]
+    roots = tmp_path / "roots"
+    path = fleet_inventory(offline_fleet, tmp_path / "inv.yaml", roots, python=bare_python,
+                           install="{mode: wheelhouse, profile: edge-serve}")
+    path.write_text(path.read_text().replace("cloud:\n", f"cloud:\n  wheelhouse: {tmp_path / 'wheelhouse'}\n"))
+    inventory, wheel = load_inventory(path), build_wheel()
+    wheels = roots / host.name / "wheels"
+    stop = threading.Event()
+
+    def cut_when_a_part_is_big() -> None:
+        while not stop.is_set():
+            if any(p.stat().st_size > 4 << 20 for p in wheels.glob(".*.part") if p.exists()):
+                host.kill()
+                return
+            time.sleep(0.01)
+
+    cutter = threading.Thread(target=cut_when_a_part_is_big, daemon=True)
+    cutter.start()
+    try:
+        cut = provision(inventory, wheel=wheel, limit=[host.name], retry_delays_s=())
+    finally:
+        stop.set()
+        cutter.join()
+        host.start()
+    try:
+        assert steps_of(cut.hosts[0])["wheel"].status == FAILED, cut.recap()
+        partial = sum(p.stat().st_size for p in wheels.glob(".*.part"))
+        assert partial > 4 << 20
+        lock = wheelhouse_at(inventory.wheelhouse()).lock("edge-serve", Platform.from_facts(cut.hosts[0].facts))
+        done = sum(w.size for w in lock.wheels if (wheels / w.name).exists())
+
+        again = provision(inventory, wheel=wheel, limit=[host.name])
+        assert not again.failed, again.recap()
+        message = steps_of(again.hosts[0])["wheel"].message
+        assert "resumed after" in message, message
+        assert again.hosts[0].shipped_bytes == lock.size - done - partial + wheel.path.stat().st_size
+        assert not list(wheels.glob(".*.part"))
+    finally:
+        stop_agents(roots)

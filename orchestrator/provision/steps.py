@@ -193,7 +193,9 @@ class SiteProvisioner:
             self.remote.put(self.wheel.path, tmp)
             self.result.commands += 1
             self.call("commit", tmp=tmp, path=target, sha256=self.wheel.sha256, restart_marker=self.marker)
-        return CHANGED, f"shipped {what}"
+        resumed = sum(self.missing[w.name] for w in deps)
+        return CHANGED, f"shipped {what}" + (f" (resumed after {_size(resumed)} a cut-off upload left)"
+                                             if resumed else "")
 
     @property
     def wheelhouse(self) -> Wheelhouse:
