@@ -262,3 +262,55 @@ def test_a_cut_off_wheel_upload_resumes_where_it_stopped(offline_fleet, bare_pyt
         assert not list(wheels.glob(".*.part"))
     finally:
         stop_agents(roots)
+
+
+def test_upgrading_edgeloop_ships_only_its_own_wheel(served, tmp_path):
+    """A new edgeloop (same dependencies) on a provisioned site: one wheel goes up, the agent restarts on it."""
+    from orchestrator.project import PROJECT_DIR
+    from orchestrator.provision.wheel import BUILD_FILES, PACKAGES
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in (*BUILD_FILES, *PACKAGES):
+        if (PROJECT_DIR / name).is_dir():
+            shutil.copytree(PROJECT_DIR / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif (PROJECT_DIR / name).exists():
+            shutil.copy2(PROJECT_DIR / name, source / name)
+    (source / "edge_agent" / "_upgrade_probe.py").write_text("UPGRADED = True\n")
+    new = build_wheel(source, cache=tmp_path / "wheels")
+    assert new.sha256 != served["wheel"].sha256
+    host = served["first"].hosts[0].site
+    report = provision(served["inventory"], wheel=new, limit=[host])
+    steps = steps_of(report.hosts[0])
+    assert not report.failed, report.recap()
+    assert steps["wheel"].message.startswith("shipped 1 wheel(s)"), steps["wheel"].message
+    assert report.hosts[0].shipped_bytes == new.path.stat().st_size
+    assert steps["restart"].status == CHANGED and steps["health"].status == OK
+    venv_site = next((served["roots"] / host / "venv" / "lib").glob("python3*/site-packages"))
+    assert (venv_site / "edge_agent" / "_upgrade_probe.py").is_file()
+
+
+def test_the_edge_profile_resolves_for_the_host_and_check_says_what_would_ship(offline_fleet, bare_python,
+                                                                               tmp_path):
+    """The full profile (torch & co., about 3 GB of wheels here) on a bare host: resolved for its platform
+    with the project's pins, and ``--check`` says how many wheels and bytes would go; nothing is written.
+    (Shipping and installing it end to end is measured by bench/provision.py: minutes, not a CI test.)"""
+    host = offline_fleet.hosts[0]
+    path = fleet_inventory(offline_fleet, tmp_path / "inv.yaml", tmp_path / "roots", python=bare_python,
+                           install="{mode: wheelhouse, profile: edge}")
+    path.write_text(path.read_text().replace("cloud:\n", f"cloud:\n  wheelhouse: {tmp_path / 'wheelhouse'}\n"))
+    inventory = load_inventory(path)
+    report = provision(inventory, wheel=build_wheel(), limit=[host.name], check=True)
+    assert not report.failed, report.recap()
+    steps = steps_of(report.hosts[0])
+    lock = wheelhouse_at(inventory.wheelhouse()).lock("edge", Platform.from_facts(report.hosts[0].facts))
+    versions = {w.project: w.name.split("-")[1] for w in lock.wheels}
+    assert versions["torch"] == "2.14.1" and versions["torchvision"] == "0.29.1"  # constraints.txt
+    assert {"onnxruntime", "albumentations", "numpy", "pip"} <= set(versions)
+    assert steps["wheel"].status == CHANGED
+    assert steps["wheel"].message.startswith(f"would ship {len(lock.wheels) + 1} wheel(s), "), steps["wheel"].message
+    assert lock.size > 1 << 30 and "GiB to ship" in steps["facts"].message
+    assert not (tmp_path / "roots").exists()
+    # the serve profile's wheels are the same files: a site moving up from edge-serve ships only the rest
+    serve = wheelhouse_at(inventory.wheelhouse()).lock("edge-serve", Platform.from_facts(report.hosts[0].facts))
+    assert {w.sha256 for w in serve.wheels} <= {w.sha256 for w in lock.wheels}
