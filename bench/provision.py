@@ -58,25 +58,28 @@ def du(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def tree_rss(pid: int) -> tuple[int, int, int]:
-    """(RSS of ``pid``, of ``pid`` and all its descendants, of its largest descendant), bytes."""
+    """RSS of the agent ``pid``, of it and all its descendants, and of the largest process two or more levels
+    below it (a member: agent → fine-tune → [forkserver →] member), bytes."""
     from orchestrator.sshfleet import _descendants
 
-    def rss(p: int) -> int:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
-    children = [rss(c) for c in _descendants(pid)]
-    return rss(pid), rss(pid) + sum(children), max(children, default=0)
+    children = set(_descendants(pid))
+    grandchildren = {g for c in children for g in _descendants(c)}
+    return rss(pid), rss(pid) + sum(map(rss, children)), max(map(rss, grandchildren), default=0)
 
 
 def peak_rss(pid: int, until, timeout_s: float) -> tuple[int, int, int, float]:
-    """Peak RSS (agent, agent + descendants, largest descendant) sampled every 0.2 s until ``until()`` or the
+    """Peak RSS (agent, agent + descendants, largest member) sampled every 0.2 s until ``until()`` or the
     timeout, and the seconds taken."""
     peaks, start = (0, 0, 0), time.monotonic()
     while time.monotonic() - start < timeout_s and not until():
@@ -118,7 +121,7 @@ def footprint(site, inventory, root: Path, data: Path, images: int, finetune: bo
         started = peak_rss(pid, lambda: status(root)["finetune"]["running"], 60)
         peak, tree, largest, seconds = peak_rss(pid, lambda: not status(root)["finetune"]["running"], 1800)
         out.update(rss_finetune_agent_mb=round(peak / 2**20, 1), rss_finetune_tree_mb=round(tree / 2**20, 1),
-                   rss_finetune_largest_process_mb=round(largest / 2**20, 1), finetune_s=round(seconds + started[-1], 1),
+                   rss_member_mb=round(largest / 2**20, 1), finetune_s=round(seconds + started[-1], 1),
                    members_at_once=json.loads(max((root / "runs").glob("*/report.json"),
                                                   key=lambda p: p.stat().st_mtime).read_text()).get("members_at_once"))
     else:
@@ -139,33 +142,42 @@ def profile_scenarios(work: Path, fleet: SshdFleet, wheel, bare_python: str, dat
     then the agent's memory. ``system`` reuses this venv's packages (the hosts' base interpreter)."""
     rows = []
     work.mkdir(parents=True, exist_ok=True)
-    for host, (name, install) in zip(fleet.hosts, [p for p in PROFILES if p[0] in profiles]):
-        python = sys.executable if name == "system" else bare_python
-        path = fleet_inventory(fleet, work / f"{name}.yaml", work / name, python=python, install=install)
-        path.write_text(path.read_text().replace("cloud:\n", f"cloud:\n  wheelhouse: {work / 'wheelhouse'}\n")
-                        .replace("members: [{arch: resnet18, policy: flips}, {arch: resnet18, policy: contrast}]",
-                                 "members: [{arch: resnet18, policy: flips}, {arch: resnet18, policy: noise}, "
-                                 "{arch: resnet18, policy: none}]\n    finetune: {epochs: 1, batch_size: 32}"))
-        inventory = load_inventory(path)
-        start = time.monotonic()
-        house = work / "wheelhouse"
-        fresh = provision(inventory, wheel=wheel, limit=[host.name])
-        if fresh.failed:
-            raise SystemExit(f"{name}: {fresh.recap()}")
-        rerun = provision(inventory, wheel=wheel, limit=[host.name])
-        root = work / name / host.name
-        row = {"profile": name, "install": install, "fresh_s": round(fresh.seconds, 1),
-               "fresh_shipped_mb": round(fresh.hosts[0].shipped_bytes / 2**20, 1),
-               "rerun_s": round(rerun.seconds, 2), "rerun_shipped_bytes": rerun.hosts[0].shipped_bytes,
-               "rerun_changed_steps": rerun.changed, "venv_mb": round(du(root / "venv") / 2**20, 1),
-               "wheelhouse_mb": round(du(house) / 2**20, 1) if house.exists() else 0,
-               "step_s": {s.step: round(s.seconds, 1) for s in fresh.hosts[0].steps}}
-        row.update(footprint(inventory.site(host.name), inventory, root, data, images, finetune=name != "edge-serve"))
-        row["total_s"] = round(time.monotonic() - start, 1)
-        print(json.dumps(row))
-        rows.append(row)
-        stop_agents(work / name)
+    try:
+        for host, (name, install) in zip(fleet.hosts, [p for p in PROFILES if p[0] in profiles]):
+            rows.append(one_profile(work, fleet, host, name, install, wheel, bare_python, data, images))
+    finally:
+        for name, _ in PROFILES:
+            stop_agents(work / name)
     return rows
+
+
+def one_profile(work: Path, fleet: SshdFleet, host, name: str, install: str, wheel, bare_python: str, data: Path,
+                images: int) -> dict:
+    """One profile on one bare host: provision, re-run, then the agent's memory (:func:`footprint`)."""
+    python = sys.executable if name == "system" else bare_python
+    path = fleet_inventory(fleet, work / f"{name}.yaml", work / name, python=python, install=install)
+    path.write_text(path.read_text().replace("cloud:\n", f"cloud:\n  wheelhouse: {work / 'wheelhouse'}\n")
+                    .replace("members: [{arch: resnet18, policy: flips}, {arch: resnet18, policy: contrast}]",
+                             "members: [{arch: resnet18, policy: flips}, {arch: resnet18, policy: noise}, "
+                             "{arch: resnet18, policy: none}]\n    finetune: {epochs: 1, batch_size: 32}"))
+    inventory = load_inventory(path)
+    start = time.monotonic()
+    house = work / "wheelhouse"
+    fresh = provision(inventory, wheel=wheel, limit=[host.name])
+    if fresh.failed:
+        raise SystemExit(f"{name}: {fresh.recap()}")
+    rerun = provision(inventory, wheel=wheel, limit=[host.name])
+    root = work / name / host.name
+    row = {"profile": name, "install": install, "fresh_s": round(fresh.seconds, 1),
+           "fresh_shipped_mb": round(fresh.hosts[0].shipped_bytes / 2**20, 1),
+           "rerun_s": round(rerun.seconds, 2), "rerun_shipped_bytes": rerun.hosts[0].shipped_bytes,
+           "rerun_changed_steps": rerun.changed, "venv_mb": round(du(root / "venv") / 2**20, 1),
+           "wheelhouse_mb": round(du(house) / 2**20, 1) if house.exists() else 0,
+           "step_s": {s.step: round(s.seconds, 1) for s in fresh.hosts[0].steps}}
+    row.update(footprint(inventory.site(host.name), inventory, root, data, images, finetune=name != "edge-serve"))
+    row["total_s"] = round(time.monotonic() - start, 1)
+    print(json.dumps(row))
+    return row
 
 
 def markdown(result: dict) -> str:

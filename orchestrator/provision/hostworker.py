@@ -514,9 +514,9 @@ def _newest(folder: str, keep_one: bool = False, skip: Optional[str] = None) -> 
 # -- the protocol
 
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
-       "install": install, "wheels_missing": wheels_missing, "process_state": process_state, "process_restart": process_restart,
-       "process_stop": process_stop, "restart_pending": restart_pending, "systemd": systemd,
-       "health": health, "rollback": rollback}
+       "install": install, "wheels_missing": wheels_missing, "process_state": process_state,
+       "process_restart": process_restart, "process_stop": process_stop, "restart_pending": restart_pending,
+       "systemd": systemd, "health": health, "rollback": rollback}
 
 
 def handle(line: str) -> Answer:
