@@ -44,7 +44,7 @@ class FinetuneConfig(Strict):
     keep: Literal["best", "last"] = Field("last", description="member weights kept: the last epoch, or the best "
                                           "on the site's val split (a few dozen images choose noise; bench/loop.py)")
     int8: bool = Field(True, description="try a static INT8 graph (calibrated on the site's train images)")
-    member_memory_mb: int = Field(600, ge=32, description="peak memory of one member's training process; members "
+    member_memory_mb: int = Field(800, ge=32, description="peak memory of one member's training process; members "
                                   "train at once only as far as the host's available memory holds them "
                                   "(bench/provision.py measures it)")
 

@@ -314,3 +314,34 @@ def test_the_edge_profile_resolves_for_the_host_and_check_says_what_would_ship(o
     # the serve profile's wheels are the same files: a site moving up from edge-serve ships only the rest
     serve = wheelhouse_at(inventory.wheelhouse()).lock("edge-serve", Platform.from_facts(report.hosts[0].facts))
     assert {w.sha256 for w in serve.wheels} <= {w.sha256 for w in lock.wheels}
+
+
+def test_index_mode_installs_from_the_named_index_and_a_mode_change_rebuilds_the_venv(served, tmp_path):
+    """The site switches from the wheelhouse to ``mode: index`` (a PEP 503 index on this disk, made of the
+    same wheels): its venv is made afresh for the new mode and filled from that index by the host's pip."""
+    inventory, host = served["inventory"], served["first"].hosts[0]
+    lock = wheelhouse_at(inventory.wheelhouse()).lock("edge-serve", Platform.from_facts(host.facts))
+    simple = tmp_path / "simple"
+    for wheel in lock.wheels:
+        page = simple / wheel.project / "index.html"
+        page.parent.mkdir(parents=True, exist_ok=True)
+        blob = wheelhouse_at(inventory.wheelhouse()).blob(wheel)
+        with page.open("a") as out:
+            out.write(f'<a href="{blob.as_uri()}#sha256={wheel.sha256}">{wheel.name}</a>\n')
+    path = tmp_path / "index.yaml"
+    root = served["roots"] / host.site
+    path.write_text(inventory.path.read_text().replace(
+        f"root: {root}\n", f"root: {root}\n    install: {{mode: index, index_url: '{simple.as_uri()}'}}\n"))
+    switched = load_inventory(path)
+    report = provision(switched, wheel=served["wheel"], limit=[host.site])
+    steps = steps_of(report.hosts[0])
+    assert not report.failed, report.recap()
+    assert "remove the venv made for wheelhouse edge-serve" in steps["install"].message, steps["install"].message
+    assert "(index)" in steps["install"].message
+    assert report.hosts[0].shipped_bytes <= served["wheel"].path.stat().st_size  # no dependency wheels go up
+    assert steps["health"].status == OK
+    assert (root / "venv" / "edgeloop-layout").read_text() == "index edge-serve\n"
+    venv_site = next((root / "venv" / "lib").glob("python3*/site-packages"))
+    assert (venv_site / "onnxruntime").is_dir() and not (venv_site / "torch").exists()
+    again = provision(switched, wheel=served["wheel"], limit=[host.site])
+    assert again.changed == 0, again.recap()

@@ -330,6 +330,7 @@ def _install_wheel(vpy: str, venv: str, marker: str, digest: str, req: Request) 
     where = run([vpy, "-c", "import edge_agent, edge_agent.config; print(edge_agent.__file__)"]).strip()
     if not os.path.realpath(where).startswith(os.path.realpath(venv)):
         return f"edge_agent imports from {where}, not from the venv {venv}"
+    write_atomic(os.path.join(venv, "edgeloop-layout"), "{} {}\n".format(req["mode"], req.get("profile", "edge")))
     write_atomic(marker, digest)  # last: a cut-off install is done again next time
     return None
 
@@ -345,6 +346,15 @@ def install(req: Request) -> Answer:
     digest = hashlib.sha256("\0".join([mode, req["sha256"], req.get("requirements", ""),
                                         req.get("index_url") or ""]).encode()).hexdigest()
     actions = []  # type: List[str]
+    layout = "{} {}\n".format(mode, req.get("profile", "edge"))
+    made_for = read(os.path.join(venv, "edgeloop-layout"))
+    if os.path.exists(vpy) and made_for not in (None, layout):
+        # another mode or profile: start afresh, so that what the old one needed (torch) does not stay behind
+        if check:
+            return {"changed": ["rebuild venv ({} -> {})".format(made_for.strip(), layout.strip())]}
+        mark_restart(req)
+        shutil.rmtree(venv)
+        actions.append("remove the venv made for {}".format(made_for.strip()))
     if not os.path.exists(vpy):
         if check:
             return {"changed": ["create venv", "link base packages", "install wheel"] if mode == "system" else

@@ -219,6 +219,7 @@ class SiteProvisioner:
             extra = {"requirements": "".join(f"{r}\n" for r in project_requirements(install.profile)),
                      "index_url": install.index_url, "constraints": constraints.read_text() if constraints else ""}
         out = self.call("install", venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}", mode=mode,
+                        profile=install.profile,
                         sha256=self.wheel.sha256, check=self.check, restart_marker=self.marker, timeout_s=1800,
                         **extra)
         if not out["changed"]:
