@@ -46,6 +46,9 @@ class FinetuneConfig(Strict):
     keep: Literal["best", "last"] = Field("last", description="member weights kept: the last epoch, or the best "
                                           "on the site's val split (a few dozen images choose noise; bench/loop.py)")
     int8: bool = Field(True, description="try a static INT8 graph (calibrated on the site's train images)")
+    member_memory_mb: int = Field(800, ge=32, description="peak memory of one member's training process; members "
+                                  "train at once only as far as the host's available memory holds them "
+                                  "(bench/provision.py measures it)")
 
 
 class Thresholds(Strict):
@@ -146,6 +149,9 @@ class AgentConfig(Strict):
     poll_interval_s: float = Field(2.0, gt=0)
     heartbeat_interval_s: float = Field(10.0, gt=0)
     workers: int | None = Field(None, ge=1, description="cores to use; default all")
+    profile: Literal["edge", "edge-serve"] = Field(
+        "edge", description="what is installed: edge fine-tunes and serves; edge-serve serves the deployed model "
+                            "as it comes (no torch), selects and uploads")
 
     @model_validator(mode="after")
     def _store_options_fit(self) -> "AgentConfig":

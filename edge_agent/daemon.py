@@ -28,7 +28,7 @@ from edge_agent.layout import AgentPaths
 from edge_agent.outbox import Outbox
 from edge_agent.retention import disk_use, enforce
 from edge_agent.sampler import Sampler
-from edge_agent.serving import EnsembleHandle
+from edge_agent.serving import ENSEMBLE_FILE, EnsembleHandle, validate_ensemble
 from edge_agent.sitedata import labelled_files
 from edge_agent.state import AgentState
 from edge_agent.store import Store
@@ -71,6 +71,8 @@ class Agent:
                              config.upload.max_samples_per_day, config.upload.max_bytes_per_day,
                              Backoff(config.upload.retry_base_s, config.upload.retry_max_s))
         self.finetune = FinetuneSupervisor(self.config_file, self.paths)
+        # edge-serve: no torch here; the cloud ships each base as its ensemble graph, served as it comes
+        self.finetunes = config.profile == "edge"
         self.server = None
         self._pid_lock = None
 
@@ -156,11 +158,16 @@ class Agent:
 
     # ---- steps -----------------------------------------------------------------------------------
     def scan_triggers(self) -> None:
-        """Owe a fine-tune for a new base model or for enough new operator labels."""
-        fresh = [v for v in verified_base_models(self.paths) if v not in self.state.base_versions_seen]
+        """Owe a fine-tune for a new base model or for enough new operator labels (``edge-serve``: serve a
+        new base model as it comes)."""
+        fresh = [v for v in verified_base_models(self.paths, "model.pt" if self.finetunes else ENSEMBLE_FILE)
+                 if v not in self.state.base_versions_seen]
         if fresh:
             self.state.base_versions_seen.extend(fresh)
-            self._owe(f"new base model {fresh[-1]}")
+            if self.finetunes:
+                self._owe(f"new base model {fresh[-1]}")
+            else:
+                self.serve_as_is(fresh[-1])
         seen = set(self.state.labelled_seen)
         new = [(c, f) for c, f in labelled_files(self.paths) if f"{c}/{f.name}" not in seen]
         if not new:
@@ -169,10 +176,32 @@ class Agent:
             self.state.labelled_seen.append(f"{class_name}/{file.name}")
             self.state.labelled_unjudged.append(f"{class_name}/{file.name}")
         self.state.new_labelled += len(new)
-        if self.state.new_labelled >= self.config.thresholds.min_new_labelled:
+        if self.finetunes and self.state.new_labelled >= self.config.thresholds.min_new_labelled:
             self._owe(f"{self.state.new_labelled} new labelled images")
             self.state.new_labelled = 0
         self.save_state()
+
+    def serve_as_is(self, version: str) -> None:
+        """Publish the deployed ensemble graph of base ``version`` and switch serving to it atomically
+        (checked to load first: a graph that cannot serve never becomes active)."""
+        from edge_agent.activation import activate, publish, staging_dir
+        from edge_agent.candidates import base_folder_name
+
+        name = base_folder_name(version)
+        if not (self.paths.ensembles / name).is_dir():
+            staged = staging_dir(self.paths, name)
+            shutil.copyfile(self.paths.base_models / version / ENSEMBLE_FILE, staged / ENSEMBLE_FILE)
+            try:
+                validate_ensemble(staged / ENSEMBLE_FILE, self.config.image_size)
+            except ValueError as exc:
+                shutil.rmtree(staged, ignore_errors=True)
+                log.error("base model %s cannot serve: %s", version, exc)
+                return
+            publish(self.paths, staged, name)
+        activate(self.paths, name)
+        log.info("serving base model %s as it came (profile %s)", version, self.config.profile)
+        self.save_state()
+        self.heartbeat()
 
     def judge_labelled(self) -> None:
         """Offer newly labelled images for upload, once a model serves to judge them with: a labelled image
@@ -302,7 +331,8 @@ class Agent:
             "serving_problem": self.handle.problem,
             "base_versions": state.pop("base_versions_seen"),
             "finetune": {"running": self.finetune.running, "run_id": self.finetune.run_id,
-                         "reason": self.finetune.reason, "progress": self.finetune.progress()},
+                         "reason": self.finetune.reason, "progress": self.finetune.progress(),
+                         "state": "on" if self.finetunes else f"off (profile {self.config.profile})"},
             "queues": {"inbox": _count(self.paths.inbox), "outbox": len(outbox),
                        "outbox_bytes": sum(i.size for i in outbox)},
             "inbox_stuck": self.inbox.stuck_summary(),

@@ -30,7 +30,7 @@ from edge_agent.fileio import write_json_atomic
 from edge_agent.gate import choose
 from edge_agent.ids import new_id
 from edge_agent.layout import AgentPaths
-from edge_agent.members import MemberJob, make_jobs, train_members
+from edge_agent.members import MemberJob, available_memory, make_jobs, members_at_once, train_members
 from edge_agent.sitedata import SPLITS, load_site_splits
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,17 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
     progress.phase("loading data")
     splits = load_site_splits(paths, class_names, config.image_size)
     save_splits(run_dir, splits)
-    jobs = make_jobs(config, bases, run_dir, parallel)
-    log.info("fine-tune %s: %d members (%s), %d threads each, train/val/gate/test %d/%d/%d/%d", run_id, len(jobs),
-             "parallel" if parallel else "sequential", jobs[0].threads, *(len(splits[s]) for s in SPLITS))
+    available = available_memory()
+    at_once = members_at_once(len(config.members), config.finetune.member_memory_mb << 20, available) \
+        if parallel else 1
+    jobs = make_jobs(config, bases, run_dir, at_once)
+    log.info("fine-tune %s: %d members, %d at once (%s MiB available, %d MiB per member), %d threads each, "
+             "train/val/gate/test %d/%d/%d/%d", run_id, len(jobs), at_once,
+             "?" if available is None else available >> 20, config.finetune.member_memory_mb, jobs[0].threads,
+             *(len(splits[s]) for s in SPLITS))
     progress.phase("training")
     train_start = time.time()
-    members = train_members(jobs, parallel, should_stop, progress.event)
+    members = train_members(jobs, at_once, should_stop, progress.event)
     train_seconds = time.time() - train_start
     progress.phase("ensembling")
     version = run_id  # the ensemble is named for the run that made it
@@ -133,7 +138,8 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
                                      serving["results"].get("new", {}).get("test", {}).get("members", [])):
         member.update(val_accuracy=val_m["accuracy"], test_accuracy=test_m["accuracy"])
     report = {"run_id": run_id, "reason": reason, "version": version, "site": config.site, "started": started,
-              "bases": [b[0] for b in bases], "parallel": parallel, "train_seconds": round(train_seconds, 3),
+              "bases": [b[0] for b in bases], "parallel": parallel, "members_at_once": at_once,
+              "train_seconds": round(train_seconds, 3),
               "members": members, "ensemble": ensemble, "candidates": serving["results"],
               "serving": serving["chosen"], "serving_version": serving["version"],
               "gain_over_base": gain_over_base(serving["results"], serving["chosen"]),
