@@ -9,6 +9,7 @@ leftover staging folders are swept at the next start.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -55,15 +56,33 @@ def publish(paths: AgentPaths, staged: Path, version: str) -> Path:
     return final
 
 
-def activate(paths: AgentPaths, version: str) -> None:
-    """Point ``models/active`` at ``ensembles/<version>`` atomically (temp symlink + os.replace)."""
+class ActivationConflict(RuntimeError):
+    """The active ensemble changed between the gate's decision and the activation: the decision is stale."""
+
+
+UNCHECKED = object()  # activate() without a compare-and-swap (an operator's or a test's explicit switch)
+
+
+def activate(paths: AgentPaths, version: str, expected: str | None | object = UNCHECKED) -> None:
+    """Point ``models/active`` at ``ensembles/<version>`` atomically (temp symlink + os.replace).
+
+    ``expected`` makes it a compare-and-swap: the version the gate judged against (None: nothing served),
+    checked under a lock, so a decision taken against an ensemble that has since been replaced cannot
+    overwrite the newer one.
+    """
     if not (paths.ensembles / version).is_dir():
         raise FileNotFoundError(f"no published ensemble {version}")
-    temp = paths.models / f".active-{os.getpid()}"
-    temp.unlink(missing_ok=True)
-    os.symlink(os.path.join(paths.ensembles.name, version), temp)
-    os.replace(temp, paths.active_link)
-    fsync_dir(paths.models)
+    with open(paths.models / ".activation.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = active_version(paths)
+        if expected is not UNCHECKED and current != expected:
+            raise ActivationConflict(f"the active ensemble changed since this candidate was gated (now {current}, "
+                                     f"gated against {expected})")
+        temp = paths.models / f".active-{os.getpid()}"
+        temp.unlink(missing_ok=True)
+        os.symlink(os.path.join(paths.ensembles.name, version), temp)
+        os.replace(temp, paths.active_link)
+        fsync_dir(paths.models)
 
 
 def active_version(paths: AgentPaths) -> str | None:

@@ -334,7 +334,7 @@ class Agent:
 
 
 def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("run_id", "reason", "version", "bases", "decision", "activated", "finished", "seconds", "ensemble",
+    keys = ("run_id", "reason", "version", "bases", "decision", "gate", "activated", "finished", "seconds", "ensemble",
             "members", "candidates", "serving", "serving_version", "gain_over_base", "precision", "new_precision",
             "counts")
     return {k: report.get(k) for k in keys if k in report}
