@@ -306,7 +306,7 @@ class Agent:
                        "outbox_bytes": self.outbox.size_bytes()},
             "inbox_stuck": self.inbox.stuck_summary(),
             "upload_backoff_failures": self.uplink.backoff.failures,
-            "disk_bytes": disk_use(self.paths),
+            "disk_bytes": disk_use(self.paths, known={"outbox": self.outbox.size_bytes()}),
             "disk_full": self.disk_full(),
             **state,
         }
