@@ -241,3 +241,18 @@ def test_the_collect_flow_goes_on_past_hostile_samples_and_names_them(prefect_ha
     assert set(named) == set(hostile) and all(named.values())
     again = collect(str(inventory), CollectSettings(family="elpv", pseudo_label_confidence=0.85))
     assert again["new"] == 0 and again["rejected"] == 0  # quarantined: not read again
+
+
+def test_a_rollout_judges_a_canary_with_a_malformed_heartbeat_failed_and_does_not_crash(tmp_path):
+    import time
+
+    from orchestrator import health
+    from orchestrator import rollout as waves
+
+    store = tmp_path / "store"
+    hostile_heartbeats(store, time.time())
+    fleet = health.FleetStatus(Store(store.as_uri()))
+    watches = [waves.Watch(site, time.time() - 60, None) for site in ("pidtext", "timetext", "lastrun", "huge")]
+    verdicts = waves.wait_for_canaries(fleet.read, watches, "v2", soak_s=0, timeout_s=1, poll_s=0.2)
+    assert {site: state for site, (state, _) in verdicts.items()} == dict.fromkeys(verdicts, "failed")
+    assert set(fleet.unreadable) >= {"pidtext", "timetext", "lastrun", "huge"}  # why, for the rollout to say
