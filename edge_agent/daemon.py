@@ -324,7 +324,6 @@ class Agent:
     def status(self, phase: str | None = None) -> dict[str, Any]:
         with self.lock:
             state = self.state.model_dump(mode="json", exclude={"labelled_seen", "labelled_unjudged"})
-        outbox = self.outbox.items()
         return {
             "site": self.config.site, "time": time.time(), "pid": os.getpid(), "state": phase or self.phase(),
             "started": self.started, "active_version": _version_of(self.handle.target()),
@@ -333,11 +332,11 @@ class Agent:
             "finetune": {"running": self.finetune.running, "run_id": self.finetune.run_id,
                          "reason": self.finetune.reason, "progress": self.finetune.progress(),
                          "state": "on" if self.finetunes else f"off (profile {self.config.profile})"},
-            "queues": {"inbox": _count(self.paths.inbox), "outbox": len(outbox),
-                       "outbox_bytes": sum(i.size for i in outbox)},
+            "queues": {"inbox": _count(self.paths.inbox), "outbox": len(self.outbox),
+                       "outbox_bytes": self.outbox.size_bytes()},
             "inbox_stuck": self.inbox.stuck_summary(),
             "upload_backoff_failures": self.uplink.backoff.failures,
-            "disk_bytes": disk_use(self.paths),
+            "disk_bytes": disk_use(self.paths, known={"outbox": self.outbox.size_bytes()}),
             "disk_full": self.disk_full(),
             **state,
         }

@@ -10,6 +10,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -307,7 +308,12 @@ class Store:
         """Open ``path`` for reading and check again, on the open handle, that it is a regular file (a
         site could swap the file for a link or FIFO between the check and the open)."""
         if _is_local(fs):
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UnreadableFile(f"{relative}: not a regular file (symbolic link)") from None
+                raise
             handle = os.fdopen(fd, "rb", buffering=0)
             mode = os.fstat(fd).st_mode
         else:

@@ -7,13 +7,13 @@ reports trouble (a broken ensemble it fell back from, uploads failing, fine-tune
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
+from edge_agent.sidecar import validate_json_object
 from edge_agent.store import Listed, Store, StoreError
 
 MAX_HEARTBEAT_BYTES = 1024 * 1024  # a heartbeat is a few kB; a 200 MB one is an attack, not a status
@@ -108,16 +108,9 @@ def parse_heartbeat(data: bytes, site: str) -> dict[str, Any]:
     """The heartbeat in ``data`` as a dict whose every known field has its type (as the agent wrote it,
     unknown fields kept); :class:`UnreadableHeartbeat` with the first few problems otherwise."""
     try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UnreadableHeartbeat(f"not JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise UnreadableHeartbeat(f"not a JSON object (got {type(raw).__name__})")
-    try:
-        Heartbeat.model_validate(raw)
-    except ValidationError as exc:
-        raise UnreadableHeartbeat("; ".join(f"{'.'.join(map(str, e['loc'])) or 'heartbeat'}: {e['msg']}"
-                                            for e in exc.errors()[:3])) from None
+        raw, _ = validate_json_object(data, Heartbeat, "status")
+    except ValueError as exc:
+        raise UnreadableHeartbeat(str(exc)) from None
     if raw.get("site") not in (None, site):
         raise UnreadableHeartbeat(f"names site {raw['site']!r}, not {site!r}")
     return raw

@@ -457,6 +457,8 @@ def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None
             problems.append(format_problem(path, line_of(lines, ("sites", i)), f"site #{i + 1}", (), "must be a mapping"))
             continue
         name = entry.get("name")
+        if not isinstance(name, (str, type(None))):  # a list or mapping: the Site model names the field
+            name = None
         where = f"site {name!r}" if name else f"site #{i + 1}"
         if name in seen:
             problems.append(format_problem(path, line_of(lines, ("sites", i, "name")), where, ("name",),
@@ -484,6 +486,7 @@ def _where(raw: dict, loc: tuple) -> tuple[str, tuple]:
             name = raw["sites"][loc[1]].get("name")
         except (KeyError, IndexError, AttributeError, TypeError):
             name = None
+        name = name if isinstance(name, str) else None
         return (f"site {name!r}" if name else f"site #{loc[1] + 1}"), loc[2:]
     return (str(loc[0]) if loc else "top level"), loc[1:]
 

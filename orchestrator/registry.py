@@ -63,6 +63,7 @@ class ModelRegistry:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.skipped: dict[str, str] = {}  # folders the last listing found not to be versions, with why
 
     def register(self, family: str, checkpoint: str | Path, *, arch: str, dataset_id: str | None,
                  hyperparameters: dict, metrics: dict[str, float], parent: str | None = None,
@@ -100,9 +101,16 @@ class ModelRegistry:
         return record
 
     def versions(self, family: str | None = None) -> Iterator[ModelVersion]:
+        """Every version (of ``family``), oldest first. A folder that is not a version (no readable record:
+        a stray copy, a half-deleted version) is skipped and named in :attr:`skipped` with why."""
+        self.skipped = {}
         for folder in sorted(self.root.iterdir()):
             if folder.is_dir() and not folder.name.startswith("."):
-                record = self.get(folder.name)
+                try:
+                    record = self.get(folder.name)
+                except (RegistryError, ValueError, OSError) as exc:
+                    self.skipped[folder.name] = str(exc).splitlines()[0]
+                    continue
                 if family is None or record.family == family:
                     yield record
 
