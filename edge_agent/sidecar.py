@@ -8,6 +8,7 @@ wrong type, is rejected with a reason instead of crashing the intake for the who
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -30,6 +31,8 @@ class SampleSidecar(BaseModel):
     member_probabilities: list[list[float]] | None = None
     operator_label: str | None = None
     source: str | None = Field(None, description="inbox, http or operator: where the image came from")
+    split: Literal["train", "val", "gate", "test"] | None = Field(
+        None, description="an operator-labelled image's split at its site; only train and val ever go up")
     uncertainty: float | None = None
     disagreement: float | None = None
 
