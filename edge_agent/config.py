@@ -91,6 +91,8 @@ class Retention(Strict):
     results_max_bytes: int = Field(20_000_000, ge=1, description="results.jsonl is rotated past this size")
     log_max_bytes: int = Field(10_000_000, ge=1, description="agent.log is rotated past this size (2 kept)")
     interval_s: float = Field(60.0, gt=0, description="how often the limits are enforced")
+    min_free_bytes: int = Field(50_000_000, ge=0, description="below this much free disk the agent reports "
+                                "'disk full' and holds an owed fine-tune, retried with back-off once space returns")
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}

@@ -18,14 +18,15 @@ class FleetUnhealthy(RuntimeError):
 
 @flow(name="edgeloop-fleet-health", log_prints=True)
 def fleet_health(inventory: str = "inventory/local.yaml") -> list[dict]:
-    """Heartbeat age, state, versions, outbox and errors per site; stale sites fail the run."""
+    """Heartbeat age, state, versions, outbox and errors per site; stale or unreadable sites fail the run."""
     fleet = load_inventory(inventory)
-    rows = health.assess(health.read_fleet_status(fleet.store(), fleet.names()), fleet.names(), fleet.cloud.stale_after_s)
+    status, unreadable = health.read_fleet_status(fleet.store(), fleet.names())
+    rows = health.assess(status, fleet.names(), fleet.cloud.stale_after_s, unreadable=unreadable)
     create_table_artifact(key="fleet-health", table=[r.row() for r in rows],
                           description=f"latest heartbeat per site; stale after {fleet.cloud.stale_after_s:.0f} s")
     line = health.summary(rows)
     get_run_logger().info("fleet health: %s", line)
-    if any(r.verdict == "stale" for r in rows):
+    if any(r.verdict in ("stale", "unreadable") for r in rows):
         raise FleetUnhealthy(line)
     return [r.row() for r in rows]
 

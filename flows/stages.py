@@ -26,7 +26,7 @@ from orchestrator.demo import ReferenceLabels
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelling import LabelQueue
 from orchestrator.registry import ModelRegistry
-from orchestrator.samples import collect_samples
+from orchestrator.samples import Quarantine, collect_samples
 from orchestrator.trainers import train_on_trainers
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
@@ -127,7 +127,7 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
     """Collect, then champion + generic pool + every labelled sample → candidate → gate → promote → rollout."""
     collect(inventory, collect_settings)
     fleet, registry = _fleet(inventory)
-    collection = collect_samples(fleet.store())
+    collection = collect_samples(fleet.store(), quarantined=Quarantine(registry.root).reasons())
     base = open_dataset(settings.base_data)
     config = TrainConfig(epochs=settings.epochs, batch_size=64, lr=settings.lr, seed=settings.seed)
     champion = registry.champion(settings.family)
