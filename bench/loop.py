@@ -549,17 +549,19 @@ def main() -> int:
                             scratch_epochs=2)
     started = time.monotonic()
     seeds = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "loop-quick" if args.quick else "loop"
     for seed in range(settings.seeds):
         with tempfile.TemporaryDirectory(prefix=f"bench-loop-{seed}-") as tmp:
             seeds.append(run_seed(seed, settings, Path(tmp), lambda line: print(line, flush=True)))
-    result = {"benchmark": "loop", "settings": settings.__dict__, "seeds": seeds,
-              "summary": summarise(seeds, settings.rounds), "seconds": round(time.monotonic() - started, 1),
-              "machine": machine_info(), "command": "python bench/loop.py " + " ".join(sys.argv[1:])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "loop-quick" if args.quick else "loop"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / f"{stem}.png")
-    (args.out / f"{stem}.md").write_text(markdown(result))
+        # written after every seed: a run cut short still leaves the seeds it finished (marked partial)
+        result = {"benchmark": "loop", "settings": settings.__dict__, "seeds": seeds,
+                  "partial": len(seeds) < settings.seeds, "summary": summarise(seeds, settings.rounds),
+                  "seconds": round(time.monotonic() - started, 1), "machine": machine_info(),
+                  "command": "python bench/loop.py " + " ".join(sys.argv[1:])}
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        plot(result, args.out / f"{stem}.png")
+        (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {args.out / stem}.json, .png, .md in {result['seconds'] / 60:.1f} min")
     return 0
