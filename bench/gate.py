@@ -221,7 +221,7 @@ def main() -> int:
                <= settings.alpha for name, r in results.items()}
     result = {"benchmark": "gate", "settings": settings.__dict__, "settings_results": results, "targets": targets,
               "seconds": round(time.time() - started, 1), "machine": machine_info(),
-              "command": "python bench/gate.py" + (" --quick" if args.quick else "")}
+              "command": " ".join(["python bench/gate.py", *sys.argv[1:]])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "gate.json").write_text(json.dumps(result, indent=1))
     (RESULTS / "gate.md").write_text(markdown(result))
