@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
@@ -36,6 +36,8 @@ class SampleSidecar(BaseModel):
     member_probabilities: list[list[FiniteFloat]] | None = None
     operator_label: str | None = None
     source: str | None = Field(None, description="inbox, http or operator: where the image came from")
+    split: Literal["train", "val", "gate", "test"] | None = Field(
+        None, description="an operator-labelled image's split at its site; only train and val ever go up")
     uncertainty: FiniteFloat | None = None
     disagreement: FiniteFloat | None = None
 

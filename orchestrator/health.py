@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from edge_agent.sidecar import validate_json_object
-from edge_agent.store import Store, StoreError
+from edge_agent.store import Listed, Store, StoreError
 
 MAX_HEARTBEAT_BYTES = 1024 * 1024  # a heartbeat is a few kB; a 200 MB one is an attack, not a status
 
@@ -126,7 +126,7 @@ class FleetStatus:
 
     def __init__(self, store: Store):
         self.store = store
-        self._seen: dict[str, tuple[tuple, dict | str]] = {}  # site -> (listing entry, heartbeat or why not)
+        self._seen: dict[str, tuple[Listed, dict | str]] = {}  # site -> (listing entry, heartbeat or why not)
         self.fetched = 0  # heartbeats fetched by the last read
         self.error = ""  # why the last read could not reach the store
 
@@ -169,6 +169,11 @@ class FleetStatus:
 
     def _valid(self, sites: list[str]) -> dict[str, dict]:
         return {s: self._seen[s][1] for s in sites if s in self._seen and isinstance(self._seen[s][1], dict)}
+
+    def stored_at(self, sites: list[str]) -> dict[str, float]:
+        """When the store last wrote each site's heartbeat, by the store's clock (file and sftp mtime, S3's
+        LastModified), from the last :meth:`read`'s listing: a heartbeat's age that trusts no edge clock."""
+        return {s: self._seen[s][0].mtime for s in sites if s in self._seen and self._seen[s][0].mtime is not None}
 
 
 def read_fleet_status(store: Store, sites: list[str]) -> tuple[dict[str, dict], dict[str, str]]:

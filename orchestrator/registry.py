@@ -137,19 +137,19 @@ class ModelRegistry:
         champion = self.champion(family)
         if champion is None:
             raise RegistryError(f"no champion of family {family!r} in {self.root}: run pretrain first")
-        return self.classes(champion.version)
+        return self.contract(champion.version)["classes"]
 
     def contract(self, version: str) -> dict:
-        """What a fleet that fine-tunes from ``version`` depends on: architecture, input size, class names."""
-        record = self.get(version)
-        return {"arch": record.arch, "image_size": record.hyperparameters.get("image_size"),
-                "classes": self.classes(version)}
+        """What a fleet that fine-tunes from ``version`` depends on: architecture, input size, class names
+        (read from the checkpoint itself, which is what the sites load)."""
+        meta = self._meta(version)
+        return {"arch": meta["spec"]["arch"], "image_size": meta["spec"]["image_size"],
+                "classes": list(meta["class_names"])}
 
-    def classes(self, version: str) -> list[str]:
+    def _meta(self, version: str) -> dict:
         import torch
 
-        payload = torch.load(self.artifact(version), map_location="cpu", weights_only=True)
-        return list(payload["meta"]["class_names"])
+        return torch.load(self.artifact(version), map_location="cpu", weights_only=True)["meta"]
 
     def promote(self, version: str, expected: str | None | object = UNCHECKED) -> ModelVersion:
         """Make ``version`` its family's champion.

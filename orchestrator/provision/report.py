@@ -45,6 +45,7 @@ class HostResult:
     seconds: float = 0.0
     commands: int = 0  # SSH sessions/uploads this tool opened on the host
     requests: int = 0  # step requests answered by the remote worker (one line each way)
+    shipped_bytes: int = 0  # wheels uploaded to the host (or that would be, in check mode)
     attempts: int = 1  # tries: an unreachable host is tried again (see the driver's retry delays)
 
     @property
@@ -101,8 +102,9 @@ class RunReport:
         mode = " (check mode: nothing was changed)" if self.check else ""
         lines = [f"PROVISION RECAP{mode}"]
         for h in self.hosts:
+            shipped = f"  shipped {h.shipped_bytes / 2**20:.1f} MiB" if h.shipped_bytes else ""
             lines.append(f"{h.site:<{width}}  {h.status:<7}  ok={h.count(OK)} changed={h.count(CHANGED)} "
-                         f"failed={h.count(FAILED)} skipped={h.count(SKIPPED)}  {h.seconds:.1f}s")
+                         f"failed={h.count(FAILED)} skipped={h.count(SKIPPED)}  {h.seconds:.1f}s{shipped}")
         if self.failed:
             lines.append(f"{len(self.failed)} of {len(self.hosts)} host(s) failed:")
             lines += [f"  {h.site}: {h.reason}" for h in self.failed]
