@@ -25,7 +25,7 @@ class _Part(BaseModel):
 
 
 class Accuracy(_Part):
-    accuracy: FiniteFloat | None = None
+    accuracy: float | None = None  # NaN where a split was empty: compared, never summed
 
 
 class CandidateScores(_Part):
@@ -38,8 +38,8 @@ class LastRun(_Part):
     bases: list[str] = Field(default_factory=list)
     serving: str | None = None
     candidates: dict[str, CandidateScores | None] = Field(default_factory=dict)
-    gain_over_base: dict[str, FiniteFloat | None] | None = None
-    precision: dict[str, str | None] | None = None
+    gain_over_base: dict[str, float | None] | None = None
+    precision: dict[str, Any] | None = None
 
 
 class MemberProgress(_Part):
