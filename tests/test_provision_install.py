@@ -22,7 +22,7 @@ import pytest
 
 from edge_agent.imaging import encode_png
 from orchestrator.deploy import deploy_model
-from orchestrator.health import read_fleet_status
+from orchestrator.health import assess, read_fleet_status
 from orchestrator.inventory import load_inventory
 from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, build_wheel, provision
 from orchestrator.provision.wheelhouse import Platform, wheelhouse_at
@@ -167,16 +167,21 @@ def test_the_deployed_model_serves_an_inbox_image_without_torch(served, tmp_path
     assert line["file"] == "cell-1.png" and set(line["probabilities"]) == {"functional", "defective"}, line
     status_before = json.loads((root / "status.json").read_text())["time"]
     deadline = time.time() + 30
-    while time.time() < deadline:
+    while time.time() < deadline:  # a heartbeat after serving, with the sample selected and uploaded
         status = json.loads((root / "status.json").read_text())
-        if status["time"] > status_before:
+        if status["time"] > status_before and status.get("uploaded_total"):
             break
         time.sleep(0.5)
     assert status["time"] > status_before, "no heartbeat after serving"
+    # an untrained model is unsure of everything: the image is informative, selected and uploaded
+    assert status["selected_total"] == 1 and status["uploaded_total"] == 1, status
     assert status["active_version"] == "base-v-serve"
     assert status["finetune"]["state"] == "off (profile edge-serve)"
-    stored = read_fleet_status(inventory.store(), [host.site])[host.site]  # the heartbeat arrived in the store
-    assert stored["active_version"] == "base-v-serve" and stored["time"] >= status_before
+    stored, refused = read_fleet_status(inventory.store(), [host.site])  # the heartbeat arrived in the store
+    assert not refused, refused
+    assert stored[host.site]["active_version"] == "base-v-serve" and stored[host.site]["time"] >= status_before
+    row = assess(stored, [host.site], stale_after_s=60)[0]  # what fleet-health shows for the site
+    assert row.verdict == "ok" and row.finetune == "fine-tune: off (profile edge-serve)"
     pid = status["pid"]
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert "libtorch" not in maps and "onnxruntime" in maps  # serving, and torch was never loaded
