@@ -138,15 +138,13 @@ def project_requirements(profile: str, pyproject: Path = PROJECT_DIR / "pyprojec
 class Wheelhouse:
     """Wheels resolved per (profile, platform), kept content-addressed under ``root``.
 
-    ``constraints`` pins what must be pinned (the project's constraints.txt); ``pip_args`` adds index
-    options for the cloud's own pip when its configuration does not already say where wheels come from.
+    ``constraints`` pins what must be pinned (the project's constraints.txt). Where the wheels come from is
+    the cloud's own pip configuration (PyPI, a mirror, a find-links folder, its cache).
     """
 
-    def __init__(self, root: Path, constraints: Path | None = PROJECT_DIR / "constraints.txt",
-                 pip_args: tuple[str, ...] = ()):
+    def __init__(self, root: Path, constraints: Path | None = PROJECT_DIR / "constraints.txt"):
         self.root = Path(root)
         self.constraints = constraints if constraints and constraints.exists() else None
-        self.pip_args = pip_args
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -183,7 +181,7 @@ class Wheelhouse:
         with tempfile.TemporaryDirectory(prefix=".download-", dir=self.root) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                    "--only-binary=:all:", "--python-version", platform.python, "--implementation",
-                   platform.implementation, "--abi", platform.abi, "--dest", tmp, *self.pip_args]
+                   platform.implementation, "--abi", platform.abi, "--dest", tmp]
             cmd += [arg for tag in platform.tags() for arg in ("--platform", tag)]
             if self.constraints:
                 cmd += ["-c", str(self.constraints)]
