@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import STAGING_PREFIX, activate, active_dir, publish, staging_dir, sweep_staging
+from edge_agent.activation import (STAGING_PREFIX, activate, active_dir, active_version, publish, staging_dir,
+                                   sweep_staging)
 from edge_agent.basemodels import pick_bases
 from edge_agent.candidates import choose_precision, discard, gain_over_base, gate_score, score, stage_base_as_is
 from edge_agent.config import AgentConfig
@@ -31,7 +32,7 @@ from edge_agent.gate import choose
 from edge_agent.ids import new_id
 from edge_agent.layout import AgentPaths
 from edge_agent.members import MemberJob, available_memory, make_jobs, members_at_once, train_members
-from edge_agent.sitedata import SPLITS, load_site_splits
+from edge_agent.sitedata import SPLITS, finetune_blocker, load_site_splits, split_counts
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,10 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
     import torch
 
     class_names = torch.load(bases[-1][1], map_location="cpu", weights_only=True)["meta"]["class_names"]
+    counts = split_counts(paths)
+    blocked = finetune_blocker(counts, config.thresholds.min_gate_images)
+    if blocked:
+        return serve_base_only(config, paths, run_dir, run_id, reason, blocked, bases, class_names, counts, started)
     progress.phase("loading data")
     splits = load_site_splits(paths, class_names, config.image_size)
     save_splits(run_dir, splits)
@@ -154,6 +159,29 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
     write_json_atomic(run_dir / "report.json", report)
     for name in ("train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"):
         (run_dir / name).unlink(missing_ok=True)
+    return report
+
+
+def serve_base_only(config: AgentConfig, paths: AgentPaths, run_dir: Path, run_id: str, reason: str, blocked: str,
+                    bases: list, class_names: list[str], counts: dict[str, int], started: float) -> dict[str, Any]:
+    """Too few labelled images to fine-tune: no member is trained. If nothing serves yet, the base as-is goes
+    into service (the simplest alternative needs no evidence to replace nothing); else what serves stays."""
+    base_version, base_path, _ = bases[-1]
+    current = active_version(paths)
+    serving, version = "active", current
+    if current is None:
+        folder, is_new = stage_base_as_is(config, paths, base_version, base_path, class_names)
+        final = publish(paths, folder, folder.name.removeprefix(STAGING_PREFIX)) if is_new else folder
+        activate(paths, final.name, expected=None)
+        serving, version = "base", final.name
+    decision = f"{blocked}; {'the base as-is serves' if current is None else 'what serves stays'}"
+    log.info("fine-tune %s skipped: %s", run_id, decision)
+    report = {"run_id": run_id, "reason": reason, "version": None, "site": config.site, "started": started,
+              "bases": [b[0] for b in bases], "members": [], "candidates": {}, "serving": serving,
+              "serving_version": version, "decision": decision, "gate": None, "activated": current is None,
+              "skipped": blocked, "counts": counts, "finished": time.time(),
+              "seconds": round(time.time() - started, 3)}
+    write_json_atomic(run_dir / "report.json", report)
     return report
 
 

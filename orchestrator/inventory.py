@@ -43,7 +43,7 @@ from edge_agent.config import (
     Thresholds,
     UploadBudget,
 )
-from edge_agent.store import Store
+from edge_agent.store import Store, store_option_problems
 from edge_agent.yamlfile import YamlFileError, format_problem, line_of, read_yaml, suggest, validate
 from orchestrator.registry import ModelRegistry
 
@@ -219,6 +219,12 @@ class Cloud(Strict):
                                     "(DDP over SSH); none: it trains in the flow's own process")
     rendezvous_port: int = Field(29400, ge=1, le=65535, description="port on the first trainer where the "
                                  "trainers meet")
+
+    @model_validator(mode="after")
+    def _store_options_fit(self) -> "Cloud":
+        if problems := store_option_problems(self.store_url, self.store_options):
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("retrain_schedule")
     @classmethod
@@ -451,6 +457,8 @@ def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None
             problems.append(format_problem(path, line_of(lines, ("sites", i)), f"site #{i + 1}", (), "must be a mapping"))
             continue
         name = entry.get("name")
+        if not isinstance(name, (str, type(None))):  # a list or mapping: the Site model names the field
+            name = None
         where = f"site {name!r}" if name else f"site #{i + 1}"
         if name in seen:
             problems.append(format_problem(path, line_of(lines, ("sites", i, "name")), where, ("name",),
@@ -478,6 +486,7 @@ def _where(raw: dict, loc: tuple) -> tuple[str, tuple]:
             name = raw["sites"][loc[1]].get("name")
         except (KeyError, IndexError, AttributeError, TypeError):
             name = None
+        name = name if isinstance(name, str) else None
         return (f"site {name!r}" if name else f"site #{loc[1] + 1}"), loc[2:]
     return (str(loc[0]) if loc else "top level"), loc[1:]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from orchestrator.registry import ModelRegistry, table
 
@@ -36,7 +37,10 @@ def _print_rows(rows: list[dict]) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    _print_rows(table(list(ModelRegistry(args.registry).versions(args.family))))
+    registry = ModelRegistry(args.registry)
+    _print_rows(table(list(registry.versions(args.family))))
+    for name, why in registry.skipped.items():
+        print(f"skipped {registry.root / name}: not a model version ({why})", file=sys.stderr)
     return 0
 
 
