@@ -349,3 +349,13 @@ def test_index_mode_installs_from_the_named_index_and_a_mode_change_rebuilds_the
     assert (venv_site / "onnxruntime").is_dir() and not (venv_site / "torch").exists()
     again = provision(switched, wheel=served["wheel"], limit=[host.site])
     assert again.changed == 0, again.recap()
+
+
+def test_a_site_installs_its_profile_plus_its_store_protocol():
+    """edge-serve carries no s3fs; a site that uploads to s3:// gets it (edge has it already)."""
+    from orchestrator.provision.wheelhouse import site_requirements
+
+    serve = site_requirements("edge-serve", "file:///srv/store")
+    assert "onnxruntime" in serve and not {"torch", "torchvision", "albumentations", "scipy", "s3fs"} & set(serve)
+    assert site_requirements("edge-serve", "s3://bucket/store") == [*serve, "s3fs"]
+    assert site_requirements("edge", "s3://bucket/store").count("s3fs") == 1

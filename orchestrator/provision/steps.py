@@ -37,7 +37,7 @@ from orchestrator.provision.wheelhouse import (
     WheelFile,
     Wheelhouse,
     installed_size,
-    project_requirements,
+    site_requirements,
     wheelhouse_at,
 )
 
@@ -141,7 +141,7 @@ class SiteProvisioner:
         mode, facts = self.site.install_mode, self.result.facts
         if mode == "wheelhouse":
             try:
-                self.lock = self.wheelhouse.lock(install.profile, Platform.from_facts(facts))
+                self.lock = self.wheelhouse.lock(install.profile, Platform.from_facts(facts), self.store_url)
             except NoWheel as exc:
                 raise StepFailed(str(exc)) from None
         wanted = self.wanted()
@@ -193,6 +193,10 @@ class SiteProvisioner:
                                              if resumed else "")
 
     @property
+    def store_url(self) -> str:
+        return self.site.store_url or self.inventory.cloud.store_url
+
+    @property
     def wheelhouse(self) -> Wheelhouse:
         return wheelhouse_at(self.inventory.wheelhouse())
 
@@ -211,7 +215,8 @@ class SiteProvisioner:
                      "pip_wheel": next(w.name for w in self.lock.wheels if w.project == "pip")}
         elif mode == "index":
             constraints = self.wheelhouse.constraints
-            extra = {"requirements": "".join(f"{r}\n" for r in project_requirements(install.profile)),
+            requirements = site_requirements(install.profile, self.store_url)
+            extra = {"requirements": "".join(f"{r}\n" for r in requirements),
                      "index_url": install.index_url, "constraints": constraints.read_text() if constraints else ""}
         out = self.call("install", venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}", mode=mode,
                         profile=install.profile,
@@ -242,7 +247,7 @@ class SiteProvisioner:
 
     def _store_host_keys(self) -> bool:
         """Give the agent the store's host key from the inventory's known_hosts, so it verifies the store."""
-        url = urlsplit(self.site.store_url or self.inventory.cloud.store_url)
+        url = urlsplit(self.store_url)
         name = known_hosts_name(url.hostname or "", url.port or 22)
         lines = known_host_lines(self.inventory.known_hosts, name)
         if not lines:

@@ -114,6 +114,19 @@ def installed_size(wheel: Path) -> int:
         return sum(info.file_size for info in archive.infolist())
 
 
+# A store protocol's fsspec package, for a site whose profile does not bring it (edge-serve with s3://).
+STORE_PACKAGES = {"s3": "s3fs"}
+
+
+def site_requirements(profile: str, store_url: str = "") -> list[str]:
+    """What a site installs: its profile, plus the package of its store's protocol when the profile lacks it."""
+    out = project_requirements(profile)
+    package = STORE_PACKAGES.get(store_url.split("://")[0]) if "://" in store_url else None
+    if package and not any(re.match(rf"{package}\b", r) for r in out):
+        out.append(package)
+    return out
+
+
 def project_requirements(profile: str, pyproject: Path = PROJECT_DIR / "pyproject.toml") -> list[str]:
     """The project's dependencies plus those of the profile's extra (read from ``pyproject.toml``)."""
     import tomllib
@@ -151,14 +164,16 @@ class Wheelhouse:
     def blob(self, wheel: WheelFile) -> Path:
         return self.root / "blobs" / wheel.sha256 / wheel.name
 
-    def _key(self, profile: str, platform: Platform) -> str:
-        digest = hashlib.sha256(json.dumps([profile, asdict(platform), project_requirements(profile),
+    def _key(self, profile: str, platform: Platform, requirements: list[str]) -> str:
+        digest = hashlib.sha256(json.dumps([profile, asdict(platform), requirements,
                                             self.constraints.read_text() if self.constraints else ""]).encode())
         return digest.hexdigest()[:24]
 
-    def lock(self, profile: str, platform: Platform) -> Lock:
-        """The profile's wheels for ``platform``: read from its lock file, else resolved now (once at a time)."""
-        key = self._key(profile, platform)
+    def lock(self, profile: str, platform: Platform, store_url: str = "") -> Lock:
+        """The wheels a site of ``profile`` (storing to ``store_url``) needs on ``platform``: read from its lock
+        file, else resolved now (once at a time)."""
+        requirements = site_requirements(profile, store_url)
+        key = self._key(profile, platform, requirements)
         with self._guard:
             guard = self._locks.setdefault(key, threading.Lock())
         with guard:  # hosts of one platform provisioned at once resolve it once
@@ -170,13 +185,13 @@ class Wheelhouse:
                     return Lock(profile, platform, wheels)
             except (OSError, ValueError, KeyError, TypeError):
                 pass
-            lock = self._resolve(profile, platform)
+            lock = self._resolve(profile, platform, requirements)
             write_json_atomic(path, {"profile": profile, "platform": asdict(platform),
                                      "wheels": [asdict(w) for w in lock.wheels]})
             return lock
 
-    def _resolve(self, profile: str, platform: Platform) -> Lock:
-        requirements = project_requirements(profile) + list(BOOTSTRAP)
+    def _resolve(self, profile: str, platform: Platform, requirements: list[str]) -> Lock:
+        requirements = requirements + list(BOOTSTRAP)
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=self.root) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
