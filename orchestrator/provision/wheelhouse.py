@@ -129,7 +129,10 @@ def site_requirements(profile: str, store_url: str = "") -> list[str]:
 
 def project_requirements(profile: str, pyproject: Path = PROJECT_DIR / "pyproject.toml") -> list[str]:
     """The project's dependencies plus those of the profile's extra (read from ``pyproject.toml``)."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the TOML reader pip itself carries
+        from pip._vendor import tomli as tomllib
 
     project = tomllib.loads(pyproject.read_text())["project"]
     extras = project.get("optional-dependencies", {})
