@@ -79,10 +79,6 @@ def small_disk(tmp_path_factory):
         yield {"root": mount / "site", "install": "{mode: wheelhouse, profile: edge-serve, disk_reserve_mb: 1e12}"}
 
 
-def site_block(name: str, **fields: str) -> str:
-    return "".join(f"    {k}: {v}\n" for k, v in fields.items())
-
-
 @pytest.fixture(scope="module")
 def served(offline_fleet, bare_python, small_disk, tmp_path_factory):
     """One provisioning run over the three hosts, and the healthy one's re-run."""
