@@ -214,7 +214,9 @@ def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
     (tmp_path / "status").mkdir()
     (tmp_path / "status" / "a.json").write_text(json.dumps({"site": "a", "time": 5}))
     (tmp_path / "status" / "b.json").write_text("{not json")
-    assert read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"]) == {"a": {"site": "a", "time": 5}}
+    heartbeats, unreadable = read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"])
+    assert heartbeats == {"a": {"site": "a", "time": 5}}
+    assert list(unreadable) == ["b"] and "json" in unreadable["b"].lower()
 
 
 def test_models_cli_lists_versions_and_lineage(registry, capsys):
