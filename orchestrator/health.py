@@ -51,6 +51,7 @@ class FinetuneProgress(_Part):
 
 
 class FinetuneStatus(_Part):
+    state: str | None = None  # "on", or "off (profile edge-serve)"
     running: bool = False
     run_id: str | None = None
     reason: str | None = None
@@ -194,6 +195,7 @@ class SiteHealth:
     base_versions: str
     outbox: int | None
     uploaded_total: int | None
+    finetune: str | None = None  # "fine-tune: off (profile edge-serve)" where the site does not fine-tune
 
     def row(self) -> dict:
         return asdict(self)
@@ -219,9 +221,10 @@ def _site(site: str, s: dict | None, stale_after_s: float, now: float) -> SiteHe
                                     else f"last heartbeat {age:.0f} s ago (limit {stale_after_s:.0f} s)")
     elif trouble := _trouble(s):
         verdict, reason = "degraded", trouble
+    finetune = (s.get("finetune") or {}).get("state")
     return SiteHealth(site, verdict, reason, s.get("state"), age, s.get("active_version"),
                       ", ".join(s.get("base_versions") or []), (s.get("queues") or {}).get("outbox"),
-                      s.get("uploaded_total"))
+                      s.get("uploaded_total"), f"fine-tune: {finetune}" if finetune else None)
 
 
 def _trouble(s: dict) -> str:
