@@ -9,8 +9,12 @@ leftover staging folders are swept at the next start.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from edge_agent.fileio import fsync_dir
@@ -64,6 +68,38 @@ def activate(paths: AgentPaths, version: str) -> None:
     os.symlink(os.path.join(paths.ensembles.name, version), temp)
     os.replace(temp, paths.active_link)
     fsync_dir(paths.models)
+
+
+EXIT_FENCED = 5  # the exit status of a fine-tune process that was fenced
+
+
+class Fenced(RuntimeError):
+    """The fine-tune was built on a base version a rollback fenced: it must not activate."""
+
+
+def fenced_versions(paths: AgentPaths) -> set[str]:
+    """Base versions a rollback fenced (``models/fence.json``; written by the cloud's rollback)."""
+    try:
+        return set(json.loads(paths.fence_file.read_text()).get("versions", []))
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, AttributeError) as exc:  # unreadable fence: activate nothing, say why
+        raise Fenced(f"{paths.fence_file} unreadable ({exc})") from None
+
+
+@contextlib.contextmanager
+def activation_guard(paths: AgentPaths, bases: list[str]) -> Iterator[None]:
+    """Hold the activation lock, and refuse (:class:`Fenced`) when any of ``bases`` is fenced.
+
+    A rollback fences under the same lock before it switches ``active``, so a fine-tune either activates
+    before the rollback (which then switches away from it) or sees the fence: never after a rollback.
+    """
+    with open(paths.activation_lock, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fenced = fenced_versions(paths) & set(bases)
+        if fenced:
+            raise Fenced(f"base {', '.join(sorted(fenced))} was rolled back; this fine-tune does not activate")
+        yield
 
 
 def active_version(paths: AgentPaths) -> str | None:

@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import STAGING_PREFIX, activate, active_dir, publish, staging_dir, sweep_staging
+from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, activation_guard, active_dir, publish,
+                                   staging_dir, sweep_staging)
 from edge_agent.basemodels import pick_bases
 from edge_agent.candidates import choose_precision, discard, gain_over_base, gate_score, score, stage_base_as_is
 from edge_agent.config import AgentConfig
@@ -142,7 +143,14 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
               "precision": serving.get("precision"), "new_precision": serving.get("new_precision"),
               "counts": {s: len(splits[s]) for s in SPLITS}}
     write_json_atomic(staged / "report.json", report)
-    _publish_choice(paths, serving["chosen"], {"new": (staged, True), "base": (base_folder, base_is_new)})
+    try:
+        with activation_guard(paths, report["bases"]):
+            _publish_choice(paths, serving["chosen"], {"new": (staged, True), "base": (base_folder, base_is_new)})
+    except Fenced:
+        for folder, is_new in ((staged, True), (base_folder, base_is_new)):
+            if is_new:
+                discard(folder)
+        raise
     report.update(finished=time.time(), seconds=round(time.time() - started, 3))
     progress.phase("done")
     write_json_atomic(run_dir / "report.json", report)
@@ -226,7 +234,8 @@ class RunLock:
 
 def run_finetune_process(config: AgentConfig, paths: AgentPaths, run_id: str | None, reason: str,
                          parent_pid: int | None = None, parallel: bool = True) -> int:
-    """Entry point of ``edgeloop-agent finetune``: 0 done (activated or not), 3 stopped, 4 cannot run."""
+    """Entry point of ``edgeloop-agent finetune``: 0 done (activated or not), 3 stopped, 4 cannot run,
+    5 fenced (its base was rolled back while it ran)."""
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = threading.Event()
@@ -251,6 +260,9 @@ def run_finetune_process(config: AgentConfig, paths: AgentPaths, run_id: str | N
     except InterruptedError:
         log.warning("fine-tune %s abandoned", run_id)
         return EXIT_ABANDONED
+    except Fenced as exc:
+        log.warning("fine-tune %s not activated: %s", run_id, exc)
+        return EXIT_FENCED
     except FinetuneError as exc:
         log.error("fine-tune %s cannot run: %s", run_id, exc)
         return EXIT_NO_INPUT

@@ -22,6 +22,24 @@ class StoreError(RuntimeError):
     """The store could not take or return a file (unreachable, unwritable, or a verify mismatch)."""
 
 
+def entry_mtime(entry: dict[str, Any]) -> float | None:
+    """When the store last wrote a listed file, in seconds since the epoch by the *store's* clock (never
+    the writer's): local and sftp say ``mtime`` (a number or a datetime), object stores ``LastModified``."""
+    value = next((entry[k] for k in ("mtime", "LastModified", "last_modified") if entry.get(k) is not None), None)
+    if hasattr(value, "timestamp"):
+        return float(value.timestamp())
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        from datetime import datetime
+
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
 def _known_hosts_policy(path: str):
     """A paramiko policy that accepts only the host key recorded for the host in ``path``.
 
@@ -120,8 +138,9 @@ class Store:
         prefix = f"{self._root}/" if self._root else ""
         return sorted(p.removeprefix(prefix) for p in found)
 
-    def listing(self, folder: str) -> dict[str, tuple]:
-        """``{name: (size, mtime)}`` of the files directly in ``folder``, in one request ({} when absent)."""
+    def listing(self, folder: str) -> dict[str, tuple[int | None, float | None]]:
+        """``{name: (size, mtime)}`` of the files directly in ``folder``, in one request ({} when absent);
+        ``mtime`` by the store's clock (:func:`entry_mtime`)."""
         try:
             entries = self._connect().ls(self.path(folder), detail=True)
         except FileNotFoundError:
@@ -129,7 +148,7 @@ class Store:
         except Exception as exc:
             self.reset()
             raise StoreError(f"{folder}: {type(exc).__name__}: {exc}") from exc
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e.get("size"), str(e.get("mtime", e.get("LastModified"))))
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e.get("size"), entry_mtime(e))
                 for e in entries if e.get("type") == "file"}
 
     def read_many(self, relatives: list[str]) -> dict[str, bytes]:
@@ -153,9 +172,8 @@ class Store:
         removed = 0
         fs = self._connect()
         for path in fs.glob(self.path(f"{folder}/.*.part")):
-            modified = fs.info(path).get("mtime")
-            modified = modified.timestamp() if hasattr(modified, "timestamp") else modified
-            if isinstance(modified, (int, float)) and time.time() - modified > older_than_s:
+            modified = entry_mtime(fs.info(path))
+            if modified is not None and time.time() - modified > older_than_s:
                 fs.rm_file(path)
                 removed += 1
         return removed

@@ -40,11 +40,16 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
     try:
         remote = open_remote(site, inventory, accept_new_host_keys)
         worker = HostWorker(remote, site.python)
-        folder = f"{AgentPaths(Path(host_facts(worker, site)['root'])).base_models}/{version}"
+        paths = AgentPaths(Path(host_facts(worker, site)["root"]))
+        if worker.call("file_sha", path=str(paths.config_file))["sha256"] is None:
+            return DeployResult(site.name, version, "failed", f"not provisioned: no agent config at "
+                                f"{paths.config_file} (run edgeloop provision first)")
+        folder = f"{paths.base_models}/{version}"
         weights, marker = f"{folder}/model.pt", f"{folder}/model.pt.sha256"
         if worker.call("file_sha", path=weights)["sha256"] == digest and \
                 worker.call("put_text", path=marker, content=f"{digest}\n", check=True)["changed"] is False:
             return DeployResult(site.name, version, "ok")
+        worker.call("deploy_record", root=str(paths.root), version=version)  # what a rollback restores
         worker.call("folders", folders=[folder], check=False)
         staged = f"{folder}/.model.pt.tmp"
         remote.put(Path(checkpoint), staged)

@@ -1,8 +1,11 @@
 """Fleet health from the sites' heartbeats: one row per site, and which sites need a person.
 
-A site is *stale* when its last heartbeat in the store is older than ``cloud.stale_after_s`` (or there is
-none): its agent is down, its host is off, or its link to the store is cut. A site that answers but
-reports trouble (a broken ensemble it fell back from, uploads failing, fine-tunes failing) is *degraded*.
+A heartbeat's age is the cloud's, never the edge's: it is measured from when the *store* last wrote the
+site's status file (the listing's mtime), so an edge clock that is slow or fast changes nothing. A site is
+*stale* when that age is over ``cloud.stale_after_s``: its agent is down, its host is off, or its link to
+the store is cut. A site with no heartbeat in the store at all is *not provisioned* (or its agent never
+reached the store). A site that answers but reports trouble (a broken ensemble it fell back from, uploads
+failing, fine-tunes failing) is *degraded*.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class FleetStatus:
     def __init__(self, store: Store):
         self.store = store
         self._seen: dict[str, tuple[tuple, dict]] = {}  # site -> (listing entry, heartbeat)
+        self.stored_at: dict[str, float] = {}  # site -> when the store wrote its heartbeat (the store's clock)
         self.fetched = 0  # heartbeats fetched by the last read
         self.error = ""  # why the last read could not reach the store
 
@@ -45,6 +49,8 @@ class FleetStatus:
         self.error, self.fetched = "", len(fetched)
         for site in [s for s in self._seen if f"{s}.json" not in listing]:
             del self._seen[site]  # its heartbeat was removed from the store
+        self.stored_at = {s: listing[f"{s}.json"][1] for s in sites
+                          if f"{s}.json" in listing and listing[f"{s}.json"][1] is not None}
         for site in changed:
             try:
                 self._seen[site] = (listing[f"{site}.json"], json.loads(fetched[f"status/{site}.json"]))
@@ -53,15 +59,29 @@ class FleetStatus:
         return {s: self._seen[s][1] for s in sites if s in self._seen}
 
 
+    def age(self, site: str, now: float | None = None) -> float | None:
+        """Seconds since the store wrote ``site``'s heartbeat, by the cloud's clock (None: never seen)."""
+        stored = self.stored_at.get(site)
+        return None if stored is None else max(0.0, (time.time() if now is None else now) - stored)
+
+
 def read_fleet_status(store: Store, sites: list[str]) -> dict[str, dict]:
     """The latest heartbeat each site pushed to the store (missing or unreadable sites are absent)."""
     return FleetStatus(store).read(sites)
 
 
+def fleet_health(store: Store, sites: list[str], stale_after_s: float) -> list["SiteHealth"]:
+    """One :class:`SiteHealth` per site, read and aged by the cloud's clock in one listing of the store."""
+    reader = FleetStatus(store)
+    status = reader.read(sites)
+    now = time.time()
+    return assess(status, sites, stale_after_s, {s: reader.age(s, now) for s in sites})
+
+
 @dataclass(frozen=True)
 class SiteHealth:
     site: str
-    verdict: str  # ok | degraded | stale
+    verdict: str  # ok | degraded | stale | not provisioned
     reason: str
     state: str | None
     heartbeat_age_s: float | None
@@ -74,17 +94,23 @@ class SiteHealth:
         return asdict(self)
 
 
-def assess(status: dict[str, dict], sites: list[str], stale_after_s: float, now: float | None = None
+def assess(status: dict[str, dict], sites: list[str], stale_after_s: float, ages: dict[str, float | None]
            ) -> list[SiteHealth]:
-    """One :class:`SiteHealth` per site in ``sites``, from its latest heartbeat (``status[site]``)."""
-    now = time.time() if now is None else now
-    return [_site(site, status.get(site), stale_after_s, now) for site in sites]
+    """One :class:`SiteHealth` per site in ``sites``, from its latest heartbeat (``status[site]``) and its age
+    by the cloud's clock (``ages[site]``, from :meth:`FleetStatus.age`)."""
+    return [_site(site, status.get(site), stale_after_s, ages.get(site)) for site in sites]
 
 
-def _site(site: str, s: dict | None, stale_after_s: float, now: float) -> SiteHealth:
+NOT_PROVISIONED = "no heartbeat in the store: never provisioned, or its agent never reached the store"
+
+
+def _site(site: str, s: dict | None, stale_after_s: float, age: float | None) -> SiteHealth:
+    if age is None:
+        return SiteHealth(site, "not provisioned", NOT_PROVISIONED, None, None, None, "", None, None)
+    age = round(age, 1)
     if not s:
-        return SiteHealth(site, "stale", "no heartbeat in the store", None, None, None, "", None, None)
-    age = round(now - float(s.get("time", 0)), 1)
+        return SiteHealth(site, "stale" if age > stale_after_s else "degraded",
+                          f"heartbeat unreadable (written {age:.0f} s ago)", None, age, None, "", None, None)
     verdict, reason = "ok", ""
     if age > stale_after_s or s.get("state") == "stopped":
         verdict, reason = "stale", (f"agent stopped {age:.0f} s ago" if s.get("state") == "stopped"
@@ -112,9 +138,9 @@ def _trouble(s: dict) -> str:
 
 def summary(rows: list[SiteHealth]) -> str:
     """One line for logs and errors, e.g. ``2 ok, 1 stale (site-c: no heartbeat in the store)``."""
-    counts = {v: [r for r in rows if r.verdict == v] for v in ("ok", "degraded", "stale")}
+    counts = {v: [r for r in rows if r.verdict == v] for v in ("ok", "degraded", "stale", "not provisioned")}
     parts = [f"{len(counts['ok'])} ok"]
-    for verdict in ("degraded", "stale"):
+    for verdict in ("degraded", "stale", "not provisioned"):
         if counts[verdict]:
             parts.append(f"{len(counts[verdict])} {verdict} ("
                          + "; ".join(f"{r.site}: {r.reason}" for r in counts[verdict]) + ")")
