@@ -332,7 +332,7 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
     path = _inventory(sshd_fleet, tmp_path / "fleet.yaml", roots, registry_root)
     path.write_text(path.read_text().replace(
         "rollout: {canary: [host0], soak_s: 1, timeout_s: 300, thresholds: {min_predictions: 0}}",
-        "rollout: {canary: [host0], waves: [0.5, 1.0], soak_s: 2, timeout_s: 120,\n"
+        "rollout: {canary: [host0], waves: [0.5, 1.0], soak_s: 2, timeout_s: 300,\n"
         "          thresholds: {class_rate_points: 30, min_predictions: 6}}"))
     inventory = load_inventory(path)
     assert inventory.rollout.waves == [0.5, 1.0]
