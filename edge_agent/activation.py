@@ -9,12 +9,11 @@ leftover staging folders are swept at the next start.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from edge_agent.fileio import fsync_dir
@@ -59,15 +58,39 @@ def publish(paths: AgentPaths, staged: Path, version: str) -> Path:
     return final
 
 
-def activate(paths: AgentPaths, version: str) -> None:
-    """Point ``models/active`` at ``ensembles/<version>`` atomically (temp symlink + os.replace)."""
+class ActivationConflict(RuntimeError):
+    """The active ensemble changed between the gate's decision and the activation: the decision is stale."""
+
+
+UNCHECKED = object()  # activate() without a compare-and-swap (an operator's or a test's explicit switch)
+
+
+def activate(paths: AgentPaths, version: str, expected: str | None | object = UNCHECKED,
+             bases: Iterable[str] = ()) -> None:
+    """Point ``models/active`` at ``ensembles/<version>`` atomically (temp symlink + os.replace).
+
+    ``expected`` makes it a compare-and-swap: the version the gate judged against (None: nothing served),
+    checked under a lock, so a decision taken against an ensemble that has since been replaced cannot
+    overwrite the newer one. ``bases`` are the base versions the ensemble was built on: if a rollback
+    fenced one (:func:`fenced_versions`), :class:`Fenced` is raised. A rollback fences and switches under
+    the same lock, so an ensemble on a rolled-back base activates before the rollback or never.
+    """
     if not (paths.ensembles / version).is_dir():
         raise FileNotFoundError(f"no published ensemble {version}")
-    temp = paths.models / f".active-{os.getpid()}"
-    temp.unlink(missing_ok=True)
-    os.symlink(os.path.join(paths.ensembles.name, version), temp)
-    os.replace(temp, paths.active_link)
-    fsync_dir(paths.models)
+    with open(paths.activation_lock, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fenced = fenced_versions(paths) & set(bases)
+        if fenced:
+            raise Fenced(f"base {', '.join(sorted(fenced))} was rolled back; {version} does not activate")
+        current = active_version(paths)
+        if expected is not UNCHECKED and current != expected:
+            raise ActivationConflict(f"the active ensemble changed since this candidate was gated (now {current}, "
+                                     f"gated against {expected})")
+        temp = paths.models / f".active-{os.getpid()}"
+        temp.unlink(missing_ok=True)
+        os.symlink(os.path.join(paths.ensembles.name, version), temp)
+        os.replace(temp, paths.active_link)
+        fsync_dir(paths.models)
 
 
 EXIT_FENCED = 5  # the exit status of a fine-tune process that was fenced
@@ -85,21 +108,6 @@ def fenced_versions(paths: AgentPaths) -> set[str]:
         return set()
     except (OSError, ValueError, AttributeError) as exc:  # unreadable fence: activate nothing, say why
         raise Fenced(f"{paths.fence_file} unreadable ({exc})") from None
-
-
-@contextlib.contextmanager
-def activation_guard(paths: AgentPaths, bases: list[str]) -> Iterator[None]:
-    """Hold the activation lock, and refuse (:class:`Fenced`) when any of ``bases`` is fenced.
-
-    A rollback fences under the same lock before it switches ``active``, so a fine-tune either activates
-    before the rollback (which then switches away from it) or sees the fence: never after a rollback.
-    """
-    with open(paths.activation_lock, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        fenced = fenced_versions(paths) & set(bases)
-        if fenced:
-            raise Fenced(f"base {', '.join(sorted(fenced))} was rolled back; this fine-tune does not activate")
-        yield
 
 
 def active_version(paths: AgentPaths) -> str | None:

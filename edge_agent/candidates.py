@@ -50,7 +50,9 @@ def stage_base_as_is(config: AgentConfig, paths: AgentPaths, base_version: str, 
 
 
 def score(folder: Path, splits: dict[str, ArraySet], image_size: int, threads: int | None) -> dict[str, Any] | None:
-    """Gate and test results of the ensemble in ``folder``; None when it cannot serve at all."""
+    """Gate and test results of the ensemble in ``folder`` as it serves (its ``ensemble.onnx``: INT8 where
+    INT8 serves); the gate result keeps each image's prediction for the paired gate. None when it cannot
+    serve at all."""
     from edge_agent.ensemble import evaluate_graph
 
     try:
@@ -59,12 +61,14 @@ def score(folder: Path, splits: dict[str, ArraySet], image_size: int, threads: i
         log.warning("candidate %s cannot serve: %s", folder.name, exc)
         return None
     return {"version": folder.name.removeprefix(STAGING_PREFIX), "precision": classifier.metadata.get("precision", "fp32"),
-            **{split: evaluate_graph(classifier, splits[split].images, splits[split].labels)
+            **{split: evaluate_graph(classifier, splits[split].images, splits[split].labels,
+                                     predictions=split == "gate")
                for split in ("gate", "test")}}
 
 
-def gate_score(result: dict[str, Any]) -> Score:
-    return Score(result["gate"]["accuracy"], result["gate"]["nll"])
+def gate_score(result: dict[str, Any], labels: np.ndarray) -> Score:
+    """The gate's view of a scored candidate (its predictions leave the result: reports stay small)."""
+    return Score.of(np.asarray(result["gate"].pop("predictions"), dtype=np.int64), labels, result["gate"]["nll"])
 
 
 def gain_over_base(results: dict[str, dict], serving: str) -> dict[str, float | None]:

@@ -13,6 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edge_agent.gate import GateRule
 from edge_agent.yamlfile import YamlFileError, read_yaml, validate
 
 
@@ -53,8 +54,15 @@ class Thresholds(Strict):
     uncertainty: float = Field(0.5, ge=0, le=1, description="normalised entropy above which a sample is informative")
     disagreement: float = Field(0.2, ge=0, le=1, description="spread of member probabilities that flags a sample")
     min_gain: float = Field(0.0, ge=0, description="gate-split accuracy a model must add over the one serving")
+    alpha: float = Field(0.1, gt=0, lt=1, description="significance of the gate's paired test: the highest share "
+                                                      "of no-better models it may activate (edge_agent.gate)")
+    min_gate_images: int = Field(50, ge=1, description="below this many gate images what serves stays (not enough "
+                                                       "evidence); gate images accumulate as labelled data grows")
     int8_tolerance: float = Field(0.005, ge=0, description="INT8 serves when its gate accuracy is within this "
                                                            "of FP32's")
+
+    def gate_rule(self) -> GateRule:
+        return GateRule(alpha=self.alpha, min_gain=self.min_gain, min_gate_images=self.min_gate_images)
 
 
 class UploadBudget(Strict):
@@ -83,6 +91,8 @@ class Retention(Strict):
     results_max_bytes: int = Field(20_000_000, ge=1, description="results.jsonl is rotated past this size")
     log_max_bytes: int = Field(10_000_000, ge=1, description="agent.log is rotated past this size (2 kept)")
     interval_s: float = Field(60.0, gt=0, description="how often the limits are enforced")
+    min_free_bytes: int = Field(50_000_000, ge=0, description="below this much free disk the agent reports "
+                                "'disk full' and holds an owed fine-tune, retried with back-off once space returns")
 
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}

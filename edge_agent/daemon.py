@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -41,6 +42,7 @@ log = logging.getLogger("edge_agent")
 
 MAX_FINETUNE_FAILURES = 3
 FINETUNE_RETRY_S = 30.0
+FINETUNE_RETRY_MAX_S = 900.0
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Clock:
     heartbeat_due: float = 0.0
     retention_due: float = 0.0
     finetune_retry_at: float = 0.0
+    disk_full_failures: int = 0  # fine-tunes failed for want of space: not the run's fault, never given up
 
 
 class Agent:
@@ -66,7 +69,8 @@ class Agent:
         self.outbox = Outbox(self.paths.outbox, config.upload.outbox_max_bytes)
         self.window = LiveWindow()
         self.sampler = Sampler(config, self.outbox, self.state, self.lock, self.window)
-        self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler)
+        self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler,
+                                    max_pixels=config.serve.max_image_pixels)
         self.uplink = Uplink(Store(config.store_url, config.store_options), self.outbox, config.site,
                              config.upload.max_samples_per_day, config.upload.max_bytes_per_day,
                              Backoff(config.upload.retry_base_s, config.upload.retry_max_s))
@@ -118,16 +122,22 @@ class Agent:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise SystemExit(f"another agent holds {self.paths.pid_file}") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+        except OSError as exc:  # a full disk: the lock is what counts, the pid in it is for people
+            log.error("pid not written to %s: %s", self.paths.pid_file, exc)
         self._pid_lock = handle
 
-    def _sweep_store_partials(self) -> None:
-        """Leftovers of uploads killed mid-way; the store may be away, which is fine: next start."""
+    def _sweep_store_partials(self, older_than_s: float = 3600.0) -> None:
+        """Leftovers of uploads killed mid-way or cut short by a full store; only this agent writes its own
+        folder and status, so once its uploads work again any part left of them is stale. The store may be
+        away, which is fine: next time."""
         try:
-            removed = self.uplink.store.sweep_partials(f"samples/{self.config.site}")
+            removed = self.uplink.store.sweep_partials(f"samples/{self.config.site}", older_than_s) + \
+                self.uplink.store.sweep_partials("status", older_than_s, name=f"{self.config.site}.json")
         except Exception as exc:
             log.info("store partials not swept (%s)", exc)
             return
@@ -207,8 +217,8 @@ class Agent:
     def maybe_start_finetune(self) -> None:
         if self.finetune.running or not self.state.pending_finetune or time.time() < self.clock.finetune_retry_at:
             return
-        if not self.state.base_versions_seen:
-            return  # nothing to fine-tune from yet
+        if not self.state.base_versions_seen or self.disk_full():
+            return  # nothing to fine-tune from yet, or no room for it: it stays owed
         self.finetune.start(self.state.pending_finetune)
         self.heartbeat()
 
@@ -224,7 +234,14 @@ class Agent:
             self.state.last_run = summarise_run(report)
             self.state.pending_finetune = None
             self.state.finetune_failures = 0
+            self.clock.disk_full_failures = 0
             log.info("fine-tune %s finished: %s", report.get("run_id"), report.get("decision"))
+        elif full := self.disk_full():
+            delay = min(FINETUNE_RETRY_MAX_S, FINETUNE_RETRY_S * 2 ** self.clock.disk_full_failures)
+            self.clock.disk_full_failures += 1
+            self.clock.finetune_retry_at = time.time() + delay
+            log.error("fine-tune %s failed with the %s; it stays owed and is retried once space returns "
+                      "(not before %.0f s)", self.finetune.run_id, full, delay)
         else:
             self.state.finetune_failures += 1
             self.clock.finetune_retry_at = time.time() + FINETUNE_RETRY_S
@@ -257,6 +274,8 @@ class Agent:
                         self.config.upload.outbox_max_bytes, dropped)
         result = self.uplink.pump(self.state.upload_ledger, should_stop=self.stop.is_set,
                                   save_ledger=lambda _: self.save_state())
+        if result.uploaded and self.state.last_upload_error:  # the store is back (its disk had filled?)
+            self._sweep_store_partials(older_than_s=0.0)
         with self.lock:
             self.state.dropped_total += dropped
             self.state.uploaded_total += result.uploaded
@@ -306,18 +325,34 @@ class Agent:
                          "reason": self.finetune.reason, "progress": self.finetune.progress()},
             "queues": {"inbox": _count(self.paths.inbox), "outbox": len(outbox),
                        "outbox_bytes": sum(i.size for i in outbox)},
+            "inbox_stuck": self.inbox.stuck_summary(),
             "upload_backoff_failures": self.uplink.backoff.failures,
             "disk_bytes": disk_use(self.paths),
+            "disk_full": self.disk_full(),
             "window": self.window.summary(),
             **state,
         }
 
     def heartbeat(self, phase: str | None = None) -> None:
+        """Write the status locally and send it to the store; with the disk full it is sent from memory."""
         status = self.status(phase)
-        write_json_atomic(self.paths.status_file, status)
-        self.save_state()
+        try:
+            write_json_atomic(self.paths.status_file, status)
+            self.save_state()
+        except OSError as exc:
+            log.error("status not written locally (%s); sending it from memory", exc)
         self.uplink.heartbeat(status)
         self.clock.heartbeat_due = time.time() + self.config.heartbeat_interval_s
+
+    def disk_full(self) -> str | None:
+        """``disk full (free X of Y)`` while the agent's disk has less free than ``retention.min_free_bytes``."""
+        try:
+            usage = shutil.disk_usage(self.paths.root)
+        except OSError:
+            return None
+        if usage.free >= self.config.retention.min_free_bytes:
+            return None
+        return f"disk full (free {_size(usage.free)} of {_size(usage.total)})"
 
 
 def restorable_ensembles(paths: AgentPaths) -> set[str]:
@@ -335,10 +370,18 @@ def restorable_ensembles(paths: AgentPaths) -> set[str]:
 
 
 def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("run_id", "reason", "version", "bases", "decision", "activated", "finished", "seconds", "ensemble",
+    keys = ("run_id", "reason", "version", "bases", "decision", "gate", "activated", "finished", "seconds", "ensemble",
             "members", "candidates", "serving", "serving_version", "gain_over_base", "precision", "new_precision",
             "counts")
     return {k: report.get(k) for k in keys if k in report}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            break
+        n /= 1000
+    return f"{n:.1f} {unit}"
 
 
 def _version_of(target: str | None) -> str | None:

@@ -89,13 +89,16 @@ def export_ensemble(members: Sequence, normalizations: Sequence, weights: Sequen
                        output_names=("probs", "member_probs"))
 
 
-def evaluate_graph(classifier, images: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
-    """Ensemble and per-member accuracy (and log-loss) of an exported ensemble graph."""
+def evaluate_graph(classifier, images: np.ndarray, labels: np.ndarray, batch_size: int = 64,
+                   predictions: bool = False) -> dict:
+    """Ensemble and per-member accuracy (and log-loss) of an exported ensemble graph; with ``predictions``,
+    also each image's predicted class (what the paired gate compares)."""
     if not len(labels):
-        return {"n": 0, "accuracy": None, "nll": None, "members": []}
+        return {"n": 0, "accuracy": None, "nll": None, "members": [], **({"predictions": []} if predictions else {})}
     outputs = [classifier.run(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     probs = np.concatenate([o["probs"] for o in outputs])
     members = np.concatenate([o["member_probs"] for o in outputs])
     return {"n": int(len(labels)), "accuracy": accuracy(probs, labels), "nll": log_loss(probs, labels),
             "members": [{"accuracy": accuracy(members[:, k], labels), "nll": log_loss(members[:, k], labels)}
-                        for k in range(members.shape[1])]}
+                        for k in range(members.shape[1])],
+            **({"predictions": probs.argmax(1).tolist()} if predictions else {})}

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, activation_guard, active_dir, publish,
+from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, active_dir, publish,
                                    staging_dir, sweep_staging)
 from edge_agent.basemodels import pick_bases
 from edge_agent.candidates import choose_precision, discard, gain_over_base, gate_score, score, stage_base_as_is
@@ -127,10 +127,9 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
     progress.phase("gating")
     base_version, base_path, _ = bases[-1]
     base_folder, base_is_new = stage_base_as_is(config, paths, base_version, base_path, class_names)
+    fresh = {"new": staged, **({"base": base_folder} if base_is_new else {})}  # published ones were decided
+    precisions = _precisions(config, splits, fresh) if config.finetune.int8 else {}
     serving = choose_serving(config, paths, splits, {"base": base_folder, "new": staged})
-    if config.finetune.int8:
-        fresh = {"new": staged, **({"base": base_folder} if base_is_new else {})}  # published ones were decided
-        serving.update(_precisions(config, splits, serving["chosen"], fresh))
     for member, val_m, test_m in zip(members, ensemble["val"]["members"],
                                      serving["results"].get("new", {}).get("test", {}).get("members", [])):
         member.update(val_accuracy=val_m["accuracy"], test_accuracy=test_m["accuracy"])
@@ -139,18 +138,12 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
               "members": members, "ensemble": ensemble, "candidates": serving["results"],
               "serving": serving["chosen"], "serving_version": serving["version"],
               "gain_over_base": gain_over_base(serving["results"], serving["chosen"]),
-              "decision": serving["decision"], "activated": serving["chosen"] != "active",
-              "precision": serving.get("precision"), "new_precision": serving.get("new_precision"),
+              "decision": serving["decision"], "gate": serving["gate"], "activated": serving["chosen"] != "active",
+              "precision": precisions.get(serving["chosen"]), "new_precision": precisions.get("new"),
               "counts": {s: len(splits[s]) for s in SPLITS}}
     write_json_atomic(staged / "report.json", report)
-    try:
-        with activation_guard(paths, report["bases"]):
-            _publish_choice(paths, serving["chosen"], {"new": (staged, True), "base": (base_folder, base_is_new)})
-    except Fenced:
-        for folder, is_new in ((staged, True), (base_folder, base_is_new)):
-            if is_new:
-                discard(folder)
-        raise
+    _publish_choice(paths, serving["chosen"], {"new": (staged, True), "base": (base_folder, base_is_new)},
+                    judged=serving["judged"], bases=report["bases"])
     report.update(finished=time.time(), seconds=round(time.time() - started, 3))
     progress.phase("done")
     write_json_atomic(run_dir / "report.json", report)
@@ -162,9 +155,11 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
 def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged: dict[str, Path]) -> dict[str, Any]:
     """Score {base as-is, new ensemble, active ensemble} on the gate split and pick what serves.
 
-    The incumbent is the active ensemble, or the base as-is when nothing serves yet; a challenger replaces
-    it only through the shared gate (``thresholds.min_gain``). Candidates are scored on the test split
-    too, for the report; the choice reads only the gate scores.
+    Each is scored as it would serve (INT8 where INT8 serves: precision is decided before this). The
+    incumbent is the active ensemble, or the base as-is when nothing serves yet; a challenger replaces it
+    only through the shared paired gate (``thresholds``: alpha, min_gain, min_gate_images). Candidates are
+    scored on the test split too, for the report; the choice reads only the gate answers. ``judged`` is the
+    active version the decision was made against (activation refuses if it changed meanwhile).
     """
     folders = dict(staged)
     current = active_dir(paths)
@@ -176,35 +171,41 @@ def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged:
         raise FinetuneError("no candidate can serve: the base as-is and the new ensemble both failed their checks")
     incumbent = next(n for n in ("active", "base", "new") if n in results)
     order = [n for n in ("base", "active", "new") if n in results]  # ties go to the simpler, then the serving
-    chosen, decision = choose({n: gate_score(results[n]) for n in order}, incumbent, config.thresholds.min_gain)
+    answers = {n: gate_score(results[n], splits["gate"].labels) for n in order}
+    chosen, decision = choose(answers, incumbent, config.thresholds.gate_rule())
     if current is not None and "active" not in folders and chosen == "base":
         chosen = "active"  # the active ensemble *is* the base as-is: nothing to switch
         results["active"] = results["base"]
     version = results[chosen]["version"] if chosen != "active" else current.name
     log.info("serving %s (%s): %s", chosen, version, decision.reason)
-    return {"chosen": chosen, "version": version, "decision": decision.reason, "results": results}
+    return {"chosen": chosen, "version": version, "decision": decision.reason, "gate": decision.as_dict(),
+            "results": results, "judged": current.name if current is not None else None}
 
 
-def _precisions(config: AgentConfig, splits: dict, chosen: str, folders: dict[str, Path]) -> dict[str, dict]:
-    """INT8 or FP32 for what serves (the 0.5-point rule on the gate split); the new ensemble is always
-    measured both ways, so every report shows what INT8 costs it, whether it serves or not."""
-    out = {}
-    for name in dict.fromkeys([chosen, "new"]):
-        if name in folders:
-            out["precision" if name == chosen else "new_precision"] = choose_precision(
-                folders[name], splits["train"].images, splits["gate"], config.thresholds.int8_tolerance,
-                config.image_size, test=splits["test"])
-    if chosen == "new":
-        out["new_precision"] = out["precision"]
-    return out
+def _precisions(config: AgentConfig, splits: dict, folders: dict[str, Path]) -> dict[str, dict]:
+    """INT8 or FP32 for each freshly staged candidate (the 0.5-point rule), decided before the gate so that
+    every candidate meets the gate at the precision it would serve; every report shows what INT8 costs."""
+    return {name: choose_precision(folder, splits["train"].images, splits["gate"], config.thresholds.int8_tolerance,
+                                   config.image_size, test=splits["test"])
+            for name, folder in folders.items()}
 
 
-def _publish_choice(paths: AgentPaths, chosen: str, staged: dict[str, tuple[Path, bool]]) -> None:
-    """Publish (one rename) and activate what was chosen; drop the other staged folders."""
+def _publish_choice(paths: AgentPaths, chosen: str, staged: dict[str, tuple[Path, bool]],
+                    judged: str | None, bases: list[str]) -> None:
+    """Publish (one rename) and activate what was chosen, if the active ensemble is still the one it was
+    judged against (:class:`ActivationConflict` otherwise) and no base it was built on was rolled back
+    (:class:`Fenced`: then nothing it staged or published stays); drop the other staged folders."""
     for name, (folder, is_new) in staged.items():
         if name == chosen:
             final = publish(paths, folder, folder.name.removeprefix(STAGING_PREFIX)) if is_new else folder
-            activate(paths, final.name)
+            try:
+                activate(paths, final.name, expected=judged, bases=bases)
+            except Fenced:
+                for other, other_is_new in staged.values():
+                    if other_is_new:
+                        discard(paths.ensembles / other.name.removeprefix(STAGING_PREFIX))
+                        discard(other)
+                raise
             log.info("%s %s activated", name, final.name)
         elif is_new:
             discard(folder)

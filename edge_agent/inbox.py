@@ -2,11 +2,13 @@
 
 Whatever a file is (an image, a corrupt one, a link, a FIFO, something Pillow chokes on), it leaves the
 queue: classified into ``data/processed/``, or moved to ``data/quarantine/`` with its reason beside it.
-One bad file never stops the files behind it.
+One bad file never stops the files behind it. A file that can be neither moved nor quarantined (no
+permission, a read-only folder) is recorded once and skipped, and the status says the inbox is stuck.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,17 +22,31 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_agent.fileio import fsync_dir, write_json_atomic
-from edge_agent.imaging import ImageError, decode_image, read_regular_file
+from edge_agent.imaging import MAX_PIXELS, ImageError, decode_image, read_regular_file
 from edge_agent.layout import AgentPaths
 from edge_agent.serving import EnsembleHandle, Prediction, classify
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_FILE = "ensemble.onnx"
+# File systems allow 255 bytes per name; a destination gets a counter and ``.reason.json`` on top.
+MAX_NAME_BYTES = 200
+
+
+def bounded_name(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """``name``, or when longer than ``limit`` bytes its start, a hash of the whole name and its suffix."""
+    if len(name.encode()) <= limit:
+        return name
+    suffix = Path(name).suffix if len(Path(name).suffix.encode()) <= 16 else ""
+    tag = "~" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    stem = name.encode()[:limit - len(tag) - len(suffix.encode())].decode(errors="ignore")
+    return stem + tag + suffix
 
 
 def unique_destination(folder: Path, name: str) -> Path:
-    """``folder/name``, or ``name`` with a counter when that is taken (the inbox may reuse names)."""
+    """``folder/name`` (shortened when too long for the file system), or with a counter when that is
+    taken (the inbox may reuse names)."""
+    name = bounded_name(name)
     candidate = folder / name
     stem, suffix, n = Path(name).stem, Path(name).suffix, 1
     while candidate.exists():
@@ -92,14 +108,23 @@ class InboxProcessor:
     """Inbox → classify → result line → (sample selection) → processed/."""
 
     def __init__(self, paths: AgentPaths, handle: EnsembleHandle, max_bytes: int,
-                 on_prediction: Callable[[bytes, Prediction, str], None], batch_size: int = 32):
+                 on_prediction: Callable[[bytes, Prediction, str], None], batch_size: int = 32,
+                 max_pixels: int = MAX_PIXELS):
         self.paths = paths
         self.handle = handle
         self.max_bytes = max_bytes
+        self.max_pixels = max_pixels  # the same canvas limit as the HTTP endpoint: checked before decoding
         self.on_prediction = on_prediction
         self.batch_size = batch_size
         self.results = ResultLog(paths.processed / "results.jsonl")
-        self.stuck: set[str] = set()  # names that could not even be quarantined (e.g. no permission)
+        self.stuck: dict[str, str] = {}  # name -> why it can neither leave the inbox nor be quarantined
+
+    def stuck_summary(self) -> str | None:
+        """For the heartbeat: which files are stuck in the inbox and why, or None when none is."""
+        if not self.stuck:
+            return None
+        name, why = next(iter(self.stuck.items()))
+        return f"inbox stuck: {len(self.stuck)} file(s) cannot be moved or quarantined, e.g. {name[:80]!r} ({why})"
 
     def process(self, limit: int = 256) -> InboxReport:
         report = InboxReport()
@@ -112,7 +137,8 @@ class InboxProcessor:
                 continue
             try:
                 raw = read_regular_file(path, self.max_bytes)
-                good.append((path, raw, decode_image(raw, classifier.image_size, self.max_bytes)))
+                good.append((path, raw, decode_image(raw, classifier.image_size, self.max_bytes,
+                                                     self.max_pixels)))
             except Exception as exc:  # whatever a file does, it leaves the queue with its reason
                 self._set_aside(path, str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}")
                 report.quarantined += 1
@@ -129,7 +155,7 @@ class InboxProcessor:
         try:
             quarantine(self.paths, path, reason)
         except OSError as exc:
-            self.stuck.add(path.name)
+            self.stuck[path.name] = f"{reason}; cannot quarantine: {exc.strerror or exc}"
             log.error("cannot quarantine %s (%s: %s); skipping it", path.name, reason, exc)
 
     def _finish(self, path: Path, raw: bytes, prediction: Prediction) -> None:
@@ -139,6 +165,8 @@ class InboxProcessor:
             self.on_prediction(raw, prediction, path.name)
         except Exception:  # selection must never stop classification
             log.exception("sample selection failed for %s", path.name)
-        target = unique_destination(self.paths.processed, path.name)
-        shutil.move(str(path), target)
-        fsync_dir(self.paths.processed)
+        try:
+            shutil.move(str(path), unique_destination(self.paths.processed, path.name))
+            fsync_dir(self.paths.processed)
+        except OSError as exc:  # classified once: never again, whether or not it can be set aside
+            self._set_aside(path, f"classified, but cannot move to processed/: {exc.strerror or exc}")

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import math
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
 MAX_SIDECAR_BYTES = 64 * 1024
+# An INT8 graph's probabilities come in 1/255 steps and the agent rounds them to 6 places: a distribution
+# sums to one within this.
+SUM_TOLERANCE = 0.05
 
 
 class SidecarError(ValueError):
@@ -22,16 +27,46 @@ class SampleSidecar(BaseModel):
     model_config = ConfigDict(extra="allow")  # newer agents may say more; what is known must be right
 
     site: str = Field(min_length=1)
-    time: float
+    time: FiniteFloat
     reasons: list[str]
     source_file: str | None = None
     model_version: str | None = None
-    probabilities: dict[str, float] | None = None
-    member_probabilities: list[list[float]] | None = None
+    probabilities: dict[str, FiniteFloat] | None = None
+    member_probabilities: list[list[FiniteFloat]] | None = None
     operator_label: str | None = None
     source: str | None = Field(None, description="inbox, http or operator: where the image came from")
-    uncertainty: float | None = None
-    disagreement: float | None = None
+    uncertainty: FiniteFloat | None = None
+    disagreement: FiniteFloat | None = None
+
+    @model_validator(mode="after")
+    def _distributions(self) -> "SampleSidecar":
+        """The ensemble's and every member's probabilities are each one distribution over the same classes."""
+        if self.probabilities is not None:
+            _check_distribution(list(self.probabilities.values()), "probabilities")
+        width = len(self.probabilities) if self.probabilities else None
+        for i, member in enumerate(self.member_probabilities or []):
+            _check_distribution(member, f"member_probabilities.{i}")
+            if width is not None and len(member) != width:
+                raise ValueError(f"member_probabilities.{i}: {len(member)} values for {width} classes")
+        return self
+
+    def fits(self, classes: list[str]) -> str | None:
+        """Why this sidecar's probabilities are not over ``classes`` (the family's), or None when they are."""
+        if self.probabilities is not None and sorted(self.probabilities) != sorted(classes):
+            return f"probabilities are over {sorted(self.probabilities)}, not the family's classes {classes}"
+        for i, member in enumerate(self.member_probabilities or []):
+            if len(member) != len(classes):
+                return f"member_probabilities.{i}: {len(member)} values for the family's {len(classes)} classes"
+        return None
+
+
+def _check_distribution(values: list[float], name: str) -> None:
+    if not values:
+        raise ValueError(f"{name}: empty")
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"{name}: a probability outside [0, 1]")
+    if not math.isclose(sum(values), 1.0, abs_tol=SUM_TOLERANCE):
+        raise ValueError(f"{name}: sums to {sum(values):.4f}, not 1")
 
 
 def parse_sidecar(data: bytes) -> SampleSidecar:

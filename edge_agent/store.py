@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 import uuid
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -38,6 +40,28 @@ def entry_mtime(entry: dict[str, Any]) -> float | None:
         except ValueError:
             return None
     return None
+
+
+class UnreadableFile(ValueError):
+    """One file in the store that the cloud must not read (not a regular file, or over its kind's size
+    cap): the store itself works, so the caller rejects this file alone and goes on with the others."""
+
+
+READ_DEADLINE_S = 30.0
+READ_CHUNK = 256 * 1024
+
+_KINDS = ((stat.S_ISREG, "file"), (stat.S_ISLNK, "symbolic link"), (stat.S_ISDIR, "directory"),
+          (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+          (stat.S_ISSOCK, "socket"))
+
+
+def _kind_of_mode(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
 
 
 def _known_hosts_policy(path: str):
@@ -114,19 +138,61 @@ class Store:
         except FileNotFoundError:
             return False
 
-    def read(self, relative: str, max_bytes: int | None = None) -> bytes:
-        """The bytes at ``relative`` (FileNotFoundError when absent, StoreError when the store fails or
-        the file is larger than ``max_bytes``: a reader never loads more than it asked for)."""
+    def read(self, relative: str, max_bytes: int, deadline_s: float = READ_DEADLINE_S) -> bytes:
+        """The bytes at ``relative``, read under a bound: never more than ``max_bytes`` whatever size the
+        store reports, only from a regular file (a link, FIFO, device or folder is refused before it is
+        opened), and within ``deadline_s``.
+
+        FileNotFoundError when absent; :class:`UnreadableFile` for a file that must not be read (reject it
+        alone); :class:`StoreError` when the store fails or is too slow (try again later).
+        """
         try:
             fs, path = self._connect(), self.path(relative)
-            if max_bytes is not None and fs.size(path) > max_bytes:
-                raise StoreError(f"{relative}: larger than {max_bytes} bytes")
-            return fs.cat_file(path)
-        except (FileNotFoundError, StoreError):
+            kind = self._kind(fs, path)
+            if kind != "file":
+                raise UnreadableFile(f"{relative}: not a regular file ({kind})")
+            with self._open_regular(fs, path, relative, deadline_s) as handle:
+                return _read_capped(handle, relative, max_bytes, time.monotonic() + deadline_s)
+        except (FileNotFoundError, StoreError, UnreadableFile):
             raise
         except Exception as exc:
             self.reset()
             raise StoreError(f"{relative}: {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _kind(fs, path: str) -> str:
+        """What ``path`` is, without following a link: ``lstat`` where the backend has one (local, sftp),
+        else the backend's own type (an object store holds only plain objects)."""
+        if _is_local(fs):
+            return _kind_of_mode(os.lstat(path).st_mode)
+        if getattr(fs, "ftp", None) is not None:  # sftp: fsspec's info() follows links and calls a FIFO a file
+            return _kind_of_mode(fs.ftp.lstat(path).st_mode)
+        return str(fs.info(path).get("type", "unknown"))
+
+    @staticmethod
+    @contextmanager
+    def _open_regular(fs, path: str, relative: str, deadline_s: float):
+        """Open ``path`` for reading and check again, on the open handle, that it is a regular file (a
+        site could swap the file for a link or FIFO between the check and the open)."""
+        if _is_local(fs):
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            handle = os.fdopen(fd, "rb", buffering=0)
+            mode = os.fstat(fd).st_mode
+        else:
+            handle = fs.open(path, "rb")
+            mode = handle.stat().st_mode if hasattr(handle, "stat") else stat.S_IFREG
+        channel = fs.ftp.get_channel() if getattr(fs, "ftp", None) is not None else None
+        previous = channel.gettimeout() if channel is not None else None
+        try:
+            if not stat.S_ISREG(mode):
+                raise UnreadableFile(f"{relative}: not a regular file ({_kind_of_mode(mode)})")
+            if channel is not None:  # a stalled sftp read raises after the deadline instead of hanging
+                channel.settimeout(deadline_s)
+            yield handle
+        finally:
+            if channel is not None:
+                channel.settimeout(previous)
+            handle.close()
 
     def list(self, pattern: str) -> list[str]:
         """Relative paths matching a glob ``pattern``, sorted, in one listing of the store."""
@@ -139,8 +205,9 @@ class Store:
         return sorted(p.removeprefix(prefix) for p in found)
 
     def listing(self, folder: str) -> dict[str, tuple[int | None, float | None]]:
-        """``{name: (size, mtime)}`` of the files directly in ``folder``, in one request ({} when absent);
-        ``mtime`` by the store's clock (:func:`entry_mtime`)."""
+        """``{name: (size, mtime)}`` of the entries directly in ``folder`` other than folders, in one request
+        ({} when absent); ``mtime`` by the store's clock (:func:`entry_mtime`). Links and special files are
+        listed too, so that a reader can refuse them by name."""
         try:
             entries = self._connect().ls(self.path(folder), detail=True)
         except FileNotFoundError:
@@ -149,29 +216,32 @@ class Store:
             self.reset()
             raise StoreError(f"{folder}: {type(exc).__name__}: {exc}") from exc
         return {e["name"].rstrip("/").rsplit("/", 1)[-1]: (e.get("size"), entry_mtime(e))
-                for e in entries if e.get("type") == "file"}
+                for e in entries if e.get("type") != "directory"}
 
-    def read_many(self, relatives: list[str]) -> dict[str, bytes]:
-        """The bytes of each of ``relatives`` that could be read, in one batched call of the store's driver
-        (concurrent where it is asynchronous, one session where it is sftp); the missing are left out."""
-        if not relatives:
-            return {}
-        paths = {self.path(r): r for r in relatives}
-        try:
-            found = self._connect().cat(list(paths), on_error="omit")
-        except Exception as exc:
-            self.reset()
-            raise StoreError(f"{len(relatives)} files: {type(exc).__name__}: {exc}") from exc
-        return {paths[path]: data for path, data in found.items() if path in paths}
+    def read_many(self, relatives: list[str], max_bytes: int, deadline_s: float = READ_DEADLINE_S
+                  ) -> tuple[dict[str, bytes], dict[str, str]]:
+        """``(read, refused)``: the bytes of each of ``relatives`` that could be read under the bounds of
+        :meth:`read`, and why each refused one was (the missing are in neither), over one connection."""
+        found: dict[str, bytes] = {}
+        refused: dict[str, str] = {}
+        for relative in relatives:
+            try:
+                found[relative] = self.read(relative, max_bytes, deadline_s)
+            except FileNotFoundError:
+                continue
+            except UnreadableFile as exc:
+                refused[relative] = str(exc)
+        return found, refused
 
-    def sweep_partials(self, folder: str, older_than_s: float = 3600.0) -> int:
-        """Remove temporary ``.*.part`` files a killed upload left under ``folder``; returns how many.
+    def sweep_partials(self, folder: str, older_than_s: float = 3600.0, name: str = "") -> int:
+        """Remove temporary ``.*.part`` files (of ``name`` only, when given) that a killed or failed upload
+        left under ``folder``; returns how many.
 
         A live upload renames its part within seconds, so one older than ``older_than_s`` is a leftover.
         """
         removed = 0
         fs = self._connect()
-        for path in fs.glob(self.path(f"{folder}/.*.part")):
+        for path in fs.glob(self.path(f"{folder}/.{name}*.part")):
             modified = entry_mtime(fs.info(path))
             if modified is not None and time.time() - modified > older_than_s:
                 fs.rm_file(path)
@@ -190,9 +260,13 @@ class Store:
             if folder:
                 fs.makedirs(folder, exist_ok=True)
             temp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}.part" if folder else f".{name}.part"
-            with fs.open(temp, "wb") as handle:
-                handle.write(data)
-            fs.mv(temp, final)
+            try:
+                with fs.open(temp, "wb") as handle:
+                    handle.write(data)
+                fs.mv(temp, final)
+            except Exception:
+                _remove_quietly(fs, temp)  # a full store must not keep what it could not finish
+                raise
             if not self._matches(final, digest, len(data)):
                 raise StoreError(f"{relative}: read-back does not match what was written")
             return True
@@ -202,3 +276,23 @@ class Store:
         except Exception as exc:  # any transport or filesystem failure is an outage to retry later
             self.reset()
             raise StoreError(f"{relative}: {type(exc).__name__}: {exc}") from exc
+
+
+def _remove_quietly(fs, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except Exception:  # noqa: BLE001 - the store is failing; the sweep after it comes back removes it
+        pass
+
+
+def _read_capped(handle, relative: str, max_bytes: int, deadline: float) -> bytes:
+    """Read ``handle`` to its end, never asking for more than ``max_bytes + 1`` bytes in all."""
+    chunks, total = [], 0
+    while block := handle.read(min(READ_CHUNK, max_bytes + 1 - total)):
+        total += len(block)
+        if total > max_bytes:
+            raise UnreadableFile(f"{relative}: larger than {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise StoreError(f"{relative}: not read within the deadline")
+        chunks.append(block)
+    return b"".join(chunks)

@@ -25,14 +25,14 @@ class FleetUnhealthy(RuntimeError):
 def fleet_health(inventory: str = Field("inventory/local.yaml", description="path of the fleet's inventory "
                                         "YAML (sites, store, stale limit) on the machine running the flow")
                  ) -> list[dict]:
-    """Heartbeat age, state, versions, outbox and errors per site; stale sites fail the run."""
+    """Heartbeat age, state, versions, outbox and errors per site; stale or unreadable sites fail the run."""
     fleet = load_inventory(inventory)
     rows = health.fleet_health(fleet.store(), fleet.names(), fleet.cloud.stale_after_s)
     create_table_artifact(key="fleet-health", table=[r.row() for r in rows],
                           description=f"latest heartbeat per site; stale after {fleet.cloud.stale_after_s:.0f} s")
     line = health.summary(rows)
     get_run_logger().info("fleet health: %s", line)
-    if any(r.verdict == "stale" for r in rows):
+    if any(r.verdict in ("stale", "unreadable") for r in rows):
         raise FleetUnhealthy(line)
     return [r.row() for r in rows]
 

@@ -189,7 +189,7 @@ def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings
           live: list[str], streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
     """Rollout → edge fine-tune → inference and samples → retrain → rollout again; returns who kept up."""
     live = _rollout_and_wait(fleet, settings, champion.version, live, "fine-tune on the champion")
-    status = read_fleet_status(fleet.store(), live)
+    status, _ = read_fleet_status(fleet.store(), live)
     expected = {name: _classified(status.get(name, {})) + demo.feed_inbox(Path(fleet.site(name).root),
                                                                              streams[name]) for name in live}
     live = wait_for(fleet, live, "inference and upload", _drained(fleet, expected), settings.site_timeout_s)

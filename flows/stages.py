@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
 from edge_agent.datasets import open_dataset
+from edge_agent.gate import GateRule
 from edge_agent.ids import new_id
 from edge_agent.train import TrainConfig
 from flows.rollout import RolloutRequest, rollout
@@ -25,10 +26,12 @@ from orchestrator.demo import ReferenceLabels
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelling import LabelQueue
 from orchestrator.registry import ModelRegistry
-from orchestrator.samples import collect_samples
+from orchestrator.samples import Quarantine, collect_samples
 from orchestrator.trainers import train_on_trainers
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
+CONTRACT_HELP = ("promote a candidate whose architecture, input size or classes differ from the champion's (the "
+                 "fleet's members fine-tune from it and must then all take the new contract)")
 
 
 class PretrainSettings(BaseModel):
@@ -42,6 +45,8 @@ class PretrainSettings(BaseModel):
     seed: int = 0
     on_trainers: bool = Field(True, description="train on the inventory's cloud.trainers (torch.distributed over "
                               "SSH) when it lists any; the dataset path must be readable there")
+    gate: GateRule = Field(default_factory=GateRule, description="how sure the gate must be to promote")
+    allow_contract_change: bool = Field(False, description=CONTRACT_HELP)
 
 
 class CollectSettings(BaseModel):
@@ -56,7 +61,8 @@ class RetrainSettings(BaseModel):
     family: str = Field("elpv-defects", description="registry name of the model being improved")
     epochs: int = Field(3, ge=1, description="fine-tuning epochs from the champion")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (one-cycle)")
-    min_gain: float = Field(0.0, ge=0, description="gate-split accuracy the candidate must add over the champion")
+    gate: GateRule = Field(default_factory=GateRule, description="how sure the gate must be to promote")
+    allow_contract_change: bool = Field(False, description=CONTRACT_HELP)
     seed: int = 0
     reference_data: list[str] = Field(default_factory=list, description="the demo's stand-in for people: dataset "
                                       "versions whose manifests label the samples nobody labelled in the queue")
@@ -93,7 +99,8 @@ def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = Pr
     else:
         candidate = steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
                                         note=f"pretrained on {settings.data}", on_epoch=progress)
-    decision = steps.gate(registry, candidate, champion, Path(settings.data))
+    decision = steps.gate(registry, candidate, champion, Path(settings.data), settings.gate,
+                          settings.allow_contract_change)
     create_markdown_artifact(key="pretrain-gate", markdown=gate_markdown(decision.as_dict()),
                              description="pretraining: the gate's decision")
     get_run_logger().info("%s: %s", candidate.version, decision.reason)
@@ -120,7 +127,7 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
     """Collect, then champion + generic pool + every labelled sample → candidate → gate → promote → rollout."""
     collect(inventory, collect_settings)
     fleet, registry = _fleet(inventory)
-    collection = collect_samples(fleet.store())
+    collection = collect_samples(fleet.store(), quarantined=Quarantine(registry.root).reasons())
     base = open_dataset(settings.base_data)
     config = TrainConfig(epochs=settings.epochs, batch_size=64, lr=settings.lr, seed=settings.seed)
     champion = registry.champion(settings.family)
@@ -129,7 +136,8 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
     stand_in = [ReferenceLabels([open_dataset(p) for p in settings.reference_data])] if settings.reference_data else []
     candidate, summary = steps.retrain_from_samples(registry, settings.family, Path(settings.base_data),
                                                     collection, out, config, labellers=[people, *stand_in])
-    decision = steps.gate(registry, candidate, champion, Path(settings.base_data), settings.min_gain)
+    decision = steps.gate(registry, candidate, champion, Path(settings.base_data), settings.gate,
+                          settings.allow_contract_change)
     result = {**summary, **decision.as_dict()}
     create_markdown_artifact(key="gate", markdown=gate_markdown(result), description="retraining gate")
     if decision.promoted and settings.rollout:
@@ -138,10 +146,17 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
     return result
 
 
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
 def gate_markdown(decision: dict) -> str:
     """The gate artifact: the verdict and why, what decided (gate split) apart from what is only reported (test)."""
     verdict = "promoted" if decision["promoted"] else "kept the champion"
     text = (f"### Gate: {verdict}\n\n{decision['reason']}\n\n"
+            f"Paired test on n = {decision['n']} gate images: {decision['candidate_only']} right only by the "
+            f"candidate, {decision['champion_only']} only by the champion, one-sided p = "
+            f"{_fmt(decision['p_value'])} (alpha {_fmt(decision['alpha'])}).\n\n"
             "| | version | gate acc (decides) | gate loss | test acc (reported only) |\n|---|---|---|---|---|\n"
             f"| candidate | {decision['candidate']} | {decision['candidate_gate_acc']:.4f} | "
             f"{decision['candidate_gate_loss']:.4f} | {decision['candidate_test_acc']:.4f} |\n"

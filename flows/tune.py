@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field
 
 from edge_agent.datasets import open_dataset
 from edge_agent.ids import new_id
-from flows.stages import DEFAULT_INVENTORY, gate_markdown
+from edge_agent.gate import GateRule
+from flows.stages import CONTRACT_HELP, DEFAULT_INVENTORY, gate_markdown
 from orchestrator import retrain as steps
 from orchestrator.inventory import load_inventory
 from orchestrator.tune import (
@@ -47,6 +48,8 @@ class TuneSettings(BaseModel):
     dask_address: str | None = Field(None, description="tcp://HOST:PORT of a Dask scheduler to run the trials on "
                                                        "instead (its workers bound the concurrency)")
     seed: int = Field(0, description="seeds the draws and every trial's training")
+    gate: GateRule = Field(default_factory=GateRule, description="how sure the gate must be to promote the winner")
+    allow_contract_change: bool = Field(False, description=CONTRACT_HELP)
 
 
 @task(name="trial", task_run_name="trial {trial.number} rung {rung} ({epochs} epochs)")
@@ -55,8 +58,8 @@ def train_trial(data: str, trial: Trial, rung: int, epochs: int, out: str, seed:
 
 
 @flow(name="edgeloop-tune-trials")
-def run_trials(settings: TuneSettings, out: str, threads: int) -> list[TrialResult]:
-    """Every rung of the search; the caller gives it the task runner the trials run on."""
+def run_trials(settings: TuneSettings, space: SearchSpace, out: str, threads: int) -> list[TrialResult]:
+    """Every rung of the search in ``space``; the caller gives it the task runner the trials run on."""
     logger = get_run_logger()
     dataset = open_dataset(settings.data)
 
@@ -71,7 +74,7 @@ def run_trials(settings: TuneSettings, out: str, threads: int) -> list[TrialResu
                     f"{scored[0].val_acc:.3f} (trial {scored[0].trial.number})" if scored else "-",
                     sum(bool(r.error) for r in results))
 
-    trials = random_trials(settings.space, settings.trials, dataset.image_size, settings.seed)
+    trials = random_trials(space, settings.trials, dataset.image_size, settings.seed)
     return successive_halving(trials, settings.halving, run_rung, on_rung=report).results
 
 
@@ -90,21 +93,24 @@ def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettin
     registry = fleet.registry()
     out = registry.root.parent / "tuning" / f"tune-{new_id()}"
     threads = max(1, (os.cpu_count() or 1) // settings.concurrency) if not settings.dask_address else 1
+    champion = registry.champion(settings.family)  # the candidate is gated (compare-and-swap) against this one
+    contract = registry.contract(champion.version) if champion and not settings.allow_contract_change else None
+    space = settings.space.within(contract)
     # the trials' processes report to this run's API, even an ephemeral one (else each would start its own)
     with get_client(sync_client=True) as client, temporary_settings({PREFECT_API_URL: str(client.api_url)}):
-        results = run_trials.with_options(task_runner=_task_runner(settings))(settings, str(out), threads)
+        results = run_trials.with_options(task_runner=_task_runner(settings))(settings, space, str(out), threads)
     search = Search(results)
     create_table_artifact(key="tune-trials", table=search.table(),
                           description=f"random search: {settings.trials} trials, successive halving")
     best = search.best
-    champion = registry.champion(settings.family)
     candidate = steps.register_trained(
         registry, settings.family, Path(best.checkpoint).parent,
         note=f"random search: trial {best.trial.number} of {settings.trials}, {best.epochs} epochs",
         extra_hyperparameters={"search": {"trial": best.trial.number, "trials": settings.trials,
                                           "rung": best.rung, **best.trial.params}})
     shutil.rmtree(out, ignore_errors=True)  # the registry holds the winner; the table holds every trial's figures
-    decision = steps.gate(registry, candidate, champion, Path(settings.data))
+    decision = steps.gate(registry, candidate, champion, Path(settings.data), settings.gate,
+                          settings.allow_contract_change)
     create_markdown_artifact(key="tune-gate", markdown=gate_markdown(decision.as_dict()),
                              description="random search: the gate's decision on the best trial")
     get_run_logger().info("best trial %d %s (val_acc %.3f): %s", best.trial.number, best.trial.params, best.val_acc,

@@ -4,6 +4,8 @@ The watermark is the set of samples already collected, by content hash, kept bes
 (``collected.json``): a site that was offline and uploads old samples late still has them collected,
 which a time watermark would miss. A sample the served model was confident about *and* whose members all
 agreed gets a pseudo-label (saved in the labelling queue as ``by: pseudo``); the others wait for a person.
+A rejected sample, or one that makes a step here raise, goes to the cloud's quarantine with its reason and
+is never read again: one site's hostile file can neither stop the fleet's collect nor be retried forever.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from edge_agent.fileio import read_json, write_json_atomic
 from edge_agent.store import Store
 from orchestrator.labelling import LabelQueue
-from orchestrator.samples import Sample, collect_samples
+from orchestrator.samples import Quarantine, Sample, collect_samples
 
 WATERMARK = "collected.json"
 
@@ -49,18 +51,28 @@ def collect_new(store: Store, home: Path, queue: LabelQueue, confidence: float) 
     """Check the samples not collected before; pseudo-label the sure ones; move the watermark."""
     path = Path(home) / WATERMARK
     seen = set(read_json(path, default=[]) or [])
-    everything = collect_samples(store)
+    quarantine = Quarantine(home)
+    everything = collect_samples(store, seen, quarantine.reasons(), queue.classes)
     result = CollectResult(rejected=everything.rejected)
     for sample in everything.accepted:
-        if sample.sha256 in seen:
+        try:
+            kind = _intake(sample, queue, confidence)
+        except Exception as exc:  # noqa: BLE001 - one sample must not stop the fleet's collect
+            result.rejected.append({"sample": f"{sample.site}/{sample.sha256}",
+                                    "reason": f"{type(exc).__name__} while collecting: {exc}"})
             continue
         result.new.append(sample)
-        if sample.sidecar.get("operator_label"):
-            result.operator_labelled += 1
-        elif (label := pseudo_label(sample, queue.classes, confidence)) and sample.sha256 not in queue.labels():
-            queue.set(sample.sha256, label, by="pseudo")
-            result.pseudo_labelled += 1
-        else:
-            result.queued += 1
+        setattr(result, kind, getattr(result, kind) + 1)
+    quarantine.add({r["sample"]: r["reason"] for r in result.rejected})
     write_json_atomic(path, sorted(seen | {s.sha256 for s in result.new}))
     return result
+
+
+def _intake(sample: Sample, queue: LabelQueue, confidence: float) -> str:
+    """Label ``sample`` where it can be; returns the :class:`CollectResult` counter it adds to."""
+    if sample.sidecar.get("operator_label"):
+        return "operator_labelled"
+    if (label := pseudo_label(sample, queue.classes, confidence)) and sample.sha256 not in queue.labels():
+        queue.set(sample.sha256, label, by="pseudo")
+        return "pseudo_labelled"
+    return "queued"

@@ -13,8 +13,117 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
 from edge_agent.store import Store, StoreError
+
+MAX_HEARTBEAT_BYTES = 1024 * 1024  # a heartbeat is a few kB; a 200 MB one is an attack, not a status
+
+
+class _Part(BaseModel):
+    # strict: "12" is not a pid and "yesterday" not a time; newer agents may say more (extra allowed)
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class Accuracy(_Part):
+    accuracy: FiniteFloat | None = None
+
+
+class CandidateScores(_Part):
+    gate: Accuracy | None = None
+    test: Accuracy | None = None
+
+
+class LastRun(_Part):
+    finished: FiniteFloat | None = None
+    bases: list[str] = Field(default_factory=list)
+    serving: str | None = None
+    candidates: dict[str, CandidateScores | None] = Field(default_factory=dict)
+    gain_over_base: dict[str, FiniteFloat | None] | None = None
+    precision: dict[str, str | None] | None = None
+
+
+class MemberProgress(_Part):
+    epoch: int = Field(0, ge=0)
+
+
+class FinetuneProgress(_Part):
+    members: dict[str, MemberProgress] = Field(default_factory=dict)
+
+
+class FinetuneStatus(_Part):
+    running: bool = False
+    run_id: str | None = None
+    reason: str | None = None
+    progress: FinetuneProgress | None = None
+
+
+class Queues(_Part):
+    inbox: int = Field(0, ge=0)
+    outbox: int = Field(0, ge=0)
+    outbox_bytes: int = Field(0, ge=0)
+
+
+class UploadLedger(_Part):
+    day: str = ""
+    count: int = Field(0, ge=0)
+    bytes: int = Field(0, ge=0)
+
+
+class Heartbeat(_Part):
+    """A site's status file as the cloud accepts it: every field the cloud reads, typed.
+
+    One site's malformed heartbeat must not crash fleet-health or a rollout for the others, so each is
+    validated here before anything reads it, and one that fails is reported as unreadable, with why.
+    """
+
+    time: FiniteFloat
+    site: str | None = None
+    pid: int | None = Field(None, gt=0)
+    state: str = "unknown"
+    started: FiniteFloat | None = None
+    active_version: str | None = None
+    serving_problem: str | None = None
+    base_versions: list[str] = Field(default_factory=list)
+    finetune: FinetuneStatus = Field(default_factory=FinetuneStatus)
+    pending_finetune: str | None = None
+    finetune_failures: int = Field(0, ge=0)
+    last_run: LastRun | None = None
+    queues: Queues = Field(default_factory=Queues)
+    upload_ledger: UploadLedger = Field(default_factory=UploadLedger)
+    last_upload_error: str | None = None
+    recovery: str | None = None
+    disk_full: str | None = None
+    inbox_stuck: str | None = None
+    processed_total: int = Field(0, ge=0)
+    quarantined_total: int = Field(0, ge=0)
+    selected_total: int = Field(0, ge=0)
+    uploaded_total: int = Field(0, ge=0)
+
+
+class UnreadableHeartbeat(ValueError):
+    """A heartbeat the cloud cannot use; the message says why."""
+
+
+def parse_heartbeat(data: bytes, site: str) -> dict[str, Any]:
+    """The heartbeat in ``data`` as a dict whose every known field has its type (as the agent wrote it,
+    unknown fields kept); :class:`UnreadableHeartbeat` with the first few problems otherwise."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnreadableHeartbeat(f"not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise UnreadableHeartbeat(f"not a JSON object (got {type(raw).__name__})")
+    try:
+        Heartbeat.model_validate(raw)
+    except ValidationError as exc:
+        raise UnreadableHeartbeat("; ".join(f"{'.'.join(map(str, e['loc'])) or 'heartbeat'}: {e['msg']}"
+                                            for e in exc.errors()[:3])) from None
+    if raw.get("site") not in (None, site):
+        raise UnreadableHeartbeat(f"names site {raw['site']!r}, not {site!r}")
+    return raw
 
 
 class FleetStatus:
@@ -27,13 +136,20 @@ class FleetStatus:
 
     def __init__(self, store: Store):
         self.store = store
-        self._seen: dict[str, tuple[tuple, dict]] = {}  # site -> (listing entry, heartbeat)
+        self._seen: dict[str, tuple[tuple, dict | str]] = {}  # site -> (listing entry, heartbeat or why not)
         self.stored_at: dict[str, float] = {}  # site -> when the store wrote its heartbeat (the store's clock)
         self.fetched = 0  # heartbeats fetched by the last read
         self.error = ""  # why the last read could not reach the store
 
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """``{site: why}`` for the sites whose latest heartbeat the last read refused (not a regular file,
+        too large, not JSON, a field of the wrong type). It is not read again until it changes."""
+        return {site: f"unreadable heartbeat: {seen}" for site, (_, seen) in self._seen.items()
+                if isinstance(seen, str)}
+
     def read(self, sites: list[str]) -> dict[str, dict]:
-        """``{site: heartbeat}`` for the sites in ``sites`` that have a readable one.
+        """``{site: heartbeat}`` for the sites in ``sites`` that have a valid one (see :attr:`unreadable`).
 
         When the store cannot be reached, the heartbeats read before are returned (their times age, so
         the sites turn stale as they would) and :attr:`error` says why.
@@ -42,21 +158,30 @@ class FleetStatus:
             listing = self.store.listing("status")
             changed = [s for s in sites if f"{s}.json" in listing
                        and self._seen.get(s, ((),))[0] != listing[f"{s}.json"]]
-            fetched = self.store.read_many([f"status/{s}.json" for s in changed])
+            fetched, refused = self.store.read_many([f"status/{s}.json" for s in changed], MAX_HEARTBEAT_BYTES)
         except StoreError as exc:
             self.error, self.fetched = str(exc), 0
-            return {s: self._seen[s][1] for s in sites if s in self._seen}
+            return self._valid(sites)
         self.error, self.fetched = "", len(fetched)
         for site in [s for s in self._seen if f"{s}.json" not in listing]:
             del self._seen[site]  # its heartbeat was removed from the store
         self.stored_at = {s: listing[f"{s}.json"][1] for s in sites
                           if f"{s}.json" in listing and listing[f"{s}.json"][1] is not None}
         for site in changed:
-            try:
-                self._seen[site] = (listing[f"{site}.json"], json.loads(fetched[f"status/{site}.json"]))
-            except (KeyError, ValueError):  # gone between the listing and the read, or half-written
+            name = f"status/{site}.json"
+            if name in refused:
+                self._seen[site] = (listing[f"{site}.json"], refused[name].removeprefix(f"{name}: "))
+            elif name not in fetched:  # gone between the listing and the read
                 self._seen.pop(site, None)
-        return {s: self._seen[s][1] for s in sites if s in self._seen}
+            else:
+                try:
+                    self._seen[site] = (listing[f"{site}.json"], parse_heartbeat(fetched[name], site))
+                except UnreadableHeartbeat as exc:
+                    self._seen[site] = (listing[f"{site}.json"], str(exc))
+        return self._valid(sites)
+
+    def _valid(self, sites: list[str]) -> dict[str, dict]:
+        return {s: self._seen[s][1] for s in sites if s in self._seen and isinstance(self._seen[s][1], dict)}
 
 
     def age(self, site: str, now: float | None = None) -> float | None:
@@ -65,9 +190,11 @@ class FleetStatus:
         return None if stored is None else max(0.0, (time.time() if now is None else now) - stored)
 
 
-def read_fleet_status(store: Store, sites: list[str]) -> dict[str, dict]:
-    """The latest heartbeat each site pushed to the store (missing or unreadable sites are absent)."""
-    return FleetStatus(store).read(sites)
+def read_fleet_status(store: Store, sites: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """``(heartbeats, unreadable)``: the latest valid heartbeat each site pushed to the store, and why
+    each site whose heartbeat is not valid was refused (sites with no heartbeat are in neither)."""
+    fleet = FleetStatus(store)
+    return fleet.read(sites), fleet.unreadable
 
 
 def fleet_health(store: Store, sites: list[str], stale_after_s: float) -> list["SiteHealth"]:
@@ -75,13 +202,13 @@ def fleet_health(store: Store, sites: list[str], stale_after_s: float) -> list["
     reader = FleetStatus(store)
     status = reader.read(sites)
     now = time.time()
-    return assess(status, sites, stale_after_s, {s: reader.age(s, now) for s in sites})
+    return assess(status, sites, stale_after_s, {s: reader.age(s, now) for s in sites}, reader.unreadable)
 
 
 @dataclass(frozen=True)
 class SiteHealth:
     site: str
-    verdict: str  # ok | degraded | stale | not provisioned
+    verdict: str  # ok | degraded | stale | unreadable | not provisioned
     reason: str
     state: str | None
     heartbeat_age_s: float | None
@@ -94,13 +221,17 @@ class SiteHealth:
         return asdict(self)
 
 
-def assess(status: dict[str, dict], sites: list[str], stale_after_s: float, ages: dict[str, float | None]
-           ) -> list[SiteHealth]:
+def assess(status: dict[str, dict], sites: list[str], stale_after_s: float, ages: dict[str, float | None],
+           unreadable: dict[str, str] | None = None) -> list[SiteHealth]:
     """One :class:`SiteHealth` per site in ``sites``, from its latest heartbeat (``status[site]``) and its age
-    by the cloud's clock (``ages[site]``, from :meth:`FleetStatus.age`)."""
-    return [_site(site, status.get(site), stale_after_s, ages.get(site)) for site in sites]
+    by the cloud's clock (``ages[site]``, from :meth:`FleetStatus.age`); a site in ``unreadable`` (see
+    :attr:`FleetStatus.unreadable`) is shown with why its heartbeat was refused."""
+    unreadable = unreadable or {}
+    return [SiteHealth(site, "unreadable", unreadable[site], None, ages.get(site), None, "", None, None)
+            if site in unreadable else _site(site, status.get(site), stale_after_s, ages.get(site)) for site in sites]
 
 
+VERDICTS = ("ok", "degraded", "stale", "unreadable", "not provisioned")
 NOT_PROVISIONED = "no heartbeat in the store: never provisioned, or its agent never reached the store"
 
 
@@ -133,14 +264,17 @@ def _trouble(s: dict) -> str:
         problems.append(f"{s['finetune_failures']} fine-tune failure(s) in a row")
     if s.get("recovery"):
         problems.append(s["recovery"])
+    for key in ("disk_full", "inbox_stuck"):
+        if s.get(key):
+            problems.append(s[key])
     return "; ".join(problems)
 
 
 def summary(rows: list[SiteHealth]) -> str:
     """One line for logs and errors, e.g. ``2 ok, 1 stale (site-c: no heartbeat in the store)``."""
-    counts = {v: [r for r in rows if r.verdict == v] for v in ("ok", "degraded", "stale", "not provisioned")}
+    counts = {v: [r for r in rows if r.verdict == v] for v in VERDICTS}
     parts = [f"{len(counts['ok'])} ok"]
-    for verdict in ("degraded", "stale", "not provisioned"):
+    for verdict in VERDICTS[1:]:
         if counts[verdict]:
             parts.append(f"{len(counts[verdict])} {verdict} ("
                          + "; ".join(f"{r.site}: {r.reason}" for r in counts[verdict]) + ")")

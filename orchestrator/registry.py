@@ -52,6 +52,13 @@ class RegistryError(LookupError):
     pass
 
 
+class ChampionChanged(RegistryError):
+    """A promotion decided against a champion that another promoter has since replaced."""
+
+
+UNCHECKED = object()  # promote() without a compare-and-swap (the demo's own first champion, an operator)
+
+
 class ModelRegistry:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -119,24 +126,38 @@ class ModelRegistry:
 
     def champion_classes(self, family: str) -> list[str]:
         """The class names the family's champion predicts (from its checkpoint); RegistryError without one."""
-        import torch
-
         champion = self.champion(family)
         if champion is None:
             raise RegistryError(f"no champion of family {family!r} in {self.root}: run pretrain first")
-        payload = torch.load(self.artifact(champion.version), map_location="cpu", weights_only=True)
+        return self.classes(champion.version)
+
+    def contract(self, version: str) -> dict:
+        """What a fleet that fine-tunes from ``version`` depends on: architecture, input size, class names."""
+        record = self.get(version)
+        return {"arch": record.arch, "image_size": record.hyperparameters.get("image_size"),
+                "classes": self.classes(version)}
+
+    def classes(self, version: str) -> list[str]:
+        import torch
+
+        payload = torch.load(self.artifact(version), map_location="cpu", weights_only=True)
         return list(payload["meta"]["class_names"])
 
-    def promote(self, version: str) -> ModelVersion:
+    def promote(self, version: str, expected: str | None | object = UNCHECKED) -> ModelVersion:
         """Make ``version`` its family's champion.
 
         One atomic rename of the family's champion pointer is the promotion, done under the registry's
         lock (two flows promoting at once take turns); the records' stages are then brought in line. A
-        crash at any point leaves the old champion or the new one, never none.
+        crash at any point leaves the old champion or the new one, never none. ``expected`` makes it a
+        compare-and-swap: the champion the candidate was gated against (None: there was none); if another
+        promoter replaced it since, :class:`ChampionChanged` names the new one and nothing changes.
         """
         record = self.get(version)
         with self._lock():
             current = self.champion(record.family)
+            if expected is not UNCHECKED and (current.version if current else None) != expected:
+                raise ChampionChanged(f"the champion changed since this candidate was gated (now "
+                                      f"{current.version if current else None}, gated against {expected})")
             pointer = self._champion_file(record.family)
             write_bytes_atomic(pointer, (version + "\n").encode())
             if current and current.version != version:

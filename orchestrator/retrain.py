@@ -1,7 +1,7 @@
 """The cloud's learning steps: train (or fine-tune) a registered version, gate it, retrain on samples.
 
 Plain functions; the flows string them together. The gate is the one in the shared core
-(:mod:`edge_agent.gate`), so the cloud and the edge decide with the same tie rule.
+(:mod:`edge_agent.gate`), so the cloud and the edge decide with the same paired test.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.datasets import DatasetVersion, open_dataset
-from edge_agent.gate import Score
+from edge_agent.gate import Decision, GateRule, Score
 from edge_agent.gate import gate as decide
 from edge_agent.models import load_checkpoint
-from edge_agent.train import EpochMetrics, TrainConfig, evaluate
+from edge_agent.ensemble import log_loss
+from edge_agent.train import EpochMetrics, TrainConfig, predict_proba
 from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import Collection, Labeller, OperatorLabels, build_retraining_set, first_label
 from orchestrator.training import CHECKPOINT, METRICS, export_checkpoint, train_on_dataset
@@ -47,7 +48,8 @@ def register_trained(registry: ModelRegistry, family: str, folder: Path, parent:
 
 @dataclass
 class GateDecision:
-    """The promotion decision (on the gate split) and both models on the test split (reported only)."""
+    """The promotion decision (the paired gate on the gate split) and both models on the test split (reported
+    only). ``n``, the discordant counts, ``p_value`` and ``alpha`` are the gate's evidence."""
 
     candidate: str
     champion: str | None
@@ -59,38 +61,65 @@ class GateDecision:
     champion_test_acc: float | None
     promoted: bool
     reason: str = ""
+    n: int = 0
+    candidate_only: int = 0
+    champion_only: int = 0
+    p_value: float | None = None
+    alpha: float | None = None
 
     def as_dict(self) -> dict:
         """A plain copy for flow results and artifacts."""
         return self.__dict__.copy()
 
 
+def contract_change(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion) -> str | None:
+    """How the candidate would break the fleet's serving contract (what its members fine-tune from: the
+    champion's architecture, input size and classes), or None when it keeps it."""
+    new, old = registry.contract(candidate.version), registry.contract(champion.version)
+    changed = [f"{key} {old[key]} -> {new[key]}" for key in ("arch", "image_size", "classes") if new[key] != old[key]]
+    return ", ".join(changed) or None
+
+
 def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: Path,
-         min_gain: float = 0.0) -> GateDecision:
-    """Promote the candidate only if it beats the champion on the pool's gate split (the shared gate).
+         rule: GateRule | None = None, allow_contract_change: bool = False) -> GateDecision:
+    """Promote the candidate only if the shared paired gate says it beats the champion on the pool's gate split.
 
     The gate split is the half of the pool's val split that chose no epoch (:func:`edge_agent.datasets.role`);
-    retraining sets keep the pool's val records, so every candidate meets the same gate images. The test
-    split is scored too, for the report only: it never decides.
+    retraining sets keep the pool's val records, so every candidate meets the same gate images. Both models are
+    scored in FP32, the precision the fleet receives them at (each site then decides INT8 for itself). The test
+    split is scored too, for the report only: it never decides. A candidate that changes the serving contract
+    is refused unless ``allow_contract_change``. The promotion is a compare-and-swap against ``champion``: if
+    another promoter replaced it meanwhile, :class:`~orchestrator.registry.ChampionChanged` is raised.
     """
+    rule = rule or GateRule()
     pool = open_dataset(holdout)
     cand = _scores(registry, candidate, pool)
     champ = _scores(registry, champion, pool) if champion else None
-    decision = decide(cand["gate"], champ["gate"] if champ else None, min_gain)
+    broken = contract_change(registry, candidate, champion) if champion and not allow_contract_change else None
+    decision = decide(cand["gate"], champ["gate"] if champ else None, rule)
+    if broken:
+        decision = Decision(**{**decision.as_dict(), "accept": False,
+                               "reason": f"changes the fleet's serving contract ({broken}); set "
+                                         f"allow_contract_change to promote it (gate: {decision.reason})"})
     if decision.accept:
-        registry.promote(candidate.version)
+        registry.promote(candidate.version, expected=champion.version if champion else None)
     return GateDecision(candidate.version, champion.version if champion else None,
                         cand["gate"].accuracy, champ["gate"].accuracy if champ else None,
                         cand["gate"].nll, champ["gate"].nll if champ else None,
                         cand["test"].accuracy, champ["test"].accuracy if champ else None,
-                        decision.accept, decision.reason)
+                        decision.accept, decision.reason, decision.n, decision.challenger_only,
+                        decision.incumbent_only, decision.p_value, decision.alpha)
 
 
 def _scores(registry: ModelRegistry, version: ModelVersion, pool: DatasetVersion) -> dict[str, Score]:
-    """A registered model's accuracy and mean log-loss on the gate and test splits, at its own input size."""
+    """A registered model's answers on the gate and test splits, at its own input size."""
     model, meta = load_checkpoint(registry.artifact(version.version))
-    return {name: Score(*evaluate(model, pool.load_split(name, meta.spec.image_size), meta.normalization))
-            for name in ("gate", "test")}
+    out = {}
+    for name in ("gate", "test"):
+        split = pool.load_split(name, meta.spec.image_size)
+        probs = predict_proba(model, split.images, meta.normalization)
+        out[name] = Score.of(probs, split.labels, log_loss(probs, split.labels))
+    return out
 
 
 def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, collection: Collection,

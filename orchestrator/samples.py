@@ -3,21 +3,23 @@
 Edges write ``<store>/samples/<site>/<sha256>.png`` and a ``.json`` sidecar (sidecar last, so a
 sidecar always has its image). Here every sample is checked before it can reach a training set:
 the bytes must hash to the name, decode as an image, and the sidecar must say where it came from.
-Rejected samples are reported with the reason and never used.
+Rejected samples are reported with the reason and never used; the cloud's :class:`Quarantine` keeps them
+(and any sample that made a later step raise) so that they are never read again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from edge_agent.datasets import DatasetVersion, ImportReport, derive_dataset
-from edge_agent.fileio import sha256_hex
+from edge_agent.fileio import read_json, sha256_hex, write_json_atomic
 from edge_agent.imaging import ImageError, decode_image
 from edge_agent.sidecar import MAX_SIDECAR_BYTES, SampleSidecar, SidecarError, parse_sidecar
-from edge_agent.store import Store, StoreError
+from edge_agent.store import Store, StoreError, UnreadableFile
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ class Sample:
 @dataclass
 class Collection:
     accepted: list[Sample] = field(default_factory=list)
-    rejected: list[dict[str, str]] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)  # for good: {"sample": site/sha, "reason"}
+    unreachable: list[dict[str, str]] = field(default_factory=list)  # the store failed: tried again next time
 
     def by_site(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -44,12 +47,14 @@ class Collection:
         return counts
 
 
-def _check(sha: str, image: bytes, sidecar: SampleSidecar, site: str) -> str | None:
+def _check(sha: str, image: bytes, sidecar: SampleSidecar, site: str, classes: list[str] | None) -> str | None:
     """Why a sample cannot be used, or None when it can."""
     if sha256_hex(image) != sha:
         return "image bytes do not match the content hash in the name"
     if sidecar.site != site:
         return f"sidecar names site {sidecar.site!r} but the sample is under {site!r}"
+    if classes and (misfit := sidecar.fits(classes)):
+        return misfit
     try:
         decode_image(image, 16, MAX_IMAGE_BYTES)
     except ImageError as exc:
@@ -57,34 +62,71 @@ def _check(sha: str, image: bytes, sidecar: SampleSidecar, site: str) -> str | N
     return None
 
 
-def _read_sample(store: Store, sidecar_path: str, site: str, sha: str) -> Sample:
+def _read_sample(store: Store, sidecar_path: str, site: str, sha: str, classes: list[str] | None) -> Sample:
     """Read and check one sample; :class:`SampleRejected` says why it cannot be used."""
     try:
         sidecar = parse_sidecar(store.read(sidecar_path, max_bytes=MAX_SIDECAR_BYTES))
         image = store.read(sidecar_path[:-len(".json")] + ".png", max_bytes=MAX_IMAGE_BYTES)
-    except (OSError, StoreError, SidecarError) as exc:
-        raise SampleRejected(f"unreadable: {exc}" if not isinstance(exc, SidecarError) else str(exc)) from None
-    reason = _check(sha, image, sidecar, site)
+    except StoreError as exc:
+        raise SampleRejected(f"store unreachable: {exc}", lasting=False) from None
+    except (OSError, UnreadableFile) as exc:
+        raise SampleRejected(f"unreadable: {exc}") from None
+    except SidecarError as exc:
+        raise SampleRejected(str(exc)) from None
+    reason = _check(sha, image, sidecar, site, classes)
     if reason:
         raise SampleRejected(reason)
     return Sample(sha, site, image, sidecar.model_dump(mode="json"))
 
 
 class SampleRejected(ValueError):
-    """A sample that must not reach a training set; the message is the reason."""
+    """A sample that must not reach a training set; the message is the reason. ``lasting`` is False when
+    the store failed rather than the sample (then it is tried again next time)."""
+
+    def __init__(self, reason: str, lasting: bool = True):
+        super().__init__(reason)
+        self.lasting = lasting
 
 
-def collect_samples(store: Store) -> Collection:
-    """Read and check every sample in the store; each bad one is rejected alone, with its reason."""
+def collect_samples(store: Store, seen: Container[str] = (), quarantined: Container[str] = (),
+                    classes: list[str] | None = None) -> Collection:
+    """Read and check every sample in the store, except those whose hash is in ``seen`` and those whose
+    ``site/sha`` is in ``quarantined`` (neither is read); each bad one is rejected alone, with its reason.
+
+    With ``classes`` (the family's), a sample whose probabilities are over other classes is rejected too.
+    """
     collection = Collection()
     for sidecar_path in store.list("samples/*/*.json"):
         site, sha = Path(sidecar_path).parent.name, Path(sidecar_path).stem
+        if sha in seen or f"{site}/{sha}" in quarantined:
+            continue
         try:
-            collection.accepted.append(_read_sample(store, sidecar_path, site, sha))
+            collection.accepted.append(_read_sample(store, sidecar_path, site, sha, classes))
         except SampleRejected as exc:
-            collection.rejected.append({"sample": f"{site}/{sha}", "reason": str(exc)})
+            (collection.rejected if exc.lasting else collection.unreachable).append(
+                {"sample": f"{site}/{sha}", "reason": str(exc)})
             log.warning("rejected sample %s/%s: %s", site, sha, exc)
     return collection
+
+
+class Quarantine:
+    """The cloud's quarantine: samples set aside for good, with why (``quarantine.json`` beside the
+    registry). A sample lands here when its intake check rejects it or when a later step raised on it;
+    nothing here is read from the store again, so one hostile sample costs one read, once."""
+
+    FILE = "quarantine.json"
+
+    def __init__(self, home: str | Path):
+        self.path = Path(home) / self.FILE
+
+    def reasons(self) -> dict[str, str]:
+        """``{site/sha: reason}``."""
+        held = read_json(self.path, default={})
+        return held if isinstance(held, dict) else {}
+
+    def add(self, reasons: dict[str, str]) -> None:
+        if reasons:
+            write_json_atomic(self.path, {**self.reasons(), **reasons})
 
 
 class Labeller(Protocol):

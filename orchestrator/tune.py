@@ -31,6 +31,7 @@ from orchestrator.training import train_on_dataset
 
 # Augmentation strength, weakest to strongest (edge_agent.augment's policies).
 POLICY_STRENGTH = ("none", "flips", "geometric", "strong")
+OPEN_ARCHS = ("tiny_cnn", "mobilenet_v3_small", "resnet18")  # searched when no champion fixes the contract
 
 
 class NoTrialFinished(LookupError):
@@ -45,9 +46,24 @@ class SearchSpace(BaseModel):
     lr: tuple[float, float] = Field((3e-4, 1e-2), description="peak learning rate: log-uniform between the two")
     weight_decay: tuple[float, float] = Field((1e-6, 1e-2), description="log-uniform between the two")
     policy: list[str] = Field(list(POLICY_STRENGTH), description="augmentation, weakest to strongest")
-    image_size: list[int] = Field(default_factory=list, description="input sizes in px; empty = the dataset's "
-                                  "own size, 3/4 of it and half of it")
-    arch: list[str] = Field(["tiny_cnn", "mobilenet_v3_small", "resnet18"])
+    image_size: list[int] = Field(default_factory=list, description="input sizes in px; empty = the champion's "
+                                  "(the fleet's serving contract), or with no champion the dataset's own size, "
+                                  "3/4 of it and half of it")
+    arch: list[str] = Field(default_factory=list, description="architectures; empty = the champion's (the fleet's "
+                            f"serving contract), or with no champion {list(OPEN_ARCHS)}")
+
+    def within(self, contract: dict | None) -> "SearchSpace":
+        """This space with its empty choices filled from the fleet's serving contract (the champion's arch and
+        input size): a winner of another arch or size would be refused by the gate (bench/scale.py searched
+        across them when there was no fleet yet)."""
+        if contract is None:
+            return self
+        return self.model_copy(update={"arch": self.arch or [contract["arch"]],
+                                       "image_size": self.image_size or [contract["image_size"]]})
+
+    @property
+    def archs(self) -> list[str]:
+        return self.arch or list(OPEN_ARCHS)
 
     @field_validator("lr", "weight_decay")
     @classmethod
@@ -61,7 +77,7 @@ class SearchSpace(BaseModel):
     def _known(cls, values: list, info: ValidationInfo) -> list:
         known = {"policy": POLICIES, "arch": ARCHITECTURES}.get(info.field_name)
         unknown = [v for v in values if known is not None and v not in known]
-        if unknown or (info.field_name != "image_size" and not values):
+        if unknown or (info.field_name == "policy" and not values):
             raise ValueError(f"unknown {info.field_name} {unknown} (choose from {sorted(known)})" if unknown
                              else f"no {info.field_name} to choose from")
         if info.field_name == "image_size" and any(v < 16 for v in values):
@@ -106,7 +122,7 @@ def random_trials(space: SearchSpace, count: int, dataset_size: int, seed: int =
     sizes = space.sizes(dataset_size)
     return [Trial(n, {"lr": log_uniform(space.lr), "weight_decay": log_uniform(space.weight_decay),
                       "policy": str(rng.choice(space.policy)), "image_size": int(rng.choice(sizes)),
-                      "arch": str(rng.choice(space.arch))}) for n in range(count)]
+                      "arch": str(rng.choice(space.archs))}) for n in range(count)]
 
 
 def grid_trials(space: SearchSpace, count: int, dataset_size: int) -> list[Trial]:
@@ -116,7 +132,7 @@ def grid_trials(space: SearchSpace, count: int, dataset_size: int) -> list[Trial
     k levels sit at the centres of k equal parts of its range (log scale for lr and weight decay), so a knob
     with one level stays at its middle: the grid a careful person would lay out, not the range's corners.
     """
-    choices = {"lr": space.lr, "weight_decay": space.weight_decay, "arch": space.arch, "policy": space.policy,
+    choices = {"lr": space.lr, "weight_decay": space.weight_decay, "arch": space.archs, "policy": space.policy,
                "image_size": space.sizes(dataset_size)}
     levels = dict.fromkeys(choices, 1)
     grown = True
@@ -158,7 +174,7 @@ class Halving(BaseModel):
 
 @dataclass
 class Search:
-    """Every trial's result in every rung, and the winner (best val accuracy in the last rung)."""
+    """Every trial's result in every rung, and the winner (best val accuracy in the last rung that finished)."""
 
     results: list[TrialResult] = field(default_factory=list)
 
@@ -169,11 +185,13 @@ class Search:
 
     @property
     def best(self) -> TrialResult:
-        ranked = self.ranked(max(r.rung for r in self.results))
-        if not ranked:
-            raise NoTrialFinished("every trial of the last rung failed: "
-                                  + "; ".join(f"trial {r.trial.number}: {r.error}" for r in self.results if r.error))
-        return ranked[0]
+        """The best finished trial of the latest rung that has one (a later rung whose trials all failed does
+        not throw away the earlier rungs' results)."""
+        for rung in sorted({r.rung for r in self.results}, reverse=True):
+            if ranked := self.ranked(rung):
+                return ranked[0]
+        raise NoTrialFinished("no trial finished: "
+                              + "; ".join(f"trial {r.trial.number}: {r.error}" for r in self.results if r.error))
 
     def table(self) -> list[dict]:
         return [r.row() for r in sorted(self.results, key=lambda r: (r.rung, -r.val_acc))]
@@ -188,6 +206,8 @@ def successive_halving(trials: list[Trial], halving: Halving, run_rung: RunRung,
     search, survivors = Search(), list(trials)
     for rung, (count, epochs) in enumerate(halving.rungs(len(trials))):
         survivors = [r.trial for r in search.ranked(rung - 1)[:count]] if rung else survivors
+        if not survivors:
+            break  # every trial of the previous rung failed: Search.best is the best of the rungs run
         results = run_rung(survivors, rung, epochs)
         search.results += results
         if on_rung:

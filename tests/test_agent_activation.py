@@ -8,17 +8,7 @@ import threading
 import pytest
 
 from edge_agent.activation import activate, active_version, publish, staging_dir, sweep_staging
-from edge_agent.gate import Score, gate
 from edge_agent.layout import AgentPaths
-
-
-def test_gate_needs_a_real_improvement():
-    assert gate(Score(0.5, 1.0), None).accept
-    assert gate(Score(0.8, 0.5), Score(0.7, 0.4)).accept
-    assert not gate(Score(0.7, 0.5), Score(0.7, 0.4)).accept
-    assert gate(Score(0.7, 0.3), Score(0.7, 0.4)).accept  # tie on accuracy, better log-loss
-    assert not gate(Score(0.75, 0.3), Score(0.7, 0.4), min_gain=0.1).accept
-    assert not gate(Score(0.6, 0.1), Score(0.7, 0.4)).accept
 
 
 def stage(paths: AgentPaths, version: str) -> None:
@@ -70,3 +60,20 @@ def test_staging_is_invisible_and_swept(tmp_path):
         activate(paths, "v2")
     assert sweep_staging(paths) == [staged] and not staged.exists()
     assert active_version(paths) == "v1" and os.path.isfile(paths.active_link / "ensemble.onnx")
+
+
+def test_activation_against_a_stale_judgement_is_refused(tmp_path):
+    """The fine-tune judged its candidates against v1; if v2 was activated meanwhile, its choice must not land."""
+    from edge_agent.activation import ActivationConflict
+
+    paths = AgentPaths(tmp_path)
+    paths.ensure()
+    for version in ("v1", "v2", "v3"):
+        stage(paths, version)
+    activate(paths, "v3", expected=None)  # nothing served when it was judged
+    with pytest.raises(ActivationConflict, match=r"changed since this candidate was gated \(now v3"):
+        activate(paths, "v1", expected=None)
+    activate(paths, "v2", expected="v3")
+    with pytest.raises(ActivationConflict, match="now v2"):
+        activate(paths, "v1", expected="v3")
+    assert active_version(paths) == "v2"

@@ -13,20 +13,11 @@ from edge_agent.candidates import choose_precision, int8_serves, stage_base_as_i
 from edge_agent.config import AgentConfig
 from edge_agent.datasets import ArraySet, open_dataset
 from edge_agent.finetune import choose_serving
-from edge_agent.gate import Score, choose
 from edge_agent.layout import AgentPaths
 from edge_agent.onnx_model import OnnxClassifier
 from edge_agent.serving import ENSEMBLE_FILE
 
 SIZE = 32
-
-
-def test_choose_keeps_the_incumbent_unless_the_gate_says_otherwise():
-    scores = {"base": Score(0.80, 0.40), "active": Score(0.82, 0.38), "new": Score(0.81, 0.30)}
-    assert choose(scores, "active")[0] == "active"  # new beats base, not the active one
-    assert choose({**scores, "new": Score(0.85, 0.5)}, "active")[0] == "new"
-    assert choose({**scores, "new": Score(0.83, 0.5)}, "active", min_gain=0.02)[0] == "active"
-    assert choose({"base": Score(0.8, 0.4), "new": Score(0.8, 0.4)}, "base")[0] == "base"  # a tie keeps the simpler
 
 
 @pytest.mark.parametrize("fp32, int8, serves", [(0.900, 0.900, True), (0.900, 0.8951, True), (0.900, 0.895, True),

@@ -83,8 +83,10 @@ def test_first_finetune_serves_the_best_of_the_base_as_is_and_the_new_ensemble(s
         assert candidate["gate"]["n"] == report["counts"]["gate"] and candidate["test"]["n"] == report["counts"]["test"]
     assert abs(sum(report["ensemble"]["weights"]) - 1.0) < 1e-6
     assert report["serving"] in ("base", "new") and active_version(root) == report["serving_version"]
-    scores = {n: (c["gate"]["accuracy"], -c["gate"]["nll"]) for n, c in report["candidates"].items()}
-    assert (report["serving"] == "new") == (scores["new"] > scores["base"])  # the gate's rule, min_gain 0
+    gate = report["gate"]  # the paired gate's evidence: n, discordant counts, p-value, alpha
+    assert (report["serving"] == "new") == gate["accept"] and gate["n"] == report["counts"]["gate"]
+    assert f"n = {gate['n']}" in report["decision"] and f"alpha = {gate['alpha']}" in report["decision"]
+    assert state["last_run"]["gate"] == gate  # the status shows it
     served, base = report["candidates"][report["serving"]], report["candidates"]["base"]
     assert report["gain_over_base"]["test"] == pytest.approx(served["test"]["accuracy"] - base["test"]["accuracy"])
     assert report["precision"]["serving"] in ("int8", "fp32") and report["precision"]["gate_fp32"] is not None
@@ -136,7 +138,9 @@ def test_inbox_http_quarantine_and_samples_reach_the_store(served_site, elpv_sma
             assert hashlib.sha256(image).hexdigest() == sidecar_path.stem == sidecar["sha256"]
             assert sidecar["site"] == "site-1" and sidecar["reasons"]
         inferred = [json.loads(p.read_text()) for p in samples.glob("*.json")]
-        assert any(s["model_version"] and len(s["member_probabilities"]) == 3 for s in inferred)
+        serving = json.loads((root / "state.json").read_text())["last_run"]["serving"]
+        members = 3 if serving == "new" else 1  # the gate may keep the base as-is on this small gate split
+        assert any(s["model_version"] and len(s["member_probabilities"]) == members for s in inferred)
         assert not list(samples.glob(".*"))  # no temp files left in the store
         assert agent.terminate() == 0
         kept = len(list((root / "outbox").glob("*.json")))  # SIGTERM keeps what is still queued

@@ -10,8 +10,6 @@ import pytest
 
 from edge_agent.datasets import open_dataset
 from edge_agent.fileio import file_sha256
-from edge_agent.gate import Score
-from edge_agent.gate import gate as shared_gate
 from edge_agent.layout import AgentPaths
 from edge_agent.store import Store
 from edge_agent.train import TrainConfig
@@ -162,9 +160,8 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
     assert candidate.parent == champion.version
     decision = gate(registry, candidate, champion, elpv_small / "generic")
     assert decision.promoted == (registry.champion("elpv").version == candidate.version)
-    shared = shared_gate(Score(decision.candidate_gate_acc, decision.candidate_gate_loss),
-                         Score(decision.champion_gate_acc, decision.champion_gate_loss))
-    assert (decision.promoted, decision.reason) == (shared.accept, shared.reason)  # the one tie rule
+    assert decision.n == len(generic.load_split("gate")) and f"n = {decision.n}" in decision.reason
+    assert decision.alpha == 0.1 and decision.p_value is not None  # the one paired gate's evidence
     assert 0 <= decision.candidate_test_acc <= 1 and 0 <= decision.champion_test_acc <= 1
     registry.promote(champion.version)
 
@@ -217,7 +214,7 @@ def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
     (tmp_path / "status").mkdir()
     (tmp_path / "status" / "a.json").write_text(json.dumps({"site": "a", "time": 5}))
     (tmp_path / "status" / "b.json").write_text("{not json")
-    assert read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"]) == {"a": {"site": "a", "time": 5}}
+    assert read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"])[0] == {"a": {"site": "a", "time": 5}}
 
 
 def test_models_cli_lists_versions_and_lineage(registry, capsys):

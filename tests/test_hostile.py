@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -146,7 +147,7 @@ def put_sample(store: Path, site: str, image: bytes, sidecar: bytes, name: str |
 
 def test_fuzzed_sidecars_are_rejected_alone_and_good_samples_still_come_in(tmp_path):
     store = tmp_path / "store"
-    good = {"site": "a", "time": 1.0, "reasons": ["uncertain"], "probabilities": {"functional": 0.5}}
+    good = {"site": "a", "time": 1.0, "reasons": ["uncertain"], "probabilities": {"functional": 0.5, "defective": 0.5}}
     bad_sidecars = [b"null", b'"a string"', b"42", b"[1, 2]", b"{", b"\xff\xfe", json.dumps({}).encode(),
                     json.dumps({**good, "time": "yesterday"}).encode(), json.dumps({**good, "reasons": "x"}).encode(),
                     json.dumps({**good, "probabilities": [1, 2]}).encode(), json.dumps({**good, "site": 7}).encode(),
@@ -197,3 +198,37 @@ def test_a_broken_active_ensemble_is_never_served_the_previous_good_one_is(tmp_p
     (paths.ensembles / "20260101T000000-good" / "ensemble.onnx").write_bytes(b"gone bad too")
     handle = EnsembleHandle(paths.active_link, image_size=SIZE)
     assert handle.get() is None and "no usable ensemble" in handle.problem
+
+
+def test_long_reused_names_and_unmovable_files_never_stall_the_inbox(tmp_path, ensemble_file):
+    from edge_agent.config import ServeConfig
+
+    paths = serve(tmp_path / "site", ensemble_file)
+    long = "c" * 240 + ".png"  # near the file system's 255-byte limit: the camera reuses it
+    processor = InboxProcessor(paths, EnsembleHandle(paths.active_link, image_size=SIZE), 1_000_000,
+                               lambda raw, prediction, name: None, max_pixels=ServeConfig().max_image_pixels)
+    for seed in (1, 2):
+        (paths.inbox / long).write_bytes(good_png(seed))
+        assert processor.process().processed == 1
+    (paths.inbox / ("d" * 250 + ".png")).write_bytes(b"not an image")
+    wide = io.BytesIO()
+    Image.new("I;16", (6000, 5000)).save(wide, "PNG")  # 30 M 16-bit pixels in a few kB: over the HTTP limit
+    (paths.inbox / "wide.png").write_bytes(wide.getvalue())
+    assert processor.process().quarantined == 2
+    lines = (paths.processed / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["file"] for line in lines] == [long, long]  # once each, no duplicate
+    assert len(list(paths.processed.glob("c*.png"))) == 2 and not any(paths.inbox.iterdir())
+    reasons = [json.loads(p.read_text()) for p in paths.quarantine.glob("*.reason.json")]
+    assert {r["file"] for r in reasons} == {"d" * 250 + ".png", "wide.png"}
+    assert any("too many pixels: 6000x5000" in r["reason"] for r in reasons)
+
+    shutil.rmtree(paths.quarantine)
+    paths.quarantine.write_text("a file where the quarantine folder should be")  # nothing can be set aside
+    (paths.inbox / "bad.png").write_bytes(b"broken")
+    os.utime(paths.inbox / "bad.png", (1, 1))  # oldest: first in the queue
+    (paths.inbox / "good.png").write_bytes(good_png(3))
+    for _ in range(3):
+        processor.process()
+    assert [p.name for p in paths.inbox.iterdir()] == ["bad.png"]  # good.png behind it was classified
+    assert len((paths.processed / "results.jsonl").read_text().splitlines()) == 3
+    assert list(processor.stuck) == ["bad.png"] and "cannot quarantine" in processor.stuck_summary()

@@ -99,7 +99,7 @@ def test_canary_passes_then_a_failing_canary_is_rolled_back_and_the_fleet_untouc
             store, ["host1", "host2"], lambda s: (s.get("last_run") or {}).get("bases", [None])[0] == first, 120)
         assert sorted(ready) == ["host1", "host2"], status
         active_before = {h: status[h]["active_version"] for h in ready}
-        canary_active = read_fleet_status(store, ["host0"])["host0"]["active_version"]
+        canary_active = read_fleet_status(store, ["host0"])[0]["host0"]["active_version"]
 
         killer = threading.Thread(target=_kill_after_first_heartbeat, args=(roots / "host0", time.time()))
         killer.start()  # the canary's agent dies (kill -9, its supervisor too) after one post-deploy heartbeat
@@ -119,7 +119,7 @@ def test_canary_passes_then_a_failing_canary_is_rolled_back_and_the_fleet_untouc
             paths = AgentPaths(roots / host)
             assert not (paths.base_models / second).exists()
             time.sleep(1.5)
-            latest = read_fleet_status(store, [host])[host]
+            latest = read_fleet_status(store, [host])[0][host]
             assert latest["state"] == "serving" and time.time() - latest["time"] < 10
             assert latest["active_version"] == active_before[host]
         rows = {r["site"]: r for r in latest_table("rollout")}
@@ -175,7 +175,7 @@ def test_rollback_restores_what_served_before_the_version_and_refuses_before_tou
 
     from agent_helpers import serving_site, write_config
 
-    from edge_agent.activation import Fenced, activate, activation_guard
+    from edge_agent.activation import Fenced, activate
     from orchestrator.rollout import rollback_site
 
     registry = ModelRegistry(tmp_path / "registry")
@@ -203,8 +203,8 @@ sites: [{{name: s1, root: "{tmp_path / 's1'}"}}, {{name: s2, root: "{tmp_path / 
     assert done["changed"] == ["fence", "active", "base"] and done["serving"] == "v1"
     assert os.readlink(paths["s1"].active_link) == "ensembles/v1" and not (paths["s1"].base_models / version).exists()
     with pytest.raises(Fenced, match="was rolled back"):  # the fine-tune that was running on it
-        with activation_guard(paths["s1"], [version]):
-            pass
+        activate(paths["s1"], "on-new", bases=[version])
+    assert os.readlink(paths["s1"].active_link) == "ensembles/v1"
     assert rollback_site(inventory, "s1", version)["changed"] == []
     assert rollback_site(inventory, "s2", version) == {"changed": [], "never_got": True, "serving": "v1"}
     with pytest.raises(Exception, match=r"cannot restore v1: .*nothing changed; serving on-new"):
@@ -296,6 +296,9 @@ sites: [{{name: s1, root: "{root}"}}]
         agent.close()
 
 
+HOSTS = ["host0", "host1", "host2"]
+
+
 def _bad_version(registry: ModelRegistry, base: Path, tmp_path: Path) -> str:
     """A base that calls every cell defective (its output bias pushed 20 logits towards 'defective')."""
     payload = torch.load(base, map_location="cpu", weights_only=True)
@@ -351,7 +354,7 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
         traffic.start()
         done = rollout(str(inventory.path), RolloutRequest(version=good, family="elpv"))
         assert done["canaries"] == {"host0": "passed"} and done["rest"] == {"host1": "passed", "host2": "passed"}
-        serving = {h: s["active_version"] for h, s in read_fleet_status(store, ["host0", "host1", "host2"]).items()}
+        serving = {h: s["active_version"] for h, s in read_fleet_status(store, HOSTS)[0].items()}
 
         functional = canary.labelled / "functional"  # the canary's gate split becomes nearly all defective
         kept = tmp_path / "kept"
@@ -367,7 +370,7 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
         assert not any((AgentPaths(roots / h).base_models / bad).exists() for h in ("host1", "host2"))
         shutil.copytree(kept, functional, dirs_exist_ok=True)
 
-        serving = {h: s["active_version"] for h, s in read_fleet_status(store, ["host0", "host1", "host2"]).items()}
+        serving = {h: s["active_version"] for h, s in read_fleet_status(store, HOSTS)[0].items()}
         deploy.stop_agent(inventory.site("host2"), inventory)  # wave 2's site is down
         with pytest.raises(RolloutHalted, match=r"host2 failed: no heartbeat for .*rolled back host0, host1, host2"):
             rollout(str(inventory.path), RolloutRequest(version=again, family="elpv"))

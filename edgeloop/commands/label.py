@@ -23,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _label(args: argparse.Namespace) -> int:
     from orchestrator.inventory import load_inventory
     from orchestrator.labelling import LabelQueue, label_studio_config
-    from orchestrator.samples import collect_samples
+    from orchestrator.samples import Quarantine, collect_samples
 
     fleet = load_inventory(args.inventory)
     registry = fleet.registry()  # the labels live beside it
@@ -33,7 +33,7 @@ def _label(args: argparse.Namespace) -> int:
     store = fleet.store()
 
     def samples():
-        return collect_samples(store).accepted
+        return collect_samples(store, quarantined=Quarantine(registry.root).reasons()).accepted
 
     if args.export:
         print(f"wrote {queue.export_label_studio(samples(), args.export)} tasks to {args.export}; labelling "

@@ -14,7 +14,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dask", metavar="ADDRESS", help="run the trials on this Dask scheduler (tcp://HOST:PORT)")
     parser.add_argument("-i", "--inventory", default="inventory/local.yaml", help="whose registry gets the candidate")
     parser.add_argument("--family", default="elpv-defects", help="registry name of the model being improved")
-    parser.add_argument("--arch", action="append", help="architectures to search (repeat; default: all three)")
+    parser.add_argument("--arch", action="append", help="architectures to search (repeat; default: the champion's, "
+                                                         "which the fleet fine-tunes from; all three without one)")
+    parser.add_argument("--allow-contract-change", action="store_true",
+                        help="let a winner of another architecture or input size replace the champion")
     parser.add_argument("--concurrency", type=int, default=2, help="trials at once on the local process pool")
     parser.add_argument("--min-epochs", type=int, default=1, help="epochs of the first rung (every trial)")
     parser.add_argument("--max-epochs", type=int, default=8, help="epochs of the longest rung")
@@ -45,7 +48,8 @@ def _tune(args: argparse.Namespace) -> int:
     space = SearchSpace(**({"arch": args.arch} if args.arch else {}))
     settings = TuneSettings(data=args.data, family=args.family, trials=args.trials, space=space,
                             halving=Halving(min_epochs=args.min_epochs, max_epochs=args.max_epochs),
-                            concurrency=args.concurrency, dask_address=args.dask, seed=args.seed)
+                            concurrency=args.concurrency, dask_address=args.dask, seed=args.seed,
+                            allow_contract_change=args.allow_contract_change)
     result = tune(args.inventory, settings)
     print(json.dumps(result, indent=1, default=str))
     return 0
