@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from edge_agent.gate import mcnemar_p
 from orchestrator.inventory import CanaryThresholds
 
 
@@ -75,16 +76,18 @@ def analyse(site: str, before_status: dict | None, after_status: dict | None, li
 
 
 def gate_evidence(site: str, run: dict) -> tuple[Check, bool]:
-    """The version's gate evidence at the site: what its fine-tune made serve against what served before
-    (the incumbent it was gated against). Returns the check (fails on a regression) and whether the gate
-    found an improvement (a challenger built on the version replaced the incumbent)."""
-    candidates = run.get("candidates") or {}
-    served_name = run.get("serving")
-    incumbent = "active" if "active" in candidates else "base"
-    before = ((candidates.get(incumbent) or {}).get("gate") or {}).get("accuracy")
-    after = ((candidates.get(served_name) or {}).get("gate") or {}).get("accuracy")
-    improved = bool(run.get("activated")) and served_name not in (None, "active")
-    regressed = before is not None and after is not None and after < before
+    """The version's gate evidence at the site, from the shared paired gate (:mod:`edge_agent.gate`) its
+    fine-tune ran: its best challenger on the version against what served. Returns the check, failed when
+    the challenger is significantly *worse* (the same one-sided McNemar test, roles swapped, at the gate's
+    alpha), and whether the gate found an improvement (a challenger built on the version now serves)."""
+    decision = run.get("gate") or {}
+    n, b, c = (int(decision.get(k) or 0) for k in ("n", "challenger_only", "incumbent_only"))
+    alpha = decision.get("alpha") or 0.1
+    improved = bool(decision.get("accept")) and run.get("serving") not in (None, "active")
+    worse_p = mcnemar_p(c, b)
+    regressed = c > b and worse_p <= alpha
     fmt = (lambda v: "-" if v is None else f"{v:.4f}")
-    return Check(site, f"gate accuracy ({served_name} vs {incumbent}): {run.get('decision', '')}"[:160], fmt(before),
-                 fmt(after), "no regression", "fail" if regressed else "pass"), improved
+    return Check(site, f"gate accuracy, challenger vs incumbent (n {n}, {b} for / {c} against, p worse "
+                       f"{worse_p:.3g})", fmt(decision.get("incumbent_accuracy")),
+                 fmt(decision.get("challenger_accuracy")), f"not significantly worse (alpha {alpha:g})",
+                 "fail" if regressed else "pass"), improved

@@ -42,7 +42,7 @@ class LastRun(_Part):
     serving: str | None = None
     candidates: dict[str, CandidateScores | None] = Field(default_factory=dict)
     gain_over_base: dict[str, FiniteFloat | None] | None = None
-    precision: dict[str, str | None] | None = None
+    precision: dict[str, str | FiniteFloat | None] | None = None  # "int8", and what each precision scored
 
 
 class MemberProgress(_Part):

@@ -180,6 +180,8 @@ def wait_for_canaries(reader: FleetStatus, watches: list[Watch], version: str, s
         status = reader.read([w.site for w in watches if w.site not in verdicts])
         now = time.time()
         for watch in watches:
+            if watch.site in reader.unreadable and watch.site not in verdicts:  # a broken or hostile status file
+                verdicts[watch.site] = ("failed", reader.unreadable[watch.site])
             if watch.site not in verdicts:
                 state, why = judge(watch, status.get(watch.site), reader.age(watch.site, now), version, soak_s, now)
                 if state != "waiting":

@@ -228,6 +228,21 @@ def test_models_cli_lists_versions_and_lineage(registry, capsys):
     assert champion.version in capsys.readouterr().out
     assert main(["models", "show", "missing", "--registry", str(registry.root)]) == 2
     assert "no model version 'missing'" in capsys.readouterr().err
+    missing = registry.root.parent / "no-such-registry"
+    assert main(["models", "list", "--registry", str(missing)]) == 2 and not missing.exists()
+    assert "no registry at" in capsys.readouterr().err
+
+
+def test_models_show_into_a_pipe_that_closes_early_is_no_traceback(registry):
+    """``edgeloop models show V | head``: the reader is gone before edgeloop writes; edgeloop exits quietly."""
+    import subprocess
+    import sys
+
+    version = registry.champion("elpv").version
+    shell = (f"{sys.executable} -m edgeloop models show {version} --registry {registry.root} | true;"
+             " echo ${PIPESTATUS[0]}")
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "0" and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
 
 
 def test_fleet_status_lists_once_and_fetches_only_what_changed(tmp_path):

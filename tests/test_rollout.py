@@ -155,8 +155,16 @@ def test_plan_and_verdicts():
     assert judge(Watch("a", 100.0, None, 30), None, None, "v2", 5, 131)[0] == "failed"  # silent since the deploy
     assert judge(Watch("a", 100.0, None, 30), status, 30.0, "v2", 5, 120)[1] == "no heartbeat since the deploy"
     assert judge(Watch("a", 100.0, None, 30, before_run="r2"), status, 0.0, "v2", 5, 160)[1].startswith("waiting for")
-    worse = {**status, "last_run": {**run, "candidates": {**run["candidates"], "new": {"gate": {"accuracy": 0.7}}}}}
-    assert judge(Watch("a", 100.0, None, 30), worse, 0.0, "v2", 5, 160)[1].startswith("the version's gate evidence")
+    # the shared gate's evidence: the challenger on v2 was right on 2 gate images the incumbent missed and
+    # wrong on 15 it got right: significantly worse, so the version fails at this site though it never served
+    evidence = {"accept": False, "n": 60, "challenger_only": 2, "incumbent_only": 15, "alpha": 0.05,
+                "incumbent_accuracy": 0.8, "challenger_accuracy": 0.5833}
+    worse = {**status, "last_run": {**run, "serving": "active", "gate": evidence}}
+    verdict = judge(Watch("a", 100.0, None, 30), worse, 0.0, "v2", 5, 160)
+    assert verdict[0] == "failed" and verdict[1].startswith("the version's gate evidence: gate accuracy")
+    noise = {**evidence, "challenger_only": 7, "incumbent_only": 9}
+    assert judge(Watch("a", 100.0, None, 30), {**worse, "last_run": {**run, "gate": noise}}, 0.0, "v2", 5, 160)[0] \
+        == "waiting"  # two images apart is noise: no regression shown
     looping = Watch("a", 100.0, None, 30)
     for pid in range(1, 6):
         verdict = judge(looping, {**status, "pid": pid}, 0.0, "v2", 5, 160)
@@ -299,14 +307,33 @@ sites: [{{name: s1, root: "{root}"}}]
 HOSTS = ["host0", "host1", "host2"]
 
 
-def _bad_version(registry: ModelRegistry, base: Path, tmp_path: Path) -> str:
-    """A base that calls every cell defective (its output bias pushed 20 logits towards 'defective')."""
+def _biased_version(registry: ModelRegistry, base: Path, tmp_path: Path, towards: str) -> str:
+    """A base that calls every cell ``towards`` (its output bias pushed 20 logits that way)."""
     payload = torch.load(base, map_location="cpu", weights_only=True)
     bias = [k for k in payload["state_dict"] if k.endswith(".bias")][-1]
-    payload["state_dict"][bias][payload["meta"]["class_names"].index("defective")] += 20.0
-    torch.save(payload, tmp_path / "bad.pt")
-    return registry.register("elpv", tmp_path / "bad.pt", arch="tiny_cnn", dataset_id=None, hyperparameters={},
-                             metrics={}, note="calls every cell defective").version
+    payload["state_dict"][bias][payload["meta"]["class_names"].index(towards)] += 20.0
+    torch.save(payload, tmp_path / f"{towards}.pt")
+    return registry.register("elpv", tmp_path / f"{towards}.pt", arch="tiny_cnn", dataset_id=None,
+                             hyperparameters={}, metrics={}, note=f"calls every cell {towards}").version
+
+
+def _operator_labels(dataset: Path, labelled: Path) -> int:
+    """An operator who labelled defects: every defective cell of ``dataset`` (split by content hash, as the
+    agent does) and two functional ones kept for training; returns how many defects are gate images."""
+    from edge_agent.sitedata import _split_of
+
+    gate = 0
+    for cls, keep in (("defective", None), ("functional", 2)):
+        (labelled / cls).mkdir(parents=True, exist_ok=True)
+        kept = 0
+        for image in sorted(dataset.rglob(f"{cls}/*.png")):
+            split = _split_of(image.read_bytes(), None)
+            if keep is not None and (split != "train" or kept >= keep):
+                continue
+            shutil.copy(image, labelled / cls / f"{image.parent.parent.name}-{image.name}")
+            kept += 1
+            gate += split == "gate" and cls == "defective"
+    return gate
 
 
 class _Traffic(threading.Thread):
@@ -324,62 +351,70 @@ class _Traffic(threading.Thread):
                 n += 1
 
 
+HOSTS = ["host0", "host1", "host2"]
+
+
 def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_back_every_site(
         prefect_harness, sshd_fleet, tmp_path, elpv_small, tiny_base_model):
-    """Canary host0 (with live traffic), then waves [host1], [host2]. A version that calls every cell
-    defective passes host0's own gate (its gate split is nearly all defective) but its live defect rate
-    jumps: the analysis fails it and host0 serves what it served before. Then a good version passes the
-    canary and wave 1, and wave 2's agent is dead: every site that got it is rolled back and the run is red
-    with the table of sites and reasons."""
+    """Canary host0 (live traffic: functional cells), then waves [host1], [host2].
+
+    The fleet serves a model that calls every cell functional. A version that calls every cell defective
+    wins host0's own gate (its operator labelled defects, so its gate split is all defective) but the live
+    defect rate jumps from 0 to 100 %: the analysis fails it and host0 serves what it served before. Then a
+    version that changes nothing passes the canary and wave 1, and wave 2's agent is dead: every site that
+    got it is rolled back and the run is red with the table of sites and reasons.
+    """
     roots, registry_root = tmp_path / "roots", tmp_path / "registry"
     path = _inventory(sshd_fleet, tmp_path / "fleet.yaml", roots, registry_root)
     path.write_text(path.read_text().replace(
         "rollout: {canary: [host0], soak_s: 1, timeout_s: 300, thresholds: {min_predictions: 0}}",
         "rollout: {canary: [host0], waves: [0.5, 1.0], soak_s: 2, timeout_s: 300,\n"
-        "          thresholds: {class_rate_points: 30, min_predictions: 6}}"))
+        "          thresholds: {class_rate_points: 30, min_predictions: 6}}").replace(
+        "    thresholds: {min_new_labelled: 1000}",
+        "    thresholds: {min_new_labelled: 1000, min_gate_images: 4}"))
     inventory = load_inventory(path)
     assert inventory.rollout.waves == [0.5, 1.0]
-    for host in sshd_fleet.hosts:
-        shutil.copytree(elpv_small / "sites" / "site-1", AgentPaths(roots / host.name).labelled, dirs_exist_ok=True)
-    registry = ModelRegistry(registry_root)
-    good = registry.register("elpv", tiny_base_model, arch="tiny_cnn", dataset_id=None, hyperparameters={},
-                             metrics={}).version
-    bad, again = _bad_version(registry, tiny_base_model, tmp_path), _second_version(registry, tiny_base_model, tmp_path)
     canary = AgentPaths(roots / "host0")
+    assert _operator_labels(elpv_small, canary.labelled) >= 4
+    for host in HOSTS[1:]:
+        shutil.copytree(elpv_small / "sites" / "site-1", AgentPaths(roots / host).labelled, dirs_exist_ok=True)
+    registry = ModelRegistry(registry_root)
+    steady = _biased_version(registry, tiny_base_model, tmp_path, "functional")
+    bad = _biased_version(registry, tiny_base_model, tmp_path, "defective")
+    payload = torch.load(tmp_path / "functional.pt", weights_only=True)
+    payload["meta"]["metrics"] = {"round": 3.0}  # the same model again, under another checksum
+    torch.save(payload, tmp_path / "again.pt")
+    again = registry.register("elpv", tmp_path / "again.pt", arch="tiny_cnn", dataset_id=None, hyperparameters={},
+                              metrics={}).version
     traffic = _Traffic(sorted((elpv_small / "generic" / "functional").glob("*.png")), canary.inbox)
     store = inventory.store()
     try:
         report = provision(inventory)
         assert not report.failed, report.recap()
         traffic.start()
-        done = rollout(str(inventory.path), RolloutRequest(version=good, family="elpv"))
+        done = rollout(str(inventory.path), RolloutRequest(version=steady, family="elpv"))
         assert done["canaries"] == {"host0": "passed"} and done["rest"] == {"host1": "passed", "host2": "passed"}
         serving = {h: s["active_version"] for h, s in read_fleet_status(store, HOSTS)[0].items()}
 
-        functional = canary.labelled / "functional"  # the canary's gate split becomes nearly all defective
-        kept = tmp_path / "kept"
-        shutil.copytree(functional, kept)
-        for image in sorted(functional.iterdir())[2:]:
-            image.unlink()
         with pytest.raises(RolloutHalted, match=r"host0 failed: canary analysis: rate of defective \(points\)"):
             rollout(str(inventory.path), RolloutRequest(version=bad, family="elpv"))
-        checks = [r for r in latest_table("rollout-analysis") if r["metric"] == "rate of defective (points)"]
-        assert checks and checks[-1]["result"] == "fail" and checks[-1]["after"] == "100%"
+        checks = {r["metric"]: r for r in latest_table("rollout-analysis")}
+        assert checks["rate of defective (points)"]["before"] == "0%"
+        assert checks["rate of defective (points)"]["after"] == "100%"
+        assert checks["rate of defective (points)"]["result"] == "fail"
         assert os.readlink(canary.active_link) == f"ensembles/{serving['host0']}"
         assert not (canary.base_models / bad).exists()
-        assert not any((AgentPaths(roots / h).base_models / bad).exists() for h in ("host1", "host2"))
-        shutil.copytree(kept, functional, dirs_exist_ok=True)
+        assert not any((AgentPaths(roots / h).base_models / bad).exists() for h in HOSTS[1:])
 
-        serving = {h: s["active_version"] for h, s in read_fleet_status(store, HOSTS)[0].items()}
         deploy.stop_agent(inventory.site("host2"), inventory)  # wave 2's site is down
         with pytest.raises(RolloutHalted, match=r"host2 failed: no heartbeat for .*rolled back host0, host1, host2"):
             rollout(str(inventory.path), RolloutRequest(version=again, family="elpv"))
         rows = {r["site"]: r for r in latest_table("rollout")}
-        assert [rows[h]["verdict"] for h in ("host0", "host1", "host2")] == ["passed", "passed", "failed"]
-        assert [rows[h]["stage"] for h in ("host0", "host1", "host2")] == ["canary", "wave 1", "wave 2"]
-        for host in ("host0", "host1", "host2"):
+        assert [rows[h]["verdict"] for h in HOSTS] == ["passed", "passed", "failed"]
+        assert [rows[h]["stage"] for h in HOSTS] == ["canary", "wave 1", "wave 2"]
+        for host in HOSTS:
             paths = AgentPaths(roots / host)
-            assert not (paths.base_models / again).exists() and (paths.base_models / good).is_dir()
+            assert not (paths.base_models / again).exists() and (paths.base_models / steady).is_dir()
             assert os.readlink(paths.active_link) == f"ensembles/{serving[host]}", host
             assert rows[host]["rolled_back"].endswith(f"serving {serving[host]}")
     finally:

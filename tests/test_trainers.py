@@ -82,3 +82,50 @@ sites: [{name: only, root: /tmp/only, connection: {type: local}}]
 """)
     with pytest.raises(InventoryError, match="a trainer is reached over SSH"):
         load_inventory(path)
+
+
+CANCELLED_PRETRAIN = """
+import sys
+from flows.stages import PretrainSettings, pretrain
+pretrain(sys.argv[1], PretrainSettings(data=sys.argv[2], family="ddp", arch="tiny_cnn", epochs=500, batch_size=4))
+"""
+
+
+def test_a_pretrain_cancelled_mid_training_leaves_no_remote_process(sshd_fleet, elpv_small, tmp_path):
+    """The pretrain flow runs a long job on two trainers; the flow's process gets SIGTERM (what Prefect sends
+    to cancel a run) mid-training: it stops the job through each trainer's pidfile before it ends, and no
+    process of the job is left on either trainer."""
+    import os
+    import signal
+    import time
+
+    from agent_helpers import agent_env
+
+    inventory = _inventory(sshd_fleet, tmp_path, sshd_fleet.hosts[:2], free_port())
+    flow = subprocess.Popen([sys.executable, "-c", CANCELLED_PRETRAIN, str(inventory), str(elpv_small / "generic")],
+                            env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def job() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", f"--out {tmp_path}"], capture_output=True, text=True, check=False)
+        return found.stdout.split()
+
+    try:
+        deadline = time.time() + 240
+        while not (len(list(tmp_path.glob("host*/*.pid"))) == 2 and job()) and time.time() < deadline \
+                and flow.poll() is None:
+            time.sleep(0.5)
+        assert flow.poll() is None and len(list(tmp_path.glob("host*/*.pid"))) == 2 and job(), \
+            "the job never ran on both trainers: " + (flow.communicate()[0][-3000:] if flow.poll() is not None else "")
+        time.sleep(5)  # mid-training (500 epochs would take many minutes)
+        flow.send_signal(signal.SIGTERM)
+        output = flow.communicate(timeout=120)[0]
+    finally:
+        if flow.poll() is None:
+            flow.kill()
+    assert flow.returncode != 0, output
+    deadline = time.time() + 10
+    while job() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not job(), f"left on the trainers: {job()}\n{output[-2000:]}"
+    assert not list(tmp_path.glob("host*/*.pid"))
+    assert os.path.exists(tmp_path / "host0")

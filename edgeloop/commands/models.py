@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from orchestrator.registry import ModelRegistry, table
+from orchestrator.registry import ModelRegistry, RegistryError, table
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -35,16 +36,23 @@ def _print_rows(rows: list[dict]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    """The registry the user named; one that does not exist is an error, not an empty list."""
+    if not Path(args.registry).is_dir():  # (opening one creates it: a typo must not make a new, empty one)
+        raise RegistryError(f"no registry at {args.registry} (the inventory's cloud.registry)")
+    return ModelRegistry(args.registry)
+
+
 def _list(args: argparse.Namespace) -> int:
-    _print_rows(table(list(ModelRegistry(args.registry).versions(args.family))))
+    _print_rows(table(list(_registry(args).versions(args.family))))
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(json.dumps(ModelRegistry(args.registry).get(args.version).model_dump(), indent=1))
+    print(json.dumps(_registry(args).get(args.version).model_dump(), indent=1))
     return 0
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    _print_rows(table(ModelRegistry(args.registry).lineage(args.version)))
+    _print_rows(table(_registry(args).lineage(args.version)))
     return 0
