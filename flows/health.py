@@ -11,7 +11,6 @@ import argparse
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from pydantic import Field
 
 from orchestrator import health
 from orchestrator.inventory import load_inventory
@@ -22,10 +21,12 @@ class FleetUnhealthy(RuntimeError):
 
 
 @flow(name="edgeloop-fleet-health", log_prints=True)
-def fleet_health(inventory: str = Field("inventory/local.yaml", description="path of the fleet's inventory "
-                                        "YAML (sites, store, stale limit) on the machine running the flow")
-                 ) -> list[dict]:
-    """Heartbeat age, state, versions, outbox and errors per site; stale or unreadable sites fail the run."""
+def fleet_health(inventory: str = "inventory/local.yaml") -> list[dict]:
+    """Heartbeat age, state, versions, outbox and errors per site; stale or unreadable sites fail the run.
+
+    Args:
+        inventory: path of the fleet's inventory YAML (sites, store, stale limit) where the flow runs
+    """
     fleet = load_inventory(inventory)
     rows = health.fleet_health(fleet.store(), fleet.names(), fleet.cloud.stale_after_s)
     create_table_artifact(key="fleet-health", table=[r.row() for r in rows],

@@ -19,16 +19,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from flows.retries import transient
 from orchestrator import deploy
 from orchestrator import rollout as waves
 from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.registry import ModelRegistry
 
-TRANSIENT = ("cannot connect", "timed out", "timeout", "connection reset", "no route", "refused")
-
-
 class RolloutRequest(BaseModel):
+    """Which version goes out, and to which sites."""
+
     version: str | None = Field(None, description="registry version to roll out; default: the family's champion")
     family: str = Field("elpv-defects", description="model family whose champion goes out by default")
     limit: list[str] | None = Field(None, description="only these sites (default: the whole fleet)")
@@ -38,15 +38,14 @@ class RolloutHalted(RuntimeError):
     """A canary failed: it was rolled back, the rest of the fleet was not touched."""
 
 
-class TransientDeployError(RuntimeError):
-    """The site could not be reached this time; the task is retried."""
-
-
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, task_run_name="deploy-{site}")
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=transient,
+      task_run_name="deploy-{site}")
 def deploy_site(inventory: Inventory, site: str, checkpoint: Path, version: str) -> deploy.DeployResult:
+    """Deploy to one site; a host that did not answer raises :class:`~orchestrator.deploy.HostUnreachable`,
+    which is retried; any other failure is returned (the stage fails on it, once)."""
     result = deploy.deploy_model(inventory.site(site), inventory, checkpoint, version)
-    if result.status == "failed" and any(word in result.reason.lower() for word in TRANSIENT):
-        raise TransientDeployError(f"{site}: {result.reason}")
+    if result.transient:
+        raise deploy.HostUnreachable(f"{site}: {result.reason}")
     get_run_logger().info("deploy %s to %s: %s %s", version, site, result.status, result.reason)
     return result
 
@@ -89,11 +88,14 @@ def rollback_task(inventory: Inventory, site: str, version: str) -> str:
 
 
 @flow(name="edgeloop-rollout", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
-def rollout(inventory: str = Field("inventory/local.yaml", description="path of the fleet's inventory YAML "
-                                   "(sites, store, registry, rollout thresholds)"),
-            request: RolloutRequest = RolloutRequest()) -> dict:
+def rollout(inventory: str = "inventory/local.yaml", request: RolloutRequest = RolloutRequest()) -> dict:
     """Canaries, then ``rollout.waves``: each stage deployed, soaked and analysed; any failure rolls back
-    every site that got the version and fails the run red with the table of sites and reasons."""
+    every site that got the version and fails the run red with the table of sites and reasons.
+
+    Args:
+        inventory: path of the fleet's inventory YAML (sites, store, registry, rollout thresholds)
+        request: which version goes out (default: the family's champion) and to which sites
+    """
     logger = get_run_logger()
     fleet = load_inventory(inventory)
     registry = fleet.registry()

@@ -7,6 +7,7 @@ cut connection leaves at worst an ignored temporary folder, never a half-written
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,8 @@ from edge_agent.layout import AgentPaths
 from edge_agent.store import Store
 from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, Site
-from orchestrator.provision.remote import HostWorker, open_remote
+from orchestrator.provision.remote import HostWorker, WorkerGone, open_remote
+from orchestrator.ssh import ConnectError
 from orchestrator.provision.service import agent_unit, service_mode, supervisor_pidfile, supervisor_script
 
 
@@ -27,6 +29,15 @@ class DeployResult:
     version: str
     status: str  # ok (already there), changed (deployed), failed
     reason: str = ""
+    transient: bool = False  # failed because the host did not answer: a retry may succeed
+
+
+class HostUnreachable(RuntimeError):
+    """A deploy failed because the host could not be reached this time (retried by the flow's task)."""
+
+
+# what a host that did not answer raises (typed: a retry is decided by kind, never by message)
+UNREACHABLE = (ConnectError, WorkerGone, TimeoutError, ConnectionError, socket.timeout)
 
 
 def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, version: str,
@@ -57,7 +68,7 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
         worker.call("put_text", path=marker, content=f"{digest}\n", check=False)
         return DeployResult(site.name, version, "changed")
     except Exception as exc:  # one host's failure is its own; the caller goes on with the others
-        return DeployResult(site.name, version, "failed", inventory.mask(str(exc)))
+        return DeployResult(site.name, version, "failed", inventory.mask(str(exc)), isinstance(exc, UNREACHABLE))
     finally:
         if remote is not None:
             remote.close()

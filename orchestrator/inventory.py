@@ -182,6 +182,8 @@ class Cloud(Strict):
                                     "(DDP over SSH); none: it trains in the flow's own process")
     rendezvous_port: int = Field(29400, ge=1, le=65535, description="port on the first trainer where the "
                                  "trainers meet")
+    datasets: dict[str, str] = Field(default_factory=dict, description="named dataset versions (paths relative "
+                                     "to the inventory file); pretrain and retrain use `generic` unless told")
 
     @field_validator("retrain_schedule")
     @classmethod
@@ -259,6 +261,14 @@ class Inventory(BaseModel):
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     sites: list[Site]
     secrets: dict[str, str] = Field(default_factory=dict, repr=False, description="env var name -> value")
+
+    def dataset(self, name: str = "generic") -> str:
+        """The path of the dataset version ``cloud.datasets`` names ``name`` (a clear error when none)."""
+        if name not in self.cloud.datasets:
+            raise InventoryError([f"{self.path}: cloud.datasets has no {name!r} dataset; name one there "
+                                  f"(e.g. `datasets: {{{name}: data/{name}}}`) or give the flow a dataset"])
+        path = Path(os.path.expanduser(self.cloud.datasets[name]))
+        return str(path if path.is_absolute() else (self.path.parent / path).resolve())
 
     @property
     def known_hosts(self) -> Path:

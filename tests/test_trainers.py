@@ -101,16 +101,19 @@ def test_a_pretrain_cancelled_mid_training_leaves_no_remote_process(sshd_fleet, 
 
     from agent_helpers import agent_env
 
+    from edgeloop.cli import PREFECT_DEFAULTS
+
     inventory = _inventory(sshd_fleet, tmp_path, sshd_fleet.hosts[:2], free_port())
+    env = {**agent_env(), "PREFECT_HOME": str(tmp_path / "prefect"), **PREFECT_DEFAULTS}  # its own ephemeral API
     flow = subprocess.Popen([sys.executable, "-c", CANCELLED_PRETRAIN, str(inventory), str(elpv_small / "generic")],
-                            env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def job() -> list[str]:
         found = subprocess.run(["pgrep", "-f", f"--out {tmp_path}"], capture_output=True, text=True, check=False)
         return found.stdout.split()
 
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 400
         while not (len(list(tmp_path.glob("host*/*.pid"))) == 2 and job()) and time.time() < deadline \
                 and flow.poll() is None:
             time.sleep(0.5)

@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass, field
 STEPS = ("connect", "facts", "folders", "wheel", "install", "config", "service", "restart", "health")
 OK, CHANGED, FAILED, SKIPPED = "ok", "changed", "failed", "skipped"
 
+
+def shown(status: str, check: bool) -> str:
+    """A status as a person reads it: in check mode nothing changed, so ``changed`` is ``would change``."""
+    return "would change" if check and status == CHANGED else status
+
 # What a person would type to do each step by hand on one host (for the benchmark's comparison).
 MANUAL_COMMANDS = {
     "connect": 1,   # ssh user@host
@@ -92,7 +97,7 @@ class RunReport:
 
     def rows(self) -> list[dict]:
         """One row per host and step (the Prefect table artifact, the CLI's --json)."""
-        return [{"site": h.site, "step": s.step, "status": s.status, "message": s.message,
+        return [{"site": h.site, "step": s.step, "status": shown(s.status, self.check), "message": s.message,
                  "seconds": round(s.seconds, 2)} for h in self.hosts for s in h.steps]
 
     def recap(self) -> str:
@@ -100,8 +105,9 @@ class RunReport:
         width = max([len(h.site) for h in self.hosts] + [4])
         mode = " (check mode: nothing was changed)" if self.check else ""
         lines = [f"PROVISION RECAP{mode}"]
+        changed = "would_change" if self.check else "changed"
         for h in self.hosts:
-            lines.append(f"{h.site:<{width}}  {h.status:<7}  ok={h.count(OK)} changed={h.count(CHANGED)} "
+            lines.append(f"{h.site:<{width}}  {shown(h.status, self.check):<7}  ok={h.count(OK)} {changed}={h.count(CHANGED)} "
                          f"failed={h.count(FAILED)} skipped={h.count(SKIPPED)}  {h.seconds:.1f}s")
         if self.failed:
             lines.append(f"{len(self.failed)} of {len(self.hosts)} host(s) failed:")
