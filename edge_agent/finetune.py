@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, active_dir, publish,
-                                   staging_dir, sweep_staging)
+from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, active_dir, fenced_versions,
+                                   publish, staging_dir, sweep_staging)
 from edge_agent.basemodels import pick_bases
 from edge_agent.candidates import choose_precision, discard, gain_over_base, gate_score, score, stage_base_as_is
 from edge_agent.config import AgentConfig
@@ -97,12 +97,27 @@ def build_ensemble(config: AgentConfig, jobs: list[MemberJob], splits: dict, ver
 
 def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: str,
                  should_stop: Callable[[], bool], parallel: bool = True) -> dict[str, Any]:
-    """One complete fine-tune: members → ensemble → gate → (publish + activate). Returns the report."""
+    """One complete fine-tune: members → ensemble → gate → (publish + activate). Returns the report.
+
+    A rollback of a base it builds on sets that base aside mid-run: whatever then fails (the base file is
+    gone), or the activation itself, ends the run as :class:`Fenced`, not as a failed fine-tune.
+    """
+    bases = pick_bases(paths, [m.arch for m in config.members])
+    try:
+        return _run_finetune(config, paths, run_id, reason, should_stop, parallel, bases)
+    except Exception as exc:
+        fenced = fenced_versions(paths) & {b[0] for b in bases}
+        if fenced and not isinstance(exc, Fenced):
+            raise Fenced(f"base {', '.join(sorted(fenced))} was rolled back during the run ({exc})") from exc
+        raise
+
+
+def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: str, should_stop: Callable[[], bool],
+                  parallel: bool, bases: list[tuple[str, Path, str]]) -> dict[str, Any]:
     started = time.time()
     run_dir = paths.runs / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(run_dir, run_id, reason, len(config.members))
-    bases = pick_bases(paths, [m.arch for m in config.members])
     import torch
 
     class_names = torch.load(bases[-1][1], map_location="cpu", weights_only=True)["meta"]["class_names"]

@@ -26,6 +26,7 @@ from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.registry import ModelRegistry
 
+
 class RolloutRequest(BaseModel):
     """Which version goes out, and to which sites."""
 
@@ -35,7 +36,8 @@ class RolloutRequest(BaseModel):
 
 
 class RolloutHalted(RuntimeError):
-    """A canary failed: it was rolled back, the rest of the fleet was not touched."""
+    """A site failed (or the version improved no canary under ``require: improve``): every site that got the
+    version was rolled back, the stages after it were not started."""
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=transient,

@@ -221,7 +221,8 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
         settings: what the champion is retrained on (one family for the collect and the training), and how
             sure the gate must be to promote the result
     """
-    collect(inventory, CollectSettings(family=settings.family, pseudo_label_confidence=settings.pseudo_label_confidence))
+    collect(inventory, CollectSettings(family=settings.family,
+                                       pseudo_label_confidence=settings.pseudo_label_confidence))
     fleet, registry = _fleet(inventory)
     settings = settings.model_copy(update={"base_data": settings.base_data or fleet.dataset("generic")})
     collection = read_samples(fleet, registry)

@@ -164,22 +164,30 @@ def wait_for_url(url: str, proc: subprocess.Popen, what: str, timeout: float = 1
             time.sleep(0.3)
 
 
-def latest_table(key: str) -> list[dict]:
-    """The rows of the newest table artifact published under ``key`` (other runs in the session reuse keys)."""
+def _latest_artifact(key: str):
+    """The newest artifact published under ``key`` (other runs in the session reuse keys)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
-    async def read() -> list[dict]:
+    async def read():
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                                sort=ArtifactSort.CREATED_DESC, limit=1)
-        data = found[0].data
-        return json.loads(data) if isinstance(data, str) else data
+            return (await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC, limit=1))[0]
 
     return asyncio.run(read())
+
+
+def latest_table(key: str) -> list[dict]:
+    """The rows of the newest table artifact published under ``key``."""
+    data = _latest_artifact(key).data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def latest_artifact_id(key: str) -> str:
+    return str(_latest_artifact(key).id)
 
 
 def screenshot_prefect_page(path: str, name: str, wait_for_text: list[str], timeout: float = 90) -> str:
@@ -210,18 +218,3 @@ def screenshot_prefect_page(path: str, name: str, wait_for_text: list[str], time
     finally:
         browser.quit()
 
-
-def latest_artifact_id(key: str) -> str:
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    async def read() -> str:
-        async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                                sort=ArtifactSort.CREATED_DESC, limit=1)
-        return str(found[0].id)
-
-    return asyncio.run(read())

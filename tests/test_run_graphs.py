@@ -1,14 +1,18 @@
-"""What an operator sees: the pretrain and retrain flows' runs have their steps as tasks (train, gate,
-promote, collect...), shown in the Prefect UI's run graph (screenshots by a real Chromium in test-artifacts/),
-and the dataset defaults come from the inventory, not from where the flow was started."""
+"""What an operator sees in a real Prefect server's UI (screenshots by a real Chromium in test-artifacts/):
+the pretrain and retrain runs have their steps as tasks (train, gate, promote, collect...) in the run graph,
+their dataset defaults come from the inventory; a rollout to a site never provisioned fails at once, red,
+with its table of sites and reasons."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 
 import pytest
 
-from agent_helpers import screenshot_prefect_page
+from agent_helpers import latest_artifact_id, latest_table, screenshot_prefect_page
+from test_serve import prefect_server  # noqa: F401 - a real server: the harness serves no UI
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -25,7 +29,15 @@ def _task_names(flow_run_id) -> list[str]:
     return asyncio.run(read())
 
 
-def test_pretrain_and_retrain_runs_show_their_steps_as_tasks(prefect_harness, tmp_path, elpv_small):
+@pytest.fixture
+def on_server(prefect_server):  # noqa: F811
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        yield prefect_server
+
+
+def test_pretrain_and_retrain_runs_show_their_steps_as_tasks(on_server, tmp_path, elpv_small):
     from flows.stages import PretrainSettings, RetrainSettings, pretrain, retrain
 
     inventory = tmp_path / "fleet.yaml"
@@ -52,3 +64,29 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
     assert {"read-samples", "train-from-champion"} <= set(names) and any(n.startswith("gate-") for n in names), names
     page = screenshot_prefect_page(f"/runs/flow-run/{retrain_run}", "retrain-run-graph.png", ["edgeloop-retrain"])
     assert "did not generate any task" not in page
+
+
+def test_a_rollout_to_a_site_never_provisioned_fails_at_once_with_its_table(on_server, tmp_path, tiny_base_model):
+    from flows.rollout import RolloutHalted, RolloutRequest, rollout
+    from orchestrator.registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register("elpv", tiny_base_model, arch="tiny_cnn", dataset_id=None, hyperparameters={},
+                                metrics={}).version
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_text(f"""
+cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}"}}
+rollout: {{canary: [new-site], timeout_s: 900}}
+defaults: {{connection: {{type: local}}, python: {sys.executable}}}
+sites: [{{name: new-site, root: "{tmp_path / 'new-site'}"}}, {{name: later, root: "{tmp_path / 'later'}"}}]
+""")
+    began = time.monotonic()
+    with pytest.raises(RolloutHalted, match=r"new-site failed: deploy failed: not provisioned: no agent config"):
+        rollout(str(inventory), RolloutRequest(version=version, family="elpv"))
+    assert time.monotonic() - began < 120  # at once, not after the 900 s timeout
+    assert not (tmp_path / "new-site" / "models" / "base" / version).exists()
+    rows = {r["site"]: r for r in latest_table("rollout")}
+    assert rows["new-site"]["rolled_back"] == "never got it" and rows["later"]["verdict"] == "not deployed"
+    page = screenshot_prefect_page(f"/artifacts/artifact/{latest_artifact_id('rollout')}", "rollout-verdict-table.png",
+                                   ["new-site", "not provisioned", "not deployed"])
+    assert "rolled_back" in page or "rolled back" in page

@@ -109,7 +109,7 @@ def test_a_pretrain_cancelled_mid_training_leaves_no_remote_process(sshd_fleet, 
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def job() -> list[str]:
-        found = subprocess.run(["pgrep", "-f", f"--out {tmp_path}"], capture_output=True, text=True, check=False)
+        found = subprocess.run(["pgrep", "-f", "--", f"--out {tmp_path}"], capture_output=True, text=True, check=False)
         return found.stdout.split()
 
     try:
