@@ -104,10 +104,13 @@ def _stop_job(inventory: Inventory, futures: dict[Future, Trainer], run_id: str)
         signal = "TERM" if time.monotonic() < deadline - 15 else "KILL"
         for trainer in running:
             pidfile = shlex.quote(_pidfile(trainer, run_id))
+            # the job's process group, then its ranks (the launcher starts each in a session of its own; should
+            # it be gone, they are found by their --out, which "[-]" keeps from matching this command itself)
+            ranks = shlex.quote(f"[-]-out {trainer.workdir}/{run_id}( |$)")
             try:
                 with connect(trainer.connection, inventory.known_hosts) as conn:
-                    conn.run(f"test -f {pidfile} && kill -{signal} -- -$(cat {pidfile})", hide=True, warn=True,
-                             in_stream=False, timeout=30)
+                    conn.run(f"test -f {pidfile} && kill -{signal} -- -$(cat {pidfile}); pkill -{signal} -f -- {ranks}",
+                             hide=True, warn=True, in_stream=False, timeout=30)
             except Exception:  # noqa: BLE001 - unreachable now: its deadline ends it
                 pass
         time.sleep(1.0)

@@ -380,7 +380,9 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
         shutil.copytree(elpv_small / "sites" / "site-1", AgentPaths(roots / host).labelled, dirs_exist_ok=True)
     registry = ModelRegistry(registry_root)
     steady = _biased_version(registry, tiny_base_model, tmp_path, "functional")
+    time.sleep(1.1)  # version ids are timestamps to the second; a site fine-tunes from the newest it holds
     bad = _biased_version(registry, tiny_base_model, tmp_path, "defective")
+    time.sleep(1.1)
     payload = torch.load(tmp_path / "functional.pt", weights_only=True)
     payload["meta"]["metrics"] = {"round": 3.0}  # the same model again, under another checksum
     torch.save(payload, tmp_path / "again.pt")

@@ -121,7 +121,12 @@ def test_a_pretrain_cancelled_mid_training_leaves_no_remote_process(sshd_fleet, 
             "the job never ran on both trainers: " + (flow.communicate()[0][-3000:] if flow.poll() is not None else "")
         time.sleep(5)  # mid-training (500 epochs would take many minutes)
         flow.send_signal(signal.SIGTERM)
-        output = flow.communicate(timeout=120)[0]
+        try:
+            output = flow.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            flow.kill()
+            left = subprocess.run(["pgrep", "-af", "--", str(tmp_path)], capture_output=True, text=True).stdout
+            pytest.fail(f"the cancelled flow did not end:\n{flow.communicate()[0][-3000:]}\nstill running:\n{left}")
     finally:
         if flow.poll() is None:
             flow.kill()
