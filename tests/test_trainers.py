@@ -105,8 +105,10 @@ def test_a_pretrain_cancelled_mid_training_leaves_no_remote_process(sshd_fleet, 
 
     inventory = _inventory(sshd_fleet, tmp_path, sshd_fleet.hosts[:2], free_port())
     env = {**agent_env(), "PREFECT_HOME": str(tmp_path / "prefect"), **PREFECT_DEFAULTS}  # its own ephemeral API
+    log = tmp_path / "flow.log"
+    # its own session: the ephemeral API server it starts is ended with it at the end
     flow = subprocess.Popen([sys.executable, "-c", CANCELLED_PRETRAIN, str(inventory), str(elpv_small / "generic")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def job() -> list[str]:
         found = subprocess.run(["pgrep", "-f", "--", f"--out {tmp_path}"], capture_output=True, text=True, check=False)
@@ -118,18 +120,21 @@ def test_a_pretrain_cancelled_mid_training_leaves_no_remote_process(sshd_fleet, 
                 and flow.poll() is None:
             time.sleep(0.5)
         assert flow.poll() is None and len(list(tmp_path.glob("host*/*.pid"))) == 2 and job(), \
-            "the job never ran on both trainers: " + (flow.communicate()[0][-3000:] if flow.poll() is not None else "")
+            "the job never ran on both trainers: " + log.read_text()[-3000:]
         time.sleep(5)  # mid-training (500 epochs would take many minutes)
         flow.send_signal(signal.SIGTERM)
         try:
-            output = flow.communicate(timeout=120)[0]
+            flow.wait(timeout=120)
         except subprocess.TimeoutExpired:
-            flow.kill()
             left = subprocess.run(["pgrep", "-af", "--", str(tmp_path)], capture_output=True, text=True).stdout
-            pytest.fail(f"the cancelled flow did not end:\n{flow.communicate()[0][-3000:]}\nstill running:\n{left}")
+            pytest.fail(f"the cancelled flow did not end:\n{log.read_text()[-3000:]}\nstill running:\n{left}")
     finally:
-        if flow.poll() is None:
-            flow.kill()
+        try:
+            os.killpg(flow.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        flow.wait(10)
+    output = log.read_text()
     assert flow.returncode != 0, output
     deadline = time.time() + 10
     while job() and time.time() < deadline:
