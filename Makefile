@@ -22,6 +22,7 @@ bench: $(STAMP) sshd
 	$(BIN)/python bench/finetune_speed.py
 	$(BIN)/python bench/loop.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/store_poll.py
 
 venv: $(STAMP)
 

@@ -42,7 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from edge_agent.config import AgentConfig, FinetuneConfig, MemberConfig, ServeConfig  # noqa: E402
-from edge_agent.datasets import ELPV_CLASSES, ArraySet, SourceImage, elpv_images, open_dataset, write_version  # noqa: E402
+from bench.gate import old_rule  # noqa: E402
+from edge_agent.datasets import (ELPV_CLASSES, ArraySet, SourceImage, elpv_images, open_dataset, role,  # noqa: E402
+                                 write_version)
+from edge_agent.sitedata import exam_hashes  # noqa: E402
 from edge_agent.imaging import encode_png  # noqa: E402
 from edge_agent.layout import AgentPaths  # noqa: E402
 from edge_agent.select import Selector  # noqa: E402
@@ -54,8 +57,10 @@ from orchestrator.training import machine_info  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 FAMILY = "elpv-defects"
 SITES = 3
-STREAM_SHARE = 0.35            # of each site's images: the unlabelled stream (the rest is labelled)
-SITE_FRACTIONS = (0.5, 0.2, 0.3)  # the labelled rest: train / val (halved into val and gate) / test
+STREAM_SHARE = 0.25            # of each site's images: the unlabelled stream (the rest is labelled)
+# The labelled rest: train / val (halved into val and gate) / test; every site gets >= 50 gate images (the
+# gate's min_gate_images) and its gate and test images never leave it (issue 16).
+SITE_FRACTIONS = (0.38, 0.37, 0.25)
 POLICIES = ("flips", "noise", "none")  # the default members (bench/member_policies.py)
 
 
@@ -122,7 +127,9 @@ def make_fleet(work: Path, seed: int, settings: Settings) -> tuple[Path, list[Si
         data = work / "sites" / name
         write_version(data, held, ELPV_CLASSES, SITE_FRACTIONS, seed + index, settings.size, f"elpv:shifted:{name}", [])
         dataset = open_dataset(data)
-        labelled_names = {Path(r["file"]).stem for r in dataset.records if r["split"] in ("train", "val")}
+        # what the site may upload as labelled: its train and val roles (gate and test are its exam)
+        labelled_names = {Path(r["file"]).stem for r in dataset.records if role(r["split"], r["sha256"]) in
+                          ("train", "val")}
         labelled = [_stream_image(it, "operator") for it in held if it.name in labelled_names]
         root = work / "edge" / name
         AgentPaths(root).ensure()
@@ -163,11 +170,29 @@ def finetune(site: Site, round_: int) -> dict:
             "base_as_is": candidates["base"]["test"]["accuracy"],
             "best_member": max(m["test_accuracy"] for m in report["members"]),
             "members": [m["test_accuracy"] for m in report["members"]],
-            "ensemble_fp32": candidates["new"]["test"]["accuracy"],
+            "ensemble_fp32": _first((report.get("new_precision") or {}).get("test_fp32"),
+                                    candidates["new"]["test"]["accuracy"]),
             "ensemble_int8": (report.get("new_precision") or {}).get("test_int8"),
             "served": served, "serving": report["serving"], "precision": precision.get("serving"),
+            "changed": report["activated"], "decision": report["decision"], "gate_n": report["gate"]["n"],
+            "p_value": report["gate"]["p_value"], **old_rule_pick(candidates),
             "gate": {name: c["gate"]["accuracy"] for name, c in candidates.items()},
             "finetune_seconds": report["seconds"], "train_seconds": report["train_seconds"]}
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def old_rule_pick(candidates: dict) -> dict:
+    """What the gate before issue 16 would have served from the same candidates, and its test accuracy."""
+    order = [n for n in ("base", "active", "new") if n in candidates]
+    incumbent = "active" if "active" in candidates else "base"
+    score = {n: (candidates[n]["gate"]["accuracy"], candidates[n]["gate"]["nll"]) for n in order}
+    challengers = [n for n in order if n != incumbent]
+    best = max(challengers, key=lambda n: (score[n][0], -score[n][1], -challengers.index(n)))
+    pick = best if old_rule(score[best], score[incumbent]) else incumbent
+    return {"old_rule_serving": pick, "old_rule_served": candidates[pick]["test"]["accuracy"]}
 
 
 def classify_images(site: Site, images: list[StreamImage]) -> list:
@@ -222,6 +247,8 @@ class Cloud:
         self.registry.promote(version.version)
         self.samples: list[Sample] = []
         self.truth: dict[str, int] = {}
+        self.exams: set[str] = set()  # the sites' published gate and test hashes
+        self.refused = 0
 
     @property
     def champion(self) -> str:
@@ -229,6 +256,9 @@ class Cloud:
 
     def upload(self, site: str, images: list[StreamImage]) -> None:
         for image in images:
+            if image.sha256 in self.exams:  # as orchestrator.samples does: an exam image is never trained on
+                self.refused += 1
+                continue
             label = ELPV_CLASSES[image.label] if image.source == "operator" else None
             self.samples.append(Sample(image.sha256, site, image.png, {"reasons": [image.source],
                                                                       "operator_label": label}))
@@ -244,8 +274,11 @@ class Cloud:
             self.registry, FAMILY, generic, Collection(accepted=list(self.samples)),
             self.home / f"retrain-r{round_}", config, labellers=[lambda s: self.truth.get(s.sha256)])
         decision = gate(self.registry, candidate, champion, generic)
+        old = old_rule((decision.candidate_gate_acc, decision.candidate_gate_loss),
+                       (decision.champion_gate_acc, decision.champion_gate_loss))
         return {"candidate": candidate.version, "promoted": decision.promoted, "reason": decision.reason,
-                "samples": summary["samples_accepted"]}
+                "old_rule_promoted": old, "p_value": decision.p_value, "gate_n": decision.n,
+                "samples": summary["samples_accepted"], "exam_refused": self.refused}
 
     def accuracy(self, generic: Path, sites: list[Site]) -> dict[str, float]:
         from edge_agent.models import load_checkpoint
@@ -303,6 +336,8 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
     train_on_dataset(generic, "resnet18", pretrained, TrainConfig(epochs=settings.pretrain_epochs, batch_size=64,
                                                                   seed=seed))
     clouds = {arm: Cloud(arm, work / f"cloud-{arm}", pretrained / "model.pt") for arm in ("selected", "random")}
+    for cloud in clouds.values():
+        cloud.exams = {h for site in sites for h in exam_hashes(site.paths)}
     cloud_rows = [{"round": 0, "arm": arm, **cloud.accuracy(generic, sites)} for arm, cloud in clouds.items()]
     log(f"seed {seed}: round 0 cloud on sites {cloud_rows[0]['sites_mean']:.3f}, generic {cloud_rows[0]['generic']:.3f}")
     edge_rows, upload_rows, scratch_rows, deployed = [], [], [], None
@@ -318,7 +353,7 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
                     f"served {edge_rows[-1]['served']:.3f} ({edge_rows[-1]['serving']})")
             else:  # the gate kept the champion: nothing new to fine-tune from, the sites keep serving
                 edge_rows.append({**next(r for r in reversed(edge_rows) if r["site"] == site.name), "round": round_,
-                                  "carried_over": True})
+                                  "carried_over": True, "changed": False})
             if round_ == 1:
                 scratch_rows.append(scratch_vs_finetune(site, clouds["selected"].registry.artifact(champion),
                                                         settings, seed))
@@ -377,10 +412,26 @@ def summarise(seeds: list[dict], rounds: int) -> dict:
         totals["share"] = round(totals["uploaded_bytes"] / max(totals["seen_bytes"], 1), 4)
         gain = cloud[arm][str(rounds)]["sites_mean"]["mean"] - cloud[arm]["0"]["sites_mean"]["mean"]
         totals["site_accuracy_gain_per_mb"] = round(gain / (totals["uploaded_bytes"] / len(seeds) / 1e6), 4)
+    rows = lambda site, r: [row for s in seeds for row in s["edge"] if row["site"] == site and row["round"] == r]  # noqa: E731
+    old_rule = {site: {str(r): {"served": _ms([row.get("old_rule_served") for row in rows(site, r)]),
+                                "gain": _ms([row["old_rule_served"] - row["base_as_is"] for row in rows(site, r)
+                                             if row.get("old_rule_served") is not None])}
+                       for r in range(1, rounds + 1)} for site in sites}
+    changed = {site: _ms([sum(bool(row.get("changed")) for row in s["edge"] if row["site"] == site) for s in seeds])
+               for site in sites}
+    promotions = {rule: sum(bool(row.get(key)) for s in seeds for row in s["cloud"] if row["round"] > 0)
+                  for rule, key in (("new", "promoted"), ("old", "old_rule_promoted"))}
+    promotions["decisions"] = sum(1 for s in seeds for row in s["cloud"] if row["round"] > 0)
+    promotions["exam_refused"] = sum(row.get("exam_refused", 0) for s in seeds for row in s["cloud"])
     ratios = _ms([row["time_ratio"] for s in seeds for row in s["scratch"]])
     reached = [row["time_ratio"] is not None for s in seeds for row in s["scratch"]]
     shifted = [site for site in sites if seeds[0]["sites"][site]["role"] != "mixed"]
+    camera = [site for site in sites if seeds[0]["sites"][site]["role"] == "poly-camera"]
     targets = {
+        "camera site served >= +35 points over the base as-is (every round)":
+            all(gains[site][str(r)]["mean"] >= 0.35 for site in camera for r in range(1, rounds + 1)),
+        "no site served worse than the base as-is on test beyond one standard deviation":
+            all(g["mean"] >= -g["std"] for site in sites for g in gains[site].values()),
         "served beats base as-is by >= 10 points at every shifted site (round 1)":
             all(gains[site]["1"]["mean"] >= 0.10 for site in shifted),
         "served beats base as-is by >= 10 points at every shifted site (every round)":
@@ -393,7 +444,8 @@ def summarise(seeds: list[dict], rounds: int) -> dict:
             all(reached) and ratios["mean"] is not None and ratios["mean"] <= 0.25,
         "upload at most 5 % of the bytes the sites saw": uploads["selected"]["share"] <= 0.05,
     }
-    return {"edge": edge, "gain_over_base": gains, "ensemble_minus_best_member": ensemble_vs_member,
+    return {"edge": edge, "gain_over_base": gains, "old_rule": old_rule, "rounds_changed": changed,
+            "cloud_promotions": promotions, "ensemble_minus_best_member": ensemble_vs_member,
             "cloud": cloud, "uploads": uploads, "finetune_vs_scratch_time_ratio": ratios,
             "finetune_reached_scratch": f"{sum(reached)}/{len(reached)}", "targets": targets}
 
@@ -452,6 +504,19 @@ def markdown(result: dict) -> str:
             lines.append(f"| {site} ({role}) | {r} | {pct(e['base_as_is'])} | {pct(e['best_member'])} | "
                          f"{pct(e['ensemble_fp32'])} | {pct(e['ensemble_int8'])} | {pct(e['served'])} | "
                          f"{pct(s['gain_over_base'][site][str(r)])} |")
+    lines += ["", "Same candidates, the rule before issue 16 (accuracy, then log-loss; no test): what it would have "
+              "served, on test.", "", "| site (role) | round | new rule: served − base | old rule: served − base |"
+              " rounds the new rule changed what serves (of " + str(rounds) + ") |", "|---|---:|---:|---:|---:|"]
+    for site in s["edge"]:
+        role = result["seeds"][0]["sites"][site]["role"]
+        for r in range(1, rounds + 1):
+            lines.append(f"| {site} ({role}) | {r} | {pct(s['gain_over_base'][site][str(r)])} | "
+                         f"{pct(s['old_rule'][site][str(r)]['gain'])} | "
+                         f"{s['rounds_changed'][site]['mean']:.2f} ± {s['rounds_changed'][site]['std']:.2f} |")
+    p = s["cloud_promotions"]
+    lines += ["", f"Cloud gate, {p['decisions']} decisions (both chains, all seeds and rounds): the new rule promoted "
+              f"{p['new']}, the old rule would have promoted {p['old']}; exam images refused by the cloud: "
+              f"{p['exam_refused']}."]
     lines += ["", "| cloud chain | round | generic test | sites' test (mean) | " +
               " | ".join(sorted(s["edge"])) + " |", "|---|---:|---:|---:|" + "---:|" * len(s["edge"])]
     for arm, by_round in s["cloud"].items():
@@ -484,17 +549,19 @@ def main() -> int:
                             scratch_epochs=2)
     started = time.monotonic()
     seeds = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "loop-quick" if args.quick else "loop"
     for seed in range(settings.seeds):
         with tempfile.TemporaryDirectory(prefix=f"bench-loop-{seed}-") as tmp:
             seeds.append(run_seed(seed, settings, Path(tmp), lambda line: print(line, flush=True)))
-    result = {"benchmark": "loop", "settings": settings.__dict__, "seeds": seeds,
-              "summary": summarise(seeds, settings.rounds), "seconds": round(time.monotonic() - started, 1),
-              "machine": machine_info(), "command": "python bench/loop.py " + " ".join(sys.argv[1:])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "loop-quick" if args.quick else "loop"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / f"{stem}.png")
-    (args.out / f"{stem}.md").write_text(markdown(result))
+        # written after every seed: a run cut short still leaves the seeds it finished (marked partial)
+        result = {"benchmark": "loop", "settings": settings.__dict__, "seeds": seeds,
+                  "partial": len(seeds) < settings.seeds, "summary": summarise(seeds, settings.rounds),
+                  "seconds": round(time.monotonic() - started, 1), "machine": machine_info(),
+                  "command": "python bench/loop.py " + " ".join(sys.argv[1:])}
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        plot(result, args.out / f"{stem}.png")
+        (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {args.out / stem}.json, .png, .md in {result['seconds'] / 60:.1f} min")
     return 0

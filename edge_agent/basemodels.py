@@ -17,11 +17,12 @@ log = logging.getLogger(__name__)
 _hashes = HashCache()  # per process: the daemon asks every tick, the files rarely change
 
 
-def verified_base_models(paths: AgentPaths) -> list[str]:
-    """Base model versions whose ``model.pt`` matches the ``model.pt.sha256`` the cloud wrote beside it."""
+def verified_base_models(paths: AgentPaths, artifact: str = "model.pt") -> list[str]:
+    """Base model versions whose ``artifact`` matches the ``<artifact>.sha256`` the cloud wrote beside it
+    (``model.pt`` to fine-tune from; ``ensemble.onnx`` at an ``edge-serve`` site, to serve as it is)."""
     good = []
     for folder in sorted(p for p in paths.base_models.glob("*") if p.is_dir() and not p.name.startswith(".")):
-        weights, digest = folder / "model.pt", folder / "model.pt.sha256"
+        weights, digest = folder / artifact, folder / f"{artifact}.sha256"
         try:
             expected = digest.read_text().split()[0].strip()
         except (OSError, IndexError):

@@ -75,8 +75,11 @@ def gain_over_base(results: dict[str, dict], serving: str) -> dict[str, float | 
     """Accuracy points the serving model adds over the base as-is, on gate and on test."""
     if "base" not in results or serving not in results:
         return {"gate": None, "test": None}
-    return {split: round(results[serving][split]["accuracy"] - results["base"][split]["accuracy"], 6)
-            for split in ("gate", "test")}
+    gains = {}
+    for split in ("gate", "test"):
+        served, base = results[serving][split]["accuracy"], results["base"][split]["accuracy"]
+        gains[split] = None if served is None or base is None else round(served - base, 6)  # an empty split
+    return gains
 
 
 def int8_serves(fp32_gate: float, int8_gate: float, tolerance: float) -> bool:
@@ -93,6 +96,8 @@ def choose_precision(folder: Path, calibration: np.ndarray, gate: ArraySet, tole
 
     fp32_path, int8_path = folder / ENSEMBLE_FILE, folder / "ensemble.int8.onnx"
     scores = {"fp32": _accuracies(fp32_path, image_size, gate, test)}
+    if not len(gate):
+        return {"serving": "fp32", **_flat(scores), "reason": "no gate images to check INT8 against: FP32 serves"}
     try:
         quantize_int8(fp32_path, int8_path, calibration[:CALIBRATION_IMAGES])
         scores["int8"] = _accuracies(int8_path, image_size, gate, test)

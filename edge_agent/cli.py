@@ -64,6 +64,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from edge_agent.finetune import run_finetune_process
 
     config = _load(args)
+    if config.profile != "edge":
+        raise SystemExit(f"edgeloop-agent: fine-tune is off (profile {config.profile}): this site serves the "
+                         f"models the cloud deploys as they come")
     paths = AgentPaths(Path(config.root))
     paths.ensure()
     setup_logging(paths, args.verbose, console=args.parent_pid is None)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent.gate import GateRule
+from edge_agent.store import store_option_problems
 from edge_agent.yamlfile import YamlFileError, read_yaml, validate
 
 
@@ -45,6 +46,9 @@ class FinetuneConfig(Strict):
     keep: Literal["best", "last"] = Field("last", description="member weights kept: the last epoch, or the best "
                                           "on the site's val split (a few dozen images choose noise; bench/loop.py)")
     int8: bool = Field(True, description="try a static INT8 graph (calibrated on the site's train images)")
+    member_memory_mb: int = Field(800, ge=32, description="peak memory of one member's training process; members "
+                                  "train at once only as far as the host's available memory holds them "
+                                  "(bench/provision.py measures it)")
 
 
 class Thresholds(Strict):
@@ -131,7 +135,8 @@ class AgentConfig(Strict):
     site: str
     root: Path
     store_url: str = Field(description="fsspec URL the agent pushes samples and status to (file://, sftp://, s3://)")
-    store_options: dict[str, str] = Field(default_factory=dict, description="fsspec storage options (no secrets: use env)")
+    store_options: dict[str, str] = Field(default_factory=dict, description="fsspec storage options (no secrets: use env); "
+                                             "s3://: endpoint_url, region, profile, timeout")
     image_size: int = Field(64, ge=16)
     # The policies that fine-tune best at the edge (bench/member_policies.py: contrast, geometric and strong
     # cost 4-5 points on the sites' val and gate splits after a short fine-tune; these did not).
@@ -144,6 +149,15 @@ class AgentConfig(Strict):
     poll_interval_s: float = Field(2.0, gt=0)
     heartbeat_interval_s: float = Field(10.0, gt=0)
     workers: int | None = Field(None, ge=1, description="cores to use; default all")
+    profile: Literal["edge", "edge-serve"] = Field(
+        "edge", description="what is installed: edge fine-tunes and serves; edge-serve serves the deployed model "
+                            "as it comes (no torch), selects and uploads")
+
+    @model_validator(mode="after")
+    def _store_options_fit(self) -> "AgentConfig":
+        if problems := store_option_problems(self.store_url, self.store_options):
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class ConfigError(ValueError):

@@ -30,8 +30,8 @@ from edge_agent.layout import AgentPaths
 from edge_agent.outbox import Outbox
 from edge_agent.retention import disk_use, enforce
 from edge_agent.sampler import Sampler
-from edge_agent.serving import EnsembleHandle
-from edge_agent.sitedata import labelled_files
+from edge_agent.serving import ENSEMBLE_FILE, EnsembleHandle, validate_ensemble
+from edge_agent.sitedata import EXAM_SPLITS, EXAMS_KEY, SplitOf, exam_hashes, labelled_files
 from edge_agent.state import AgentState
 from edge_agent.store import Store
 from edge_agent.supervisor import FinetuneSupervisor
@@ -75,8 +75,12 @@ class Agent:
                              config.upload.max_samples_per_day, config.upload.max_bytes_per_day,
                              Backoff(config.upload.retry_base_s, config.upload.retry_max_s))
         self.finetune = FinetuneSupervisor(self.config_file, self.paths)
+        # edge-serve: no torch here; the cloud ships each base as its ensemble graph, served as it comes
+        self.finetunes = config.profile == "edge"
         self.server = None
         self._pid_lock = None
+        self._exams: bytes | None = b""  # b"": to (re)compute and publish: at start, when the labelled set changes
+        self._exams_failed = False
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -97,8 +101,8 @@ class Agent:
 
     def tick(self) -> None:
         """One pass of the loop; a failing step is logged and the others still run."""
-        for step in (self.watch_finetune, self.scan_triggers, self.judge_labelled, self.maybe_start_finetune,
-                     self.process_inbox,
+        for step in (self.watch_finetune, self.scan_triggers, self.publish_exams, self.judge_labelled,
+                     self.maybe_start_finetune, self.process_inbox,
                      self.pump_uplink, self.maybe_enforce_retention, self.maybe_heartbeat):
             if self.stop.is_set():
                 return
@@ -160,8 +164,9 @@ class Agent:
 
     # ---- steps -----------------------------------------------------------------------------------
     def scan_triggers(self) -> None:
-        """Owe a fine-tune for a new base model or for enough new operator labels."""
-        verified = verified_base_models(self.paths)
+        """Owe a fine-tune for a new base model or for enough new operator labels (``edge-serve``: serve a
+        new base model as it comes)."""
+        verified = verified_base_models(self.paths, "model.pt" if self.finetunes else ENSEMBLE_FILE)
         gone = [v for v in self.state.base_versions_seen if v not in verified]
         if gone:  # rolled back (set aside): no longer reported, and fine-tuned again if deployed again
             self.state.base_versions_seen = [v for v in self.state.base_versions_seen if v in verified]
@@ -170,30 +175,74 @@ class Agent:
         fresh = [v for v in verified if v not in self.state.base_versions_seen]
         if fresh:
             self.state.base_versions_seen.extend(fresh)
-            self._owe(f"new base model {fresh[-1]}")
+            if self.finetunes:
+                self._owe(f"new base model {fresh[-1]}")
+            else:
+                self.serve_as_is(fresh[-1])
         seen = set(self.state.labelled_seen)
         new = [(c, f) for c, f in labelled_files(self.paths) if f"{c}/{f.name}" not in seen]
         if not new:
             return
+        self._exams = b""
         for class_name, file in new:
             self.state.labelled_seen.append(f"{class_name}/{file.name}")
             self.state.labelled_unjudged.append(f"{class_name}/{file.name}")
         self.state.new_labelled += len(new)
-        if self.state.new_labelled >= self.config.thresholds.min_new_labelled:
+        if self.finetunes and self.state.new_labelled >= self.config.thresholds.min_new_labelled:
             self._owe(f"{self.state.new_labelled} new labelled images")
             self.state.new_labelled = 0
         self.save_state()
 
+    def serve_as_is(self, version: str) -> None:
+        """Publish the deployed ensemble graph of base ``version`` and switch serving to it atomically
+        (checked to load first: a graph that cannot serve never becomes active)."""
+        from edge_agent.activation import activate, publish, staging_dir
+        from edge_agent.candidates import base_folder_name
+
+        name = base_folder_name(version)
+        if not (self.paths.ensembles / name).is_dir():
+            staged = staging_dir(self.paths, name)
+            shutil.copyfile(self.paths.base_models / version / ENSEMBLE_FILE, staged / ENSEMBLE_FILE)
+            try:
+                validate_ensemble(staged / ENSEMBLE_FILE, self.config.image_size)
+            except ValueError as exc:
+                shutil.rmtree(staged, ignore_errors=True)
+                log.error("base model %s cannot serve: %s", version, exc)
+                return
+            publish(self.paths, staged, name)
+        activate(self.paths, name)
+        log.info("serving base model %s as it came (profile %s)", version, self.config.profile)
+        self.save_state()
+        self.heartbeat()
+
     def judge_labelled(self) -> None:
         """Offer newly labelled images for upload, once a model serves to judge them with: a labelled image
-        goes up only when it is informative (:mod:`edge_agent.select`), never just because it is labelled."""
+        goes up only when it is informative (:mod:`edge_agent.select`), never just because it is labelled,
+        and never when it is in this site's gate or test split (the exam stays at the site)."""
         if not self.state.labelled_unjudged or self.handle.get() is None:
             return
+        split_of = SplitOf(self.paths)
         for relative in self.state.labelled_unjudged:
             class_name, _, name = relative.partition("/")
-            self._queue_labelled(class_name, self.paths.labelled / class_name / name)
+            self._queue_labelled(class_name, self.paths.labelled / class_name / name, split_of)
         self.state.labelled_unjudged = []
         self.save_state()
+
+    def publish_exams(self) -> None:
+        """Put the hashes of this site's gate and test images (never the images) in the store, so the cloud
+        refuses to train on them whatever a sidecar says; again whenever the labelled set changed."""
+        if self._exams is None:
+            return
+        if not self._exams:
+            self._exams = json.dumps({"site": self.config.site, "sha256": exam_hashes(self.paths)}).encode()
+        try:
+            self.uplink.store.put_verified(EXAMS_KEY.format(site=self.config.site), self._exams)
+        except Exception as exc:  # the store is away: next tick again (the images themselves never go up)
+            log.log(logging.DEBUG if self._exams_failed else logging.WARNING, "exam hashes not published: %s", exc)
+            self._exams_failed = True
+            return
+        log.info("published the hashes of the exam images (gate and test): %d bytes", len(self._exams))
+        self._exams, self._exams_failed = None, False
 
     def _owe(self, reason: str) -> None:
         log.info("fine-tune owed: %s", reason)
@@ -201,16 +250,19 @@ class Agent:
         self.state.finetune_failures = 0
         self.save_state()
 
-    def _queue_labelled(self, class_name: str, file: Path) -> None:
+    def _queue_labelled(self, class_name: str, file: Path, split_of: SplitOf) -> None:
         from edge_agent.imaging import ImageError, decode_image
         from edge_agent.serving import classify
 
         try:
             raw = file.read_bytes()
+            split = split_of(file, raw)
+            if split in EXAM_SPLITS:
+                return  # the site's exam never leaves it
             classifier = self.handle.get()
             image = decode_image(raw, classifier.image_size, self.config.serve.max_image_bytes)
             self.sampler(raw, classify(classifier, image[None])[0], file.name, operator_label=class_name,
-                         source="operator")
+                         source="operator", split=split)
         except (ImageError, OSError) as exc:
             log.warning("labelled file %s/%s not usable: %s", class_name, file.name, exc)
 
@@ -234,6 +286,8 @@ class Agent:
             self.state.last_run = summarise_run(report)
             self.state.pending_finetune = None
             self.state.finetune_failures = 0
+            self.state.gate_decisions += report.get("gate") is not None
+            self.state.finetune_blocked = report.get("skipped")
             self.clock.disk_full_failures = 0
             log.info("fine-tune %s finished: %s", report.get("run_id"), report.get("decision"))
         elif full := self.disk_full():
@@ -315,19 +369,19 @@ class Agent:
     def status(self, phase: str | None = None) -> dict[str, Any]:
         with self.lock:
             state = self.state.model_dump(mode="json", exclude={"labelled_seen", "labelled_unjudged"})
-        outbox = self.outbox.items()
         return {
             "site": self.config.site, "time": time.time(), "pid": os.getpid(), "state": phase or self.phase(),
             "started": self.started, "active_version": _version_of(self.handle.target()),
             "serving_problem": self.handle.problem,
             "base_versions": state.pop("base_versions_seen"),
             "finetune": {"running": self.finetune.running, "run_id": self.finetune.run_id,
-                         "reason": self.finetune.reason, "progress": self.finetune.progress()},
-            "queues": {"inbox": _count(self.paths.inbox), "outbox": len(outbox),
-                       "outbox_bytes": sum(i.size for i in outbox)},
+                         "reason": self.finetune.reason, "progress": self.finetune.progress(),
+                         "state": "on" if self.finetunes else f"off (profile {self.config.profile})"},
+            "queues": {"inbox": _count(self.paths.inbox), "outbox": len(self.outbox),
+                       "outbox_bytes": self.outbox.size_bytes()},
             "inbox_stuck": self.inbox.stuck_summary(),
             "upload_backoff_failures": self.uplink.backoff.failures,
-            "disk_bytes": disk_use(self.paths),
+            "disk_bytes": disk_use(self.paths, known={"outbox": self.outbox.size_bytes()}),
             "disk_full": self.disk_full(),
             "window": self.window.summary(),
             **state,
@@ -370,7 +424,7 @@ def restorable_ensembles(paths: AgentPaths) -> set[str]:
 
 
 def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("run_id", "reason", "version", "bases", "decision", "gate", "activated", "finished", "seconds", "ensemble",
+    keys = ("run_id", "reason", "version", "bases", "decision", "gate", "activated", "skipped", "finished", "seconds", "ensemble",
             "members", "candidates", "serving", "serving_version", "gain_over_base", "precision", "new_precision",
             "counts")
     return {k: report.get(k) for k in keys if k in report}

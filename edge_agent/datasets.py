@@ -20,13 +20,14 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .fileio import write_json_atomic
-from .imaging import ImageError, decode_image, encode_png
+from .imaging import ImageError, decode_image, encode_png, read_regular_file
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 REPORT = "import_report.json"
 FORMAT = "edgeloop-dataset/1"
+MAX_IMAGE_FILE_BYTES = 20 * 1024 * 1024  # a dataset image is stored resized: far smaller than this
 SPLITS = ("train", "val", "test")
 # Evaluation roles (DESIGN.md): train fits weights; val chooses (epochs, ensemble weights); gate decides
 # (activation, promotion) and nothing else; test is reported and decides nothing.
@@ -96,14 +97,26 @@ class DatasetVersion:
         return [r for r in self.records if r["split"] == split]
 
     def load_split(self, split: str, size: int | None = None) -> ArraySet:
-        """Decode one split or role into memory (``size`` resizes; default: the stored size)."""
+        """Decode one split or role into memory (``size`` resizes; default: the stored size).
+
+        Every file must still hold the bytes the manifest hashed: an image changed after import would
+        silently train on data the dataset id does not describe. The first bad file is a
+        :class:`DatasetError` naming it and why (in a distributed job, every rank says the same).
+        """
         if split not in ROLES:
             raise DatasetError(f"unknown split {split!r}; expected one of {ROLES}")
         records = self.files(split)
         size = size or self.image_size
         images = np.zeros((len(records), size, size), dtype=np.uint8)
         for i, record in enumerate(records):
-            images[i] = decode_image(self.root / record["file"], size)
+            path = self.root / record["file"]
+            try:
+                data = read_regular_file(path, MAX_IMAGE_FILE_BYTES)
+                images[i] = decode_image(data, size)  # first: "truncated" says more than "changed"
+                if hashlib.sha256(data).hexdigest() != record["sha256"]:
+                    raise ImageError("its bytes do not match the manifest's sha256 (changed since the import)")
+            except ImageError as exc:
+                raise DatasetError(f"{path}: {exc}") from None
         labels = np.array([r["label"] for r in records], dtype=np.int64)
         return ArraySet(images, labels)
 

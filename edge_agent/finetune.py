@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, active_dir, fenced_versions,
-                                   publish, staging_dir, sweep_staging)
+from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, active_dir, active_version,
+                                   fenced_versions, publish, staging_dir, sweep_staging)
 from edge_agent.basemodels import pick_bases
 from edge_agent.candidates import choose_precision, discard, gain_over_base, gate_score, score, stage_base_as_is
 from edge_agent.config import AgentConfig
@@ -31,8 +31,8 @@ from edge_agent.fileio import write_json_atomic
 from edge_agent.gate import choose
 from edge_agent.ids import new_id
 from edge_agent.layout import AgentPaths
-from edge_agent.members import MemberJob, make_jobs, train_members
-from edge_agent.sitedata import SPLITS, load_site_splits
+from edge_agent.members import MemberJob, available_memory, make_jobs, members_at_once, train_members
+from edge_agent.sitedata import SPLITS, finetune_blocker, load_site_splits, split_counts
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +121,24 @@ def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: s
     import torch
 
     class_names = torch.load(bases[-1][1], map_location="cpu", weights_only=True)["meta"]["class_names"]
+    counts = split_counts(paths)
+    blocked = finetune_blocker(counts, config.thresholds.min_gate_images)
+    if blocked:
+        return serve_base_only(config, paths, run_dir, run_id, reason, blocked, bases, class_names, counts, started)
     progress.phase("loading data")
     splits = load_site_splits(paths, class_names, config.image_size)
     save_splits(run_dir, splits)
-    jobs = make_jobs(config, bases, run_dir, parallel)
-    log.info("fine-tune %s: %d members (%s), %d threads each, train/val/gate/test %d/%d/%d/%d", run_id, len(jobs),
-             "parallel" if parallel else "sequential", jobs[0].threads, *(len(splits[s]) for s in SPLITS))
+    available = available_memory()
+    at_once = members_at_once(len(config.members), config.finetune.member_memory_mb << 20, available) \
+        if parallel else 1
+    jobs = make_jobs(config, bases, run_dir, at_once)
+    log.info("fine-tune %s: %d members, %d at once (%s MiB available, %d MiB per member), %d threads each, "
+             "train/val/gate/test %d/%d/%d/%d", run_id, len(jobs), at_once,
+             "?" if available is None else available >> 20, config.finetune.member_memory_mb, jobs[0].threads,
+             *(len(splits[s]) for s in SPLITS))
     progress.phase("training")
     train_start = time.time()
-    members = train_members(jobs, parallel, should_stop, progress.event)
+    members = train_members(jobs, at_once, should_stop, progress.event)
     train_seconds = time.time() - train_start
     progress.phase("ensembling")
     version = run_id  # the ensemble is named for the run that made it
@@ -149,7 +158,8 @@ def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: s
                                      serving["results"].get("new", {}).get("test", {}).get("members", [])):
         member.update(val_accuracy=val_m["accuracy"], test_accuracy=test_m["accuracy"])
     report = {"run_id": run_id, "reason": reason, "version": version, "site": config.site, "started": started,
-              "bases": [b[0] for b in bases], "parallel": parallel, "train_seconds": round(train_seconds, 3),
+              "bases": [b[0] for b in bases], "parallel": parallel, "members_at_once": at_once,
+              "train_seconds": round(train_seconds, 3),
               "members": members, "ensemble": ensemble, "candidates": serving["results"],
               "serving": serving["chosen"], "serving_version": serving["version"],
               "gain_over_base": gain_over_base(serving["results"], serving["chosen"]),
@@ -164,6 +174,29 @@ def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: s
     write_json_atomic(run_dir / "report.json", report)
     for name in ("train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"):
         (run_dir / name).unlink(missing_ok=True)
+    return report
+
+
+def serve_base_only(config: AgentConfig, paths: AgentPaths, run_dir: Path, run_id: str, reason: str, blocked: str,
+                    bases: list, class_names: list[str], counts: dict[str, int], started: float) -> dict[str, Any]:
+    """Too few labelled images to fine-tune: no member is trained. If nothing serves yet, the base as-is goes
+    into service (the simplest alternative needs no evidence to replace nothing); else what serves stays."""
+    base_version, base_path, _ = bases[-1]
+    current = active_version(paths)
+    serving, version = "active", current
+    if current is None:
+        folder, is_new = stage_base_as_is(config, paths, base_version, base_path, class_names)
+        final = publish(paths, folder, folder.name.removeprefix(STAGING_PREFIX)) if is_new else folder
+        activate(paths, final.name, expected=None)
+        serving, version = "base", final.name
+    decision = f"{blocked}; {'the base as-is serves' if current is None else 'what serves stays'}"
+    log.info("fine-tune %s skipped: %s", run_id, decision)
+    report = {"run_id": run_id, "reason": reason, "version": None, "site": config.site, "started": started,
+              "bases": [b[0] for b in bases], "members": [], "candidates": {}, "serving": serving,
+              "serving_version": version, "decision": decision, "gate": None, "activated": current is None,
+              "skipped": blocked, "counts": counts, "finished": time.time(),
+              "seconds": round(time.time() - started, 3)}
+    write_json_atomic(run_dir / "report.json", report)
     return report
 
 

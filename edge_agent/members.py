@@ -108,19 +108,40 @@ def member_main(job: MemberJob, events) -> None:
     events.put(("done", job.index, summary))
 
 
-def threads_per_member(cores: int, members: int, parallel: bool) -> int:
-    return max(1, cores // members) if parallel else max(1, cores)
+def available_memory() -> int | None:
+    """The host's available memory now (``MemAvailable``, bytes); None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
-def train_members(jobs: list[MemberJob], parallel: bool, should_stop: Callable[[], bool],
+def members_at_once(k: int, member_bytes: int, available: int | None) -> int:
+    """How many of the K members train at the same time: all of them when the host's available memory
+    holds K training processes of ``member_bytes`` each, else as many as it holds, and at least one
+    (one member at a time is slower, never out of memory). Unknown memory: all K."""
+    if available is None:
+        return k
+    return max(1, min(k, available // max(1, member_bytes)))
+
+
+def threads_per_member(cores: int, at_once: int) -> int:
+    return max(1, cores // max(1, at_once))
+
+
+def train_members(jobs: list[MemberJob], at_once: int, should_stop: Callable[[], bool],
                   on_event: Callable[[str, int, dict], None] = lambda *a: None) -> list[dict]:
-    """Run the member workers (all at once, or one after another); returns their summaries.
+    """Run the member workers, ``at_once`` at a time (in waves); returns their summaries.
 
     On ``should_stop`` every worker is terminated and :class:`InterruptedError` raised.
     """
     context = worker_context()
     events = context.Queue()
-    waves = [jobs] if parallel else [[job] for job in jobs]
+    waves = [jobs[i:i + at_once] for i in range(0, len(jobs), max(1, at_once))]
     for wave in waves:
         processes = [context.Process(target=member_main, args=(job, events), name=f"member-{job.index}",
                                      daemon=True) for job in wave]
@@ -162,15 +183,18 @@ def _terminate(processes: list) -> None:
             process.join()
 
 
-def make_jobs(config: AgentConfig, bases: list[tuple[str, Path, str]], run_dir: Path, parallel: bool = True,
+def make_jobs(config: AgentConfig, bases: list[tuple[str, Path, str]], run_dir: Path, at_once: int,
               cores: int | None = None) -> list[MemberJob]:
+    """One job per member; the cores are shared among the members that train at once, and the time
+    budget among the waves."""
     cores = cores or config.workers or os.cpu_count() or 1
     k = len(config.members)
     ft = config.finetune
-    budget = ft.time_budget_s if parallel or ft.time_budget_s is None else ft.time_budget_s / k
+    waves = -(-k // max(1, at_once))
+    budget = None if ft.time_budget_s is None else ft.time_budget_s / waves
     train = {"epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay,
              "label_smoothing": ft.label_smoothing, "time_budget_s": budget, "keep": ft.keep,
              "precision": ft.precision}
     return [MemberJob(i, arch, member.policy, version, str(path), str(run_dir),
-                      threads_per_member(cores, k, parallel), ft.seed + 1000 * (i + 1), train)
+                      threads_per_member(cores, at_once), ft.seed + 1000 * (i + 1), train)
             for i, (member, (version, path, arch)) in enumerate(zip(config.members, bases))]

@@ -39,11 +39,13 @@ def tree_bytes(path: Path) -> int:
         return 0
 
 
-def disk_use(paths: AgentPaths) -> dict[str, int]:
-    """Bytes per area of the agent root, for the status heartbeat."""
+def disk_use(paths: AgentPaths, known: dict[str, int] | None = None) -> dict[str, int]:
+    """Bytes per area of the agent root, for the status heartbeat; ``known`` areas are not walked (the
+    outbox keeps its own total: walking thousands of queued samples every heartbeat would cost a core)."""
     areas = {"models": paths.models, "runs": paths.runs, "outbox": paths.outbox, "inbox": paths.inbox,
              "processed": paths.processed, "quarantine": paths.quarantine, "labelled": paths.labelled}
-    use = {name: tree_bytes(folder) for name, folder in areas.items()}
+    known = known or {}
+    use = {name: known[name] if name in known else tree_bytes(folder) for name, folder in areas.items()}
     use["logs"] = sum(tree_bytes(p) for p in paths.root.glob(f"{paths.log_file.name}*"))
     use["total"] = sum(use.values())
     return use

@@ -26,7 +26,7 @@ class Sampler:
         self.selector = Selector(t.uncertainty, t.disagreement, u.random_share, random.Random())
 
     def __call__(self, raw: bytes, prediction: Prediction, name: str, operator_label: str | None = None,
-                 source: str = "inbox") -> bool:
+                 source: str = "inbox", split: str | None = None) -> bool:
         """Queue the sample if the serving model's ``prediction`` says it is worth sending; images from the HTTP endpoint (``source="http"``) only
         within their own share of the day's budget, so anonymous requests cannot crowd out the inbox."""
         if self.window is not None and source != "operator":
@@ -40,7 +40,7 @@ class Sampler:
             site=self.config.site, time=time.time(), source_file=name, reasons=selection.reasons,
             model_version=prediction.model_version, probabilities=prediction.probabilities,
             member_probabilities=members.round(6).tolist() if members is not None else None,
-            operator_label=operator_label, source=source, uncertainty=round(selection.uncertainty, 6),
+            operator_label=operator_label, source=source, split=split, uncertainty=round(selection.uncertainty, 6),
             disagreement=round(selection.disagreement, 6)).model_dump(mode="json")
         self.outbox.put(as_png(raw), sidecar, selection.score)
         with self.lock:

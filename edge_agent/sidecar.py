@@ -8,11 +8,12 @@ wrong type, is rejected with a reason instead of crashing the intake for the who
 from __future__ import annotations
 
 import json
-
 import math
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
+M = TypeVar("M", bound=BaseModel)
 MAX_SIDECAR_BYTES = 64 * 1024
 # An INT8 graph's probabilities come in 1/255 steps and the agent rounds them to 6 places: a distribution
 # sums to one within this.
@@ -35,6 +36,8 @@ class SampleSidecar(BaseModel):
     member_probabilities: list[list[FiniteFloat]] | None = None
     operator_label: str | None = None
     source: str | None = Field(None, description="inbox, http or operator: where the image came from")
+    split: Literal["train", "val", "gate", "test"] | None = Field(
+        None, description="an operator-labelled image's split at its site; only train and val ever go up")
     uncertainty: FiniteFloat | None = None
     disagreement: FiniteFloat | None = None
 
@@ -69,18 +72,27 @@ def _check_distribution(values: list[float], name: str) -> None:
         raise ValueError(f"{name}: sums to {sum(values):.4f}, not 1")
 
 
+def validate_json_object(data: bytes, model: type[M], what: str) -> tuple[dict, M]:
+    """``(raw, validated)`` for JSON bytes that must be an object matching ``model``; a ``ValueError``
+    naming ``what`` and the first few problems otherwise (one schema check for everything sites write)."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} is not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} is not a JSON object (got {type(raw).__name__})")
+    try:
+        return raw, model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or what}: {e['msg']}" for e in exc.errors()[:3])
+        raise ValueError(f"{what} fields: {problems}") from None
+
+
 def parse_sidecar(data: bytes) -> SampleSidecar:
     """Validate sidecar bytes; :class:`SidecarError` with the first few problems."""
     if len(data) > MAX_SIDECAR_BYTES:
         raise SidecarError(f"sidecar too large ({len(data)} bytes > {MAX_SIDECAR_BYTES})")
     try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SidecarError(f"sidecar is not JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise SidecarError(f"sidecar is not a JSON object (got {type(raw).__name__})")
-    try:
-        return SampleSidecar.model_validate(raw)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'sidecar'}: {e['msg']}" for e in exc.errors()[:3])
-        raise SidecarError(f"sidecar fields: {problems}") from None
+        return validate_json_object(data, SampleSidecar, "sidecar")[1]
+    except ValueError as exc:
+        raise SidecarError(str(exc)) from None

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # train fits weights; val chooses epochs and ensemble weights; gate decides what serves; test is reported only.
 SPLITS = ("train", "val", "gate", "test")
 SPLIT_FRACTIONS = (0.55, 0.15, 0.15, 0.15)
+# The site's exam: never uploaded, never trained on anywhere (the cloud refuses their hashes).
+EXAM_SPLITS = ("gate", "test")
+EXAMS_KEY = "exams/{site}.json"  # where a site publishes the hashes of its exam images in the store
 
 
 def labelled_files(paths: AgentPaths) -> list[tuple[str, Path]]:
@@ -67,27 +70,79 @@ def _split_of(data: bytes, known: str | None) -> str:
     return SPLITS[int(np.searchsorted(np.cumsum(SPLIT_FRACTIONS), bucket, side="right"))]
 
 
+class SplitOf:
+    """Which split a labelled file is in at this site (the manifest's word for the files it names, else the
+    content hash): the one rule the fine-tune, the uploader and the exam list all read."""
+
+    def __init__(self, paths: AgentPaths):
+        self.root = paths.labelled
+        manifest = read_json(paths.labelled / MANIFEST, default={}) or {}
+        self.known = {r["file"]: r["split"] for r in manifest.get("records", []) if isinstance(r, dict)
+                      and "file" in r and "split" in r}
+
+    def __call__(self, file: Path, data: bytes | None = None) -> str:
+        data = file.read_bytes() if data is None else data
+        return _split_of(data, self.known.get(file.relative_to(self.root).as_posix()))
+
+
+def exam_hashes(paths: AgentPaths) -> list[str]:
+    """sha256 of every labelled image in the gate or test split, as the file and as the PNG an upload would
+    carry (:func:`edge_agent.outbox.as_png`), so the cloud can refuse either form."""
+    from edge_agent.outbox import as_png
+
+    split_of, hashes = SplitOf(paths), set()
+    for _, file in labelled_files(paths):
+        try:
+            data = file.read_bytes()
+            if split_of(file, data) in EXAM_SPLITS:
+                hashes.add(hashlib.sha256(data).hexdigest())
+                hashes.add(hashlib.sha256(as_png(data)).hexdigest())
+        except Exception as exc:  # an unreadable file is never uploaded either; the fine-tune reports it
+            log.debug("exam hash of %s skipped: %s", file, exc)
+    return sorted(hashes)
+
+
+def split_counts(paths: AgentPaths) -> dict[str, int]:
+    """How many labelled images each split holds (by file, without decoding)."""
+    split_of, counts = SplitOf(paths), dict.fromkeys(SPLITS, 0)
+    for _, file in labelled_files(paths):
+        try:
+            counts[split_of(file)] += 1
+        except OSError:
+            continue
+    return counts
+
+
+def finetune_blocker(counts: dict[str, int], min_gate_images: int) -> str | None:
+    """Why a fine-tune would be pointless now, or None. Its ensemble could only serve through the gate, which
+    needs ``min_gate_images`` gate images; the gate split grows with the labelled data (about 15 % of it)."""
+    if counts["train"] and counts["gate"] >= min_gate_images:
+        return None
+    have = ", ".join(f"{split} {n}" for split, n in counts.items())
+    return (f"too few labelled images to fine-tune ({have}): the gate needs {min_gate_images} gate images, about "
+            f"{SPLIT_FRACTIONS[2]:.0%} of the labelled ones; label more (or lower thresholds.min_gate_images)")
+
+
 def load_site_splits(paths: AgentPaths, classes: list[str], size: int):
     """train/val/gate/test ArraySets from the labelled folder.
 
     A manifest in the folder (a dataset version copied in) fixes the splits of the files it names; files an
     operator added later are split by content hash. An empty val split borrows the train split (noted);
-    an empty gate split borrows val (noted in the report: the decision is then weaker evidence).
+    an empty gate or test split stays empty (the gate then keeps what is in place: not enough evidence).
     """
     data, files, skipped = load_labelled(paths, classes, size)
     for path, reason in skipped:
         log.warning("labelled file %s skipped: %s", path, reason)
-    manifest = read_json(paths.labelled / MANIFEST, default={}) or {}
-    known = {r["file"]: r["split"] for r in manifest.get("records", [])}
-    splits = np.array([_split_of(f.read_bytes(), known.get(f.relative_to(paths.labelled).as_posix()))
-                       for f in files])
+    split_of = SplitOf(paths)
+    splits = np.array([split_of(f) for f in files])
     out = {s: data.subset(np.flatnonzero(splits == s)) for s in SPLITS}
     if len(out["train"]) == 0:
         raise FinetuneError("no labelled training images under data/labelled/")
     if len(out["val"]) == 0:
         log.warning("no validation images; validating on the training split")
         out["val"] = out["train"]
-    if len(out["gate"]) == 0:
-        log.warning("no gate images; deciding on the validation split")
-        out["gate"] = out["val"]
+    for split in ("gate", "test"):
+        if len(out[split]) == 0:
+            log.warning("no %s images: %s", split, "nothing can replace what serves" if split == "gate"
+                        else "no test figures in the report")
     return out

@@ -39,6 +39,10 @@ class AgentState(BaseModel):
     new_labelled: int = 0
     pending_finetune: str | None = Field(None, description="why a fine-tune is owed; kept until one completes")
     finetune_failures: int = 0
+    finetune_blocked: str | None = Field(None, description="why the last run trained nothing (too few labelled "
+                                                           "images); None once a fine-tune could run")
+    gate_decisions: int = Field(0, description="gate decisions this site has made on its gate split (it grows "
+                                               "with the labelled data but is reused by every fine-tune)")
     last_run: dict[str, Any] | None = None
     processed_total: int = 0
     quarantined_total: int = 0

@@ -85,7 +85,7 @@ class Uplink:
         if not self.backoff.ready(start):
             return result
         ledger.roll(start)
-        for item in self.outbox.items():
+        for item in self.outbox.in_order():
             if should_stop() or now() - start > max_seconds:
                 break
             if not self.within_budget(ledger, item):

@@ -62,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from edge_agent.store import StoreError  # a store that is down or refuses us: one line naming it
+
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, LookupError, ValueError) as exc:
+    except (UserError, FileNotFoundError, LookupError, ValueError, StoreError) as exc:
         print(f"edgeloop {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

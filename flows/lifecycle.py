@@ -143,6 +143,7 @@ def _fleet_row(site: str, s: dict) -> dict:
             "active_version": s.get("active_version"), **accuracy,
             "gain_over_base_test": (run.get("gain_over_base") or {}).get("test"),
             "precision": (run.get("precision") or {}).get("serving"),
+            "decision": run.get("decision"),  # the gate's evidence: n, discordant counts, p-value, alpha
             "processed": s.get("processed_total"), "selected": s.get("selected_total"),
             "uploaded": s.get("uploaded_total"), "outbox": s.get("queues", {}).get("outbox"),
             "heartbeat_age_s": round(time.time() - s.get("time", 0), 1)}

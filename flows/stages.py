@@ -206,6 +206,9 @@ def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = Coll
     result = collect_task(fleet, registry, queue, settings.pseudo_label_confidence)
     create_table_artifact(key="collect", table=result.by_site() or [{"site": "-", "new": 0}],
                           description="new samples per site since the last collect")
+    if result.rejected:  # each by name, with why: now in the cloud's quarantine, never read again
+        create_table_artifact(key="collect-rejected", table=result.rejected,
+                              description="samples rejected by this collect and quarantined, with the reason")
     summary = {"new": len(result.new), "rejected": len(result.rejected), "pseudo_labelled": result.pseudo_labelled,
                "operator_labelled": result.operator_labelled, "queued_for_people": result.queued}
     get_run_logger().info("collect: %s", summary)

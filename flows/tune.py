@@ -27,6 +27,7 @@ from flows.stages import CONTRACT_HELP, DEFAULT_INVENTORY, gate_markdown
 from orchestrator import retrain as steps
 from orchestrator.inventory import load_inventory
 from orchestrator.tune import (
+    MAX_TRIALS,
     Halving,
     Search,
     SearchSpace,
@@ -41,7 +42,7 @@ from orchestrator.tune import (
 class TuneSettings(BaseModel):
     data: str = Field(".demo/data/generic", description="dataset version to search on (val chooses, gate decides)")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
-    trials: int = Field(8, ge=1, description="random draws from the search space")
+    trials: int = Field(8, ge=1, le=MAX_TRIALS, description="random draws from the search space")
     space: SearchSpace = SearchSpace()
     halving: Halving = Halving()
     concurrency: int = Field(2, ge=1, description="trials training at once on the process pool")

@@ -7,14 +7,17 @@ cut connection leaves at worst an ignored temporary folder, never a half-written
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from edge_agent.fileio import file_sha256
 from edge_agent.layout import AgentPaths
+from edge_agent.serving import ENSEMBLE_FILE
 from edge_agent.store import Store
 from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, Site
@@ -40,15 +43,40 @@ class HostUnreachable(RuntimeError):
 UNREACHABLE = (ConnectError, WorkerGone, TimeoutError, ConnectionError, socket.timeout)
 
 
+def serving_artifact(checkpoint: Path, image_size: int) -> Path:
+    """The checkpoint as the one-member ensemble graph an ``edge-serve`` site serves as it comes (that site
+    has no torch to export it): exported here once per checkpoint content and input size."""
+    from edge_agent.ensemble import export_ensemble
+    from edge_agent.models import load_checkpoint
+
+    digest = file_sha256(checkpoint)
+    out = Path(checkpoint).parent / ".serving" / f"{digest[:16]}-{image_size}" / ENSEMBLE_FILE
+    if not out.is_file():
+        model, meta = load_checkpoint(checkpoint)
+        staged = out.parent.with_name(out.parent.name + f".tmp-{uuid.uuid4().hex[:8]}")
+        export_ensemble([model], [meta.normalization], [1.0], staged / ENSEMBLE_FILE, image_size=image_size,
+                        class_names=meta.class_names, metadata={"checkpoint_sha256": digest})
+        try:
+            staged.rename(out.parent)
+        except OSError:  # exported at the same time by another deploy: theirs is the same graph
+            shutil.rmtree(staged, ignore_errors=True)
+    return out
+
+
 def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, version: str,
                  accept_new_host_keys: bool = False) -> DeployResult:
     """Put one checkpoint on one site as base model ``version``; idempotent, never raises for a host problem.
 
     ``model.pt`` is uploaded under a temporary name, checked and renamed; its ``.sha256`` is written last.
+    An ``edge-serve`` site gets the model's ensemble graph (``ensemble.onnx``) instead: it serves, never
+    fine-tunes.
     """
-    digest = file_sha256(checkpoint)
     remote = None
     try:
+        artifact = Path(checkpoint)
+        if site.install.profile == "edge-serve":
+            artifact = serving_artifact(artifact, site.learning.image_size)
+        digest, name = file_sha256(artifact), "model.pt" if artifact == Path(checkpoint) else ENSEMBLE_FILE
         remote = open_remote(site, inventory, accept_new_host_keys)
         worker = HostWorker(remote, site.python)
         paths = AgentPaths(Path(host_facts(worker, site)["root"]))
@@ -56,14 +84,14 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
             return DeployResult(site.name, version, "failed", f"not provisioned: no agent config at "
                                 f"{paths.config_file} (run edgeloop provision first)")
         folder = f"{paths.base_models}/{version}"
-        weights, marker = f"{folder}/model.pt", f"{folder}/model.pt.sha256"
+        weights, marker = f"{folder}/{name}", f"{folder}/{name}.sha256"
         if worker.call("file_sha", path=weights)["sha256"] == digest and \
                 worker.call("put_text", path=marker, content=f"{digest}\n", check=True)["changed"] is False:
             return DeployResult(site.name, version, "ok")
         worker.call("deploy_record", root=str(paths.root), version=version)  # what a rollback restores
         worker.call("folders", folders=[folder], check=False)
-        staged = f"{folder}/.model.pt.tmp"
-        remote.put(Path(checkpoint), staged)
+        staged = f"{folder}/.{name}.tmp"
+        remote.put(artifact, staged)
         worker.call("commit", tmp=staged, path=weights, sha256=digest)
         worker.call("put_text", path=marker, content=f"{digest}\n", check=False)
         return DeployResult(site.name, version, "changed")

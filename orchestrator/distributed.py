@@ -14,7 +14,9 @@ import datetime
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from edge_agent.train import Ranks, resolve_device
 
 # How long a rank waits for its peers in one collective before giving up (a hung peer, not a slow epoch).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+# How long a rendezvous port held by someone may take to answer as a torch rendezvous.
+RENDEZVOUS_PROBE_S = 5.0
 
 
 class RankFailed(RuntimeError):
@@ -40,12 +44,17 @@ class Launch:
     nnodes: int = 1
     rdzv_endpoint: str | None = None  # HOST:PORT of the rendezvous; none = this host alone (standalone)
     rdzv_id: str | None = None  # the same on every host of one job
+    oversubscribe: bool = False  # allow more ranks on this host than it has cores
 
     def __post_init__(self):
         if self.nproc_per_node < 1 or self.nnodes < 1:
             raise ValueError("--nproc-per-node and --nnodes must be at least 1")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT (where the hosts meet)")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if self.nproc_per_node > cores and not self.oversubscribe:
+            raise ValueError(f"--nproc-per-node {self.nproc_per_node} is more ranks than this host's {cores} "
+                             "cores (they would only slow each other down); pass --oversubscribe to mean it")
 
     @property
     def distributed(self) -> bool:
@@ -59,6 +68,8 @@ def launch(spec: Launch, worker_args: list[str]) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     standalone = spec.rdzv_endpoint is None
+    if not standalone:
+        check_rendezvous(spec.rdzv_endpoint)
     config = LaunchConfig(
         min_nodes=spec.nnodes, max_nodes=spec.nnodes, nproc_per_node=spec.nproc_per_node,
         run_id=spec.rdzv_id or f"edgeloop-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
@@ -73,6 +84,58 @@ def launch(spec: Launch, worker_args: list[str]) -> None:
         raise RankFailed(describe_failure(exc)) from None
     except RendezvousError as exc:
         raise RankFailed(f"the hosts did not meet at {spec.rdzv_endpoint or 'localhost'}: {exc}") from None
+
+
+def check_rendezvous(endpoint: str, probe_s: float = RENDEZVOUS_PROBE_S) -> None:
+    """Fail within seconds, naming the port, when the rendezvous port on this host is held by a program that
+    is not a torch rendezvous (torch would take it for one and wait on it for minutes).
+
+    The port is free (this launcher will serve it), held by the launcher of another host of the same job
+    (it answers as a torch store), or held by something else: then :class:`RankFailed`.
+    """
+    host, _, port_text = endpoint.rpartition(":")
+    try:
+        port = int(port_text)
+        address = socket.gethostbyname(host or "localhost")
+    except (ValueError, OSError) as exc:
+        raise RankFailed(f"--rdzv-endpoint {endpoint!r}: not HOST:PORT ({exc})") from None
+    if not _is_local(address) or _can_bind(address, port):
+        return
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        from torch.distributed import TCPStore
+
+        try:
+            TCPStore(address, port, is_master=False, timeout=datetime.timedelta(seconds=probe_s))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=probe, daemon=True)  # torch's client can hang past its own timeout
+    thread.start()
+    thread.join(probe_s + 1)
+    if outcome == [None]:
+        return
+    why = f"{type(outcome[0]).__name__}: {str(outcome[0]).splitlines()[0]}" if outcome else \
+        f"no answer in {probe_s:.0f} s"
+    raise RankFailed(f"the rendezvous port {port} on {host} is held by another program that is not a torch "
+                     f"rendezvous ({why}); free it or choose another --rdzv-endpoint")
+
+
+def _is_local(address: str) -> bool:
+    """Is ``address`` one of this host's (so that its launcher would serve the rendezvous)?"""
+    return _can_bind(address, 0)
+
+
+def _can_bind(address: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
 
 
 # What a rank says when a peer died under it: a consequence, not the cause.

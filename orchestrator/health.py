@@ -10,14 +10,14 @@ failing, fine-tunes failing) is *degraded*.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
-from edge_agent.store import Store, StoreError
+from edge_agent.sidecar import validate_json_object
+from edge_agent.store import Listed, Store, StoreError
 
 MAX_HEARTBEAT_BYTES = 1024 * 1024  # a heartbeat is a few kB; a 200 MB one is an attack, not a status
 
@@ -111,16 +111,9 @@ def parse_heartbeat(data: bytes, site: str) -> dict[str, Any]:
     """The heartbeat in ``data`` as a dict whose every known field has its type (as the agent wrote it,
     unknown fields kept); :class:`UnreadableHeartbeat` with the first few problems otherwise."""
     try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UnreadableHeartbeat(f"not JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise UnreadableHeartbeat(f"not a JSON object (got {type(raw).__name__})")
-    try:
-        Heartbeat.model_validate(raw)
-    except ValidationError as exc:
-        raise UnreadableHeartbeat("; ".join(f"{'.'.join(map(str, e['loc'])) or 'heartbeat'}: {e['msg']}"
-                                            for e in exc.errors()[:3])) from None
+        raw, _ = validate_json_object(data, Heartbeat, "status")
+    except ValueError as exc:
+        raise UnreadableHeartbeat(str(exc)) from None
     if raw.get("site") not in (None, site):
         raise UnreadableHeartbeat(f"names site {raw['site']!r}, not {site!r}")
     return raw
@@ -136,8 +129,7 @@ class FleetStatus:
 
     def __init__(self, store: Store):
         self.store = store
-        self._seen: dict[str, tuple[tuple, dict | str]] = {}  # site -> (listing entry, heartbeat or why not)
-        self.stored_at: dict[str, float] = {}  # site -> when the store wrote its heartbeat (the store's clock)
+        self._seen: dict[str, tuple[Listed, dict | str]] = {}  # site -> (listing entry, heartbeat or why not)
         self.fetched = 0  # heartbeats fetched by the last read
         self.error = ""  # why the last read could not reach the store
 
@@ -165,8 +157,6 @@ class FleetStatus:
         self.error, self.fetched = "", len(fetched)
         for site in [s for s in self._seen if f"{s}.json" not in listing]:
             del self._seen[site]  # its heartbeat was removed from the store
-        self.stored_at = {s: listing[f"{s}.json"][1] for s in sites
-                          if f"{s}.json" in listing and listing[f"{s}.json"][1] is not None}
         for site in changed:
             name = f"status/{site}.json"
             if name in refused:
@@ -183,10 +173,14 @@ class FleetStatus:
     def _valid(self, sites: list[str]) -> dict[str, dict]:
         return {s: self._seen[s][1] for s in sites if s in self._seen and isinstance(self._seen[s][1], dict)}
 
+    def stored_at(self, sites: list[str]) -> dict[str, float]:
+        """When the store last wrote each site's heartbeat, by the store's clock (file and sftp mtime, S3's
+        LastModified), from the last :meth:`read`'s listing: a heartbeat's age that trusts no edge clock."""
+        return {s: self._seen[s][0].mtime for s in sites if s in self._seen and self._seen[s][0].mtime is not None}
 
     def age(self, site: str, now: float | None = None) -> float | None:
         """Seconds since the store wrote ``site``'s heartbeat, by the cloud's clock (None: never seen)."""
-        stored = self.stored_at.get(site)
+        stored = self.stored_at([site]).get(site)
         return None if stored is None else max(0.0, (time.time() if now is None else now) - stored)
 
 

@@ -43,7 +43,7 @@ from edge_agent.config import (
     Thresholds,
     UploadBudget,
 )
-from edge_agent.store import Store
+from edge_agent.store import Store, store_option_problems
 from edge_agent.yamlfile import YamlFileError, format_problem, line_of, read_yaml, suggest, validate
 from orchestrator.registry import ModelRegistry
 
@@ -124,12 +124,43 @@ class AgentSettings(Strict):
     retention: Retention = Field(default_factory=Retention)
 
 
+class Install(Strict):
+    """How the agent's dependencies reach the site (see README, "Install modes")."""
+
+    mode: Literal["wheelhouse", "index", "system"] | None = Field(
+        None, description="wheelhouse: wheels resolved by the cloud for the host's platform and shipped over SSH "
+                          "(no index needed on the host); index: the host installs from 'index_url'; system: "
+                          "reuse the base interpreter's packages (a stack the host ships). Default: wheelhouse "
+                          "over SSH, system for local sites")
+    profile: Literal["edge", "edge-serve"] = Field(
+        "edge", description="edge: fine-tune and serve (torch & co.); edge-serve: serve, select and upload only")
+    index_url: str | None = Field(None, description="the index or proxy the host installs from (mode: index)")
+    disk_reserve_mb: int = Field(200, ge=0, description="free disk to leave on the host after the install")
+
+    @field_validator("index_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(https?|file)://\S+$", value):
+            raise ValueError(f"not an index URL (http://, https:// or file://): {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _index_needs_url(self) -> "Install":
+        if self.mode == "index" and not self.index_url:
+            raise ValueError("mode 'index' needs 'index_url' (the index or proxy the host can reach)")
+        if self.index_url and self.mode != "index":
+            raise ValueError(f"'index_url' is only used with mode 'index' (mode is {self.mode or 'the default'})")
+        return self
+
+
 class Site(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     connection: Connection
     root: str = Field(description="agent root on the site: absolute, or ~/... (the login user's home)")
-    python: str = Field("python3", description="base interpreter; its packages (torch...) are reused by the venv")
+    python: str = Field("python3", description="base interpreter the site venv is made from (its packages are "
+                                               "reused only with install mode 'system')")
     venv: str | None = Field(None, description="the agent's venv; default <root>/venv")
+    install: Install = Field(default_factory=Install)
     labels: dict[str, str] = Field(default_factory=dict)
     store_url: str | None = Field(None, description="overrides cloud.store_url for this site")
     learning: Learning = Field(default_factory=Learning)
@@ -142,6 +173,10 @@ class Site(Strict):
             raise ValueError(f"must be absolute or start with ~/ (got {value!r})")
         return value.rstrip("/") or "/"
 
+    @property
+    def install_mode(self) -> str:
+        return self.install.mode or ("system" if self.connection.type == "local" else "wheelhouse")
+
     def agent_config(self, cloud: "Cloud", root: str | None = None) -> AgentConfig:
         """The agent config this site runs with (``root``: the resolved root when it starts with ~/)."""
         return AgentConfig(
@@ -150,7 +185,7 @@ class Site(Strict):
             members=self.learning.members, finetune=self.learning.finetune, thresholds=self.learning.thresholds,
             upload=self.learning.upload, serve=self.agent.serve, poll_interval_s=self.agent.poll_interval_s,
             heartbeat_interval_s=self.agent.heartbeat_interval_s, workers=self.agent.workers,
-            retention=self.agent.retention)
+            retention=self.agent.retention, profile=self.install.profile)
 
 
 class Trainer(Strict):
@@ -174,6 +209,8 @@ class Cloud(Strict):
     store_url: str = Field(description="fsspec URL agents push samples and status to")
     store_options: dict[str, str] = Field(default_factory=dict)
     registry: str | None = Field(None, description="where model versions live (a path or fsspec URL)")
+    wheelhouse: str | None = Field(None, description="where the wheels resolved for the sites' platforms are kept "
+                                   "(content-addressed); default: beside a local registry, else ~/.cache/edgeloop")
     stale_after_s: float = Field(300, gt=0, description="a site whose last heartbeat is older is stale "
                                  "(fleet-health fails)")
     retrain_schedule: str | None = Field(None, description="cron for the retrain deployment (collect, then "
@@ -184,6 +221,12 @@ class Cloud(Strict):
                                  "trainers meet")
     datasets: dict[str, str] = Field(default_factory=dict, description="named dataset versions (paths relative "
                                      "to the inventory file); pretrain and retrain use `generic` unless told")
+
+    @model_validator(mode="after")
+    def _store_options_fit(self) -> "Cloud":
+        if problems := store_option_problems(self.store_url, self.store_options):
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("retrain_schedule")
     @classmethod
@@ -280,6 +323,17 @@ class Inventory(BaseModel):
         checked against the inventory's known_hosts unless the store options name another file."""
         return Store(self.cloud.store_url, {"known_hosts": str(self.known_hosts), **self.cloud.store_options}
                      if self.cloud.store_url.startswith("sftp://") else self.cloud.store_options)
+
+    def wheelhouse(self) -> Path:
+        """The folder of resolved wheels: ``cloud.wheelhouse``, else ``wheelhouse/`` beside a local registry."""
+        if self.cloud.wheelhouse:
+            path = Path(os.path.expanduser(self.cloud.wheelhouse))
+            return path if path.is_absolute() else self.path.parent / path
+        registry = self.cloud.registry or ""
+        if registry and "://" not in registry or registry.startswith("file://"):
+            path = Path(os.path.expanduser(registry.removeprefix("file://")))
+            return (path if path.is_absolute() else self.path.parent / path).parent / "wheelhouse"
+        return Path(os.environ.get("EDGELOOP_CACHE", Path.home() / ".cache" / "edgeloop")) / "wheelhouse"
 
     def registry(self) -> ModelRegistry:
         """The cloud's model registry; a clear error when the inventory names none."""
@@ -450,6 +504,8 @@ def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None
             problems.append(format_problem(path, line_of(lines, ("sites", i)), f"site #{i + 1}", (), "must be a mapping"))
             continue
         name = entry.get("name")
+        if not isinstance(name, (str, type(None))):  # a list or mapping: the Site model names the field
+            name = None
         where = f"site {name!r}" if name else f"site #{i + 1}"
         if name in seen:
             problems.append(format_problem(path, line_of(lines, ("sites", i, "name")), where, ("name",),
@@ -477,6 +533,7 @@ def _where(raw: dict, loc: tuple) -> tuple[str, tuple]:
             name = raw["sites"][loc[1]].get("name")
         except (KeyError, IndexError, AttributeError, TypeError):
             name = None
+        name = name if isinstance(name, str) else None
         return (f"site {name!r}" if name else f"site #{loc[1] + 1}"), loc[2:]
     return (str(loc[0]) if loc else "top level"), loc[1:]
 

@@ -63,6 +63,7 @@ class ModelRegistry:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.skipped: dict[str, str] = {}  # folders the last listing found not to be versions, with why
 
     def register(self, family: str, checkpoint: str | Path, *, arch: str, dataset_id: str | None,
                  hyperparameters: dict, metrics: dict[str, float], parent: str | None = None,
@@ -100,9 +101,16 @@ class ModelRegistry:
         return record
 
     def versions(self, family: str | None = None) -> Iterator[ModelVersion]:
+        """Every version (of ``family``), oldest first. A folder that is not a version (no readable record:
+        a stray copy, a half-deleted version) is skipped and named in :attr:`skipped` with why."""
+        self.skipped = {}
         for folder in sorted(self.root.iterdir()):
             if folder.is_dir() and not folder.name.startswith("."):
-                record = self.get(folder.name)
+                try:
+                    record = self.get(folder.name)
+                except (RegistryError, ValueError, OSError) as exc:
+                    self.skipped[folder.name] = str(exc).splitlines()[0]
+                    continue
                 if family is None or record.family == family:
                     yield record
 
@@ -129,19 +137,19 @@ class ModelRegistry:
         champion = self.champion(family)
         if champion is None:
             raise RegistryError(f"no champion of family {family!r} in {self.root}: run pretrain first")
-        return self.classes(champion.version)
+        return self.contract(champion.version)["classes"]
 
     def contract(self, version: str) -> dict:
-        """What a fleet that fine-tunes from ``version`` depends on: architecture, input size, class names."""
-        record = self.get(version)
-        return {"arch": record.arch, "image_size": record.hyperparameters.get("image_size"),
-                "classes": self.classes(version)}
+        """What a fleet that fine-tunes from ``version`` depends on: architecture, input size, class names
+        (read from the checkpoint itself, which is what the sites load)."""
+        meta = self._meta(version)
+        return {"arch": meta["spec"]["arch"], "image_size": meta["spec"]["image_size"],
+                "classes": list(meta["class_names"])}
 
-    def classes(self, version: str) -> list[str]:
+    def _meta(self, version: str) -> dict:
         import torch
 
-        payload = torch.load(self.artifact(version), map_location="cpu", weights_only=True)
-        return list(payload["meta"]["class_names"])
+        return torch.load(self.artifact(version), map_location="cpu", weights_only=True)["meta"]
 
     def promote(self, version: str, expected: str | None | object = UNCHECKED) -> ModelVersion:
         """Make ``version`` its family's champion.

@@ -68,6 +68,7 @@ class SshdHost:
     port: int
     workdir: Path
     authorized_keys: Path
+    env: dict[str, str] = field(default_factory=dict)  # set in every session (sshd's SetEnv)
     host_key: Path = field(init=False)
     proc: subprocess.Popen | None = None
 
@@ -92,6 +93,8 @@ class SshdHost:
                "-oPubkeyAuthentication=yes", "-oUsePAM=no", "-oPermitRootLogin=prohibit-password",
                "-oSubsystem=sftp internal-sftp", "-oMaxStartups=100", "-oMaxSessions=50",
                "-oLogLevel=ERROR"]
+        if self.env:
+            cmd.append("-oSetEnv=" + " ".join(f"{k}={v}" for k, v in self.env.items()))
         with open(self.workdir / "sshd.log", "ab") as log:  # sshd keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -136,6 +139,7 @@ class SshdFleet:
     n: int = 3
     user: str = field(default_factory=getpass.getuser)
     hosts: list[SshdHost] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # every host's session environment
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +148,8 @@ class SshdFleet:
         self.authorized_keys.write_text(Path(f"{self.client_key}.pub").read_text())
         self.known_hosts = self.workdir / "known_hosts"
         for i in range(self.n):
-            self.hosts.append(SshdHost(f"host{i}", free_port(), self.workdir / f"host{i}", self.authorized_keys))
+            self.hosts.append(SshdHost(f"host{i}", free_port(), self.workdir / f"host{i}", self.authorized_keys,
+                                       self.env))
 
     def start(self) -> SshdFleet:
         for host in self.hosts:
@@ -171,11 +176,14 @@ def sshd_fleet_at(workdir: Path, n: int) -> Iterator[SshdFleet]:
 
 
 def fleet_inventory(fleet: SshdFleet, path: Path, roots: Path, python: str | None = None,
-                    concurrency: int = 8, extra_site: str = "", known_hosts: Path | None = None) -> Path:
+                    concurrency: int = 8, extra_site: str = "", known_hosts: Path | None = None,
+                    install: str = "{mode: system}") -> Path:
     """Write an inventory for ``fleet`` (one site per sshd, agent roots under ``roots``) and return its path.
 
     The agents heartbeat every second and serve no HTTP, so many of them share this machine quietly.
-    ``python`` is the base interpreter the site venvs reuse (default: the one running the tests).
+    ``python`` is the base interpreter of the site venvs (default: the one running the tests); ``install``
+    the sites' install settings: by default they reuse that interpreter's packages (``system``), which
+    keeps a test fleet from installing torch once per host; a bare interpreter wants a wheelhouse.
     """
     import sys
 
@@ -195,6 +203,7 @@ def fleet_inventory(fleet: SshdFleet, path: Path, roots: Path, python: str | Non
         "defaults:\n"
         f"  connection: {{type: ssh, user: {fleet.user}, key_file: {fleet.client_key}, connect_timeout_s: 5}}\n"
         f"  python: {python}\n"
+        f"  install: {install}\n"
         "  learning:\n"
         "    members: [{arch: resnet18, policy: flips}, {arch: resnet18, policy: contrast}]\n"
         "  agent: {heartbeat_interval_s: 1, poll_interval_s: 1, serve: {port: 0}, service: process,"

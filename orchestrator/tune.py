@@ -14,9 +14,13 @@ whether it replaces the champion, and the test split is reported, deciding nothi
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,10 @@ from orchestrator.training import train_on_dataset
 # Augmentation strength, weakest to strongest (edge_agent.augment's policies).
 POLICY_STRENGTH = ("none", "flips", "geometric", "strong")
 OPEN_ARCHS = ("tiny_cnn", "mobilenet_v3_small", "resnet18")  # searched when no champion fixes the contract
+# Bounds a search must stay within: past them a value is a typo, not a plan (and would exhaust the machine).
+MAX_IMAGE_SIZE = 1024
+MAX_TRIALS = 1000
+MAX_EPOCHS = 1000
 
 
 class NoTrialFinished(LookupError):
@@ -82,6 +90,8 @@ class SearchSpace(BaseModel):
                              else f"no {info.field_name} to choose from")
         if info.field_name == "image_size" and any(v < 16 for v in values):
             raise ValueError(f"image sizes below 16 px cannot be classified by these models (got {values})")
+        if info.field_name == "image_size" and any(v > MAX_IMAGE_SIZE for v in values):
+            raise ValueError(f"image sizes above {MAX_IMAGE_SIZE} px are out of bounds (got {values})")
         return values
 
     def sizes(self, dataset_size: int) -> list[int]:
@@ -159,9 +169,9 @@ class Halving(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_epochs: int = Field(1, ge=1, description="epochs of the first rung, which every trial runs")
-    max_epochs: int = Field(8, ge=1, description="no rung trains longer")
-    eta: int = Field(2, ge=2, description="1/eta of a rung's trials go on to eta times the epochs")
+    min_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="epochs of the first rung, which every trial runs")
+    max_epochs: int = Field(8, ge=1, le=MAX_EPOCHS, description="no rung trains longer")
+    eta: int = Field(2, ge=2, le=100, description="1/eta of a rung's trials go on to eta times the epochs")
 
     def rungs(self, trials: int) -> list[tuple[int, int]]:
         """(trials, epochs) of each rung."""
@@ -217,14 +227,42 @@ def successive_halving(trials: list[Trial], halving: Halving, run_rung: RunRung,
 
 def run_trial(data: str | Path, trial: Trial, rung: int, epochs: int, out: str | Path, *, seed: int = 0,
               threads: int | None = None) -> TrialResult:
-    """Train one trial for ``epochs`` into ``out/trial-<n>-rung-<k>``; a failure is recorded, not raised."""
+    """Train one trial for ``epochs`` into ``out/trial-<n>-rung-<k>``; a failure is recorded, not raised.
+
+    The training runs in a process of its own: a trial that the OS kills (out of memory) or that takes the
+    interpreter down ends only itself, recorded as failed, while the worker (a pool process, a Dask worker)
+    and the search go on.
+    """
     folder = Path(out) / f"trial-{trial.number:03d}-rung-{rung}"
     params = trial.params
     config = TrainConfig(epochs=epochs, lr=params["lr"], weight_decay=params["weight_decay"],
                          policy=params["policy"], seed=seed, threads=threads)
+    job = {"data": str(data), "arch": params["arch"], "out": str(folder), "image_size": params["image_size"],
+           "config": config.model_dump(mode="json")}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.tune", json.dumps(job)], capture_output=True,
+                          text=True)
+    if done.returncode < 0:
+        error = f"the trial's process was killed by {signal.Signals(-done.returncode).name}"
+    elif done.returncode != 0:  # one bad combination (say, too small an image for an arch) ends only itself
+        error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    else:
+        metrics = json.loads(done.stdout.strip().splitlines()[-1])
+        return TrialResult(trial, rung, epochs, metrics["val_acc"], metrics["test_acc"], metrics["seconds"],
+                           str(folder / "model.pt"))
+    return TrialResult(trial, rung, epochs, float("nan"), float("nan"), 0.0, "", error)
+
+
+def _train_one(job: dict) -> None:
+    """The trial's own process: train, print the metrics as the last line of stdout; an error is the last
+    line of stderr."""
     try:
-        metrics = train_on_dataset(data, params["arch"], folder, config, image_size=params["image_size"])
-    except Exception as exc:  # one bad combination (say, too small an image for an arch) ends only itself
-        return TrialResult(trial, rung, epochs, float("nan"), float("nan"), 0.0, "", f"{type(exc).__name__}: {exc}")
-    return TrialResult(trial, rung, epochs, metrics["val_acc"], metrics["test_acc"], metrics["seconds"],
-                       str(folder / "model.pt"))
+        metrics = train_on_dataset(job["data"], job["arch"], job["out"], TrainConfig.model_validate(job["config"]),
+                                   image_size=job["image_size"])
+    except Exception as exc:  # noqa: BLE001 - reported to the parent in one line
+        print(f"{type(exc).__name__}: {exc}".replace("\n", " "), file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps({k: metrics[k] for k in ("val_acc", "test_acc", "seconds")}))
+
+
+if __name__ == "__main__":
+    _train_one(json.loads(sys.argv[1]))

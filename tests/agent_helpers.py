@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ def write_config(root: Path, store_url: str, **overrides: Any) -> Path:
         "site": "site-1", "root": str(root), "store_url": store_url, "image_size": 32,
         "members": [{"arch": "tiny_cnn", "policy": p} for p in ("flips", "contrast", "geometric")],
         "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.003},
-        "thresholds": {"min_new_labelled": 5, "uncertainty": 0.5, "disagreement": 0.2},
+        "thresholds": {"min_new_labelled": 5, "uncertainty": 0.5, "disagreement": 0.2,
+                       "min_gate_images": 1},  # the machinery under test, not the evidence (test_small_sites)
         "upload": {"random_share": 0.0, "retry_base_s": 0.2, "retry_max_s": 1.0},
         "serve": {"port": 0},
         "poll_interval_s": 0.2, "heartbeat_interval_s": 0.5,
@@ -118,6 +120,21 @@ def copy_labelled(dataset: Path, root: Path, limit: int | None = None) -> int:
             shutil.copy(file, target / class_dir.name / file.name)
             n += 1
     return n
+
+
+def exam_split(root: Path) -> tuple[int, set[str]]:
+    """(labelled images the agent may upload: train and val, the sha256 of the others: its exam)."""
+    from edge_agent.layout import AgentPaths
+    from edge_agent.sitedata import EXAM_SPLITS, SplitOf, labelled_files
+
+    paths = AgentPaths(root)
+    split_of, allowed, exam = SplitOf(paths), 0, set()
+    for _, file in labelled_files(paths):
+        if split_of(file) in EXAM_SPLITS:
+            exam.add(hashlib.sha256(file.read_bytes()).hexdigest())
+        else:
+            allowed += 1
+    return allowed, exam
 
 
 def serving_site(root: Path, size: int):

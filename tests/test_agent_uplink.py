@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_helpers import AgentProcess, copy_labelled, serving_site, wait_for, write_config
+from agent_helpers import AgentProcess, copy_labelled, exam_split, serving_site, wait_for, write_config
 
 from edge_agent.outbox import Outbox
 from edge_agent.select import Selector, disagreement, normalised_entropy
@@ -98,7 +98,9 @@ def test_store_outage_then_recovery_through_the_daemon(tmp_path, elpv_small):
     store.write_text("not a directory: the store is down")
     serving_site(tmp_path / "agent", 32)
     config = write_config(tmp_path / "agent", f"file://{store}", upload={"random_share": 1.0})
-    labelled = copy_labelled(elpv_small / "sites" / "site-1", tmp_path / "agent")
+    copy_labelled(elpv_small / "sites" / "site-1", tmp_path / "agent")
+    labelled, exam = exam_split(tmp_path / "agent")  # gate and test images never leave the site
+    assert labelled and exam
     agent = AgentProcess(config)
     try:
         status = wait_for(lambda: (s := agent.status()) and s["queues"]["outbox"] == labelled
@@ -121,7 +123,9 @@ def test_store_outage_then_recovery_through_the_daemon(tmp_path, elpv_small):
     assert_store_consistent(store, labelled)
     sidecars = [json.loads(p.read_text()) for p in store_samples(store)[1]]
     assert all(s["operator_label"] in ("functional", "defective") and s["reasons"][0] == "operator_label"
-               and len(s["reasons"]) > 1 and s["model_version"] for s in sidecars)
+               and len(s["reasons"]) > 1 and s["model_version"] and s["split"] in ("train", "val") for s in sidecars)
+    published = set(json.loads((store / "exams" / "site-1.json").read_text())["sha256"])
+    assert exam <= published and not published & {p.stem for p in store_samples(store)[1]}
     status = json.loads((store / "status" / "site-1.json").read_text())
     assert status["site"] == "site-1" and status["uploaded_total"] == labelled
 
@@ -146,7 +150,8 @@ def test_sftp_store_through_the_daemon(tmp_path, elpv_small, sftp_host):
     url, options = sftp_store(sftp_host, tmp_path / "sftp-store")
     serving_site(tmp_path / "agent", 32)
     config = write_config(tmp_path / "agent", url, store_options=options, upload={"random_share": 1.0})
-    labelled = copy_labelled(elpv_small / "sites" / "site-1", tmp_path / "agent", limit=4)
+    copy_labelled(elpv_small / "sites" / "site-1", tmp_path / "agent", limit=4)
+    labelled = exam_split(tmp_path / "agent")[0]
     agent = AgentProcess(config)
     try:
         wait_for(lambda: (s := agent.status()) and s["uploaded_total"] == labelled and s["queues"]["outbox"] == 0,

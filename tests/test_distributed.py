@@ -165,3 +165,48 @@ def test_the_rank_named_is_the_cause_not_a_casualty(tmp_path):
     own_error = ProcessFailure(local_rank=3, pid=13, exitcode=1, error_file=str(raised))
     assert "rank 3 (local rank 3, pid 13) exited with code 1: ValueError: bad batch" in \
         describe_failure(ChildFailedError("edgeloop", {0: casualty, 3: own_error, 2: stopped}))
+
+
+def test_a_bad_image_is_named_by_every_rank_and_a_changed_one_by_its_hash(pool, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(pool, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    first, second = [data / r["file"] for r in manifest["records"] if r["split"] == "train"][:2]
+    first.write_bytes(first.read_bytes()[:len(first.read_bytes()) // 2])  # truncated
+    done = run(train_command(data, tmp_path / "m", "--epochs", "1", "--nproc-per-node", "2"))
+    assert done.returncode == 1
+    assert re.search(rf"rank [01] .*DatasetError: {re.escape(str(first))}: corrupt or truncated", done.stderr), \
+        done.stderr[-3000:]
+    assert done.stderr.count(f"{first}: corrupt or truncated") == 3  # each rank, then the launcher
+    shutil.copy(pool / first.relative_to(data), first)
+    second.write_bytes(first.read_bytes())  # a valid image, but not the one the manifest hashed
+    done = run(train_command(data, tmp_path / "m", "--epochs", "1"))
+    assert done.returncode != 0 and f"{second}: its bytes do not match the manifest's sha256" in done.stderr
+    assert not (tmp_path / "m" / "model.pt").exists()
+
+
+def test_a_rendezvous_port_held_by_another_program_fails_in_seconds_naming_it(pool, tmp_path):
+    import socket
+    import threading
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    threading.Thread(target=lambda: [held.accept() for _ in range(20)], daemon=True).start()  # accepts, never answers
+    try:
+        start = time.monotonic()
+        done = run(train_command(pool, tmp_path / "m", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}"))
+        took = time.monotonic() - start
+    finally:
+        held.close()
+    assert done.returncode == 1 and f"rendezvous port {port} on 127.0.0.1 is held by another program" in done.stderr
+    assert took < 60, f"took {took:.0f} s"  # torch alone waited for minutes
+
+
+def test_more_ranks_than_cores_needs_an_explicit_flag(pool, tmp_path):
+    done = run(train_command(pool, tmp_path / "m", "--nproc-per-node", str((os.cpu_count() or 1) * 8)))
+    assert done.returncode == 2 and "pass --oversubscribe" in done.stderr and "rank" not in done.stderr.split(":")[0]
+    assert not (tmp_path / "m").exists()

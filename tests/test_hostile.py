@@ -232,3 +232,21 @@ def test_long_reused_names_and_unmovable_files_never_stall_the_inbox(tmp_path, e
     assert [p.name for p in paths.inbox.iterdir()] == ["bad.png"]  # good.png behind it was classified
     assert len((paths.processed / "results.jsonl").read_text().splitlines()) == 3
     assert list(processor.stuck) == ["bad.png"] and "cannot quarantine" in processor.stuck_summary()
+
+
+def test_stray_folders_in_the_registry_are_skipped_and_named_by_models_list(tmp_path, capsys):
+    from edgeloop.cli import main as cli_main
+    from orchestrator.registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path / "registry")
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    good = registry.register("f", checkpoint, arch="tiny_cnn", dataset_id=None, hyperparameters={}, metrics={})
+    (registry.root / "backup-copy").mkdir()  # a stray folder, no record
+    (registry.root / "half-written").mkdir()
+    (registry.root / "half-written" / "record.json").write_text("{not json")
+    assert cli_main(["models", "list", "--registry", str(registry.root)]) == 0
+    out, err = capsys.readouterr()
+    assert good.version in out and "backup-copy" not in out
+    assert "skipped" in err and "backup-copy" in err and "half-written" in err
+    assert registry.champion("f") is None and set(registry.skipped) == {"backup-copy", "half-written"}

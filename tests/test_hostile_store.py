@@ -63,12 +63,11 @@ def hostile_store(root: Path) -> tuple[set[str], dict[str, str]]:
     }
     for seed, make, reason in ((20, lambda p: os.mkfifo(p), "FIFO"),
                                (21, lambda p: p.symlink_to("/dev/zero"), "symbolic link"),
-                               (22, lambda p: p.mkdir(), None),
+                               (22, lambda p: p.mkdir(), "directory"),
                                (23, lambda p: open(p, "wb").truncate(BIG), "larger than")):
         sha = put(seed, None)
         make(folder / f"{sha}.json")
-        if reason:
-            hostile[sha] = reason
+        hostile[sha] = reason
     sha = put(24, sidecar())
     (folder / f"{sha}.png").unlink()
     (folder / f"{sha}.png").symlink_to("/dev/zero")  # the image, not the sidecar, is the trap
@@ -222,3 +221,38 @@ def test_fleet_health_names_an_unreadable_heartbeat_and_fails_red(prefect_harnes
     assert rows["ok"]["verdict"] == "ok"
     for site in sites[1:]:
         assert rows[site]["verdict"] == "unreadable" and unreadable[site] in rows[site]["reason"]
+
+
+def test_the_collect_flow_goes_on_past_hostile_samples_and_names_them(prefect_harness, tmp_path, tiny_base_model):
+    from flows.stages import CollectSettings, collect
+    from orchestrator.registry import ModelRegistry
+
+    store = tmp_path / "store"
+    good, hostile = hostile_store(store)
+    registry = ModelRegistry(tmp_path / "registry")
+    registry.promote(registry.register("elpv", tiny_base_model, arch="tiny_cnn", dataset_id=None,
+                                       hyperparameters={}, metrics={}).version)
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(f'cloud: {{store_url: "{store.as_uri()}", registry: "{registry.root}"}}\n'
+                         f'defaults: {{connection: {{type: local}}}}\nsites:\n  - {{name: a, root: "{tmp_path / "a"}"}}\n')
+    summary = collect(str(inventory), CollectSettings(family="elpv", pseudo_label_confidence=0.85))
+    assert summary["new"] == len(good) and summary["rejected"] == len(hostile)
+    named = {row["sample"].removeprefix("a/"): row["reason"] for row in latest_table("collect-rejected")}
+    assert set(named) == set(hostile) and all(named.values())
+    again = collect(str(inventory), CollectSettings(family="elpv", pseudo_label_confidence=0.85))
+    assert again["new"] == 0 and again["rejected"] == 0  # quarantined: not read again
+
+
+def test_a_rollout_judges_a_canary_with_a_malformed_heartbeat_failed_and_does_not_crash(tmp_path):
+    import time
+
+    from orchestrator import health
+    from orchestrator import rollout as waves
+
+    store = tmp_path / "store"
+    hostile_heartbeats(store, time.time())
+    fleet = health.FleetStatus(Store(store.as_uri()))
+    watches = [waves.Watch(site, time.time() - 60, None) for site in ("pidtext", "timetext", "lastrun", "huge")]
+    verdicts = waves.wait_for_canaries(fleet.read, watches, "v2", soak_s=0, timeout_s=1, poll_s=0.2)
+    assert {site: state for site, (state, _) in verdicts.items()} == dict.fromkeys(verdicts, "failed")
+    assert set(fleet.unreadable) >= {"pidtext", "timetext", "lastrun", "huge"}  # why, for the rollout to say

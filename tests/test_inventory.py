@@ -66,10 +66,33 @@ def test_shipped_lab_inventory_has_ten_ssh_sites():
     jumped = [s.name for s in inv.sites if s.connection.jump]
     assert jumped == [f"plant-b-0{i}" for i in range(1, 6)]
     arm = inv.site("plant-a-05")
-    assert (arm.connection.user, arm.agent.workers, len(arm.learning.members)) == ("pi", 2, 2)
+    assert (arm.connection.user, arm.agent.workers, arm.install.profile) == ("pi", 2, "edge-serve")
+    assert arm.agent_config(inv.cloud).profile == "edge-serve"
+    assert {s.install_mode for s in inv.sites} == {"wheelhouse", "index"}
+    assert inv.site("plant-b-05").install.index_url.startswith("http://")
     assert inv.site("plant-b-05").connection.port == 2222
     assert inv.site("plant-b-05").learning.upload.max_samples_per_day == 100
     assert inv.known_hosts == Path.home() / ".ssh" / "edgeloop_known_hosts"
+
+
+def test_install_modes_and_profiles_are_validated_with_the_site_and_field(tmp_path):
+    inv = load_inventory(write(tmp_path, GOOD.replace("  root: /opt/edgeloop\n", "  root: /opt/edgeloop\n"
+                                                      "  install: {profile: edge-serve}\n")),
+                         env={"BETA_HOST": "10.0.0.2"})
+    assert [(s.install_mode, s.install.profile) for s in inv.sites] == [("wheelhouse", "edge-serve")] * 2
+    assert inv.wheelhouse().name == "wheelhouse"  # no registry: the user's cache
+    for install, expected in (("{mode: index}", "mode 'index' needs 'index_url'"),
+                              ("{index_url: 'http://proxy/simple'}", "only used with mode 'index'"),
+                              ("{mode: index, index_url: 'proxy:3141'}", "not an index URL"),
+                              ("{profile: edge-lite}", "'edge' or 'edge-serve'"),
+                              ("{mode: pip}", "'wheelhouse', 'index' or 'system'")):
+        path = write(tmp_path, GOOD.replace("    connection: {host: 10.0.0.1}\n",
+                                            f"    connection: {{host: 10.0.0.1}}\n    install: {install}\n"))
+        text = problems_of(path)
+        assert "site 'alpha'" in text and "install" in text and expected in text, text
+    local = load_inventory(write(tmp_path, "cloud: {store_url: 'file:///s', registry: /srv/reg/models}\n"
+                                           "sites: [{name: a, root: /x, connection: {type: local}}]\n"), env={})
+    assert local.sites[0].install_mode == "system" and local.wheelhouse() == Path("/srv/reg/wheelhouse")
 
 
 def test_defaults_merge_under_sites_and_render_the_agent_config(tmp_path):

@@ -96,3 +96,15 @@ def test_scripts_and_units_quote_what_the_inventory_gave(root):
     assert shlex.split(unquoted)[0] == f"{root}/venv/bin/python"
     working = next(line for line in unit.splitlines() if line.startswith("WorkingDirectory="))
     assert working.removeprefix("WorkingDirectory=").replace("%%", "%") == root
+
+
+@pytest.mark.parametrize("name, line, field", [("[a, b]", 3, "name"), ("{x: 1}", 3, "name"), ("7", 3, "name")])
+def test_a_site_name_of_the_wrong_type_is_a_message_with_file_line_and_field(tmp_path, name, line, field):
+    path = tmp_path / "inv.yaml"
+    path.write_text(f'cloud: {{store_url: "file:///srv/store"}}\nsites:\n  - {{name: {name}, root: /opt/e, '
+                    'connection: {type: local}}\n  - {name: ok, root: [1], connection: {type: local}}\n')
+    with pytest.raises(InventoryError) as err:
+        load_inventory(path, env={})
+    message = str(err.value)
+    assert f"inv.yaml:{line}: site #1: field '{field}': Input should be a valid string" in message
+    assert "inv.yaml:4: site 'ok': field 'root'" in message

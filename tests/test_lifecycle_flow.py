@@ -8,7 +8,9 @@ import json
 import pytest
 from prefect.client.orchestration import get_client
 
+from edge_agent.datasets import open_dataset
 from edge_agent.layout import AgentPaths
+from edge_agent.sitedata import exam_hashes
 from flows.lifecycle import lifecycle_flow
 from orchestrator.deploy import stop_agent
 from orchestrator.inventory import load_inventory
@@ -77,6 +79,16 @@ def test_one_turn_of_the_loop(prefect_harness, tmp_path):
     assert again["decision"]["champion"] == first_champion  # the second turn starts from the first's champion
     assert second.version == again["decision"]["candidate"] and second.parent == first_champion
     assert [v.stage for v in registry.versions()].count("champion") == 1
+
+    # no exam left a site: no gate or test image of any site is in the store's samples or a retraining set
+    retraining = [open_dataset(d) for d in sorted((home / "retraining-sets").iterdir())]
+    assert len(retraining) == 2
+    trained = {r["sha256"] for d in retraining for r in d.records}
+    for site in ("north", "south"):
+        exam = set(exam_hashes(AgentPaths(home / "sites" / site)))
+        assert exam and exam <= set(json.loads((home / "store" / "exams" / f"{site}.json").read_text())["sha256"])
+        uploaded = {p.stem for p in (home / "store" / "samples").glob("*/*.json")}
+        assert not exam & uploaded and not exam & trained
 
 
 async def _artifact_keys() -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,3 +162,24 @@ def test_a_run_of_a_few_steps_trains_with_every_schedule(generic, steps):
     for schedule in ("onecycle", "cosine", "constant"):
         _, result, epochs = _train(generic, epochs=1, batch_size=batch, schedule=schedule)
         assert len(epochs) == 1 and np.isfinite(epochs[0].train_loss)
+
+
+def test_members_train_at_once_only_as_far_as_the_hosts_memory_holds_them():
+    """K=3 members of 600 MiB: all three with 2 GiB available, two with 1.3 GiB, one (never none) with 100 MiB;
+    the cores go to the members that train together, the time budget to the waves."""
+    from edge_agent.config import AgentConfig, FinetuneConfig
+    from edge_agent.members import available_memory, make_jobs, members_at_once
+
+    member = 600 << 20
+    assert members_at_once(3, member, 2 << 30) == 3
+    assert members_at_once(3, member, 1300 << 20) == 2
+    assert members_at_once(3, member, 100 << 20) == 1
+    assert members_at_once(3, member, None) == 3
+    assert (available_memory() or 0) > 0  # read from this host's /proc/meminfo
+    config = AgentConfig(site="s", root="/tmp/x", store_url="file:///tmp/s",
+                         finetune=FinetuneConfig(time_budget_s=90))
+    bases = [("v1", Path("/tmp/m.pt"), "resnet18")] * 3
+    two = make_jobs(config, bases, Path("/tmp/run"), at_once=2, cores=8)
+    assert [j.threads for j in two] == [4, 4, 4] and two[0].train["time_budget_s"] == 45
+    one = make_jobs(config, bases, Path("/tmp/run"), at_once=1, cores=8)
+    assert one[0].threads == 8 and one[0].train["time_budget_s"] == 30

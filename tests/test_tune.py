@@ -109,3 +109,51 @@ def test_tune_on_a_local_dask_cluster(prefect_harness, elpv_small, tmp_path):
 def test_a_search_space_with_a_bad_choice_is_refused_before_any_trial(bad, why):
     with pytest.raises(ValueError, match=why):
         SearchSpace(**bad)
+
+
+def _tune_settings(**fields):
+    from flows.tune import TuneSettings
+
+    return TuneSettings(**fields)
+
+
+@pytest.mark.parametrize("make, why", [(lambda: SearchSpace(image_size=[2_000_000_000]), "out of bounds"),
+                                       (lambda: Halving(max_epochs=10**9), "less than or equal to 1000"),
+                                       (lambda: _tune_settings(trials=10**9), "less than or equal to 1000")])
+def test_a_search_space_out_of_bounds_is_refused_with_a_clear_error(make, why):
+    with pytest.raises(ValueError, match=why):
+        make()
+
+
+def test_a_trial_whose_process_the_os_kills_is_recorded_failed_and_the_search_goes_on(elpv_small, tmp_path):
+    import signal
+    import threading
+    import time
+
+    from orchestrator.tune import run_trial
+
+    trials = random_trials(SearchSpace(arch=["tiny_cnn"], policy=["none"], image_size=[24]), 3, 32, seed=1)
+    victim, stop = "trial-001-rung-0", threading.Event()
+
+    def kill_the_victim():  # the OS's OOM killer, in effect: SIGKILL to the process training trial 1
+        while not stop.is_set():
+            for proc in Path("/proc").iterdir():
+                try:
+                    if proc.name.isdigit() and victim.encode() in (proc / "cmdline").read_bytes():
+                        os.kill(int(proc.name), signal.SIGKILL)
+                        return
+                except OSError:
+                    continue
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_victim, daemon=True)
+    killer.start()
+    try:
+        search = successive_halving(trials, Halving(min_epochs=1, max_epochs=1), lambda ts, rung, epochs: [
+            run_trial(elpv_small / "generic", t, rung, epochs, tmp_path, threads=1) for t in ts])
+    finally:
+        stop.set()
+    errors = {r.trial.number: r.error for r in search.results}
+    assert errors[1] == "the trial's process was killed by SIGKILL"
+    assert not errors[0] and not errors[2] and search.best.trial.number in (0, 2)
+    assert all(r.worker.endswith(f":{os.getpid()}") for r in search.results)  # recorded by the worker itself

@@ -14,13 +14,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def site_table(inventory) -> str:
-    """One line per site: name, connection, root, members, labels (env-var values shown as ${VAR})."""
-    rows = [("SITE", "CONNECTION", "ROOT", "PYTHON", "MEMBERS", "LABELS")]
+    """One line per site: name, connection, root, python, install (mode/profile), members, labels (env-var
+    values shown as ${VAR})."""
+    rows = [("SITE", "CONNECTION", "ROOT", "PYTHON", "INSTALL", "MEMBERS", "LABELS")]
     for site in inventory.sites:
         members = ",".join(f"{m.arch}/{m.policy}" for m in site.learning.members)
         labels = ",".join(f"{k}={v}" for k, v in site.labels.items()) or "-"
         rows.append(tuple(inventory.mask(cell) for cell in
-                          (site.name, site.connection.describe(), site.root, site.python, members, labels)))
+                          (site.name, site.connection.describe(), site.root, site.python,
+                           f"{site.install_mode}/{site.install.profile}", members, labels)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
     return text

@@ -40,6 +40,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parallel.add_argument("--nnodes", type=int, default=1, help="hosts in the job; each runs this same command")
     parallel.add_argument("--rdzv-endpoint", help="HOST:PORT where the hosts meet (needed with --nnodes > 1)")
     parallel.add_argument("--rdzv-id", help="job id, the same on every host (default: a new one)")
+    parallel.add_argument("--oversubscribe", action="store_true",
+                          help="allow --nproc-per-node above this host's cores (they would only slow each other)")
     # the settings as one JSON: how the launcher hands them to its ranks, and the cloud to its trainers
     train.add_argument("--config-json", help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
@@ -64,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
 
     knobs = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name, None) is not None}
     config = TrainConfig.model_validate_json(args.config_json) if args.config_json else TrainConfig(**knobs)
-    spec = Launch(args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id)
+    spec = Launch(args.nproc_per_node, args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.oversubscribe)
     if not spec.distributed or torch_distributed_rank():  # alone, or a rank the launcher started
         return _train_here(args, config)
     open_dataset(args.data)  # a missing or broken dataset is one clear error here, not one per rank

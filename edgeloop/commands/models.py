@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from orchestrator.registry import ModelRegistry, RegistryError, table
@@ -44,7 +45,10 @@ def _registry(args: argparse.Namespace) -> ModelRegistry:
 
 
 def _list(args: argparse.Namespace) -> int:
-    _print_rows(table(list(_registry(args).versions(args.family))))
+    registry = _registry(args)
+    _print_rows(table(list(registry.versions(args.family))))
+    for name, why in registry.skipped.items():
+        print(f"skipped {registry.root / name}: not a model version ({why})", file=sys.stderr)
     return 0
 
 

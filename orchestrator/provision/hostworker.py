@@ -122,6 +122,20 @@ def _gpu() -> Optional[str]:
     return out.strip().splitlines()[0] if out.strip() else None
 
 
+def _libc() -> List[str]:
+    """["glibc", "2.36"] or ["musl", "1.2"]: which manylinux/musllinux wheels the host can use."""
+    name, version = platform.libc_ver()
+    if name == "glibc" and version:
+        return [name, version]
+    for folder in ("/lib", "/usr/lib"):
+        try:
+            if any(f.startswith("ld-musl-") for f in os.listdir(folder)):
+                return ["musl", "1.2"]
+        except OSError:
+            pass
+    return [name or "unknown", version or "0.0"]
+
+
 def facts(req: Request) -> Answer:
     """What the steps need to know about the host: Python, resources, home, the resolved root, systemd."""
     mem = _first_field("/proc/meminfo", "MemTotal:")
@@ -133,6 +147,8 @@ def facts(req: Request) -> Answer:
             "cores": os.cpu_count(), "memory_bytes": int(mem.split()[0]) * 1024 if mem else 0,
             "disk_free_bytes": shutil.disk_usage(existing_parent(root)).free, "gpu": _gpu(),
             "home": home, "root": root, "uid": os.getuid(), "time": time.time(),
+            "implementation": {"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name, sys.implementation.name),
+            "libc": _libc()[0], "libc_version": _libc()[1],
             "systemd": os.path.isdir("/run/systemd/system") and bool(shutil.which("systemctl"))}
 
 
@@ -183,7 +199,36 @@ def commit(req: Request) -> Answer:
         return {"error": "upload corrupted: sha256 {}, expected {}".format(got, req["sha256"])}
     mark_restart(req)
     os.replace(req["tmp"], req["path"])
+    if req.get("stamp"):  # the hash, checked once here, so a re-run need not read gigabytes again
+        write_atomic(_stamp(req["path"]), req["sha256"])
     return {}
+
+
+def _stamp(path: str) -> str:
+    return os.path.join(os.path.dirname(path), ".{}.sha256".format(os.path.basename(path)))
+
+
+def wheels_missing(req: Request) -> Answer:
+    """Which of the wheels (name, sha256, size) the host lacks in ``folder``, and how many bytes of each
+    a cut-off earlier upload already left (``partial``: the upload resumes there)."""
+    missing, partial = [], {}
+    for wheel in req["wheels"]:
+        path = os.path.join(req["folder"], wheel["name"])
+        try:
+            whole = os.path.getsize(path) == wheel["size"] and read(_stamp(path)) == wheel["sha256"]
+        except OSError:
+            whole = False
+        if not whole:
+            missing.append(wheel["name"])
+            try:
+                partial[wheel["name"]] = os.path.getsize(os.path.join(req["folder"], part_name(wheel["sha256"])))
+            except OSError:
+                pass
+    return {"missing": missing, "partial": partial}
+
+
+def part_name(digest: str) -> str:
+    return ".{}.part".format(digest)
 
 
 def put_text(req: Request) -> Answer:
@@ -214,59 +259,116 @@ def _base_site_paths() -> str:
     return "".join(p + "\n" for p in paths)
 
 
-def _create_venv(venv: str) -> None:
+def _create_venv(venv: str, with_pip: bool) -> None:
     """A venv created under a temporary name and renamed into place: never half made."""
-    has_pip = subprocess.run([sys.executable, "-c", "import pip"], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode == 0
     tmp = f"{venv}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        run([sys.executable, "-m", "venv"] + (["--without-pip"] if has_pip else []) + [tmp])
+        run([sys.executable, "-m", "venv"] + ([] if with_pip else ["--without-pip"]) + [tmp])
         os.replace(tmp, venv)  # a venv without pip scripts holds no absolute path to itself
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _link_base_packages(vpy: str, req: Request) -> bool:
-    """Point the venv at the base site-packages (a ``.pth`` file); True when it was not already."""
+def _has_pip(python: str) -> bool:
+    return subprocess.run([python, "-c", "import pip"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, check=False).returncode == 0
+
+
+def _link_base_packages(vpy: str, req: Request, linked: bool) -> bool:
+    """Point the venv at the base site-packages (a ``.pth`` file) or make sure it is not; True on a change."""
     site = run([vpy, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
-    pth, text = os.path.join(site, "_edgeloop_base.pth"), _base_site_paths()
+    pth, text = os.path.join(site, "_edgeloop_base.pth"), _base_site_paths() if linked else None
     if read(pth) == text:
         return False
     if not req["check"]:
         mark_restart(req)
-        write_atomic(pth, text)
+        if text is None:
+            os.unlink(pth)
+        else:
+            write_atomic(pth, text)
     return True
 
 
-def _install_wheel(vpy: str, venv: str, marker: str, req: Request) -> Optional[str]:
-    """pip-install the wheel into the venv and check the agent imports from there; an error or None."""
+def _pip(vpy: str, args: List[str], pip: Optional[str] = None) -> str:
+    """The venv's pip (or pip run from its wheel, to bootstrap), blind to the host's pip configuration:
+    what gets installed depends only on the arguments (no index, no find-links, no constraints from
+    ``PIP_*`` variables or pip.conf)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    cmd = [vpy, os.path.join(pip, "pip")] if pip else [vpy, "-m", "pip"]
+    proc = subprocess.run(cmd + args + ["-q", "--no-warn-script-location"], stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, cwd="/",
+                          env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError("pip {} failed ({}): {}".format(args[0], proc.returncode, proc.stdout[-1500:]))
+    return proc.stdout
+
+
+def _install_packages(vpy: str, req: Request) -> None:
+    """The profile's packages, exactly as locked: from the shipped wheels only, or from the named index."""
+    wheels = req.get("wheels_dir")
+    requirements = os.path.join(req["venv"], "edgeloop-requirements.txt")
+    write_atomic(requirements, req["requirements"])
+    if req["mode"] == "wheelhouse":
+        source = ["--no-index", "--find-links", wheels]
+        if not _has_pip(vpy):
+            _pip(vpy, ["install"] + source + ["pip"], pip=os.path.join(wheels, req["pip_wheel"]))
+    else:
+        source = ["--index-url", req["index_url"]]
+        write_atomic(os.path.join(req["venv"], "edgeloop-constraints.txt"), req.get("constraints", ""))
+        source += ["-c", os.path.join(req["venv"], "edgeloop-constraints.txt")]
+    _pip(vpy, ["install"] + source + ["-r", requirements])
+
+
+def _install_wheel(vpy: str, venv: str, marker: str, digest: str, req: Request) -> Optional[str]:
+    """pip-install the project's wheel into the venv and check the agent imports from there; an error or None."""
     mark_restart(req)
-    run([vpy, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall", "-q",
-         "--disable-pip-version-check", "--no-warn-script-location", req["wheel"]])
+    if req["mode"] != "system":
+        _install_packages(vpy, req)
+    _pip(vpy, ["install", "--no-deps", "--no-index", "--force-reinstall", req["wheel"]])
     where = run([vpy, "-c", "import edge_agent, edge_agent.config; print(edge_agent.__file__)"]).strip()
     if not os.path.realpath(where).startswith(os.path.realpath(venv)):
         return f"edge_agent imports from {where}, not from the venv {venv}"
-    write_atomic(marker, req["sha256"])  # last: a cut-off install is done again next time
+    write_atomic(os.path.join(venv, "edgeloop-layout"), "{} {}\n".format(req["mode"], req.get("profile", "edge")))
+    write_atomic(marker, digest)  # last: a cut-off install is done again next time
     return None
 
 
 def install(req: Request) -> Answer:
-    """The site's venv with the wheel installed: created, linked to the base packages, installed, as needed."""
-    venv, check = req["venv"], req["check"]
+    """The site's venv with the agent and what its profile needs, as the install mode says:
+
+    ``system``: linked to the base interpreter's packages; ``wheelhouse``: its own packages from the
+    shipped wheels (pip bootstrapped from its wheel, no index); ``index``: its own, from ``index_url``.
+    """
+    venv, check, mode = req["venv"], req["check"], req.get("mode", "system")
     vpy, marker = os.path.join(venv, "bin", "python"), os.path.join(venv, "edgeloop-wheel.sha256")
+    digest = hashlib.sha256("\0".join([mode, req["sha256"], req.get("requirements", ""),
+                                        req.get("index_url") or ""]).encode()).hexdigest()
     actions = []  # type: List[str]
+    layout = "{} {}\n".format(mode, req.get("profile", "edge"))
+    made_for = read(os.path.join(venv, "edgeloop-layout"))
+    if os.path.exists(vpy) and made_for not in (None, layout):
+        # another mode or profile: start afresh, so that what the old one needed (torch) does not stay behind
+        if check:
+            return {"changed": ["rebuild venv ({} -> {})".format(made_for.strip(), layout.strip())]}
+        mark_restart(req)
+        shutil.rmtree(venv)
+        actions.append("remove the venv made for {}".format(made_for.strip()))
     if not os.path.exists(vpy):
         if check:
-            return {"changed": ["create venv", "link base packages", "install wheel"]}
+            return {"changed": ["create venv", "link base packages", "install wheel"] if mode == "system" else
+                    ["create venv", "install packages ({})".format(mode), "install wheel"]}
         mark_restart(req)
-        _create_venv(venv)
+        # system: pip comes with the linked base packages; index: ensurepip; wheelhouse: from its wheel
+        _create_venv(venv, with_pip=mode == "index" or (mode == "system" and not _has_pip(sys.executable)))
         actions.append("create venv")
-    if _link_base_packages(vpy, req):
-        actions.append("link base packages")
-    if read(marker) != req["sha256"]:
-        actions.append("install wheel")
-        error = None if check else _install_wheel(vpy, venv, marker, req)
+    if _link_base_packages(vpy, req, linked=mode == "system"):
+        actions.append("link base packages" if mode == "system" else "unlink base packages")
+    if read(marker) != digest:
+        actions.append("install wheel" if mode == "system" else
+                       "install {} packages ({})".format(req["requirements"].count("\n"), mode))
+        error = None if check else _install_wheel(vpy, venv, marker, digest, req)
         if error:
             return {"error": error}
     return {"changed": actions}
@@ -493,9 +595,9 @@ def rollback(req: Request) -> Answer:
 # -- the protocol
 
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
-       "install": install, "process_state": process_state, "process_restart": process_restart,
-       "process_stop": process_stop, "restart_pending": restart_pending, "systemd": systemd,
-       "health": health, "deploy_record": deploy_record, "rollback": rollback}
+       "install": install, "wheels_missing": wheels_missing, "process_state": process_state,
+       "process_restart": process_restart, "process_stop": process_stop, "restart_pending": restart_pending,
+       "systemd": systemd, "health": health, "deploy_record": deploy_record, "rollback": rollback}
 
 
 def handle(line: str) -> Answer:

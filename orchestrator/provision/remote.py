@@ -44,7 +44,7 @@ class Remote(Protocol):
 
     def request(self, line: str, timeout: float) -> str: ...
 
-    def put(self, local: Path, remote: str) -> None: ...
+    def put(self, local: Path, remote: str, offset: int = 0) -> None: ...
 
     def close(self) -> None: ...
 
@@ -85,12 +85,22 @@ class SshRemote:
             raise WorkerGone(f"connection to the host lost{': ' + err if err else ''}", status)
         return answer.decode()
 
-    def put(self, local: Path, remote: str) -> None:
-        """Upload with a deadline per read/write: a stalled link fails this host, never hangs the run."""
+    def put(self, local: Path, remote: str, offset: int = 0) -> None:
+        """Upload with a deadline per read/write: a stalled link fails this host, never hangs the run.
+
+        ``offset``: the bytes a cut-off upload already left at ``remote``; the rest is appended.
+        """
         sftp = self.fab.sftp()
         sftp.get_channel().settimeout(self.io_timeout_s)
         try:
-            sftp.put(str(local), remote)
+            with open(local, "rb") as src, sftp.open(remote, "ab" if offset else "wb") as dst:
+                dst.set_pipelined(True)
+                src.seek(offset)
+                for block in iter(lambda: src.read(1 << 18), b""):
+                    dst.write(block)
+            size = sftp.stat(remote).st_size  # pipelined writes are acknowledged by now, or this waits
+            if size != local.stat().st_size:
+                raise OSError(f"{remote} holds {size} bytes after the upload, expected {local.stat().st_size}")
         except (OSError, EOFError) as exc:  # socket.timeout included
             raise WorkerGone(f"upload to the host stalled or failed: {exc or type(exc).__name__}") from None
 
@@ -118,8 +128,10 @@ class LocalRemote:
             raise WorkerGone(f"worker exited: {self.proc.stderr.read().strip()[-500:]}", status)
         return answer
 
-    def put(self, local: Path, remote: str) -> None:
-        shutil.copyfile(local, remote)
+    def put(self, local: Path, remote: str, offset: int = 0) -> None:
+        with open(local, "rb") as src, open(remote, "ab" if offset else "wb") as dst:
+            src.seek(offset)
+            shutil.copyfileobj(src, dst, 1 << 20)
 
     def close(self) -> None:
         if getattr(self, "proc", None) and self.proc.poll() is None:

@@ -50,6 +50,7 @@ class HostResult:
     seconds: float = 0.0
     commands: int = 0  # SSH sessions/uploads this tool opened on the host
     requests: int = 0  # step requests answered by the remote worker (one line each way)
+    shipped_bytes: int = 0  # wheels uploaded to the host (or that would be, in check mode)
     attempts: int = 1  # tries: an unreachable host is tried again (see the driver's retry delays)
 
     @property
@@ -107,8 +108,10 @@ class RunReport:
         lines = [f"PROVISION RECAP{mode}"]
         changed = "would_change" if self.check else "changed"
         for h in self.hosts:
-            lines.append(f"{h.site:<{width}}  {shown(h.status, self.check):<7}  ok={h.count(OK)} {changed}={h.count(CHANGED)} "
-                         f"failed={h.count(FAILED)} skipped={h.count(SKIPPED)}  {h.seconds:.1f}s")
+            shipped = f"  shipped {h.shipped_bytes / 2**20:.1f} MiB" if h.shipped_bytes else ""
+            lines.append(f"{h.site:<{width}}  {shown(h.status, self.check):<7}  ok={h.count(OK)} "
+                         f"{changed}={h.count(CHANGED)} failed={h.count(FAILED)} skipped={h.count(SKIPPED)}  "
+                         f"{h.seconds:.1f}s{shipped}")
         if self.failed:
             lines.append(f"{len(self.failed)} of {len(self.hosts)} host(s) failed:")
             lines += [f"  {h.site}: {h.reason}" for h in self.failed]

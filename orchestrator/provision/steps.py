@@ -18,6 +18,7 @@ from edge_agent.config import dump_config
 from edge_agent.layout import AgentPaths
 from orchestrator.inventory import Inventory, Site
 from orchestrator.known_hosts import known_host_lines, known_hosts_name
+from orchestrator.provision.hostworker import part_name
 from orchestrator.provision.remote import HostWorker, Remote, StepFailed
 from orchestrator.provision.report import CHANGED, FAILED, OK, SKIPPED, HostResult, StepResult
 from orchestrator.provision.service import (
@@ -30,6 +31,15 @@ from orchestrator.provision.service import (
     supervisor_script,
 )
 from orchestrator.provision.wheel import Wheel
+from orchestrator.provision.wheelhouse import (
+    Lock,
+    NoWheel,
+    Platform,
+    WheelFile,
+    Wheelhouse,
+    project_requirements,
+    wheelhouse_at,
+)
 
 log = logging.getLogger(__name__)
 MIN_PYTHON = (3, 10)
@@ -60,6 +70,8 @@ class SiteProvisioner:
         self.worker = HostWorker(remote, site.python)
         self.restarted_at: float | None = None
         self.mode = "process"
+        self.lock: Lock | None = None  # the dependency wheels (install mode wheelhouse), from the facts step
+        self.missing: dict[str, int] = {}  # wheel name -> bytes already on the host (a cut-off upload)
 
     # -- plumbing
 
@@ -116,9 +128,40 @@ class SiteProvisioner:
         self.mode = service_mode(mode, facts)
         if mode == "systemd" and not facts["systemd"]:
             raise StepFailed("service: systemd was asked for but systemd does not run on this host")
+        plan = self._plan_install()
         gpu = facts["gpu"] or "no GPU"
-        return OK, (f"{facts['os']} {facts['arch']}, python {facts['python']}, {facts['cores']} cores, "
-                    f"{_size(facts['memory_bytes'])} RAM, {_size(facts['disk_free_bytes'])} free, {gpu}")
+        return OK, (f"{facts['os']} {facts['arch']} {facts['libc']} {facts['libc_version']}, python "
+                    f"{facts['python']}, {facts['cores']} cores, {_size(facts['memory_bytes'])} RAM, "
+                    f"{_size(facts['disk_free_bytes'])} free, {gpu}; {plan}")
+
+    def _plan_install(self) -> str:
+        """Facts before bytes: the wheels this host needs, and whether its disk holds them; refuses the host
+        (with the package and platform, or need vs free) before anything is shipped."""
+        install = self.site.install
+        mode, facts = self.site.install_mode, self.result.facts
+        ship = installed = 0
+        if mode == "wheelhouse":
+            try:
+                self.lock = self.wheelhouse.lock(install.profile, Platform.from_facts(facts))
+            except NoWheel as exc:
+                raise StepFailed(str(exc)) from None
+            wheels = {w.name: w for w in self.lock.wheels}
+            out = self.call("wheels_missing", folder=f"{self.root}/wheels",
+                            wheels=[{"name": w.name, "sha256": w.sha256, "size": w.size} for w in wheels.values()])
+            self.missing = {name: out["partial"].get(name, 0) for name in out["missing"]}
+            ship = sum(wheels[n].size - done for n, done in self.missing.items())
+            installed = self.lock.installed_size if self.missing else 0
+        if self.call("file_sha", path=f"{self.root}/wheels/{self.wheel.name}")["sha256"] != self.wheel.sha256:
+            ship += self.wheel.path.stat().st_size
+        need = ship + installed + (install.disk_reserve_mb << 20 if ship or installed else 0)
+        free = facts["disk_free_bytes"]
+        if need > free:
+            raise StepFailed(f"not enough disk at {self.root}: need {_size(need)} ({_size(ship)} to ship, "
+                             f"{_size(installed)} installed, {install.disk_reserve_mb} MiB reserve), "
+                             f"{_size(free)} free")
+        return f"install {mode}, profile {install.profile}" + (
+            f": {len(self.lock.wheels) - len(self.missing)}/{len(self.lock.wheels)} wheels present, "
+            f"{_size(ship)} to ship" if self.lock else "")
 
     def folders(self) -> tuple[str, str]:
         wanted = [str(f) for f in self.paths.folders()] + [f"{self.root}/bin", f"{self.root}/wheels"]
@@ -128,21 +171,57 @@ class SiteProvisioner:
         return CHANGED, self.would(f"create {len(missing)} folder(s) under {self.root}")
 
     def wheel_step(self) -> tuple[str, str]:
+        """The project's wheel, and with a wheelhouse the dependency wheels the host lacks (each sha256
+        checked on the host; a cut-off upload resumes where it stopped)."""
         target = f"{self.root}/wheels/{self.wheel.name}"
-        if self.call("file_sha", path=target)["sha256"] == self.wheel.sha256:
-            return OK, f"{self.wheel.name} present (sha256 {self.wheel.sha256[:12]})"
+        ours = self.call("file_sha", path=target)["sha256"] != self.wheel.sha256
+        deps = [w for w in (self.lock.wheels if self.lock else ()) if w.name in self.missing]
+        present = f"{self.wheel.name} present (sha256 {self.wheel.sha256[:12]})" + (
+            f", {len(self.lock.wheels)} dependency wheels present" if self.lock else "")
+        if not ours and not deps:
+            return OK, present
         self.needs_restart = True
+        size = sum(w.size - self.missing[w.name] for w in deps) + (self.wheel.path.stat().st_size if ours else 0)
+        what = f"{len(deps) + ours} wheel(s), {_size(size)}"
+        self.result.shipped_bytes += 0 if self.check else size
         if self.check:
-            return CHANGED, f"would upload {self.wheel.name}"
-        tmp = f"{self.root}/wheels/.{self.wheel.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.remote.put(self.wheel.path, tmp)
+            return CHANGED, f"would ship {what}"
+        for wheel in deps:
+            self._ship(self.wheelhouse.blob(wheel), wheel, self.missing[wheel.name])
+        if ours:
+            tmp = f"{self.root}/wheels/.{self.wheel.name}.tmp-{uuid.uuid4().hex[:8]}"
+            self.remote.put(self.wheel.path, tmp)
+            self.result.commands += 1
+            self.call("commit", tmp=tmp, path=target, sha256=self.wheel.sha256, restart_marker=self.marker)
+        resumed = sum(self.missing[w.name] for w in deps)
+        return CHANGED, f"shipped {what}" + (f" (resumed after {_size(resumed)} a cut-off upload left)"
+                                             if resumed else "")
+
+    @property
+    def wheelhouse(self) -> Wheelhouse:
+        return wheelhouse_at(self.inventory.wheelhouse())
+
+    def _ship(self, local: Path, wheel: WheelFile, offset: int) -> None:
+        part = f"{self.root}/wheels/{part_name(wheel.sha256)}"
+        self.remote.put(local, part, offset)
         self.result.commands += 1
-        self.call("commit", tmp=tmp, path=target, sha256=self.wheel.sha256, restart_marker=self.marker)
-        return CHANGED, f"uploaded {self.wheel.name} ({_size(self.wheel.path.stat().st_size)})"
+        self.call("commit", tmp=part, path=f"{self.root}/wheels/{wheel.name}", sha256=wheel.sha256, stamp=True,
+                  restart_marker=self.marker, timeout_s=600)
 
     def install(self) -> tuple[str, str]:
-        out = self.call("install", venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}",
-                        sha256=self.wheel.sha256, check=self.check, restart_marker=self.marker, timeout_s=600)
+        mode, install = self.site.install_mode, self.site.install
+        extra: dict = {}
+        if mode == "wheelhouse":
+            extra = {"requirements": self.lock.requirements(), "wheels_dir": f"{self.root}/wheels",
+                     "pip_wheel": next(w.name for w in self.lock.wheels if w.project == "pip")}
+        elif mode == "index":
+            constraints = self.wheelhouse.constraints
+            extra = {"requirements": "".join(f"{r}\n" for r in project_requirements(install.profile)),
+                     "index_url": install.index_url, "constraints": constraints.read_text() if constraints else ""}
+        out = self.call("install", venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}", mode=mode,
+                        profile=install.profile,
+                        sha256=self.wheel.sha256, check=self.check, restart_marker=self.marker, timeout_s=1800,
+                        **extra)
         if not out["changed"]:
             return OK, f"{self.wheel.name} installed in {self.venv}"
         self.needs_restart = True
