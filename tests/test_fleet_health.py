@@ -82,13 +82,18 @@ def test_the_flow_fails_red_while_a_site_is_stale_and_names_it(prefect_harness, 
 
 
 def test_flows_health_reads_its_inventory_argument_and_a_never_provisioned_site_is_no_traceback(tmp_path):
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    from edgeloop.cli import PREFECT_DEFAULTS
+
     inventory = _inventory(tmp_path, tmp_path / "store", stale_after_s=60)
+    env = {**os.environ, **PREFECT_DEFAULTS, "PREFECT_HOME": str(tmp_path / "prefect")}  # its own ephemeral API
+    env.pop("PREFECT_API_URL", None)
     run = subprocess.run([sys.executable, "-m", "flows.health", "-i", str(inventory)], capture_output=True,
-                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300, env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 ok, 3 not provisioned (site-1: no heartbeat in the store" in run.stdout
     assert "flows/health.py" not in run.stderr  # no traceback of ours
