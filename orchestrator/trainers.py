@@ -109,8 +109,9 @@ def _stop_job(inventory: Inventory, futures: dict[Future, Trainer], run_id: str)
             ranks = shlex.quote(f"[-]-out {trainer.workdir}/{run_id}( |$)")
             try:
                 with connect(trainer.connection, inventory.known_hosts) as conn:
-                    conn.run(f"test -f {pidfile} && kill -{signal} -- -$(cat {pidfile}); pkill -{signal} -f -- {ranks}",
-                             hide=True, warn=True, in_stream=False, timeout=30)
+                    conn.run(f"test -f {pidfile} && kill -{signal} -- -$(cat {pidfile}); "
+                             f"pkill -{signal} -f -- {ranks}; rm -f {pidfile}", hide=True, warn=True, in_stream=False,
+                             timeout=30)
             except Exception:  # noqa: BLE001 - unreachable now: its deadline ends it
                 pass
         time.sleep(1.0)

@@ -253,6 +253,6 @@ def test_a_rollout_judges_a_canary_with_a_malformed_heartbeat_failed_and_does_no
     hostile_heartbeats(store, time.time())
     fleet = health.FleetStatus(Store(store.as_uri()))
     watches = [waves.Watch(site, time.time() - 60, None) for site in ("pidtext", "timetext", "lastrun", "huge")]
-    verdicts = waves.wait_for_canaries(fleet.read, watches, "v2", soak_s=0, timeout_s=1, poll_s=0.2)
+    verdicts = waves.wait_for_canaries(fleet, watches, "v2", soak_s=0, timeout_s=1, poll_s=0.2)
     assert {site: state for site, (state, _) in verdicts.items()} == dict.fromkeys(verdicts, "failed")
     assert set(fleet.unreadable) >= {"pidtext", "timetext", "lastrun", "huge"}  # why, for the rollout to say
