@@ -28,7 +28,7 @@ class _Part(BaseModel):
 
 
 class Accuracy(_Part):
-    accuracy: FiniteFloat | None = None
+    accuracy: float | None = None  # NaN where a split was empty: compared, never summed
 
 
 class CandidateScores(_Part):
@@ -41,8 +41,8 @@ class LastRun(_Part):
     bases: list[str] = Field(default_factory=list)
     serving: str | None = None
     candidates: dict[str, CandidateScores | None] = Field(default_factory=dict)
-    gain_over_base: dict[str, FiniteFloat | None] | None = None
-    precision: dict[str, str | FiniteFloat | None] | None = None  # "int8", and what each precision scored
+    gain_over_base: dict[str, float | None] | None = None
+    precision: dict[str, Any] | None = None
 
 
 class MemberProgress(_Part):
@@ -54,6 +54,7 @@ class FinetuneProgress(_Part):
 
 
 class FinetuneStatus(_Part):
+    state: str | None = None  # "on", or "off (profile edge-serve)"
     running: bool = False
     run_id: str | None = None
     reason: str | None = None
@@ -210,6 +211,7 @@ class SiteHealth:
     base_versions: str
     outbox: int | None
     uploaded_total: int | None
+    finetune: str | None = None  # "fine-tune: off (profile edge-serve)" where the site does not fine-tune
 
     def row(self) -> dict:
         return asdict(self)
@@ -242,9 +244,10 @@ def _site(site: str, s: dict | None, stale_after_s: float, age: float | None) ->
                                     else f"last heartbeat {age:.0f} s ago (limit {stale_after_s:.0f} s)")
     elif trouble := _trouble(s):
         verdict, reason = "degraded", trouble
+    finetune = (s.get("finetune") or {}).get("state")
     return SiteHealth(site, verdict, reason, s.get("state"), age, s.get("active_version"),
                       ", ".join(s.get("base_versions") or []), (s.get("queues") or {}).get("outbox"),
-                      s.get("uploaded_total"))
+                      s.get("uploaded_total"), f"fine-tune: {finetune}" if finetune else None)
 
 
 def _trouble(s: dict) -> str:

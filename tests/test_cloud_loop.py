@@ -225,7 +225,9 @@ def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
     (tmp_path / "status").mkdir()
     (tmp_path / "status" / "a.json").write_text(json.dumps({"site": "a", "time": 5}))
     (tmp_path / "status" / "b.json").write_text("{not json")
-    assert read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"])[0] == {"a": {"site": "a", "time": 5}}
+    status, unreadable = read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"])
+    assert status == {"a": {"site": "a", "time": 5}}
+    assert list(unreadable) == ["b"] and unreadable["b"].startswith("unreadable heartbeat: status is not JSON")
 
 
 def test_models_cli_lists_versions_and_lineage(registry, capsys):

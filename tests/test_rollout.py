@@ -39,6 +39,7 @@ rollout: {{canary: [host0], soak_s: 1, timeout_s: 300, thresholds: {{min_predict
 defaults:
   connection: {{type: ssh, user: {fleet.user}, key_file: {fleet.client_key}, connect_timeout_s: 5}}
   python: {sys.executable}
+  install: {{mode: system}}   # reuse this interpreter's torch & co. (the SSH default would ship a wheelhouse)
   learning:
     image_size: 32
     members: [{{arch: tiny_cnn, policy: flips}}, {{arch: tiny_cnn, policy: noise}}]

@@ -139,6 +139,7 @@ def _libc() -> List[str]:
 def facts(req: Request) -> Answer:
     """What the steps need to know about the host: Python, resources, home, the resolved root, systemd."""
     mem = _first_field("/proc/meminfo", "MemTotal:")
+    libc = _libc()
     os_name = _first_field("/etc/os-release", "PRETTY_NAME=")
     home = os.path.expanduser("~")
     root = req["root"].replace("~", home, 1) if req["root"].startswith("~/") else req["root"]
@@ -148,7 +149,7 @@ def facts(req: Request) -> Answer:
             "disk_free_bytes": shutil.disk_usage(existing_parent(root)).free, "gpu": _gpu(),
             "home": home, "root": root, "uid": os.getuid(), "time": time.time(),
             "implementation": {"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name, sys.implementation.name),
-            "libc": _libc()[0], "libc_version": _libc()[1],
+            "libc": libc[0], "libc_version": libc[1],
             "systemd": os.path.isdir("/run/systemd/system") and bool(shutil.which("systemctl"))}
 
 
