@@ -155,8 +155,8 @@ def edge_models(site_data: Path, base: Path, settings: Settings, out: Path, log)
         run_dir = paths.runs / f"null-{seed}"
         run_dir.mkdir(parents=True)
         save_splits(run_dir, splits)
-        jobs = make_jobs(seeded, bases, run_dir, parallel=True)
-        train_members(jobs, True, lambda: False)
+        jobs = make_jobs(seeded, bases, run_dir, len(seeded.members))  # all members at once, as a site does
+        train_members(jobs, len(seeded.members), lambda: False)
         staged = staging_dir(paths, f"null-{seed}")
         build_ensemble(seeded, jobs, splits, f"null-{seed}", staged, ELPV_CLASSES, {})
         precision = choose_precision(staged, splits["train"].images, splits["gate"],

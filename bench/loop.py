@@ -10,6 +10,10 @@ the next round.
 What decides and what judges are kept apart. A site has four labelled splits (train, val chooses epochs
 and weights, gate decides what serves, test is only reported) and an unlabelled stream that is disjoint
 from all of them; the cloud decides on its pool's gate split. Every figure below is a test-split figure.
+No exam leaves a site (issue 16): a site uploads labelled images of its train and val roles only, and the
+cloud refuses any sample whose hash is among the sites' gate and test images. Every decision is the paired
+gate (edge_agent.gate); beside it, each row records what the rule before issue 16 would have chosen from
+the same candidates.
 
 Beside the loop, on the same data and budget:
 - random selection: a second cloud chain retrained on uniformly random uploads of the same bytes;

@@ -44,12 +44,20 @@ def constant(registry: ModelRegistry, tmp_path: Path, classes: list[str], label:
                              metrics={}).version
 
 
-def test_two_promoters_racing_exactly_one_wins(tmp_path, pool):
+@pytest.fixture
+def cloud(tmp_path, pool):
+    """(registry, pool, champion, make): the champion answers the gate split's minority class; ``make(size,
+    seed)`` registers a challenger that answers its majority class."""
     data, majority, minority = pool
-    classes = open_dataset(data).classes
     registry = ModelRegistry(tmp_path / "registry")
-    champion = registry.promote(constant(registry, tmp_path, classes, minority, 32, 0))
-    racers = [registry.get(constant(registry, tmp_path, classes, majority, 32, seed)) for seed in (1, 2)]
+    champion = registry.promote(constant(registry, tmp_path, CLASSES, minority, 32, 0))
+    return registry, data, champion, lambda size, seed: registry.get(
+        constant(registry, tmp_path, CLASSES, majority, size, seed))
+
+
+def test_two_promoters_racing_exactly_one_wins(cloud):
+    registry, data, champion, make = cloud
+    racers = [make(32, seed) for seed in (1, 2)]
     barrier, outcomes = threading.Barrier(2), {}
 
     def promoter(candidate) -> None:
@@ -74,12 +82,9 @@ def test_two_promoters_racing_exactly_one_wins(tmp_path, pool):
     assert registry.champion("f").version == winners[0]
 
 
-def test_a_contract_changing_candidate_needs_the_opt_in(tmp_path, pool):
-    data, majority, minority = pool
-    classes = open_dataset(data).classes
-    registry = ModelRegistry(tmp_path / "registry")
-    champion = registry.promote(constant(registry, tmp_path, classes, minority, 32, 0))
-    smaller = registry.get(constant(registry, tmp_path, classes, majority, 16, 1))
+def test_a_contract_changing_candidate_needs_the_opt_in(cloud):
+    registry, data, champion, make = cloud
+    smaller = make(16, 1)
     refused = gate(registry, smaller, champion, data, LENIENT)
     assert not refused.promoted and "serving contract (image_size 32 -> 16)" in refused.reason
     assert registry.champion("f").version == champion.version
@@ -88,12 +93,9 @@ def test_a_contract_changing_candidate_needs_the_opt_in(tmp_path, pool):
     assert accepted.n == len(open_dataset(data).load_split("gate")) and f"n = {accepted.n}" in accepted.reason
 
 
-def test_the_cloud_gate_refuses_below_min_gate_images(tmp_path, pool):
-    data, majority, minority = pool
-    classes = open_dataset(data).classes
-    registry = ModelRegistry(tmp_path / "registry")
-    champion = registry.promote(constant(registry, tmp_path, classes, minority, 32, 0))
-    better = registry.get(constant(registry, tmp_path, classes, majority, 32, 1))
+def test_the_cloud_gate_refuses_below_min_gate_images(cloud):
+    registry, data, champion, make = cloud
+    better = make(32, 1)
     decision = gate(registry, better, champion, data, GateRule(alpha=0.9, min_gate_images=1000))
     assert not decision.promoted and "not enough evidence (n = " in decision.reason
     assert registry.champion("f").version == champion.version
