@@ -213,24 +213,37 @@ def profiles_markdown(result: dict) -> str:
     if not rows:
         return ""
     table = "\n".join(
-        f"| {r['profile']} | {r['fresh_s']:.1f} | {r['fresh_shipped_mb']:.1f} | {r['rerun_s']:.2f} | "
-        f"{r['rerun_shipped_bytes']} | {r['venv_mb']:.0f} | {r['rss_idle_mb']:.0f} | {r['rss_serving_mb']:.0f} | "
-        f"{r.get('rss_finetune_tree_mb', '-')} |" for r in rows)
+        f"| {r['profile']} | {r['fresh_s']:.1f} | {r['step_s']['facts']:.1f} | {r['step_s']['wheel']:.1f} | "
+        f"{r['step_s']['install']:.1f} | {r['fresh_shipped_mb']:.1f} | {r['rerun_s']:.2f} | "
+        f"{r['rerun_shipped_bytes']} | {r['venv_mb']:.0f} |" for r in rows)
+    memory = "\n".join(
+        f"| {r['profile']} | {r['rss_idle_mb']:.0f} | {r['rss_serving_mb']:.0f} ({r['serving_images_per_s']:.0f} "
+        f"img/s) | {r.get('rss_finetune_tree_mb', '-')} | {r.get('rss_member_mb', '-')} | "
+        f"{r.get('members_at_once', '-')} |" for r in rows)
     return f"""
 ### Bare hosts by install profile
 
 One sshd host per profile whose `python:` is a bare interpreter (a venv with no packages), except `system`,
-the baseline that reuses this machine's full venv (torch & co.) as before. Wheelhouse installs run with no
-index reachable from the host. Fresh = first provisioning, wheel resolution included when the cloud's
-wheelhouse did not hold the platform yet; re-run = the same inventory again. Agent memory: RSS of the agent
-process idle, peak while classifying {rows[0]['serving_images']} inbox images, and peak of the agent with
-its fine-tune and member processes during a K = 3 fine-tune (resnet18, 64 px, 1 epoch).
+the baseline that reuses this machine's full venv (torch & co.) as before; all in the same run. Wheelhouse
+installs run with no index reachable from the host. Fresh = first provisioning of a host, with the
+wheelhouse empty (facts = resolving the platform's wheels with `pip download` from this machine's mirror and
+hashing them; wheel = shipping over SFTP; install = venv, pip bootstrap, `pip install --no-index`);
+re-run = the same inventory again.
 
-| profile | fresh (s) | shipped (MiB) | re-run (s) | re-run shipped (bytes) | venv (MiB) | RSS idle (MiB) | RSS serving (MiB) | RSS fine-tune, all processes (MiB) |
+| profile | fresh (s) | facts (s) | wheel (s) | install (s) | shipped (MiB) | re-run (s) | re-run shipped (bytes) | venv (MiB) |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|
 {table}
 
-Reproduce: `.venv/bin/python bench/provision.py --profiles-only` (writes `bench/results/provision.json`).
+The agent's memory (RSS): idle 5 s after start; peak while classifying {rows[0]['serving_images']} inbox
+images (64 px); during a K = 3 fine-tune (resnet18, 64 px, 1 epoch, batch 32): peak of the agent with its
+fine-tune and member processes, and peak of one member process.
+
+| profile | idle (MiB) | serving (MiB) | fine-tune, all processes (MiB) | one member (MiB) | members at once |
+|---|---:|---:|---:|---:|---:|
+{memory}
+
+Reproduce: `.venv/bin/python bench/provision.py` (`--profiles-only` for this part; writes
+`bench/results/provision.json`).
 """
 
 

@@ -179,7 +179,7 @@ def deploy_wave(inventory, work: Path) -> list[dict]:
 def status_polling(sshd, work: Path, sites: list[str]) -> dict:
     """Read 100 heartbeats from an sftp store: one listing (edgeloop) against one read per site (before)."""
     from edge_agent.store import Store
-    from orchestrator.health import FleetStatus
+    from orchestrator.health import MAX_HEARTBEAT_BYTES, FleetStatus
 
     folder = work / "sftp-store" / "status"
     folder.mkdir(parents=True)
@@ -197,7 +197,7 @@ def status_polling(sshd, work: Path, sites: list[str]) -> dict:
         return round(time.monotonic() - started, 3)
 
     store.listing("status")  # connect once, outside the timings
-    per_site = timed(lambda: [store.read(f"status/{s}.json") for s in sites])
+    per_site = timed(lambda: [store.read(f"status/{s}.json", MAX_HEARTBEAT_BYTES) for s in sites])
     first = timed(lambda: reader.read(sites))
     for site in sites[:5]:  # five sites send a new heartbeat
         (folder / f"{site}.json").write_text(json.dumps({"site": site, "time": time.time()}))

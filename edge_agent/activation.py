@@ -10,8 +10,10 @@ leftover staging folders are swept at the next start.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from edge_agent.fileio import fsync_dir
@@ -63,17 +65,23 @@ class ActivationConflict(RuntimeError):
 UNCHECKED = object()  # activate() without a compare-and-swap (an operator's or a test's explicit switch)
 
 
-def activate(paths: AgentPaths, version: str, expected: str | None | object = UNCHECKED) -> None:
+def activate(paths: AgentPaths, version: str, expected: str | None | object = UNCHECKED,
+             bases: Iterable[str] = ()) -> None:
     """Point ``models/active`` at ``ensembles/<version>`` atomically (temp symlink + os.replace).
 
     ``expected`` makes it a compare-and-swap: the version the gate judged against (None: nothing served),
     checked under a lock, so a decision taken against an ensemble that has since been replaced cannot
-    overwrite the newer one.
+    overwrite the newer one. ``bases`` are the base versions the ensemble was built on: if a rollback
+    fenced one (:func:`fenced_versions`), :class:`Fenced` is raised. A rollback fences and switches under
+    the same lock, so an ensemble on a rolled-back base activates before the rollback or never.
     """
     if not (paths.ensembles / version).is_dir():
         raise FileNotFoundError(f"no published ensemble {version}")
-    with open(paths.models / ".activation.lock", "a") as lock:
+    with open(paths.activation_lock, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        fenced = fenced_versions(paths) & set(bases)
+        if fenced:
+            raise Fenced(f"base {', '.join(sorted(fenced))} was rolled back; {version} does not activate")
         current = active_version(paths)
         if expected is not UNCHECKED and current != expected:
             raise ActivationConflict(f"the active ensemble changed since this candidate was gated (now {current}, "
@@ -83,6 +91,23 @@ def activate(paths: AgentPaths, version: str, expected: str | None | object = UN
         os.symlink(os.path.join(paths.ensembles.name, version), temp)
         os.replace(temp, paths.active_link)
         fsync_dir(paths.models)
+
+
+EXIT_FENCED = 5  # the exit status of a fine-tune process that was fenced
+
+
+class Fenced(RuntimeError):
+    """The fine-tune was built on a base version a rollback fenced: it must not activate."""
+
+
+def fenced_versions(paths: AgentPaths) -> set[str]:
+    """Base versions a rollback fenced (``models/fence.json``; written by the cloud's rollback)."""
+    try:
+        return set(json.loads(paths.fence_file.read_text()).get("versions", []))
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, AttributeError) as exc:  # unreadable fence: activate nothing, say why
+        raise Fenced(f"{paths.fence_file} unreadable ({exc})") from None
 
 
 def active_version(paths: AgentPaths) -> str | None:

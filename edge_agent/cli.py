@@ -73,16 +73,33 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return run_finetune_process(config, paths, run_id=args.run_id, reason=args.reason, parent_pid=args.parent_pid)
 
 
+def cmd_check_ensemble(args: argparse.Namespace) -> int:
+    """Exit 0 when ``models/ensembles/<name>`` would serve at this site; else say why on stderr and exit 1."""
+    from edge_agent.serving import ENSEMBLE_FILE, validate_ensemble
+
+    config = _load(args)
+    folder = AgentPaths(Path(config.root)).ensembles / args.name
+    try:
+        validate_ensemble(folder / ENSEMBLE_FILE, config.image_size)
+    except ValueError as exc:
+        print(f"ensemble {args.name}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeloop-agent", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (("run", cmd_run, "run the daemon until SIGTERM"),
                              ("status", cmd_status, "print the agent's status and state"),
-                             ("finetune", cmd_finetune, "run one fine-tune now and exit")):
+                             ("finetune", cmd_finetune, "run one fine-tune now and exit"),
+                             ("check-ensemble", cmd_check_ensemble, "exit 0 when a published ensemble would serve")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, type=Path, help="the agent's config file (agent.yaml)")
         p.add_argument("-v", "--verbose", action="store_true")
         p.set_defaults(func=func)
+        if name == "check-ensemble":
+            p.add_argument("name", help="the ensemble's version (its folder under models/ensembles)")
         if name == "finetune":
             p.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
             p.add_argument("--reason", default="manual", help=argparse.SUPPRESS)

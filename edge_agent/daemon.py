@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_agent.activation import EXIT_FENCED
 from edge_agent.basemodels import verified_base_models
 from edge_agent.config import AgentConfig
 from edge_agent.fileio import write_json_atomic
@@ -35,6 +36,7 @@ from edge_agent.state import AgentState
 from edge_agent.store import Store
 from edge_agent.supervisor import FinetuneSupervisor
 from edge_agent.uplink import Backoff, Uplink
+from edge_agent.window import LiveWindow
 
 log = logging.getLogger("edge_agent")
 
@@ -65,7 +67,8 @@ class Agent:
         self.clock = Clock()
         self.handle = EnsembleHandle(self.paths.active_link, threads=1, image_size=config.image_size)
         self.outbox = Outbox(self.paths.outbox, config.upload.outbox_max_bytes)
-        self.sampler = Sampler(config, self.outbox, self.state, self.lock)
+        self.window = LiveWindow()
+        self.sampler = Sampler(config, self.outbox, self.state, self.lock, self.window)
         self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler,
                                     max_pixels=config.serve.max_image_pixels)
         self.uplink = Uplink(Store(config.store_url, config.store_options), self.outbox, config.site,
@@ -163,8 +166,13 @@ class Agent:
     def scan_triggers(self) -> None:
         """Owe a fine-tune for a new base model or for enough new operator labels (``edge-serve``: serve a
         new base model as it comes)."""
-        fresh = [v for v in verified_base_models(self.paths, "model.pt" if self.finetunes else ENSEMBLE_FILE)
-                 if v not in self.state.base_versions_seen]
+        verified = verified_base_models(self.paths, "model.pt" if self.finetunes else ENSEMBLE_FILE)
+        gone = [v for v in self.state.base_versions_seen if v not in verified]
+        if gone:  # rolled back (set aside): no longer reported, and fine-tuned again if deployed again
+            self.state.base_versions_seen = [v for v in self.state.base_versions_seen if v in verified]
+            log.info("base model(s) %s no longer deployed", ", ".join(gone))
+            self.save_state()
+        fresh = [v for v in verified if v not in self.state.base_versions_seen]
         if fresh:
             self.state.base_versions_seen.extend(fresh)
             if self.finetunes:
@@ -271,7 +279,10 @@ class Agent:
         if ended is None:
             return
         code, report = ended
-        if code == 0 and report is not None:
+        if code == EXIT_FENCED:  # its base was rolled back while it ran: nothing is owed for it any more
+            self.state.pending_finetune = None
+            log.warning("fine-tune %s was fenced by a rollback and did not activate", self.finetune.run_id)
+        elif code == 0 and report is not None:
             self.state.last_run = summarise_run(report)
             self.state.pending_finetune = None
             self.state.finetune_failures = 0
@@ -296,7 +307,13 @@ class Agent:
         self.heartbeat()
 
     def process_inbox(self) -> None:
-        report = self.inbox.process()
+        try:
+            report = self.inbox.process()
+        except Exception:
+            self.window.failure(self.handle.serving_version, "error")
+            raise
+        if report.quarantined:
+            self.window.failure(self.handle.serving_version, "quarantined", report.quarantined)
         if report.processed or report.quarantined:
             with self.lock:
                 self.state.processed_total += report.processed
@@ -327,6 +344,7 @@ class Agent:
         if time.time() < self.clock.retention_due or self.finetune.running:
             return  # a running fine-tune owns runs/ and the staging of ensembles
         keep = {name for name in (_version_of(self.handle.target()), self.handle.serving_version) if name}
+        keep |= restorable_ensembles(self.paths)  # what a rollback of a present base would serve again
         enforce(self.paths, self.config.retention, keep)
         self.clock.retention_due = time.time() + self.config.retention.interval_s
 
@@ -365,6 +383,7 @@ class Agent:
             "upload_backoff_failures": self.uplink.backoff.failures,
             "disk_bytes": disk_use(self.paths, known={"outbox": self.outbox.size_bytes()}),
             "disk_full": self.disk_full(),
+            "window": self.window.summary(),
             **state,
         }
 
@@ -388,6 +407,20 @@ class Agent:
         if usage.free >= self.config.retention.min_free_bytes:
             return None
         return f"disk full (free {_size(usage.free)} of {_size(usage.total)})"
+
+
+def restorable_ensembles(paths: AgentPaths) -> set[str]:
+    """The ensembles the deploy records of still-deployed bases name as what served before them."""
+    keep = set()
+    for record in paths.deploy_records.glob("*.json"):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("before_active"), str) \
+                and (paths.base_models / record.stem).is_dir():
+            keep.add(data["before_active"])
+    return keep
 
 
 def summarise_run(report: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import (STAGING_PREFIX, activate, active_dir, active_version, publish, staging_dir,
-                                   sweep_staging)
+from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, active_dir, active_version,
+                                   fenced_versions, publish, staging_dir, sweep_staging)
 from edge_agent.basemodels import pick_bases
 from edge_agent.candidates import choose_precision, discard, gain_over_base, gate_score, score, stage_base_as_is
 from edge_agent.config import AgentConfig
@@ -97,12 +97,27 @@ def build_ensemble(config: AgentConfig, jobs: list[MemberJob], splits: dict, ver
 
 def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: str,
                  should_stop: Callable[[], bool], parallel: bool = True) -> dict[str, Any]:
-    """One complete fine-tune: members → ensemble → gate → (publish + activate). Returns the report."""
+    """One complete fine-tune: members → ensemble → gate → (publish + activate). Returns the report.
+
+    A rollback of a base it builds on sets that base aside mid-run: whatever then fails (the base file is
+    gone), or the activation itself, ends the run as :class:`Fenced`, not as a failed fine-tune.
+    """
+    bases = pick_bases(paths, [m.arch for m in config.members])
+    try:
+        return _run_finetune(config, paths, run_id, reason, should_stop, parallel, bases)
+    except Exception as exc:
+        fenced = fenced_versions(paths) & {b[0] for b in bases}
+        if fenced and not isinstance(exc, Fenced):
+            raise Fenced(f"base {', '.join(sorted(fenced))} was rolled back during the run ({exc})") from exc
+        raise
+
+
+def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: str, should_stop: Callable[[], bool],
+                  parallel: bool, bases: list[tuple[str, Path, str]]) -> dict[str, Any]:
     started = time.time()
     run_dir = paths.runs / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(run_dir, run_id, reason, len(config.members))
-    bases = pick_bases(paths, [m.arch for m in config.members])
     import torch
 
     class_names = torch.load(bases[-1][1], map_location="cpu", weights_only=True)["meta"]["class_names"]
@@ -153,7 +168,7 @@ def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: st
               "counts": {s: len(splits[s]) for s in SPLITS}}
     write_json_atomic(staged / "report.json", report)
     _publish_choice(paths, serving["chosen"], {"new": (staged, True), "base": (base_folder, base_is_new)},
-                    judged=serving["judged"])
+                    judged=serving["judged"], bases=report["bases"])
     report.update(finished=time.time(), seconds=round(time.time() - started, 3))
     progress.phase("done")
     write_json_atomic(run_dir / "report.json", report)
@@ -224,13 +239,21 @@ def _precisions(config: AgentConfig, splits: dict, folders: dict[str, Path]) -> 
 
 
 def _publish_choice(paths: AgentPaths, chosen: str, staged: dict[str, tuple[Path, bool]],
-                    judged: str | None) -> None:
+                    judged: str | None, bases: list[str]) -> None:
     """Publish (one rename) and activate what was chosen, if the active ensemble is still the one it was
-    judged against (:class:`ActivationConflict` otherwise); drop the other staged folders."""
+    judged against (:class:`ActivationConflict` otherwise) and no base it was built on was rolled back
+    (:class:`Fenced`: then nothing it staged or published stays); drop the other staged folders."""
     for name, (folder, is_new) in staged.items():
         if name == chosen:
             final = publish(paths, folder, folder.name.removeprefix(STAGING_PREFIX)) if is_new else folder
-            activate(paths, final.name, expected=judged)
+            try:
+                activate(paths, final.name, expected=judged, bases=bases)
+            except Fenced:
+                for other, other_is_new in staged.values():
+                    if other_is_new:
+                        discard(paths.ensembles / other.name.removeprefix(STAGING_PREFIX))
+                        discard(other)
+                raise
             log.info("%s %s activated", name, final.name)
         elif is_new:
             discard(folder)
@@ -260,7 +283,8 @@ class RunLock:
 
 def run_finetune_process(config: AgentConfig, paths: AgentPaths, run_id: str | None, reason: str,
                          parent_pid: int | None = None, parallel: bool = True) -> int:
-    """Entry point of ``edgeloop-agent finetune``: 0 done (activated or not), 3 stopped, 4 cannot run."""
+    """Entry point of ``edgeloop-agent finetune``: 0 done (activated or not), 3 stopped, 4 cannot run,
+    5 fenced (its base was rolled back while it ran)."""
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     stop = threading.Event()
@@ -285,6 +309,9 @@ def run_finetune_process(config: AgentConfig, paths: AgentPaths, run_id: str | N
     except InterruptedError:
         log.warning("fine-tune %s abandoned", run_id)
         return EXIT_ABANDONED
+    except Fenced as exc:
+        log.warning("fine-tune %s not activated: %s", run_id, exc)
+        return EXIT_FENCED
     except FinetuneError as exc:
         log.error("fine-tune %s cannot run: %s", run_id, exc)
         return EXIT_NO_INPUT

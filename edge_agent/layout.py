@@ -37,6 +37,21 @@ class AgentPaths:
         return self.models / "active"
 
     @property
+    def deploy_records(self) -> Path:
+        """``deploys/<version>.json``: what served before each deploy (the cloud writes it; a rollback reads it)."""
+        return self.models / "deploys"
+
+    @property
+    def fence_file(self) -> Path:
+        """``fence.json``: base versions rolled back; a fine-tune built on one never activates."""
+        return self.models / "fence.json"
+
+    @property
+    def activation_lock(self) -> Path:
+        """Held while the fence is checked and ``active`` switched (fine-tune) or fenced and switched (rollback)."""
+        return self.models / ".activation.lock"
+
+    @property
     def labelled(self) -> Path:
         """Operator-labelled site data, ImageFolder style: ``labelled/<class>/<file>``."""
         return self.root / "data" / "labelled"

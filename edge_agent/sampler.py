@@ -12,13 +12,16 @@ from edge_agent.select import Selector
 from edge_agent.serving import Prediction
 from edge_agent.sidecar import SampleSidecar
 from edge_agent.state import AgentState, UploadLedger
+from edge_agent.window import LiveWindow
 
 
 class Sampler:
     """Turns predictions (and operator labels) into outbox samples."""
 
-    def __init__(self, config: AgentConfig, outbox: Outbox, state: AgentState, lock: threading.Lock):
+    def __init__(self, config: AgentConfig, outbox: Outbox, state: AgentState, lock: threading.Lock,
+                 window: LiveWindow | None = None):
         self.config, self.outbox, self.state, self.lock = config, outbox, state, lock
+        self.window = window  # what the site serves, for the heartbeat (operator labels are not serving)
         t, u = config.thresholds, config.upload
         self.selector = Selector(t.uncertainty, t.disagreement, u.random_share, random.Random())
 
@@ -26,6 +29,8 @@ class Sampler:
                  source: str = "inbox", split: str | None = None) -> bool:
         """Queue the sample if the serving model's ``prediction`` says it is worth sending; images from the HTTP endpoint (``source="http"``) only
         within their own share of the day's budget, so anonymous requests cannot crowd out the inbox."""
+        if self.window is not None and source != "operator":
+            self.window.record(prediction, prediction.latency_ms)
         mistaken = operator_label is not None and prediction.label != operator_label
         members = prediction.member_probs
         selection = self.selector.judge(prediction.probs, members, operator_label, mistaken)

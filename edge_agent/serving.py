@@ -121,6 +121,7 @@ class Prediction:
     probs: np.ndarray
     member_probs: np.ndarray | None
     model_version: str
+    latency_ms: float = 0.0  # this image's share of the graph's run time
 
     def as_result(self, file: str) -> dict[str, Any]:
         return {"file": file, "label": self.label, "probabilities": self.probabilities,
@@ -129,10 +130,12 @@ class Prediction:
 
 def classify(classifier, images: np.ndarray) -> list[Prediction]:
     """Run the ensemble graph on uint8 images [N,H,W]."""
+    started = time.perf_counter()
     outputs = classifier.run(images)
+    latency_ms = (time.perf_counter() - started) * 1000 / max(1, len(images))
     probs = outputs.get("probs", outputs[classifier.output_names[0]])
     members = outputs.get("member_probs")
     names = classifier.class_names
     return [Prediction(names[int(p.argmax())], {c: round(float(v), 6) for c, v in zip(names, p)}, p,
-                       None if members is None else members[i], classifier.version)
+                       None if members is None else members[i], classifier.version, latency_ms)
             for i, p in enumerate(probs)]

@@ -1,9 +1,13 @@
 """The fleet-health flow: every site's latest heartbeat as a table; the run fails (red) while any is stale.
 
-Schedule it every few minutes and the Prefect UI's run list is the fleet's alarm panel.
+Schedule it every few minutes and the Prefect UI's run list is the fleet's alarm panel. Ages are the
+cloud's (the store's listing), never the edge's clock. A site with no heartbeat at all is listed as "not
+provisioned" and does not turn the run red by itself.
 """
 
 from __future__ import annotations
+
+import argparse
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -18,10 +22,13 @@ class FleetUnhealthy(RuntimeError):
 
 @flow(name="edgeloop-fleet-health", log_prints=True)
 def fleet_health(inventory: str = "inventory/local.yaml") -> list[dict]:
-    """Heartbeat age, state, versions, outbox and errors per site; stale or unreadable sites fail the run."""
+    """Heartbeat age, state, versions, outbox and errors per site; stale or unreadable sites fail the run.
+
+    Args:
+        inventory: path of the fleet's inventory YAML (sites, store, stale limit) where the flow runs
+    """
     fleet = load_inventory(inventory)
-    status, unreadable = health.read_fleet_status(fleet.store(), fleet.names())
-    rows = health.assess(status, fleet.names(), fleet.cloud.stale_after_s, unreadable=unreadable)
+    rows = health.fleet_health(fleet.store(), fleet.names(), fleet.cloud.stale_after_s)
     create_table_artifact(key="fleet-health", table=[r.row() for r in rows],
                           description=f"latest heartbeat per site; stale after {fleet.cloud.stale_after_s:.0f} s")
     line = health.summary(rows)
@@ -31,5 +38,18 @@ def fleet_health(inventory: str = "inventory/local.yaml") -> list[dict]:
     return [r.row() for r in rows]
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.health", description=__doc__.splitlines()[0])
+    parser.add_argument("-i", "--inventory", default="inventory/local.yaml")
+    args = parser.parse_args(argv)
+    try:
+        rows = fleet_health(args.inventory)
+    except FleetUnhealthy as exc:
+        print(f"fleet unhealthy: {exc}")
+        return 1
+    print(health.summary([health.SiteHealth(**r) for r in rows]))
+    return 0
+
+
 if __name__ == "__main__":
-    fleet_health()
+    raise SystemExit(main())

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -26,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from edge_agent.datasets import open_dataset
 from flows import stages
 from flows.provision import provision_flow
+from flows.stages import Arch
 from flows.rollout import RolloutHalted, RolloutRequest, rollout
 from orchestrator import demo, deploy
 from orchestrator.health import read_fleet_status
@@ -148,13 +150,21 @@ def _fleet_row(site: str, s: dict) -> dict:
 
 
 @flow(name="edgeloop-lifecycle", log_prints=True)
-def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretrain_arch: str = "resnet18",
+def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretrain_arch: Arch = "resnet18",
                    pretrain_epochs: int = 8, retrain_epochs: int = 3, site_timeout_s: float = 900,
-                   stop_agents: bool = True, site_data: str = "shifted") -> dict:
+                   stop_agents: bool = True, site_data: Literal["shifted", "random"] = "shifted") -> dict:
     """One turn of the loop on a fleet; the parameters are the hyperparameter form in the Prefect UI.
 
-    ``site_data``: ``shifted`` (sites differ from the cloud's pool: mono cells, their own camera, mixed) or
-    ``random`` (every site a random draw of the same pool).
+    Args:
+        inventory: path of the fleet's inventory YAML (default: the demo's inventory/local.yaml)
+        home: the demo's working folder: data, registry, store and site roots (default: .demo)
+        pretrain_arch: architecture of the cloud's base model (edge_agent.models)
+        pretrain_epochs: epochs of the cloud's pretraining (the best on the val split is kept)
+        retrain_epochs: epochs of the cloud's retraining from the champion
+        site_timeout_s: how long the loop waits for a site at each step before it goes on without it
+        stop_agents: stop the sites' agents when the turn ends (also when a step failed)
+        site_data: shifted (sites differ from the cloud's pool: mono cells, their own camera, mixed) or
+            random (every site a random draw of the same pool)
     """
     overrides = {k: v for k, v in {"inventory": inventory, "home": home}.items() if v}
     settings = demo.DemoSettings(pretrain_arch=pretrain_arch, pretrain_epochs=pretrain_epochs,

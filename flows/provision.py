@@ -26,6 +26,7 @@ from orchestrator.provision import (
     build_wheel,
     provision_host,
 )
+from orchestrator.provision.report import shown
 
 
 @task(cache_policy=NO_CACHE, task_run_name="provision-{site}")
@@ -33,7 +34,8 @@ def provision_site_task(inventory: Inventory, site: str, wheel: Wheel, check: bo
                         retry_delays_s: tuple[float, ...]) -> HostResult:
     """Provision one site (unreachable hosts are tried again by the driver); never raises for a host problem."""
     result = provision_host(inventory.site(site), inventory, wheel, check, accept_new_host_keys, retry_delays_s)
-    get_run_logger().info("%s: %s after %d attempt(s) %s", site, result.status, result.attempts, result.reason)
+    get_run_logger().info("%s: %s after %d attempt(s) %s", site, shown(result.status, check), result.attempts,
+                          result.reason)
     return result
 
 
@@ -53,6 +55,13 @@ def provision_flow(inventory: str, limit: list[str] | None = None, check: bool =
 
     Returns a summary (per-host status and reason); hosts that failed do not fail the flow: the
     fleet goes on without them and the summary and artifact say which failed and why.
+
+    Args:
+        inventory: path of the fleet's inventory YAML (sites, connections, agent settings) where the flow runs
+        limit: only these sites (default: every site in the inventory)
+        check: connect and report what would change, changing nothing
+        accept_new_host_keys: trust and record host keys seen for the first time (else they are refused)
+        retry_delays_s: seconds to wait before each new try of a host that did not answer
     """
     inv = load_inventory(inventory)
     wheel = build_wheel()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
@@ -19,30 +21,35 @@ from edge_agent.datasets import open_dataset
 from edge_agent.gate import GateRule
 from edge_agent.ids import new_id
 from edge_agent.train import TrainConfig
+from flows.retries import transient
 from flows.rollout import RolloutRequest, rollout
 from orchestrator import retrain as steps
 from orchestrator.collect import collect_new
 from orchestrator.demo import ReferenceLabels
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelling import LabelQueue
-from orchestrator.registry import ModelRegistry
+from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import Quarantine, collect_samples
 from orchestrator.trainers import train_on_trainers
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
+INVENTORY_HELP = "path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs"
+Arch = Literal["resnet18", "mobilenet_v3_small", "tiny_cnn"]  # edge_agent.models.ARCHITECTURES
 CONTRACT_HELP = ("promote a candidate whose architecture, input size or classes differ from the champion's (the "
                  "fleet's members fine-tune from it and must then all take the new contract)")
 
 
 class PretrainSettings(BaseModel):
-    data: str = Field(".demo/data/generic", description="dataset version to train on (edgeloop data import ...)")
+    """What to train, on what, and how sure the gate must be to promote it."""
+
+    data: str | None = Field(None, description="dataset version to train on (edgeloop data import ...); default: "
+                                               "the inventory's cloud.datasets.generic")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
-    arch: str = Field("resnet18", description="architecture (edge_agent.models: resnet18, mobilenet_v3_small, "
-                                              "tiny_cnn)")
+    arch: Arch = Field("resnet18", description="architecture (edge_agent.models)")
     epochs: int = Field(8, ge=1, description="training epochs (the best on the val split is kept)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="images per training step")
     lr: float = Field(3e-3, gt=0, description="peak learning rate (one-cycle)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the weights' initialisation and the data order")
     on_trainers: bool = Field(True, description="train on the inventory's cloud.trainers (torch.distributed over "
                               "SSH) when it lists any; the dataset path must be readable there")
     gate: GateRule = Field(default_factory=GateRule, description="how sure the gate must be to promote")
@@ -50,20 +57,28 @@ class PretrainSettings(BaseModel):
 
 
 class CollectSettings(BaseModel):
+    """Which samples are pseudo-labelled, and in which family's classes."""
+
     pseudo_label_confidence: float = Field(0.95, gt=0.5, le=1.0, description="a sample whose served model was "
                                            "at least this sure, with every member agreeing, is pseudo-labelled")
     family: str = Field("elpv-defects", description="model family whose classes the labels use")
 
 
 class RetrainSettings(BaseModel):
-    base_data: str = Field(".demo/data/generic", description="the generic pool the samples are added to; its gate "
-                                                             "split decides promotion")
-    family: str = Field("elpv-defects", description="registry name of the model being improved")
+    """What the champion is retrained on, and how sure the gate must be to promote the result."""
+
+    base_data: str | None = Field(None, description="the generic pool the samples are added to; its gate split "
+                                                    "decides promotion; default: the inventory's "
+                                                    "cloud.datasets.generic")
+    family: str = Field("elpv-defects", description="registry name of the model being improved (the collect "
+                                                    "labels in its classes)")
+    pseudo_label_confidence: float = Field(0.95, gt=0.5, le=1.0, description="collect: a sample whose served "
+                                           "model was at least this sure, every member agreeing, is pseudo-labelled")
     epochs: int = Field(3, ge=1, description="fine-tuning epochs from the champion")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (one-cycle)")
     gate: GateRule = Field(default_factory=GateRule, description="how sure the gate must be to promote")
     allow_contract_change: bool = Field(False, description=CONTRACT_HELP)
-    seed: int = 0
+    seed: int = Field(0, description="seed of the data order")
     reference_data: list[str] = Field(default_factory=list, description="the demo's stand-in for people: dataset "
                                       "versions whose manifests label the samples nobody labelled in the queue")
     rollout: bool = Field(True, description="roll a promoted candidate out to the fleet (canaries first)")
@@ -74,45 +89,121 @@ def _fleet(inventory: str) -> tuple[Inventory, ModelRegistry]:
     return fleet, fleet.registry()
 
 
-@flow(name="edgeloop-pretrain", log_prints=True)
-def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = PretrainSettings()) -> dict:
-    """Train a version on a dataset; promoted when it passes the gate against the champion (or there is none)."""
-    fleet, registry = _fleet(inventory)
-    config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)
-    champion = registry.champion(settings.family)
+# Each side effect is a task, so the run graph shows the steps and a retry (typed transient errors only, see
+# flows.retries) repeats the failed step, not the flow.
+
+@task(cache_policy=NO_CACHE, task_run_name="train-{settings.arch}")
+def train_locally(registry: ModelRegistry, settings: PretrainSettings, config: TrainConfig) -> ModelVersion:
+    """Train and register a version in this process, logging each epoch."""
     logger = get_run_logger()
 
     def progress(m) -> None:
         logger.info("epoch %d/%d: loss %.4f, val_acc %.3f (%.1f s)", m.epoch, settings.epochs, m.train_loss,
                     m.val_acc, m.seconds)
 
+    return steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
+                               note=f"pretrained on {settings.data}", on_epoch=progress)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train-on-trainers", retries=1, retry_delay_seconds=10,
+      retry_condition_fn=transient)
+def train_remotely(fleet: Inventory, settings: PretrainSettings, config: TrainConfig, out: Path) -> dict:
+    """One DDP job across ``cloud.trainers``; its checkpoint and metrics land in ``out``."""
+    hosts = ", ".join(t.name for t in fleet.cloud.trainers)
+    get_run_logger().info("training on the trainers %s (torch.distributed over SSH)", hosts)
+    metrics = json.loads((train_on_trainers(fleet, settings.data, settings.arch, config, out) / "metrics.json")
+                         .read_text())
+    get_run_logger().info("trained on %d ranks in %.0f s: val_acc %.3f (epoch %d of %d)", metrics["ranks"],
+                          metrics["seconds"], metrics["val_acc"], metrics["best_epoch"], metrics["epochs_run"])
+    return metrics
+
+
+@task(cache_policy=NO_CACHE, task_run_name="register")
+def register(registry: ModelRegistry, family: str, folder: Path, note: str) -> ModelVersion:
+    return steps.register_trained(registry, family, folder, note=note)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="gate-{candidate.version}")
+def gate_candidate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: str,
+                   rule: GateRule, allow_contract_change: bool) -> steps.GateDecision:
+    """The shared paired gate, candidate against champion on the pool's gate split (promotes nothing)."""
+    return steps.gate(registry, candidate, champion, Path(holdout), rule, allow_contract_change, promote=False)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="promote-{candidate.version}")
+def promote(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None) -> None:
+    """Compare-and-swap: the candidate becomes champion only if the champion is still the one it was gated
+    against."""
+    steps.promote_candidate(registry, candidate, champion)
+
+
+def gate_and_promote(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: str,
+                     rule: GateRule, allow_contract_change: bool) -> steps.GateDecision:
+    decision = gate_candidate(registry, candidate, champion, holdout, rule, allow_contract_change)
+    if decision.promoted:
+        promote(registry, candidate, champion)
+    return decision
+
+
+@flow(name="edgeloop-pretrain", log_prints=True)
+def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = PretrainSettings()) -> dict:
+    """Train a version on a dataset; promoted when it passes the gate against the champion (or there is none).
+
+    Args:
+        inventory: path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs
+        settings: what to train, on what data, and how sure the gate must be to promote it
+    """
+    fleet, registry = _fleet(inventory)
+    settings = settings.model_copy(update={"data": settings.data or fleet.dataset("generic")})
+    config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)
+    champion = registry.champion(settings.family)
     if fleet.cloud.trainers and settings.on_trainers:
         hosts = ", ".join(t.name for t in fleet.cloud.trainers)
-        logger.info("training on the trainers %s (torch.distributed over SSH)", hosts)
         with tempfile.TemporaryDirectory(prefix="edgeloop-pretrain-") as tmp:
-            metrics = json.loads((train_on_trainers(fleet, settings.data, settings.arch, config, Path(tmp))
-                                  / "metrics.json").read_text())
-            logger.info("trained on %d ranks in %.0f s: val_acc %.3f (epoch %d of %d)", metrics["ranks"],
-                        metrics["seconds"], metrics["val_acc"], metrics["best_epoch"], metrics["epochs_run"])
-            candidate = steps.register_trained(registry, settings.family, Path(tmp),
-                                               note=f"pretrained on {settings.data} by {hosts}")
+            train_remotely(fleet, settings, config, Path(tmp))
+            candidate = register(registry, settings.family, Path(tmp), f"pretrained on {settings.data} by {hosts}")
     else:
-        candidate = steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
-                                        note=f"pretrained on {settings.data}", on_epoch=progress)
-    decision = steps.gate(registry, candidate, champion, Path(settings.data), settings.gate,
-                          settings.allow_contract_change)
+        candidate = train_locally(registry, settings, config)
+    decision = gate_and_promote(registry, candidate, champion, settings.data, settings.gate,
+                                settings.allow_contract_change)
     create_markdown_artifact(key="pretrain-gate", markdown=gate_markdown(decision.as_dict()),
                              description="pretraining: the gate's decision")
     get_run_logger().info("%s: %s", candidate.version, decision.reason)
     return decision.as_dict()
 
 
+@task(cache_policy=NO_CACHE, task_run_name="collect", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
+def collect_task(fleet: Inventory, registry: ModelRegistry, queue: LabelQueue, confidence: float):
+    """New samples from the store since the watermark: checked, pseudo-labelled or queued for a person."""
+    return collect_new(fleet.store(), registry.root, queue, confidence)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="read-samples", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient)
+def read_samples(fleet: Inventory, registry: ModelRegistry):
+    """Every checked sample in the store (the quarantined left out), for the retraining set."""
+    return collect_samples(fleet.store(), quarantined=Quarantine(registry.root).reasons())
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train-from-champion")
+def retrain_task(registry: ModelRegistry, settings: RetrainSettings, collection, out: Path, config: TrainConfig,
+                 labellers: list) -> tuple[ModelVersion, dict]:
+    """The retraining set (pool + labelled samples) built and the champion fine-tuned on it, registered."""
+    return steps.retrain_from_samples(registry, settings.family, Path(settings.base_data), collection, out, config,
+                                      labellers=labellers)
+
+
 @flow(name="edgeloop-collect", log_prints=True)
 def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = CollectSettings()) -> dict:
-    """New samples since the watermark, checked; sure ones pseudo-labelled, the rest to the labelling queue."""
+    """New samples since the watermark, checked; sure ones pseudo-labelled, the rest to the labelling queue.
+
+    Args:
+        inventory: path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs
+        settings: which samples are pseudo-labelled, and in which model family's classes
+    """
     fleet, registry = _fleet(inventory)
     queue = LabelQueue(registry.root, registry.champion_classes(settings.family))
-    result = collect_new(fleet.store(), registry.root, queue, settings.pseudo_label_confidence)
+    result = collect_task(fleet, registry, queue, settings.pseudo_label_confidence)
     create_table_artifact(key="collect", table=result.by_site() or [{"site": "-", "new": 0}],
                           description="new samples per site since the last collect")
     if result.rejected:  # each by name, with why: now in the cloud's quarantine, never read again
@@ -125,22 +216,28 @@ def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = Coll
 
 
 @flow(name="edgeloop-retrain", log_prints=True)
-def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = RetrainSettings(),
-            collect_settings: CollectSettings = CollectSettings()) -> dict:
-    """Collect, then champion + generic pool + every labelled sample → candidate → gate → promote → rollout."""
-    collect(inventory, collect_settings)
+def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = RetrainSettings()) -> dict:
+    """Collect, then champion + generic pool + every labelled sample → candidate → gate → promote → rollout.
+
+    Args:
+        inventory: path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs
+        settings: what the champion is retrained on (one family for the collect and the training), and how
+            sure the gate must be to promote the result
+    """
+    collect(inventory, CollectSettings(family=settings.family,
+                                       pseudo_label_confidence=settings.pseudo_label_confidence))
     fleet, registry = _fleet(inventory)
-    collection = collect_samples(fleet.store(), quarantined=Quarantine(registry.root).reasons())
+    settings = settings.model_copy(update={"base_data": settings.base_data or fleet.dataset("generic")})
+    collection = read_samples(fleet, registry)
     base = open_dataset(settings.base_data)
     config = TrainConfig(epochs=settings.epochs, batch_size=64, lr=settings.lr, seed=settings.seed)
     champion = registry.champion(settings.family)
     out = registry.root.parent / "retraining-sets" / f"retrain-{new_id()}"
     people = LabelQueue(registry.root, base.classes)
     stand_in = [ReferenceLabels([open_dataset(p) for p in settings.reference_data])] if settings.reference_data else []
-    candidate, summary = steps.retrain_from_samples(registry, settings.family, Path(settings.base_data),
-                                                    collection, out, config, labellers=[people, *stand_in])
-    decision = steps.gate(registry, candidate, champion, Path(settings.base_data), settings.gate,
-                          settings.allow_contract_change)
+    candidate, summary = retrain_task(registry, settings, collection, out, config, [people, *stand_in])
+    decision = gate_and_promote(registry, candidate, champion, settings.base_data, settings.gate,
+                                settings.allow_contract_change)
     result = {**summary, **decision.as_dict()}
     create_markdown_artifact(key="gate", markdown=gate_markdown(result), description="retraining gate")
     if decision.promoted and settings.rollout:

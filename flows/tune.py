@@ -89,7 +89,12 @@ def _task_runner(settings: TuneSettings):
 
 @flow(name="edgeloop-tune", log_prints=True)
 def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettings()) -> dict:
-    """Search, register the best trial as a candidate, and gate it against the champion."""
+    """Search, register the best trial as a candidate, and gate it against the champion.
+
+    Args:
+        inventory: path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs
+        settings: the search: data, space, budget, and where the trials run (process pool or Dask)
+    """
     fleet = load_inventory(inventory)
     registry = fleet.registry()
     out = registry.root.parent / "tuning" / f"tune-{new_id()}"

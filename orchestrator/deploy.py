@@ -8,6 +8,7 @@ cut connection leaves at worst an ignored temporary folder, never a half-written
 from __future__ import annotations
 
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from edge_agent.serving import ENSEMBLE_FILE
 from edge_agent.store import Store
 from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, Site
-from orchestrator.provision.remote import HostWorker, open_remote
+from orchestrator.provision.remote import HostWorker, WorkerGone, open_remote
+from orchestrator.ssh import ConnectError
 from orchestrator.provision.service import agent_unit, service_mode, supervisor_pidfile, supervisor_script
 
 
@@ -30,6 +32,15 @@ class DeployResult:
     version: str
     status: str  # ok (already there), changed (deployed), failed
     reason: str = ""
+    transient: bool = False  # failed because the host did not answer: a retry may succeed
+
+
+class HostUnreachable(RuntimeError):
+    """A deploy failed because the host could not be reached this time (retried by the flow's task)."""
+
+
+# what a host that did not answer raises (typed: a retry is decided by kind, never by message)
+UNREACHABLE = (ConnectError, WorkerGone, TimeoutError, ConnectionError, socket.timeout)
 
 
 def serving_artifact(checkpoint: Path, image_size: int) -> Path:
@@ -68,11 +79,16 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
         digest, name = file_sha256(artifact), "model.pt" if artifact == Path(checkpoint) else ENSEMBLE_FILE
         remote = open_remote(site, inventory, accept_new_host_keys)
         worker = HostWorker(remote, site.python)
-        folder = f"{AgentPaths(Path(host_facts(worker, site)['root'])).base_models}/{version}"
+        paths = AgentPaths(Path(host_facts(worker, site)["root"]))
+        if worker.call("file_sha", path=str(paths.config_file))["sha256"] is None:
+            return DeployResult(site.name, version, "failed", f"not provisioned: no agent config at "
+                                f"{paths.config_file} (run edgeloop provision first)")
+        folder = f"{paths.base_models}/{version}"
         weights, marker = f"{folder}/{name}", f"{folder}/{name}.sha256"
         if worker.call("file_sha", path=weights)["sha256"] == digest and \
                 worker.call("put_text", path=marker, content=f"{digest}\n", check=True)["changed"] is False:
             return DeployResult(site.name, version, "ok")
+        worker.call("deploy_record", root=str(paths.root), version=version)  # what a rollback restores
         worker.call("folders", folders=[folder], check=False)
         staged = f"{folder}/.{name}.tmp"
         remote.put(artifact, staged)
@@ -80,7 +96,7 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
         worker.call("put_text", path=marker, content=f"{digest}\n", check=False)
         return DeployResult(site.name, version, "changed")
     except Exception as exc:  # one host's failure is its own; the caller goes on with the others
-        return DeployResult(site.name, version, "failed", inventory.mask(str(exc)))
+        return DeployResult(site.name, version, "failed", inventory.mask(str(exc)), isinstance(exc, UNREACHABLE))
     finally:
         if remote is not None:
             remote.close()

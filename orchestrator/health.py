@@ -1,8 +1,11 @@
 """Fleet health from the sites' heartbeats: one row per site, and which sites need a person.
 
-A site is *stale* when its last heartbeat in the store is older than ``cloud.stale_after_s`` (or there is
-none): its agent is down, its host is off, or its link to the store is cut. A site that answers but
-reports trouble (a broken ensemble it fell back from, uploads failing, fine-tunes failing) is *degraded*.
+A heartbeat's age is the cloud's, never the edge's: it is measured from when the *store* last wrote the
+site's status file (the listing's mtime), so an edge clock that is slow or fast changes nothing. A site is
+*stale* when that age is over ``cloud.stale_after_s``: its agent is down, its host is off, or its link to
+the store is cut. A site with no heartbeat in the store at all is *not provisioned* (or its agent never
+reached the store). A site that answers but reports trouble (a broken ensemble it fell back from, uploads
+failing, fine-tunes failing) is *degraded*.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class _Part(BaseModel):
 
 
 class Accuracy(_Part):
-    accuracy: FiniteFloat | None = None
+    accuracy: float | None = None  # NaN where a split was empty: compared, never summed
 
 
 class CandidateScores(_Part):
@@ -38,8 +41,8 @@ class LastRun(_Part):
     bases: list[str] = Field(default_factory=list)
     serving: str | None = None
     candidates: dict[str, CandidateScores | None] = Field(default_factory=dict)
-    gain_over_base: dict[str, FiniteFloat | None] | None = None
-    precision: dict[str, str | None] | None = None
+    gain_over_base: dict[str, float | None] | None = None
+    precision: dict[str, Any] | None = None
 
 
 class MemberProgress(_Part):
@@ -51,6 +54,7 @@ class FinetuneProgress(_Part):
 
 
 class FinetuneStatus(_Part):
+    state: str | None = None  # "on", or "off (profile edge-serve)"
     running: bool = False
     run_id: str | None = None
     reason: str | None = None
@@ -175,6 +179,11 @@ class FleetStatus:
         LastModified), from the last :meth:`read`'s listing: a heartbeat's age that trusts no edge clock."""
         return {s: self._seen[s][0].mtime for s in sites if s in self._seen and self._seen[s][0].mtime is not None}
 
+    def age(self, site: str, now: float | None = None) -> float | None:
+        """Seconds since the store wrote ``site``'s heartbeat, by the cloud's clock (None: never seen)."""
+        stored = self.stored_at([site]).get(site)
+        return None if stored is None else max(0.0, (time.time() if now is None else now) - stored)
+
 
 def read_fleet_status(store: Store, sites: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
     """``(heartbeats, unreadable)``: the latest valid heartbeat each site pushed to the store, and why
@@ -183,10 +192,18 @@ def read_fleet_status(store: Store, sites: list[str]) -> tuple[dict[str, dict], 
     return fleet.read(sites), fleet.unreadable
 
 
+def fleet_health(store: Store, sites: list[str], stale_after_s: float) -> list["SiteHealth"]:
+    """One :class:`SiteHealth` per site, read and aged by the cloud's clock in one listing of the store."""
+    reader = FleetStatus(store)
+    status = reader.read(sites)
+    now = time.time()
+    return assess(status, sites, stale_after_s, {s: reader.age(s, now) for s in sites}, reader.unreadable)
+
+
 @dataclass(frozen=True)
 class SiteHealth:
     site: str
-    verdict: str  # ok | degraded | stale | unreadable
+    verdict: str  # ok | degraded | stale | unreadable | not provisioned
     reason: str
     state: str | None
     heartbeat_age_s: float | None
@@ -194,34 +211,43 @@ class SiteHealth:
     base_versions: str
     outbox: int | None
     uploaded_total: int | None
+    finetune: str | None = None  # "fine-tune: off (profile edge-serve)" where the site does not fine-tune
 
     def row(self) -> dict:
         return asdict(self)
 
 
-def assess(status: dict[str, dict], sites: list[str], stale_after_s: float, now: float | None = None,
+def assess(status: dict[str, dict], sites: list[str], stale_after_s: float, ages: dict[str, float | None],
            unreadable: dict[str, str] | None = None) -> list[SiteHealth]:
-    """One :class:`SiteHealth` per site in ``sites``, from its latest heartbeat (``status[site]``); a site
-    in ``unreadable`` (see :attr:`FleetStatus.unreadable`) is shown with why its heartbeat was refused."""
-    now = time.time() if now is None else now
+    """One :class:`SiteHealth` per site in ``sites``, from its latest heartbeat (``status[site]``) and its age
+    by the cloud's clock (``ages[site]``, from :meth:`FleetStatus.age`); a site in ``unreadable`` (see
+    :attr:`FleetStatus.unreadable`) is shown with why its heartbeat was refused."""
     unreadable = unreadable or {}
-    return [SiteHealth(site, "unreadable", unreadable[site], None, None, None, "", None, None)
-            if site in unreadable else _site(site, status.get(site), stale_after_s, now) for site in sites]
+    return [SiteHealth(site, "unreadable", unreadable[site], None, ages.get(site), None, "", None, None)
+            if site in unreadable else _site(site, status.get(site), stale_after_s, ages.get(site)) for site in sites]
 
 
-def _site(site: str, s: dict | None, stale_after_s: float, now: float) -> SiteHealth:
+VERDICTS = ("ok", "degraded", "stale", "unreadable", "not provisioned")
+NOT_PROVISIONED = "no heartbeat in the store: never provisioned, or its agent never reached the store"
+
+
+def _site(site: str, s: dict | None, stale_after_s: float, age: float | None) -> SiteHealth:
+    if age is None:
+        return SiteHealth(site, "not provisioned", NOT_PROVISIONED, None, None, None, "", None, None)
+    age = round(age, 1)
     if not s:
-        return SiteHealth(site, "stale", "no heartbeat in the store", None, None, None, "", None, None)
-    age = round(now - float(s.get("time", 0)), 1)
+        return SiteHealth(site, "stale" if age > stale_after_s else "degraded",
+                          f"heartbeat unreadable (written {age:.0f} s ago)", None, age, None, "", None, None)
     verdict, reason = "ok", ""
     if age > stale_after_s or s.get("state") == "stopped":
         verdict, reason = "stale", (f"agent stopped {age:.0f} s ago" if s.get("state") == "stopped"
                                     else f"last heartbeat {age:.0f} s ago (limit {stale_after_s:.0f} s)")
     elif trouble := _trouble(s):
         verdict, reason = "degraded", trouble
+    finetune = (s.get("finetune") or {}).get("state")
     return SiteHealth(site, verdict, reason, s.get("state"), age, s.get("active_version"),
                       ", ".join(s.get("base_versions") or []), (s.get("queues") or {}).get("outbox"),
-                      s.get("uploaded_total"))
+                      s.get("uploaded_total"), f"fine-tune: {finetune}" if finetune else None)
 
 
 def _trouble(s: dict) -> str:
@@ -243,9 +269,9 @@ def _trouble(s: dict) -> str:
 
 def summary(rows: list[SiteHealth]) -> str:
     """One line for logs and errors, e.g. ``2 ok, 1 stale (site-c: no heartbeat in the store)``."""
-    counts = {v: [r for r in rows if r.verdict == v] for v in ("ok", "degraded", "stale", "unreadable")}
+    counts = {v: [r for r in rows if r.verdict == v] for v in VERDICTS}
     parts = [f"{len(counts['ok'])} ok"]
-    for verdict in ("degraded", "stale", "unreadable"):
+    for verdict in VERDICTS[1:]:
         if counts[verdict]:
             parts.append(f"{len(counts[verdict])} {verdict} ("
                          + "; ".join(f"{r.site}: {r.reason}" for r in counts[verdict]) + ")")

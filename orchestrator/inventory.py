@@ -219,6 +219,8 @@ class Cloud(Strict):
                                     "(DDP over SSH); none: it trains in the flow's own process")
     rendezvous_port: int = Field(29400, ge=1, le=65535, description="port on the first trainer where the "
                                  "trainers meet")
+    datasets: dict[str, str] = Field(default_factory=dict, description="named dataset versions (paths relative "
+                                     "to the inventory file); pretrain and retrain use `generic` unless told")
 
     @model_validator(mode="after")
     def _store_options_fit(self) -> "Cloud":
@@ -234,14 +236,51 @@ class Cloud(Strict):
         return value
 
 
+class CanaryThresholds(Strict):
+    """How far a site's live window on the new version may move from its window before the deploy."""
+
+    class_rate_points: float = Field(15.0, ge=0, le=100, description="largest change of any class's prediction "
+                                     "rate, in percentage points (e.g. the defect rate)")
+    latency_p95_growth_pct: float = Field(50.0, ge=0, description="largest growth of p95 inference latency, in %")
+    confidence_drop_points: float = Field(15.0, ge=0, le=100, description="largest drop of mean confidence, "
+                                          "in percentage points")
+    disagreement_rise_points: float = Field(15.0, ge=0, le=100, description="largest rise of mean member "
+                                            "disagreement, in percentage points")
+    failure_rate_points: float = Field(5.0, ge=0, le=100, description="largest rise of errors plus quarantined "
+                                       "inputs per prediction, in percentage points")
+    min_predictions: int = Field(20, ge=0, description="predictions the new model must have served at the site "
+                                 "before it is judged (0: judge without traffic)")
+
+
 class RolloutSettings(Strict):
-    """How a new version goes out: canary sites first, then the rest at once."""
+    """How a new version goes out: canary sites first, then the rest in waves, every site judged."""
 
     canary: list[str] | float = Field(0.1, description="canary sites by name, or the fraction of the fleet "
                                       "(at least one site) taken in inventory order")
     soak_s: float = Field(60.0, ge=0, description="how long a canary must keep serving the new model, healthy, "
                           "before the rest of the fleet gets it")
     timeout_s: float = Field(1800.0, gt=0, description="how long to wait for a canary's verdict")
+    fresh_within_s: float | None = Field(None, gt=0, description="a canary whose last heartbeat is older than "
+                                         "this, by the store's clock, fails (default: three of its heartbeat "
+                                         "intervals plus 10 s)")
+
+    waves: list[float] = Field(default_factory=lambda: [1.0], description="after the canaries, the share of "
+                               "the rest deployed by the end of each wave (cumulative, rising to 1.0), each "
+                               "wave judged like the canaries")
+    require: Literal["improve", "no_regression"] = Field("no_regression", description="improve: the version goes "
+                                                         "on only if its gate evidence improved at least one "
+                                                         "canary; no_regression: unless it regressed one")
+    thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds)
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < w <= 1 for w in value) or value != sorted(value) or value[-1] != 1.0:
+            raise ValueError(f"waves must be rising shares in (0, 1] ending at 1.0 (got {value})")
+        return value
+
+    def fresh_limit(self, heartbeat_interval_s: float) -> float:
+        return self.fresh_within_s or 3 * heartbeat_interval_s + 10.0
 
     @field_validator("canary")
     @classmethod
@@ -265,6 +304,14 @@ class Inventory(BaseModel):
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
     sites: list[Site]
     secrets: dict[str, str] = Field(default_factory=dict, repr=False, description="env var name -> value")
+
+    def dataset(self, name: str = "generic") -> str:
+        """The path of the dataset version ``cloud.datasets`` names ``name`` (a clear error when none)."""
+        if name not in self.cloud.datasets:
+            raise InventoryError([f"{self.path}: cloud.datasets has no {name!r} dataset; name one there "
+                                  f"(e.g. `datasets: {{{name}: data/{name}}}`) or give the flow a dataset"])
+        path = Path(os.path.expanduser(self.cloud.datasets[name]))
+        return str(path if path.is_absolute() else (self.path.parent / path).resolve())
 
     @property
     def known_hosts(self) -> Path:

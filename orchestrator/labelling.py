@@ -108,22 +108,67 @@ class LabelQueue:
         return len(tasks)
 
     def import_label_studio(self, path: Path) -> int:
-        """Take the labels from a Label Studio JSON export (the last annotation with a choice wins)."""
+        """Take the labels from a Label Studio JSON export (the last annotation with a choice wins).
+
+        The whole file is checked before anything is written: one task that is not an object, a sample id
+        that is not one, or a class this queue does not know refuses the file with one error naming every
+        problem (the first few), and no label is saved.
+        """
         try:
             tasks = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise LabelError(f"{path}: not a Label Studio JSON export ({exc})") from None
         if not isinstance(tasks, list):
             raise LabelError(f"{path}: expected a list of tasks")
-        taken = 0
-        for task in tasks:
-            sha = ((task or {}).get("data") or {}).get("sha256")
-            choices = [c for a in task.get("annotations") or [] if not a.get("was_cancelled")
-                       for r in a.get("result") or [] for c in (r.get("value") or {}).get("choices") or []]
-            if sha and choices:
-                self.set(sha, choices[-1], by="label-studio")
-                taken += 1
-        return taken
+        labels, problems = {}, []
+        for number, task in enumerate(tasks, 1):
+            try:
+                found = _task_label(task)
+            except (TypeError, AttributeError, ValueError) as exc:
+                problems.append(f"task {number}: {exc}")
+                continue
+            if found is None:
+                continue
+            sha, label = found
+            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+                problems.append(f"task {number}: not a sample id: {sha[:80]!r}")
+            elif label not in self.classes:
+                problems.append(f"task {number}: unknown class {label!r}; expected one of {self.classes}")
+            else:
+                labels[sha] = label
+        if problems:
+            raise LabelError(f"{path}: nothing imported; {len(problems)} task(s) refused: " + "; ".join(problems[:5])
+                             + ("; ..." if len(problems) > 5 else ""))
+        with self._lock():
+            saved = self.labels()
+            now = time.time()
+            saved.update({sha: {"label": label, "by": "label-studio", "time": now} for sha, label in labels.items()})
+            write_json_atomic(self.path, saved)
+        return len(labels)
+
+
+def _task_label(task: Any) -> tuple[str, str] | None:
+    """(sample id, chosen class) of one exported task; None when nobody chose a class; TypeError/ValueError
+    when the task does not have Label Studio's shape."""
+    if not isinstance(task, dict):
+        raise TypeError(f"not an object (got {type(task).__name__})")
+    data = task.get("data") or {}
+    if not isinstance(data, dict) or not isinstance(data.get("sha256", ""), str):
+        raise TypeError("data.sha256 is not a string")
+    choices = []
+    for annotation in task.get("annotations") or []:
+        if not isinstance(annotation, dict):
+            raise TypeError("an annotation is not an object")
+        if annotation.get("was_cancelled"):
+            continue
+        for result in annotation.get("result") or []:
+            value = result.get("value") if isinstance(result, dict) else None
+            picked = (value or {}).get("choices") or [] if isinstance(value, (dict, type(None))) else None
+            if not isinstance(picked, list) or not all(isinstance(c, str) for c in picked):
+                raise TypeError("a result's value.choices is not a list of class names")
+            choices += picked
+    sha = data.get("sha256")
+    return (sha, choices[-1]) if sha and choices else None
 
 
 def _choice(label: str) -> dict[str, Any]:

@@ -3,16 +3,26 @@
 It shows the sample, what the site's served model said (the ensemble's probabilities and each member's),
 and why the site sent it; a click or a key (1..9 for the classes, d to discard) saves the answer at once
 and brings the next one. Nothing here needs a build step or a browser extension: one HTML page, one form.
+
+Its answers become training labels, so it trusts no one by default: a request whose ``Host`` is not one it
+serves under is refused (DNS rebinding), a form post must carry the page's CSRF token and, when the browser
+says where it comes from, come from the page's own origin; off loopback a token is required (given once as
+``?token=...``, then kept in a cookie). The store is read at most once per ``cache_s``, not per request.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
+import ipaddress
+import secrets
+import threading
+import time
 from collections.abc import Callable
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 
 from orchestrator.labelling import LabelError, LabelQueue, Pending
 from orchestrator.samples import Sample
@@ -28,9 +38,63 @@ button{font-size:1.1rem;margin:.3rem .4rem .3rem 0;padding:.5rem 1rem;cursor:poi
 """
 
 
-def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]]) -> FastAPI:
-    """The page over ``queue``; ``load_samples`` reads the checked samples (called per page view)."""
+COOKIE = "edgeloop_label_token"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class CachedSamples:
+    """``load()`` at most once per ``ttl_s`` (the store is listed and read once for many page views)."""
+
+    def __init__(self, load: Callable[[], list[Sample]], ttl_s: float):
+        self.load, self.ttl_s = load, ttl_s
+        self._lock = threading.Lock()
+        self._value: list[Sample] | None = None
+        self._at = 0.0
+
+    def __call__(self) -> list[Sample]:
+        with self._lock:
+            if self._value is None or time.monotonic() - self._at >= self.ttl_s:
+                self._value, self._at = self.load(), time.monotonic()
+            return self._value
+
+
+def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]], hosts: list[str] | None = None,
+               token: str | None = None, cache_s: float = 5.0) -> FastAPI:
+    """The page over ``queue``; ``load_samples`` reads the checked samples (cached for ``cache_s``).
+
+    ``hosts``: the names the page answers under (default: loopback names only); ``token``: required on every
+    request when given (``edgeloop label`` requires one off loopback).
+    """
     app = FastAPI(title="edgeloop labelling queue")
+    allowed = {h.lower() for h in (hosts or ["127.0.0.1", "localhost", "::1"])}
+    csrf = secrets.token_urlsafe(24)
+    load_samples = CachedSamples(load_samples, cache_s)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        host = (request.headers.get("host") or "").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name.strip("[]") not in {h.strip("[]") for h in allowed}:
+            return PlainTextResponse(f"unknown Host {host!r}", status_code=400)
+        if token is not None:
+            given = request.query_params.get("token") or request.cookies.get(COOKIE) or \
+                request.headers.get("authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                return PlainTextResponse("a token is required (open the page as /?token=...)", status_code=401)
+        if request.method == "POST":
+            origin = request.headers.get("origin") or request.headers.get("referer")
+            if origin and urlsplit(origin).netloc.lower() != host:
+                return PlainTextResponse(f"cross-origin post from {origin!r} refused", status_code=403)
+        response = await call_next(request)
+        if token is not None and request.query_params.get("token"):
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return response
 
     def pending() -> list[Pending]:
         return queue.pending(load_samples())
@@ -42,7 +106,7 @@ def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]]) -> F
         if not waiting:
             return _html("<h1>Nothing to label</h1>"
                          f"<p class=muted>{done} answered so far; new samples appear as the sites send them.</p>")
-        return _html(_card(waiting[0], queue.classes, len(waiting), done))
+        return _html(_card(waiting[0], queue.classes, len(waiting), done, csrf))
 
     @app.get("/image/{sha256}")
     def image(sha256: str) -> Response:
@@ -54,6 +118,8 @@ def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]]) -> F
     @app.post("/label")
     async def label(request: Request) -> RedirectResponse:
         form = {k: v[-1] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
+        if not hmac.compare_digest(form.get("csrf", "").encode(), csrf.encode()):
+            raise HTTPException(403, "the form's CSRF token is missing or stale; reload the page")
         try:
             queue.set(form.get("sha256", ""), form.get("label"), discard=form.get("action") == "discard")
         except LabelError as exc:
@@ -69,7 +135,7 @@ def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]]) -> F
     return app
 
 
-def _card(item: Pending, classes: list[str], waiting: int, done: int) -> str:
+def _card(item: Pending, classes: list[str], waiting: int, done: int, csrf: str) -> str:
     s = item.sample.sidecar
     probs = s.get("probabilities") or {}
     members = s.get("member_probabilities") or []
@@ -92,6 +158,7 @@ def _card(item: Pending, classes: list[str], waiting: int, done: int) -> str:
     <table>{head}</tr>{rows}</table>
     <form id=answer method=post action="/label">
       <input type=hidden name=sha256 value="{item.sha256}">
+      <input type=hidden name=csrf value="{csrf}">
       {buttons}
       <button class=discard name=action value=discard data-key=d><kbd>d</kbd> discard</button>
     </form>

@@ -81,7 +81,7 @@ def contract_change(registry: ModelRegistry, candidate: ModelVersion, champion: 
 
 
 def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: Path,
-         rule: GateRule | None = None, allow_contract_change: bool = False) -> GateDecision:
+         rule: GateRule | None = None, allow_contract_change: bool = False, promote: bool = True) -> GateDecision:
     """Promote the candidate only if the shared paired gate says it beats the champion on the pool's gate split.
 
     The gate split is the half of the pool's val split that chose no epoch (:func:`edge_agent.datasets.role`);
@@ -101,8 +101,8 @@ def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersio
         decision = Decision(**{**decision.as_dict(), "accept": False,
                                "reason": f"changes the fleet's serving contract ({broken}); set "
                                          f"allow_contract_change to promote it (gate: {decision.reason})"})
-    if decision.accept:
-        registry.promote(candidate.version, expected=champion.version if champion else None)
+    if decision.accept and promote:  # (promote=False: the caller promotes, e.g. as a step of its own)
+        promote_candidate(registry, candidate, champion)
     return GateDecision(candidate.version, champion.version if champion else None,
                         cand["gate"].accuracy, champ["gate"].accuracy if champ else None,
                         cand["gate"].nll, champ["gate"].nll if champ else None,
@@ -120,6 +120,11 @@ def _scores(registry: ModelRegistry, version: ModelVersion, pool: DatasetVersion
         probs = predict_proba(model, split.images, meta.normalization)
         out[name] = Score.of(probs, split.labels, log_loss(probs, split.labels))
     return out
+
+
+def promote_candidate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None) -> None:
+    """Make the candidate the champion, if the champion is still the one it was gated against."""
+    registry.promote(candidate.version, expected=champion.version if champion else None)
 
 
 def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, collection: Collection,

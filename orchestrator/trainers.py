@@ -4,6 +4,11 @@ Each trainer runs ``edgeloop train --nnodes N --rdzv-endpoint FIRST:PORT`` throu
 connection (host keys checked against the inventory's known_hosts); torch's launcher on each host starts
 its ranks and they meet at the first trainer. Rank 0, wherever the rendezvous put it, writes the checkpoint;
 the cloud fetches it from the trainer that has it. Any trainer failing fails the job, with what it said.
+
+A remote job must never outlive the flow that started it: each runs in a session of its own under
+``timeout`` (its deadline, enforced on the trainer even if the cloud is gone) with its process group in a
+pidfile (``<workdir>/<run id>.pid``), and a job that fails, is cancelled (SIGTERM, as Prefect cancels) or
+interrupted is stopped on every trainer through that pidfile before the error goes on.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from orchestrator.inventory import Inventory, Trainer
 from orchestrator.ssh import connect
 from orchestrator.training import CHECKPOINT, METRICS
 
-# A job that runs longer than this is ended (a hung rendezvous must not hold the flow forever).
-JOB_TIMEOUT_S = 24 * 3600
+# A job that runs longer than this is ended on the trainer itself (a hung rendezvous must not hold anything).
+JOB_TIMEOUT_S = 6 * 3600
+STOP_GRACE_S = 30  # SIGTERM, then this long before SIGKILL
 
 
 class TrainersFailed(RuntimeError):
@@ -50,7 +56,12 @@ def train_on_trainers(inventory: Inventory, data: str, arch: str, config: TrainC
                 "--out", f"{trainer.workdir}/{run_id}", "--config-json", config.model_dump_json(),
                 "--nnodes", str(len(trainers)), "--nproc-per-node", str(trainer.nproc_per_node),
                 "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
-        return shlex.join(argv + (["--image-size", str(image_size)] if image_size else []))
+        job = shlex.join(["timeout", "--kill-after", str(STOP_GRACE_S), str(int(timeout_s))] + argv
+                         + (["--image-size", str(image_size)] if image_size else []))
+        pidfile = shlex.quote(_pidfile(trainer, run_id))
+        # a session of its own (its pid is its process group), recorded before the job starts
+        return (f"mkdir -p {shlex.quote(trainer.workdir)} && setsid -w sh -c "
+                + shlex.quote(f"echo $$ > {pidfile}; exec {job}") + f"; status=$?; rm -f {pidfile}; exit $status")
 
     def run(trainer: Trainer) -> TrainerRun:
         try:
@@ -61,28 +72,47 @@ def train_on_trainers(inventory: Inventory, data: str, arch: str, config: TrainC
             return TrainerRun(trainer.name, -1, "", inventory.mask(f"{type(exc).__name__}: {exc}"))
 
     # one thread per trainer: a handful of hosts, all needed at once
-    with ThreadPoolExecutor(len(trainers), thread_name_prefix="trainer") as pool:
-        futures = {pool.submit(run, t): t for t in trainers}
-        first_failure = None
+    pool = ThreadPoolExecutor(len(trainers), thread_name_prefix="trainer")
+    futures = {pool.submit(run, t): t for t in trainers}
+    first_failure = None
+    try:
         for future in as_completed(futures):
             if future.result().exit_status != 0 and first_failure is None:
                 first_failure = future.result()  # the others would wait at the rendezvous: stop them now
                 _stop_job(inventory, futures, run_id)
+    except BaseException:  # cancelled (Prefect's SIGTERM), interrupted, or the cloud side failed: stop them all
+        _stop_job(inventory, futures, run_id)
+        raise
+    finally:
+        pool.shutdown(wait=True)
     if first_failure:
         raise TrainersFailed(f"{first_failure.trainer}: {_last_error(first_failure)} (the job was stopped on every "
                              f"trainer; nothing was registered)")
     return _fetch_rank0(inventory, trainers, run_id, out)
 
 
+def _pidfile(trainer: Trainer, run_id: str) -> str:
+    return f"{trainer.workdir}/{run_id}.pid"
+
+
 def _stop_job(inventory: Inventory, futures: dict[Future, Trainer], run_id: str) -> None:
-    """End the job on the trainers still running it (their launcher stops its ranks), until their commands return."""
-    while running := [trainer for future, trainer in futures.items() if not future.done()]:
+    """End the job's process group on the trainers still running it (SIGTERM, then SIGKILL after the grace),
+    until their commands return; a trainer that cannot be reached ends by its own deadline."""
+    deadline = time.monotonic() + STOP_GRACE_S + 15
+    while (running := [trainer for future, trainer in futures.items() if not future.done()]) \
+            and time.monotonic() < deadline:
+        signal = "TERM" if time.monotonic() < deadline - 15 else "KILL"
         for trainer in running:
+            pidfile = shlex.quote(_pidfile(trainer, run_id))
+            # the job's process group, then its ranks (the launcher starts each in a session of its own; should
+            # it be gone, they are found by their --out, which "[-]" keeps from matching this command itself)
+            ranks = shlex.quote(f"[-]-out {trainer.workdir}/{run_id}( |$)")
             try:
                 with connect(trainer.connection, inventory.known_hosts) as conn:
-                    # "[-]-" matches the job's "--rdzv-id" but not this pkill's own command line
-                    conn.run(f"pkill -TERM -f -- '[-]-rdzv-id {run_id}'", hide=True, warn=True, in_stream=False)
-            except Exception:  # noqa: BLE001 - unreachable now: its own command fails by itself
+                    conn.run(f"test -f {pidfile} && kill -{signal} -- -$(cat {pidfile}); "
+                             f"pkill -{signal} -f -- {ranks}; rm -f {pidfile}", hide=True, warn=True, in_stream=False,
+                             timeout=30)
+            except Exception:  # noqa: BLE001 - unreachable now: its deadline ends it
                 pass
         time.sleep(1.0)
 

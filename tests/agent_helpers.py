@@ -181,19 +181,57 @@ def wait_for_url(url: str, proc: subprocess.Popen, what: str, timeout: float = 1
             time.sleep(0.3)
 
 
-def latest_table(key: str) -> list[dict]:
-    """The rows of the newest table artifact published under ``key`` (other runs in the session reuse keys)."""
+def _latest_artifact(key: str):
+    """The newest artifact published under ``key`` (other runs in the session reuse keys)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
-    async def read() -> list[dict]:
+    async def read():
         async with get_client() as client:
-            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                                sort=ArtifactSort.CREATED_DESC, limit=1)
-        data = found[0].data
-        return json.loads(data) if isinstance(data, str) else data
+            return (await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                                sort=ArtifactSort.CREATED_DESC, limit=1))[0]
 
     return asyncio.run(read())
+
+
+def latest_table(key: str) -> list[dict]:
+    """The rows of the newest table artifact published under ``key``."""
+    data = _latest_artifact(key).data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def latest_artifact_id(key: str) -> str:
+    return str(_latest_artifact(key).id)
+
+
+def screenshot_prefect_page(path: str, name: str, wait_for_text: list[str], timeout: float = 90) -> str:
+    """Open a page of the running Prefect API's UI (``path`` under its root, e.g. ``/runs/flow-run/ID``) in a
+    real headless Chromium, wait until every text in ``wait_for_text`` shows, save ``test-artifacts/<name>``
+    and return the page's text."""
+    from prefect.settings import PREFECT_API_URL
+    from selenium.webdriver.common.by import By
+
+    from test_labelling import ARTIFACTS, _browser
+
+    ui = str(PREFECT_API_URL.value()).removesuffix("/").removesuffix("/api")
+    browser = _browser()
+    try:
+        browser.set_window_size(1400, 1000)
+        browser.get(ui + path)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = browser.find_element(By.TAG_NAME, "body").text
+            if all(t in text for t in wait_for_text):
+                break
+            assert time.monotonic() < deadline, f"{path} never showed {wait_for_text}:\n{text[-2000:]}"
+            time.sleep(1)
+        time.sleep(2)  # let the run graph (a canvas) finish drawing
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / name))
+        return text
+    finally:
+        browser.quit()
+

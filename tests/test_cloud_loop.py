@@ -166,6 +166,12 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
     registry.promote(champion.version)
 
 
+def _provisioned(root: Path) -> None:
+    """What provisioning leaves that a deploy checks for: the agent's config."""
+    AgentPaths(root).config_file.parent.mkdir(parents=True)
+    AgentPaths(root).config_file.write_text("site: s1\n")
+
+
 def test_deploy_to_a_local_site_is_verified_and_idempotent(registry, tmp_path):
     inventory_file = tmp_path / "inv.yaml"
     inventory_file.write_text(f"""
@@ -177,6 +183,10 @@ sites:
     inventory = load_inventory(inventory_file)
     champion = registry.champion("elpv")
     checkpoint = registry.artifact(champion.version)
+    never = deploy_model(inventory.site("s1"), inventory, checkpoint, champion.version)
+    assert never.status == "failed" and never.reason.startswith("not provisioned: no agent config")
+    assert not (tmp_path / "s1" / "models").exists()
+    _provisioned(tmp_path / "s1")
     first = deploy_model(inventory.site("s1"), inventory, checkpoint, champion.version)
     assert first.status == "changed", first.reason
     target = AgentPaths(tmp_path / "s1").base_models / champion.version
@@ -203,6 +213,7 @@ sites: [{{name: s1, root: "~/edge/s1"}}]
 """)
     inventory = load_inventory(inventory_file)
     champion = registry.champion("elpv")
+    _provisioned(tmp_path / "home" / "edge" / "s1")
     result = deploy_model(inventory.site("s1"), inventory, registry.artifact(champion.version), champion.version)
     assert result.status == "changed", result.reason
     assert (tmp_path / "home" / "edge" / "s1" / "models" / "base" / champion.version / "model.pt").is_file()
@@ -214,7 +225,9 @@ def test_fleet_status_reads_heartbeats_and_skips_missing_sites(tmp_path):
     (tmp_path / "status").mkdir()
     (tmp_path / "status" / "a.json").write_text(json.dumps({"site": "a", "time": 5}))
     (tmp_path / "status" / "b.json").write_text("{not json")
-    assert read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"]) == {"a": {"site": "a", "time": 5}}
+    status, unreadable = read_fleet_status(Store(f"file://{tmp_path}"), ["a", "b", "c"])
+    assert status == {"a": {"site": "a", "time": 5}}
+    assert list(unreadable) == ["b"] and unreadable["b"].startswith("unreadable heartbeat: status is not JSON")
 
 
 def test_models_cli_lists_versions_and_lineage(registry, capsys):
@@ -228,6 +241,21 @@ def test_models_cli_lists_versions_and_lineage(registry, capsys):
     assert champion.version in capsys.readouterr().out
     assert main(["models", "show", "missing", "--registry", str(registry.root)]) == 2
     assert "no model version 'missing'" in capsys.readouterr().err
+    missing = registry.root.parent / "no-such-registry"
+    assert main(["models", "list", "--registry", str(missing)]) == 2 and not missing.exists()
+    assert "no registry at" in capsys.readouterr().err
+
+
+def test_models_show_into_a_pipe_that_closes_early_is_no_traceback(registry):
+    """``edgeloop models show V | head``: the reader is gone before edgeloop writes; edgeloop exits quietly."""
+    import subprocess
+    import sys
+
+    version = registry.champion("elpv").version
+    shell = (f"{sys.executable} -m edgeloop models show {version} --registry {registry.root} | true;"
+             " echo ${PIPESTATUS[0]}")
+    done = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "0" and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
 
 
 def test_fleet_status_lists_once_and_fetches_only_what_changed(tmp_path):

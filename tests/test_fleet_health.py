@@ -24,17 +24,37 @@ sites:
     return path
 
 
-def test_assess_marks_stale_degraded_and_missing_sites():
-    now = 1000.0
-    status = {"a": {"time": 995, "state": "serving"},
+def test_assess_marks_stale_degraded_and_missing_sites_by_the_clouds_clock():
+    """Ages are the store's (listing mtime), so an edge ``time`` far in the past or future changes nothing."""
+    status = {"a": {"time": 0, "state": "serving"},  # an edge clock decades slow: still ok
               "b": {"time": 990, "state": "serving-fallback", "serving_problem": "v7 does not load"},
-              "c": {"time": 100, "state": "serving"},
+              "c": {"time": 10 ** 10, "state": "serving"},  # a fast clock does not keep a dead site ok
               "d": {"time": 999, "state": "stopped"}}
-    rows = {r.site: r for r in health.assess(status, ["a", "b", "c", "d", "e"], stale_after_s=60, now=now)}
-    assert [rows[s].verdict for s in "abcde"] == ["ok", "degraded", "stale", "stale", "stale"]
+    ages = {"a": 5.0, "b": 10.0, "c": 900.0, "d": 1.0}
+    rows = {r.site: r for r in health.assess(status, ["a", "b", "c", "d", "e"], stale_after_s=60, ages=ages)}
+    assert [rows[s].verdict for s in "abcde"] == ["ok", "degraded", "stale", "stale", "not provisioned"]
     assert "v7 does not load" in rows["b"].reason and "900 s ago" in rows["c"].reason
-    assert rows["e"].reason == "no heartbeat in the store" and rows["a"].heartbeat_age_s == 5
+    assert rows["e"].reason == health.NOT_PROVISIONED and rows["a"].heartbeat_age_s == 5
     assert health.summary(list(rows.values())).startswith("1 ok, 1 degraded (b: serving a fallback")
+
+
+def test_a_dead_site_with_a_fast_clock_is_stale_and_a_slow_clock_is_ok(tmp_path):
+    """Real files in a real store: the heartbeats' own times lie by 10 minutes either way; the listing does not."""
+    import json
+    import os
+
+    from edge_agent.store import Store
+
+    status = tmp_path / "store" / "status"
+    status.mkdir(parents=True)
+    now = time.time()
+    (status / "slow.json").write_text(json.dumps({"site": "slow", "time": now - 600, "state": "serving"}))
+    (status / "fast.json").write_text(json.dumps({"site": "fast", "time": now + 600, "state": "serving"}))
+    os.utime(status / "fast.json", (now - 120, now - 120))  # written two minutes ago, then silence
+    rows = {r.site: r for r in health.fleet_health(Store((tmp_path / "store").as_uri()), ["slow", "fast", "new"], 60)}
+    assert rows["slow"].verdict == "ok" and rows["slow"].heartbeat_age_s < 30
+    assert rows["fast"].verdict == "stale" and 119 <= rows["fast"].heartbeat_age_s < 150
+    assert rows["new"].verdict == "not provisioned"
 
 
 def test_the_flow_fails_red_while_a_site_is_stale_and_names_it(prefect_harness, tmp_path):
@@ -52,9 +72,28 @@ def test_the_flow_fails_red_while_a_site_is_stale_and_names_it(prefect_harness, 
         for agent in agents:
             agent.close()
     message = str(failure.value)
-    assert message.startswith("1 ok") and "site-2: last heartbeat" in message and "site-3: no heartbeat" in message
+    assert message.startswith("1 ok") and "site-2: last heartbeat" in message
+    assert "site-3: no heartbeat in the store: never provisioned" in message
     rows = latest_table("fleet-health")
-    assert {r["site"]: r["verdict"] for r in rows} == {"site-1": "ok", "site-2": "stale", "site-3": "stale"}
+    assert {r["site"]: r["verdict"] for r in rows} == {"site-1": "ok", "site-2": "stale", "site-3": "not provisioned"}
     assert rows[0]["state"] == "no-model" and rows[0]["heartbeat_age_s"] < 2
 
 
+
+
+def test_flows_health_reads_its_inventory_argument_and_a_never_provisioned_site_is_no_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from edgeloop.cli import PREFECT_DEFAULTS
+
+    inventory = _inventory(tmp_path, tmp_path / "store", stale_after_s=60)
+    env = {**os.environ, **PREFECT_DEFAULTS, "PREFECT_HOME": str(tmp_path / "prefect")}  # its own ephemeral API
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.run([sys.executable, "-m", "flows.health", "-i", str(inventory)], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parents[1], timeout=300, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 ok, 3 not provisioned (site-1: no heartbeat in the store" in run.stdout
+    assert "flows/health.py" not in run.stderr  # no traceback of ours

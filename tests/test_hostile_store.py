@@ -112,7 +112,7 @@ queue = LabelQueue(home, %r)
 runs = [collect_new(store, home, queue, confidence=0.5) for _ in range(2)]
 fleet = health.FleetStatus(store)
 heartbeats = fleet.read(sites)
-rows = health.assess(heartbeats, sites, 60, unreadable=fleet.unreadable)
+rows = health.assess(heartbeats, sites, 60, {s: fleet.age(s) for s in sites}, fleet.unreadable)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"new": [[s.sha256 for s in r.new] for r in runs], "rejected": [r.rejected for r in runs],
                   "pseudo": runs[0].pseudo_labelled, "rows": [r.row() for r in rows],
@@ -253,6 +253,6 @@ def test_a_rollout_judges_a_canary_with_a_malformed_heartbeat_failed_and_does_no
     hostile_heartbeats(store, time.time())
     fleet = health.FleetStatus(Store(store.as_uri()))
     watches = [waves.Watch(site, time.time() - 60, None) for site in ("pidtext", "timetext", "lastrun", "huge")]
-    verdicts = waves.wait_for_canaries(fleet.read, watches, "v2", soak_s=0, timeout_s=1, poll_s=0.2)
+    verdicts = waves.wait_for_canaries(fleet, watches, "v2", soak_s=0, timeout_s=1, poll_s=0.2)
     assert {site: state for site, (state, _) in verdicts.items()} == dict.fromkeys(verdicts, "failed")
     assert set(fleet.unreadable) >= {"pidtext", "timetext", "lastrun", "huge"}  # why, for the rollout to say

@@ -206,3 +206,61 @@ def test_collect_takes_only_new_samples_and_pseudo_labels_the_sure_ones(tmp_path
         if not (folder / path.name).exists():
             path.replace(folder / path.name)
     assert len(collect_new(store, tmp_path / "registry", queue, confidence=0.95).new) == 2
+
+
+def test_a_hostile_label_studio_file_changes_nothing_and_says_why(tmp_path, elpv_small):
+    """One good task, then a task that is not an object and one with an unknown class: the whole file is
+    refused before anything is written, with one error naming the tasks."""
+    samples = collect_samples(_store_with_samples(tmp_path / "store", elpv_small)).accepted
+    queue = LabelQueue(tmp_path / "registry", CLASSES)
+    good = {"data": {"sha256": samples[0].sha256}, "annotations": [{"result": [{"value": {"choices": ["defective"]}}]}]}
+    unknown = {"data": {"sha256": samples[1].sha256}, "annotations": [{"result": [{"value": {"choices": ["cat"]}}]}]}
+    (tmp_path / "hostile.json").write_text(json.dumps([good, "not a task", unknown, 7]))
+    with pytest.raises(LabelError) as refused:
+        queue.import_label_studio(tmp_path / "hostile.json")
+    message = str(refused.value)
+    assert "nothing imported; 3 task(s) refused" in message and "task 2: not an object" in message
+    assert "task 3: unknown class 'cat'" in message and "task 4: not an object" in message
+    assert queue.labels() == {}
+    (tmp_path / "good.json").write_text(json.dumps([good]))
+    assert queue.import_label_studio(tmp_path / "good.json") == 1
+
+
+def test_the_page_refuses_an_unknown_host_a_cross_origin_post_and_a_post_without_its_token(label_page):
+    import re
+    import urllib.error
+
+    url, home = label_page
+
+    def request(path, data=None, **headers):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + path, data=data, headers=headers)) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    assert request("/", Host="evil.example")[0] == 400  # DNS rebinding: another name for this address
+    status, page = request("/")
+    assert status == 200
+    sha = re.search(r'name=sha256 value="([0-9a-f]{64})"', page).group(1)
+    csrf = re.search(r'name=csrf value="([^"]+)"', page).group(1)
+    form = f"sha256={sha}&label=defective&csrf={csrf}".encode()
+    assert request("/label", form, Origin="http://evil.example")[0] == 403
+    assert request("/label", f"sha256={sha}&label=defective".encode())[0] == 403  # no CSRF token
+    assert not (home / "registry" / "labels.json").exists() or sha not in (home / "registry" / "labels.json").read_text()
+    assert request("/label", form, Origin=url)[0] == 200  # its own origin: saved, then the next page
+    assert sha in (home / "registry" / "labels.json").read_text()
+
+
+def test_off_loopback_the_page_needs_a_token(tmp_path):
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(f"""
+cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}"}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
+""")
+    env = {k: v for k, v in os.environ.items() if k != "EDGELOOP_LABEL_TOKEN"}
+    result = subprocess.run([sys.executable, "-m", "edgeloop", "label", "-i", str(inventory), "--classes",
+                             ",".join(CLASSES), "--host", "0.0.0.0", "--port", "1"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "off loopback: set a token in $EDGELOOP_LABEL_TOKEN" in result.stderr

@@ -118,6 +118,9 @@ def test_check_changes_nothing_then_a_real_run_changes_only_the_config(fleet_env
         assert all(s.message.startswith("would") for s in host.steps if s.status == CHANGED)
     assert before == {h.name: tree_hashes(roots / h.name) for h in fleet.hosts}
     assert not (tmp_path / "fresh-roots").exists()
+    recap = report.recap()  # what a person reads says what would change, never that something changed
+    assert "would change" in recap and "would_change=" in recap and " changed=" not in recap
+    assert {r["status"] for r in report.rows()} <= {"ok", "would change"}
 
     try:
         real = provision(changed, wheel=wheel)  # now apply: only the config changes, so the agent restarts

@@ -22,7 +22,7 @@ import pytest
 
 from edge_agent.imaging import encode_png
 from orchestrator.deploy import deploy_model
-from orchestrator.health import read_fleet_status
+from orchestrator.health import assess, read_fleet_status
 from orchestrator.inventory import load_inventory
 from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, build_wheel, provision
 from orchestrator.provision.wheelhouse import Platform, wheelhouse_at
@@ -77,10 +77,6 @@ def small_disk(tmp_path_factory):
             subprocess.run(["umount", "-l", str(mount)], check=False)
     else:
         yield {"root": mount / "site", "install": "{mode: wheelhouse, profile: edge-serve, disk_reserve_mb: 1e12}"}
-
-
-def site_block(name: str, **fields: str) -> str:
-    return "".join(f"    {k}: {v}\n" for k, v in fields.items())
 
 
 @pytest.fixture(scope="module")
@@ -167,16 +163,21 @@ def test_the_deployed_model_serves_an_inbox_image_without_torch(served, tmp_path
     assert line["file"] == "cell-1.png" and set(line["probabilities"]) == {"functional", "defective"}, line
     status_before = json.loads((root / "status.json").read_text())["time"]
     deadline = time.time() + 30
-    while time.time() < deadline:
+    while time.time() < deadline:  # a heartbeat after serving, with the sample selected and uploaded
         status = json.loads((root / "status.json").read_text())
-        if status["time"] > status_before:
+        if status["time"] > status_before and status.get("uploaded_total"):
             break
         time.sleep(0.5)
     assert status["time"] > status_before, "no heartbeat after serving"
+    # an untrained model is unsure of everything: the image is informative, selected and uploaded
+    assert status["selected_total"] == 1 and status["uploaded_total"] == 1, status
     assert status["active_version"] == "base-v-serve"
     assert status["finetune"]["state"] == "off (profile edge-serve)"
-    stored = read_fleet_status(inventory.store(), [host.site])[host.site]  # the heartbeat arrived in the store
-    assert stored["active_version"] == "base-v-serve" and stored["time"] >= status_before
+    stored, refused = read_fleet_status(inventory.store(), [host.site])  # the heartbeat arrived in the store
+    assert not refused, refused
+    assert stored[host.site]["active_version"] == "base-v-serve" and stored[host.site]["time"] >= status_before
+    row = assess(stored, [host.site], stale_after_s=60)[0]  # what fleet-health shows for the site
+    assert row.verdict == "ok" and row.finetune == "fine-tune: off (profile edge-serve)"
     pid = status["pid"]
     maps = Path(f"/proc/{pid}/maps").read_text()
     assert "libtorch" not in maps and "onnxruntime" in maps  # serving, and torch was never loaded
@@ -298,8 +299,7 @@ def test_the_edge_profile_resolves_for_the_host_and_check_says_what_would_ship(o
     host = offline_fleet.hosts[0]
     path = fleet_inventory(offline_fleet, tmp_path / "inv.yaml", tmp_path / "roots", python=bare_python,
                            install="{mode: wheelhouse, profile: edge}")
-    path.write_text(path.read_text().replace("cloud:\n", f"cloud:\n  wheelhouse: {tmp_path / 'wheelhouse'}\n"))
-    inventory = load_inventory(path)
+    inventory = load_inventory(path)  # the user's wheelhouse (~/.cache/edgeloop): 3 GB resolved once, kept
     report = provision(inventory, wheel=build_wheel(), limit=[host.name], check=True)
     assert not report.failed, report.recap()
     steps = steps_of(report.hosts[0])
@@ -345,3 +345,13 @@ def test_index_mode_installs_from_the_named_index_and_a_mode_change_rebuilds_the
     assert (venv_site / "onnxruntime").is_dir() and not (venv_site / "torch").exists()
     again = provision(switched, wheel=served["wheel"], limit=[host.site])
     assert again.changed == 0, again.recap()
+
+
+def test_a_site_installs_its_profile_plus_its_store_protocol():
+    """edge-serve carries no s3fs; a site that uploads to s3:// gets it (edge has it already)."""
+    from orchestrator.provision.wheelhouse import site_requirements
+
+    serve = site_requirements("edge-serve", "file:///srv/store")
+    assert "onnxruntime" in serve and not {"torch", "torchvision", "albumentations", "scipy", "s3fs"} & set(serve)
+    assert site_requirements("edge-serve", "s3://bucket/store") == [*serve, "s3fs"]
+    assert site_requirements("edge", "s3://bucket/store").count("s3fs") == 1

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from agent_helpers import AgentProcess, copy_labelled, serving_site, wait_for, write_config
+from agent_helpers import AgentProcess, copy_labelled, exam_split, serving_site, wait_for, write_config
 from test_agent_uplink import png, sftp_host, sftp_store  # noqa: F401 (sftp_host: a fixture)
 
 from edge_agent.outbox import Outbox
@@ -87,7 +87,9 @@ def test_agent_uploads_and_the_cloud_collects_over_s3(tmp_path, elpv_small, s3_e
     s3 = s3_env
     serving_site(tmp_path / "agent", 32)
     config = write_config(tmp_path / "agent", s3.url, store_options=s3.options(), upload={"random_share": 1.0})
-    labelled = copy_labelled(elpv_small / "sites" / "site-1", tmp_path / "agent", limit=4)
+    copy_labelled(elpv_small / "sites" / "site-1", tmp_path / "agent", limit=8)
+    labelled = exam_split(tmp_path / "agent")[0]  # gate and test images never leave the site
+    assert labelled
     unlabelled = sorted((elpv_small / "sites" / "site-2").glob("*/*.png"))[:4]
     for image in unlabelled:  # what the site's camera sees: classified, then sent for a person to label
         shutil.copy(image, tmp_path / "agent" / "data" / "inbox" / image.name)
@@ -273,4 +275,4 @@ def test_the_bounded_reader_on_s3_reads_no_more_than_its_cap(s3_env):
     reader = FleetStatus(store)
     assert set(reader.read(["huge", "empty", "fine", "absent"])) == {"fine"}
     assert reader.unreadable["huge"] == f"unreadable heartbeat: larger than {MAX_HEARTBEAT_BYTES} bytes"
-    assert reader.unreadable["empty"].startswith("unreadable heartbeat: not JSON")
+    assert reader.unreadable["empty"].startswith("unreadable heartbeat: status is not JSON")

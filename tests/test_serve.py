@@ -57,6 +57,11 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
         assert settings["epochs"]["default"] == 8 and "dataset version" in settings["data"]["description"]
         assert [s for s in by_flow["edgeloop-retrain"]["crons"]] == ["15 3 * * *"]
         assert "RetrainSettings" in by_flow["edgeloop-retrain"]["schema"]["definitions"]
+        for flow, deployment in by_flow.items():  # every field of every run form says what it is
+            assert _undescribed(deployment["schema"]) == [], flow
+        assert settings["arch"]["enum"] == ["resnet18", "mobilenet_v3_small", "tiny_cnn"]
+        retrain = by_flow["edgeloop-retrain"]["schema"]
+        assert list(retrain["properties"]) == ["inventory", "settings"]  # one family, in the settings
         ui = prefect_server.removesuffix("/api")
         browser = _browser()
         try:
@@ -72,6 +77,22 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
     finally:
         serving.terminate()
         serving.wait(30)
+
+
+def _undescribed(schema: dict) -> list[str]:
+    """The parameters, nested fields included, that the run form would show without a description."""
+    definitions, missing = schema.get("definitions", {}), []
+
+    def walk(properties: dict, prefix: str) -> None:
+        for name, field in properties.items():
+            ref = field.get("$ref") or next((a["$ref"] for a in field.get("allOf", []) if "$ref" in a), None)
+            target = definitions[ref.rsplit("/", 1)[-1]] if ref else {}
+            if not field.get("description") and not target.get("description"):
+                missing.append(prefix + name)
+            walk(target.get("properties", {}), f"{prefix}{name}.")
+
+    walk(schema.get("properties", {}), "")
+    return missing
 
 
 def _wait_for_deployments(api: str, serving: subprocess.Popen, timeout: float = 180) -> dict[str, dict]:

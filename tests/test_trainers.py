@@ -82,3 +82,63 @@ sites: [{name: only, root: /tmp/only, connection: {type: local}}]
 """)
     with pytest.raises(InventoryError, match="a trainer is reached over SSH"):
         load_inventory(path)
+
+
+CANCELLED_PRETRAIN = """
+import sys
+from flows.stages import PretrainSettings, pretrain
+pretrain(sys.argv[1], PretrainSettings(data=sys.argv[2], family="ddp", arch="tiny_cnn", epochs=500, batch_size=4))
+"""
+
+
+def test_a_pretrain_cancelled_mid_training_leaves_no_remote_process(sshd_fleet, elpv_small, tmp_path):
+    """The pretrain flow runs a long job on two trainers; the flow's process gets SIGTERM (what Prefect sends
+    to cancel a run) mid-training: it stops the job through each trainer's pidfile before it ends, and no
+    process of the job is left on either trainer."""
+    import os
+    import signal
+    import time
+
+    from agent_helpers import agent_env
+
+    from edgeloop.cli import PREFECT_DEFAULTS
+
+    inventory = _inventory(sshd_fleet, tmp_path, sshd_fleet.hosts[:2], free_port())
+    env = {**agent_env(), "PREFECT_HOME": str(tmp_path / "prefect"), **PREFECT_DEFAULTS}  # its own ephemeral API
+    log = tmp_path / "flow.log"
+    # its own session: the ephemeral API server it starts is ended with it at the end
+    flow = subprocess.Popen([sys.executable, "-c", CANCELLED_PRETRAIN, str(inventory), str(elpv_small / "generic")],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def job() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", "--", f"--out {tmp_path}"], capture_output=True, text=True, check=False)
+        return found.stdout.split()
+
+    try:
+        deadline = time.time() + 400
+        while not (len(list(tmp_path.glob("host*/*.pid"))) == 2 and job()) and time.time() < deadline \
+                and flow.poll() is None:
+            time.sleep(0.5)
+        assert flow.poll() is None and len(list(tmp_path.glob("host*/*.pid"))) == 2 and job(), \
+            "the job never ran on both trainers: " + log.read_text()[-3000:]
+        time.sleep(5)  # mid-training (500 epochs would take many minutes)
+        flow.send_signal(signal.SIGTERM)
+        try:
+            flow.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            left = subprocess.run(["pgrep", "-af", "--", str(tmp_path)], capture_output=True, text=True).stdout
+            pytest.fail(f"the cancelled flow did not end:\n{log.read_text()[-3000:]}\nstill running:\n{left}")
+    finally:
+        try:
+            os.killpg(flow.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        flow.wait(10)
+    output = log.read_text()
+    assert flow.returncode != 0, output
+    deadline = time.time() + 10
+    while job() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not job(), f"left on the trainers: {job()}\n{output[-2000:]}"
+    assert not list(tmp_path.glob("host*/*.pid"))
+    assert os.path.exists(tmp_path / "host0")

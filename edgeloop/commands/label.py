@@ -11,8 +11,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("-i", "--inventory", required=True, help="the fleet's inventory (its store and registry)")
     parser.add_argument("--classes", help="comma-separated class names (default: the champion model's)")
     parser.add_argument("--family", default="elpv-defects", help="model family whose champion names the classes")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (off loopback a token is "
+                                                            "required)")
     parser.add_argument("--port", type=int, default=8790)
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="a Host name the page answers under besides the --host address (repeatable)")
+    parser.add_argument("--token-env", default="EDGELOOP_LABEL_TOKEN", metavar="VAR",
+                        help="environment variable holding the page's token (required off loopback)")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--export", type=Path, metavar="FILE", help="write the pending samples as Label Studio tasks")
     what.add_argument("--import", dest="import_", type=Path, metavar="FILE",
@@ -42,10 +47,19 @@ def _label(args: argparse.Namespace) -> int:
     if args.import_:
         print(f"took {queue.import_label_studio(args.import_)} labels from {args.import_}")
         return 0
+    import os
+
     import uvicorn
 
-    from orchestrator.labelpage import create_app
+    from orchestrator.labelpage import create_app, is_loopback
 
-    print(f"labelling queue on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    uvicorn.run(create_app(queue, samples), host=args.host, port=args.port, log_level="warning")
+    token = os.environ.get(args.token_env) or None
+    if not is_loopback(args.host) and not token:
+        raise ValueError(f"--host {args.host} is off loopback: set a token in ${args.token_env} (anyone who can "
+                         "reach the page could otherwise label the fleet's training data)")
+    hosts = ["127.0.0.1", "localhost", "::1", args.host, *args.allow_host]
+    print(f"labelling queue on http://{args.host}:{args.port}/{'?token=...' if token else ''} (Ctrl-C to stop)",
+          flush=True)
+    uvicorn.run(create_app(queue, samples, hosts=hosts, token=token), host=args.host, port=args.port,
+                log_level="warning")
     return 0

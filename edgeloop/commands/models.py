@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from orchestrator.registry import ModelRegistry, table
+from orchestrator.registry import ModelRegistry, RegistryError, table
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +37,15 @@ def _print_rows(rows: list[dict]) -> None:
         print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
 
 
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    """The registry the user named; one that does not exist is an error, not an empty list."""
+    if not Path(args.registry).is_dir():  # (opening one creates it: a typo must not make a new, empty one)
+        raise RegistryError(f"no registry at {args.registry} (the inventory's cloud.registry)")
+    return ModelRegistry(args.registry)
+
+
 def _list(args: argparse.Namespace) -> int:
-    registry = ModelRegistry(args.registry)
+    registry = _registry(args)
     _print_rows(table(list(registry.versions(args.family))))
     for name, why in registry.skipped.items():
         print(f"skipped {registry.root / name}: not a model version ({why})", file=sys.stderr)
@@ -45,10 +53,10 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    print(json.dumps(ModelRegistry(args.registry).get(args.version).model_dump(), indent=1))
+    print(json.dumps(_registry(args).get(args.version).model_dump(), indent=1))
     return 0
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    _print_rows(table(ModelRegistry(args.registry).lineage(args.version)))
+    _print_rows(table(_registry(args).lineage(args.version)))
     return 0

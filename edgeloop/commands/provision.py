@@ -15,7 +15,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("provision", help="provision edge sites over SSH (agentless, idempotent)")
     parser.add_argument("-i", "--inventory", required=True, help="inventory YAML")
     parser.add_argument("--limit", default="", help="comma-separated site names (default: all)")
-    parser.add_argument("--check", action="store_true", help="connect and report what would change; change nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="connect and report what would change (and how many wheels, how many bytes would be "
+                             "shipped); change nothing")
     parser.add_argument("--accept-new-host-keys", action="store_true",
                         help="trust unknown host keys on first use and record them (changed keys are always refused)")
     parser.add_argument("--concurrency", type=int, default=None, help="hosts at once (default: the inventory's)")

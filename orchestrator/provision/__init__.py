@@ -4,9 +4,14 @@ For each site (over SSH, or locally for the demo)::
 
     connect → facts → folders → wheel → install → config → service → restart → health
 
+``facts`` also plans the install (install mode and profile per site): the wheels the host lacks and the
+disk they need, refusing the host before anything is shipped.
+
 =============  =====================================================================
 ``report``     the results: per host and step, ok / changed / failed / skipped
 ``wheel``      the project's wheel, built once per content of its sources
+``wheelhouse`` the agent's dependencies resolved per host platform and profile (pip download), kept
+               content-addressed, shipped to hosts that have no index
 ``hostworker`` the stdlib-only program that does the work on the host
 ``remote``     transports to a host (SSH, local) and the host worker client
 ``service``    systemd unit and supervisor script: templates, names, paths

@@ -139,6 +139,7 @@ def _libc() -> List[str]:
 def facts(req: Request) -> Answer:
     """What the steps need to know about the host: Python, resources, home, the resolved root, systemd."""
     mem = _first_field("/proc/meminfo", "MemTotal:")
+    libc = _libc()
     os_name = _first_field("/etc/os-release", "PRETTY_NAME=")
     home = os.path.expanduser("~")
     root = req["root"].replace("~", home, 1) if req["root"].startswith("~/") else req["root"]
@@ -148,7 +149,7 @@ def facts(req: Request) -> Answer:
             "disk_free_bytes": shutil.disk_usage(existing_parent(root)).free, "gpu": _gpu(),
             "home": home, "root": root, "uid": os.getuid(), "time": time.time(),
             "implementation": {"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name, sys.implementation.name),
-            "libc": _libc()[0], "libc_version": _libc()[1],
+            "libc": libc[0], "libc_version": libc[1],
             "systemd": os.path.isdir("/run/systemd/system") and bool(shutil.which("systemctl"))}
 
 
@@ -474,51 +475,122 @@ def health(req: Request) -> Answer:
         time.sleep(0.2)
 
 
+# -- deploy records and rollback (names as in edge_agent.layout.AgentPaths: this file cannot import it)
+
+
+def _models(root: str, *parts: str) -> str:
+    return os.path.join(os.path.expanduser(root), "models", *parts)
+
+
+def _active(root: str) -> Optional[str]:
+    link = _models(root, "active")
+    return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+
+
+def _record(root: str, version: str) -> Optional[Dict]:
+    text = read(_models(root, "deploys", version + ".json"))
+    try:
+        record = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "before_active" in record else None
+
+
+def _fence(root: str, version: str, add: bool) -> bool:
+    """Add ``version`` to (or drop it from) ``models/fence.json``; True when that changed the file."""
+    path = _models(root, "fence.json")
+    try:
+        versions = list(json.loads(read(path) or "{}").get("versions", []))
+    except (ValueError, AttributeError):
+        versions = []
+    if (version in versions) == add:
+        return False
+    versions = versions + [version] if add else [v for v in versions if v != version]
+    write_atomic(path, json.dumps({"versions": versions}))
+    return True
+
+
+def deploy_record(req: Request) -> Answer:
+    """Before base ``version`` lands: note what serves now (what a rollback of it restores) and lift any old
+    fence on it. A version already in place keeps its first record (a re-run deploys nothing)."""
+    root, version = req["root"], req["version"]
+    if os.path.isdir(_models(root, "base", version)) and _record(root, version) is not None:
+        return {"changed": False, "before_active": _record(root, version)["before_active"]}
+    folder = _models(root, "deploys")
+    os.makedirs(folder, exist_ok=True)
+    before = _active(root)
+    write_atomic(os.path.join(folder, version + ".json"),
+                 json.dumps({"version": version, "before_active": before, "time": time.time()}))
+    _fence(root, version, add=False)
+    return {"changed": True, "before_active": before}
+
+
+def _set_aside(root: str, version: str) -> bool:
+    base = _models(root, "base", version)
+    if not os.path.isdir(base):
+        return False
+    os.rename(base, _models(root, "base", ".rolled-back-{}-{}".format(version, int(time.time()))))
+    return True
+
+
+def _check_ensemble(root: str, name: str, check: List[str]) -> Optional[str]:
+    """Why ensemble ``name`` would not serve (None: it would), by the agent's own ``check-ensemble``."""
+    if not os.path.isfile(_models(root, "ensembles", name, "ensemble.onnx")):
+        return "ensemble {} is gone (models/ensembles/{}/ensemble.onnx missing)".format(name, name)
+    argv = list(check)
+    if not os.path.exists(argv[0]):
+        argv[0] = sys.executable  # no venv (a local demo site): the base interpreter has the agent
+    done = subprocess.run(argv + [name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=300)
+    return None if done.returncode == 0 else (done.stderr.strip()[-500:] or "exit status %d" % done.returncode)
+
+
 def rollback(req: Request) -> Answer:
-    """Undo a deploy at a site: the base version is set aside (the agent ignores dot-folders, so it is never
-    fine-tuned from again) and ``models/active`` points back at the ensemble that served before, in one
-    atomic rename; the running agent picks the link up on its next request."""
-    root = os.path.expanduser(req["root"])
+    """Undo the deploy of base ``version``: serve exactly what served before it, then set the base aside.
+
+    Refuses, before touching anything, when the site has no record of what served before the version, or
+    when that ensemble is gone or would not serve. Then, under the agent's activation lock, the version is
+    fenced (a running fine-tune built on it will not activate) and ``models/active`` switched back; only
+    then is the base set aside. A site that never got the version is not touched; a second run changes
+    nothing. The answer says what serves now, even on a refusal.
+    """
+    root, version = os.path.expanduser(req["root"]), req["version"]
+    serving = _active(root)
+    record = _record(root, version)
+    present = os.path.isdir(_models(root, "base", version))
+    if record is None and not present:
+        return {"changed": [], "never_got": True, "serving": serving}
+    if record is None:
+        return {"error": "no record of what served before {} (deployed before records were kept); nothing "
+                         "changed; serving {}".format(version, serving)}
+    before = record["before_active"]
     changed = []
-    version = req.get("version") or _newest(os.path.join(root, "models", "base"), keep_one=True)
-    if version is None:
-        return {"changed": [], "error": "nothing to roll back: the site has at most one base model"}
-    req = dict(req, version=version)
-    if req.get("active") == "previous":
-        link = os.path.join(root, "models", "active")
-        current = os.path.basename(os.readlink(link)) if os.path.islink(link) else None
-        req["active"] = _newest(os.path.join(root, "models", "ensembles"), skip=current)
-    base = os.path.join(root, "models", "base", req["version"])
-    if os.path.isdir(base):
-        os.rename(base, os.path.join(root, "models", "base", ".rolled-back-{}-{}".format(req["version"],
-                                                                                          int(time.time()))))
-        changed.append("base")
-    active = req.get("active")
-    if active:  # (none: the agent serves what it serves; with no older ensemble, the base as-is again)
-        target = os.path.join("ensembles", active)
-        if not os.path.isdir(os.path.join(root, "models", target)):
-            return {"changed": changed, "error": "ensemble {} to roll back to is gone".format(active)}
-        link = os.path.join(root, "models", "active")
-        if not (os.path.islink(link) and os.readlink(link) == target):
-            temp = os.path.join(root, "models", ".active-rollback")
+    if before != serving and before is not None:
+        why = _check_ensemble(root, before, req["check"])
+        if why:
+            return {"error": "cannot restore {}: {}; nothing changed; serving {}".format(before, why, serving)}
+    if req.get("dry_run"):
+        return {"changed": [], "would_restore": before, "serving": serving}
+    import fcntl
+
+    os.makedirs(_models(root), exist_ok=True)
+    with open(_models(root, ".activation.lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _fence(root, version, add=True):
+            changed.append("fence")
+        if _active(root) != before:
+            link, temp = _models(root, "active"), _models(root, ".active-rollback")
             if os.path.lexists(temp):
                 os.unlink(temp)
-            os.symlink(target, temp)
-            os.replace(temp, link)
+            if before is None:
+                os.unlink(link)  # nothing served before the version: nothing serves again
+            else:
+                os.symlink(os.path.join("ensembles", before), temp)
+                os.replace(temp, link)
             changed.append("active")
-    return {"changed": changed, "version": req["version"], "active": active}
-
-
-def _newest(folder: str, keep_one: bool = False, skip: Optional[str] = None) -> Optional[str]:
-    """The most recently written sub-folder of ``folder`` (dot-folders and ``skip`` aside)."""
-    try:
-        names = [n for n in os.listdir(folder) if not n.startswith(".") and n != skip
-                 and os.path.isdir(os.path.join(folder, n))]
-    except OSError:
-        return None
-    if not names or (keep_one and len(names) < 2):
-        return None
-    return max(names, key=lambda n: os.path.getmtime(os.path.join(folder, n)))
+    if _set_aside(root, version):
+        changed.append("base")
+    return {"changed": changed, "version": version, "serving": _active(root)}
 
 
 # -- the protocol
@@ -526,7 +598,7 @@ def _newest(folder: str, keep_one: bool = False, skip: Optional[str] = None) -> 
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
        "install": install, "wheels_missing": wheels_missing, "process_state": process_state,
        "process_restart": process_restart, "process_stop": process_stop, "restart_pending": restart_pending,
-       "systemd": systemd, "health": health, "rollback": rollback}
+       "systemd": systemd, "health": health, "deploy_record": deploy_record, "rollback": rollback}
 
 
 def handle(line: str) -> Answer:

@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass, field
 STEPS = ("connect", "facts", "folders", "wheel", "install", "config", "service", "restart", "health")
 OK, CHANGED, FAILED, SKIPPED = "ok", "changed", "failed", "skipped"
 
+
+def shown(status: str, check: bool) -> str:
+    """A status as a person reads it: in check mode nothing changed, so ``changed`` is ``would change``."""
+    return "would change" if check and status == CHANGED else status
+
 # What a person would type to do each step by hand on one host (for the benchmark's comparison).
 MANUAL_COMMANDS = {
     "connect": 1,   # ssh user@host
@@ -93,7 +98,7 @@ class RunReport:
 
     def rows(self) -> list[dict]:
         """One row per host and step (the Prefect table artifact, the CLI's --json)."""
-        return [{"site": h.site, "step": s.step, "status": s.status, "message": s.message,
+        return [{"site": h.site, "step": s.step, "status": shown(s.status, self.check), "message": s.message,
                  "seconds": round(s.seconds, 2)} for h in self.hosts for s in h.steps]
 
     def recap(self) -> str:
@@ -101,10 +106,12 @@ class RunReport:
         width = max([len(h.site) for h in self.hosts] + [4])
         mode = " (check mode: nothing was changed)" if self.check else ""
         lines = [f"PROVISION RECAP{mode}"]
+        changed = "would_change" if self.check else "changed"
         for h in self.hosts:
             shipped = f"  shipped {h.shipped_bytes / 2**20:.1f} MiB" if h.shipped_bytes else ""
-            lines.append(f"{h.site:<{width}}  {h.status:<7}  ok={h.count(OK)} changed={h.count(CHANGED)} "
-                         f"failed={h.count(FAILED)} skipped={h.count(SKIPPED)}  {h.seconds:.1f}s{shipped}")
+            lines.append(f"{h.site:<{width}}  {shown(h.status, self.check):<7}  ok={h.count(OK)} "
+                         f"{changed}={h.count(CHANGED)} failed={h.count(FAILED)} skipped={h.count(SKIPPED)}  "
+                         f"{h.seconds:.1f}s{shipped}")
         if self.failed:
             lines.append(f"{len(self.failed)} of {len(self.hosts)} host(s) failed:")
             lines += [f"  {h.site}: {h.reason}" for h in self.failed]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -37,7 +36,8 @@ from orchestrator.provision.wheelhouse import (
     Platform,
     WheelFile,
     Wheelhouse,
-    project_requirements,
+    installed_size,
+    site_requirements,
     wheelhouse_at,
 )
 
@@ -139,29 +139,31 @@ class SiteProvisioner:
         (with the package and platform, or need vs free) before anything is shipped."""
         install = self.site.install
         mode, facts = self.site.install_mode, self.result.facts
-        ship = installed = 0
         if mode == "wheelhouse":
             try:
-                self.lock = self.wheelhouse.lock(install.profile, Platform.from_facts(facts))
+                self.lock = self.wheelhouse.lock(install.profile, Platform.from_facts(facts), self.store_url)
             except NoWheel as exc:
                 raise StepFailed(str(exc)) from None
-            wheels = {w.name: w for w in self.lock.wheels}
-            out = self.call("wheels_missing", folder=f"{self.root}/wheels",
-                            wheels=[{"name": w.name, "sha256": w.sha256, "size": w.size} for w in wheels.values()])
-            self.missing = {name: out["partial"].get(name, 0) for name in out["missing"]}
-            ship = sum(wheels[n].size - done for n, done in self.missing.items())
-            installed = self.lock.installed_size if self.missing else 0
-        if self.call("file_sha", path=f"{self.root}/wheels/{self.wheel.name}")["sha256"] != self.wheel.sha256:
-            ship += self.wheel.path.stat().st_size
-        need = ship + installed + (install.disk_reserve_mb << 20 if ship or installed else 0)
+        wanted = self.wanted()
+        out = self.call("wheels_missing", folder=f"{self.root}/wheels",
+                        wheels=[{"name": w.name, "sha256": w.sha256, "size": w.size} for w in wanted])
+        self.missing = {name: out["partial"].get(name, 0) for name in out["missing"]}
+        ship = sum(w.size - self.missing[w.name] for w in wanted if w.name in self.missing)
+        installed = sum(w.installed_size for w in wanted) if self.missing else 0
+        need = ship + installed + (install.disk_reserve_mb << 20 if self.missing else 0)
         free = facts["disk_free_bytes"]
         if need > free:
             raise StepFailed(f"not enough disk at {self.root}: need {_size(need)} ({_size(ship)} to ship, "
                              f"{_size(installed)} installed, {install.disk_reserve_mb} MiB reserve), "
                              f"{_size(free)} free")
-        return f"install {mode}, profile {install.profile}" + (
-            f": {len(self.lock.wheels) - len(self.missing)}/{len(self.lock.wheels)} wheels present, "
-            f"{_size(ship)} to ship" if self.lock else "")
+        return (f"install {mode}, profile {install.profile}: {len(wanted) - len(self.missing)}/{len(wanted)} "
+                f"wheels present, {_size(ship)} to ship")
+
+    def wanted(self) -> list[WheelFile]:
+        """The wheels the host must hold: the project's, and with a wheelhouse its dependencies for the host."""
+        ours = WheelFile(self.wheel.name, self.wheel.sha256, self.wheel.path.stat().st_size,
+                         installed_size(self.wheel.path))
+        return [*(self.lock.wheels if self.lock else ()), ours]
 
     def folders(self) -> tuple[str, str]:
         wanted = [str(f) for f in self.paths.folders()] + [f"{self.root}/bin", f"{self.root}/wheels"]
@@ -171,31 +173,28 @@ class SiteProvisioner:
         return CHANGED, self.would(f"create {len(missing)} folder(s) under {self.root}")
 
     def wheel_step(self) -> tuple[str, str]:
-        """The project's wheel, and with a wheelhouse the dependency wheels the host lacks (each sha256
-        checked on the host; a cut-off upload resumes where it stopped)."""
-        target = f"{self.root}/wheels/{self.wheel.name}"
-        ours = self.call("file_sha", path=target)["sha256"] != self.wheel.sha256
-        deps = [w for w in (self.lock.wheels if self.lock else ()) if w.name in self.missing]
-        present = f"{self.wheel.name} present (sha256 {self.wheel.sha256[:12]})" + (
-            f", {len(self.lock.wheels)} dependency wheels present" if self.lock else "")
-        if not ours and not deps:
-            return OK, present
+        """The wheels the host lacks (the facts step found which): each sha256-checked on the host before it
+        counts; a cut-off upload resumes where it stopped."""
+        wanted = self.wanted()
+        todo = [w for w in wanted if w.name in self.missing]
+        if not todo:
+            return OK, f"{len(wanted)} wheel(s) present ({self.wheel.name}, sha256 {self.wheel.sha256[:12]})"
         self.needs_restart = True
-        size = sum(w.size - self.missing[w.name] for w in deps) + (self.wheel.path.stat().st_size if ours else 0)
-        what = f"{len(deps) + ours} wheel(s), {_size(size)}"
-        self.result.shipped_bytes += 0 if self.check else size
+        resumed = sum(self.missing[w.name] for w in todo)
+        size = sum(w.size for w in todo) - resumed
+        what = f"{len(todo)} wheel(s), {_size(size)}"
         if self.check:
             return CHANGED, f"would ship {what}"
-        for wheel in deps:
-            self._ship(self.wheelhouse.blob(wheel), wheel, self.missing[wheel.name])
-        if ours:
-            tmp = f"{self.root}/wheels/.{self.wheel.name}.tmp-{uuid.uuid4().hex[:8]}"
-            self.remote.put(self.wheel.path, tmp)
-            self.result.commands += 1
-            self.call("commit", tmp=tmp, path=target, sha256=self.wheel.sha256, restart_marker=self.marker)
-        resumed = sum(self.missing[w.name] for w in deps)
+        for wheel in todo:
+            local = self.wheel.path if wheel.name == self.wheel.name else self.wheelhouse.blob(wheel)
+            self._ship(local, wheel, self.missing[wheel.name])
+        self.result.shipped_bytes += size
         return CHANGED, f"shipped {what}" + (f" (resumed after {_size(resumed)} a cut-off upload left)"
                                              if resumed else "")
+
+    @property
+    def store_url(self) -> str:
+        return self.site.store_url or self.inventory.cloud.store_url
 
     @property
     def wheelhouse(self) -> Wheelhouse:
@@ -216,7 +215,8 @@ class SiteProvisioner:
                      "pip_wheel": next(w.name for w in self.lock.wheels if w.project == "pip")}
         elif mode == "index":
             constraints = self.wheelhouse.constraints
-            extra = {"requirements": "".join(f"{r}\n" for r in project_requirements(install.profile)),
+            requirements = site_requirements(install.profile, self.store_url)
+            extra = {"requirements": "".join(f"{r}\n" for r in requirements),
                      "index_url": install.index_url, "constraints": constraints.read_text() if constraints else ""}
         out = self.call("install", venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}", mode=mode,
                         profile=install.profile,
@@ -247,7 +247,7 @@ class SiteProvisioner:
 
     def _store_host_keys(self) -> bool:
         """Give the agent the store's host key from the inventory's known_hosts, so it verifies the store."""
-        url = urlsplit(self.site.store_url or self.inventory.cloud.store_url)
+        url = urlsplit(self.store_url)
         name = known_hosts_name(url.hostname or "", url.port or 22)
         lines = known_host_lines(self.inventory.known_hosts, name)
         if not lines:

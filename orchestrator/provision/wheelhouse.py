@@ -114,9 +114,25 @@ def installed_size(wheel: Path) -> int:
         return sum(info.file_size for info in archive.infolist())
 
 
+# A store protocol's fsspec package, for a site whose profile does not bring it (edge-serve with s3://).
+STORE_PACKAGES = {"s3": "s3fs"}
+
+
+def site_requirements(profile: str, store_url: str = "") -> list[str]:
+    """What a site installs: its profile, plus the package of its store's protocol when the profile lacks it."""
+    out = project_requirements(profile)
+    package = STORE_PACKAGES.get(store_url.split("://")[0]) if "://" in store_url else None
+    if package and not any(re.match(rf"{package}\b", r) for r in out):
+        out.append(package)
+    return out
+
+
 def project_requirements(profile: str, pyproject: Path = PROJECT_DIR / "pyproject.toml") -> list[str]:
     """The project's dependencies plus those of the profile's extra (read from ``pyproject.toml``)."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the TOML reader pip itself carries
+        from pip._vendor import tomli as tomllib
 
     project = tomllib.loads(pyproject.read_text())["project"]
     extras = project.get("optional-dependencies", {})
@@ -138,29 +154,29 @@ def project_requirements(profile: str, pyproject: Path = PROJECT_DIR / "pyprojec
 class Wheelhouse:
     """Wheels resolved per (profile, platform), kept content-addressed under ``root``.
 
-    ``constraints`` pins what must be pinned (the project's constraints.txt); ``pip_args`` adds index
-    options for the cloud's own pip when its configuration does not already say where wheels come from.
+    ``constraints`` pins what must be pinned (the project's constraints.txt). Where the wheels come from is
+    the cloud's own pip configuration (PyPI, a mirror, a find-links folder, its cache).
     """
 
-    def __init__(self, root: Path, constraints: Path | None = PROJECT_DIR / "constraints.txt",
-                 pip_args: tuple[str, ...] = ()):
+    def __init__(self, root: Path, constraints: Path | None = PROJECT_DIR / "constraints.txt"):
         self.root = Path(root)
         self.constraints = constraints if constraints and constraints.exists() else None
-        self.pip_args = pip_args
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def blob(self, wheel: WheelFile) -> Path:
         return self.root / "blobs" / wheel.sha256 / wheel.name
 
-    def _key(self, profile: str, platform: Platform) -> str:
-        digest = hashlib.sha256(json.dumps([profile, asdict(platform), project_requirements(profile),
+    def _key(self, profile: str, platform: Platform, requirements: list[str]) -> str:
+        digest = hashlib.sha256(json.dumps([profile, asdict(platform), requirements,
                                             self.constraints.read_text() if self.constraints else ""]).encode())
         return digest.hexdigest()[:24]
 
-    def lock(self, profile: str, platform: Platform) -> Lock:
-        """The profile's wheels for ``platform``: read from its lock file, else resolved now (once at a time)."""
-        key = self._key(profile, platform)
+    def lock(self, profile: str, platform: Platform, store_url: str = "") -> Lock:
+        """The wheels a site of ``profile`` (storing to ``store_url``) needs on ``platform``: read from its lock
+        file, else resolved now (once at a time)."""
+        requirements = site_requirements(profile, store_url)
+        key = self._key(profile, platform, requirements)
         with self._guard:
             guard = self._locks.setdefault(key, threading.Lock())
         with guard:  # hosts of one platform provisioned at once resolve it once
@@ -172,18 +188,18 @@ class Wheelhouse:
                     return Lock(profile, platform, wheels)
             except (OSError, ValueError, KeyError, TypeError):
                 pass
-            lock = self._resolve(profile, platform)
+            lock = self._resolve(profile, platform, requirements)
             write_json_atomic(path, {"profile": profile, "platform": asdict(platform),
                                      "wheels": [asdict(w) for w in lock.wheels]})
             return lock
 
-    def _resolve(self, profile: str, platform: Platform) -> Lock:
-        requirements = project_requirements(profile) + list(BOOTSTRAP)
+    def _resolve(self, profile: str, platform: Platform, requirements: list[str]) -> Lock:
+        requirements = requirements + list(BOOTSTRAP)
         self.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=self.root) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                    "--only-binary=:all:", "--python-version", platform.python, "--implementation",
-                   platform.implementation, "--abi", platform.abi, "--dest", tmp, *self.pip_args]
+                   platform.implementation, "--abi", platform.abi, "--dest", tmp]
             cmd += [arg for tag in platform.tags() for arg in ("--platform", tag)]
             if self.constraints:
                 cmd += ["-c", str(self.constraints)]

@@ -1,0 +1,92 @@
+"""What an operator sees in a real Prefect server's UI (screenshots by a real Chromium in test-artifacts/):
+the pretrain and retrain runs have their steps as tasks (train, gate, promote, collect...) in the run graph,
+their dataset defaults come from the inventory; a rollout to a site never provisioned fails at once, red,
+with its table of sites and reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+
+from agent_helpers import latest_artifact_id, latest_table, screenshot_prefect_page
+from test_serve import prefect_server  # noqa: F401 - a real server: the harness serves no UI
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _task_names(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return [r.name for r in runs]
+
+    return asyncio.run(read())
+
+
+@pytest.fixture
+def on_server(prefect_server):  # noqa: F811
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        yield prefect_server
+
+
+def test_pretrain_and_retrain_runs_show_their_steps_as_tasks(on_server, tmp_path, elpv_small):
+    from flows.stages import PretrainSettings, RetrainSettings, pretrain, retrain
+
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(f"""
+cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}",
+        datasets: {{generic: {elpv_small / 'generic'}}}}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
+""")
+    state = pretrain(str(inventory), PretrainSettings(family="graph", arch="tiny_cnn", epochs=1, batch_size=16),
+                     return_state=True)
+    assert state.is_completed() and state.result()["promoted"]  # on cloud.datasets.generic: no data given
+    pretrain_run = state.state_details.flow_run_id
+    names = _task_names(pretrain_run)
+    assert {"train-tiny_cnn", "promote-" + state.result()["candidate"]} <= set(names), names
+    assert any(n.startswith("gate-") for n in names)
+    page = screenshot_prefect_page(f"/runs/flow-run/{pretrain_run}", "pretrain-run-graph.png", ["edgeloop-pretrain"])
+    assert "did not generate any task" not in page
+
+    state = retrain(str(inventory), RetrainSettings(family="graph", epochs=1, rollout=False), return_state=True)
+    assert state.is_completed(), state
+    retrain_run = state.state_details.flow_run_id
+    names = _task_names(retrain_run)
+    assert {"read-samples", "train-from-champion"} <= set(names) and any(n.startswith("gate-") for n in names), names
+    page = screenshot_prefect_page(f"/runs/flow-run/{retrain_run}", "retrain-run-graph.png", ["edgeloop-retrain"])
+    assert "did not generate any task" not in page
+
+
+def test_a_rollout_to_a_site_never_provisioned_fails_at_once_with_its_table(on_server, tmp_path, tiny_base_model):
+    from flows.rollout import RolloutHalted, RolloutRequest, rollout
+    from orchestrator.registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register("elpv", tiny_base_model, arch="tiny_cnn", dataset_id=None, hyperparameters={},
+                                metrics={}).version
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_text(f"""
+cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}"}}
+rollout: {{canary: [new-site], timeout_s: 900}}
+defaults: {{connection: {{type: local}}, python: {sys.executable}}}
+sites: [{{name: new-site, root: "{tmp_path / 'new-site'}"}}, {{name: later, root: "{tmp_path / 'later'}"}}]
+""")
+    began = time.monotonic()
+    with pytest.raises(RolloutHalted, match=r"new-site failed: deploy failed: not provisioned: no agent config"):
+        rollout(str(inventory), RolloutRequest(version=version, family="elpv"))
+    assert time.monotonic() - began < 120  # at once, not after the 900 s timeout
+    assert not (tmp_path / "new-site" / "models" / "base" / version).exists()
+    rows = {r["site"]: r for r in latest_table("rollout")}
+    assert rows["new-site"]["rolled_back"] == "never got it" and rows["later"]["verdict"] == "not deployed"
+    page = screenshot_prefect_page(f"/artifacts/artifact/{latest_artifact_id('rollout')}", "rollout-verdict-table.png",
+                                   ["new-site", "not provisioned", "not deployed"])
+    assert "rolled_back" in page or "rolled back" in page
