@@ -22,7 +22,7 @@ import pytest
 
 from edge_agent.imaging import encode_png
 from orchestrator.deploy import deploy_model
-from orchestrator.health import assess, read_fleet_status
+from orchestrator.health import fleet_health, read_fleet_status
 from orchestrator.inventory import load_inventory
 from orchestrator.provision import CHANGED, FAILED, OK, SKIPPED, build_wheel, provision
 from orchestrator.provision.wheelhouse import Platform, wheelhouse_at
@@ -176,7 +176,7 @@ def test_the_deployed_model_serves_an_inbox_image_without_torch(served, tmp_path
     stored, refused = read_fleet_status(inventory.store(), [host.site])  # the heartbeat arrived in the store
     assert not refused, refused
     assert stored[host.site]["active_version"] == "base-v-serve" and stored[host.site]["time"] >= status_before
-    row = assess(stored, [host.site], stale_after_s=60)[0]  # what fleet-health shows for the site
+    row = fleet_health(inventory.store(), [host.site], stale_after_s=60)[0]  # what fleet-health shows
     assert row.verdict == "ok" and row.finetune == "fine-tune: off (profile edge-serve)"
     pid = status["pid"]
     maps = Path(f"/proc/{pid}/maps").read_text()
@@ -222,6 +222,7 @@ def test_a_platform_without_a_wheel_is_refused_naming_the_package(tmp_path):
 def test_a_cut_off_wheel_upload_resumes_where_it_stopped(offline_fleet, bare_python, tmp_path):
     """The host goes down part way through the wheels; the next run ships only the rest (the partial file's
     bytes are kept and the whole is sha256-checked on the host before it counts)."""
+    import contextlib
     import threading
 
     host = offline_fleet.hosts[0]
@@ -234,10 +235,15 @@ def test_a_cut_off_wheel_upload_resumes_where_it_stopped(offline_fleet, bare_pyt
     stop = threading.Event()
 
     def cut_when_a_part_is_big() -> None:
+        """Kill the host while a wheel has more than 4 MiB up and at least as much still to go (on a loaded
+        machine a smaller wheel can finish between the look and the kill)."""
         while not stop.is_set():
-            if any(p.stat().st_size > 4 << 20 for p in wheels.glob(".*.part") if p.exists()):
-                host.kill()
-                return
+            for part in wheels.glob(".*.part"):
+                whole = list((tmp_path / "wheelhouse" / "blobs" / part.name[1:-len(".part")]).glob("*.whl"))
+                with contextlib.suppress(OSError):
+                    if whole and 4 << 20 < part.stat().st_size < whole[0].stat().st_size - (4 << 20):
+                        host.kill()
+                        return
             time.sleep(0.01)
 
     cutter = threading.Thread(target=cut_when_a_part_is_big, daemon=True)

@@ -31,10 +31,16 @@ def _task_names(flow_run_id) -> list[str]:
 
 @pytest.fixture
 def on_server(prefect_server):  # noqa: F811
+    """This process's flows report to ``prefect_server``. Prefect's events worker is one per process and keeps
+    the API it started with (the session harness's, once an earlier test ran a flow), and task runs reach the
+    server as events: so it is drained before and after, and the next flow starts one for this server."""
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    EventsWorker.drain_all(timeout=30)
     with temporary_settings({PREFECT_API_URL: prefect_server}):
         yield prefect_server
+        EventsWorker.drain_all(timeout=30)
 
 
 def test_pretrain_and_retrain_runs_show_their_steps_as_tasks(on_server, tmp_path, elpv_small):
