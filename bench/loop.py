@@ -546,16 +546,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, few epochs: checks the pipeline")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the seeds a cut-short run of the same settings saved, and run only the rest")
     args = parser.parse_args()
     settings = Settings(seeds=args.seeds, rounds=args.rounds)
     if args.quick:
         settings = Settings(seeds=1, rounds=2, pretrain_epochs=2, retrain_epochs=1, finetune_epochs=1,
                             scratch_epochs=2)
     started = time.monotonic()
-    seeds = []
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "loop-quick" if args.quick else "loop"
-    for seed in range(settings.seeds):
+    seeds = _saved_seeds(args.out / f"{stem}.json", settings) if args.resume else []
+    for seed in range(len(seeds), settings.seeds):
         with tempfile.TemporaryDirectory(prefix=f"bench-loop-{seed}-") as tmp:
             seeds.append(run_seed(seed, settings, Path(tmp), lambda line: print(line, flush=True)))
         # written after every seed: a run cut short still leaves the seeds it finished (marked partial)
@@ -569,6 +571,18 @@ def main() -> int:
     print(markdown(result))
     print(f"wrote {args.out / stem}.json, .png, .md in {result['seconds'] / 60:.1f} min")
     return 0
+
+
+def _saved_seeds(path: Path, settings: Settings) -> list[dict]:
+    """The seeds an earlier run of the same settings finished (none if its settings differ)."""
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != settings.__dict__:
+        print(f"{path}: other settings, starting over", flush=True)
+        return []
+    print(f"{path}: resuming after seeds {[s['seed'] for s in saved['seeds']]}", flush=True)
+    return saved["seeds"]
 
 
 if __name__ == "__main__":
