@@ -96,3 +96,35 @@ sites: [{{name: new-site, root: "{tmp_path / 'new-site'}"}}, {{name: later, root
     page = screenshot_prefect_page(f"/artifacts/artifact/{latest_artifact_id('rollout')}", "rollout-verdict-table.png",
                                    ["new-site", "not provisioned", "not deployed"])
     assert "rolled_back" in page or "rolled back" in page
+
+
+def test_the_canary_analysis_table_shows_each_metric_before_and_after(on_server):
+    """The analysis artifact an operator reads after a canary: the rollout flow's own publishing of the checks
+    :func:`orchestrator.canary.analyse` makes of a site whose defect rate jumped (the e2e test in test_rollout
+    drives real sites into this; here the page is what is checked, in a real server's UI)."""
+    from prefect import flow
+
+    from flows.rollout import _publish
+    from orchestrator.canary import analyse
+    from orchestrator.inventory import CanaryThresholds
+
+    def heartbeat(model: str, defective: float) -> dict:
+        window = {"predictions": 40, "class_rates": {"defective": defective, "functional": 1 - defective},
+                  "mean_confidence": 0.9, "mean_disagreement": 0.05, "latency_p50_ms": 4.0,
+                  "latency_p95_ms": 6.0, "errors": 0, "quarantined": 0}
+        return {"active_version": model, "window": {model: window}}
+
+    checks = analyse("site-a", heartbeat("before", 0.1), heartbeat("after", 1.0), CanaryThresholds())
+    assert [c.metric for c in checks if c.failed] == ["rate of defective (points)", "rate of functional (points)"]
+
+    @flow(name="edgeloop-rollout-analysis-view")
+    def publish() -> None:
+        _publish([{"site": "site-a", "stage": "canary", "verdict": "failed", "reason": checks[0].why()}],
+                 [c.row() for c in checks], "v-bad")
+
+    publish()
+    rows = latest_table("rollout-analysis")
+    assert {r["metric"]: r["result"] for r in rows}["rate of defective (points)"] == "fail"
+    page = screenshot_prefect_page(f"/artifacts/artifact/{latest_artifact_id('rollout-analysis')}",
+                                   "rollout-analysis-table.png", ["rate of defective", "latency p95 growth"])
+    assert "fail" in page and "threshold" in page
