@@ -424,3 +424,23 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
         traffic.stop.set()
         stop_agents(roots)
 
+
+
+def test_gate_evidence_at_a_canary_fails_only_a_significantly_worse_version_and_says_when_it_improved():
+    """The gate row of a canary's analysis, from the paired gate its fine-tune ran on the version: a
+    significant improvement that now serves counts for ``rollout.require: improve``; a significantly worse
+    challenger fails the canary; noise does neither."""
+    from orchestrator.canary import gate_evidence
+
+    def run(accept: bool, b: int, c: int, serving: str | None) -> dict:
+        return {"serving": serving, "gate": {"accept": accept, "n": 60, "challenger_only": b, "incumbent_only": c,
+                                             "alpha": 0.1, "challenger_accuracy": 0.8, "incumbent_accuracy": 0.7}}
+
+    check, improved = gate_evidence("s1", run(True, 9, 1, "new"))
+    assert check.result == "pass" and improved
+    check, improved = gate_evidence("s1", run(False, 9, 1, "active"))  # the site kept what served: no gain
+    assert check.result == "pass" and not improved
+    check, improved = gate_evidence("s1", run(False, 1, 9, "active"))  # p(worse) = 11/1024
+    assert check.result == "fail" and not improved and "1 for / 9 against" in check.metric
+    check, improved = gate_evidence("s1", run(False, 2, 4, "active"))  # worse by two images: noise
+    assert check.result == "pass" and not improved
