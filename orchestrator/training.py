@@ -7,6 +7,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,15 +36,25 @@ def machine_info() -> dict:
 
 def train_on_dataset(data: str | Path, arch: str, out: str | Path, config: TrainConfig, *,
                      init: str | Path | None = None, image_size: int | None = None,
-                     on_epoch: Callable[[EpochMetrics], None] | None = None) -> dict:
+                     on_epoch: Callable[[EpochMetrics], None] | None = None,
+                     group: Callable[[], AbstractContextManager] = nullcontext) -> dict:
     """Train ``arch`` (or fine-tune the checkpoint ``init``) on a dataset version.
 
     Writes ``out/model.pt`` (best by validation accuracy) and ``out/metrics.json``, each atomically, and
     returns the metrics. ``image_size`` trains on resized images (default: the dataset's own size). In a
     distributed run every rank trains and rank 0 alone evaluates and writes; the others return ``{}``.
+    ``group`` joins the distributed job: entered only after this rank has read (and checked) every image,
+    so each rank names a bad file itself rather than dying in the rendezvous when a peer fails first.
     """
     dataset = open_dataset(data)
     train, val, test = (dataset.load_split(s, image_size) for s in ("train", "val", "test"))
+    with group():
+        return _train_loaded(dataset, train, val, test, arch, out, config, init, image_size, on_epoch)
+
+
+def _train_loaded(dataset: DatasetVersion, train: ArraySet, val: ArraySet, test: ArraySet, arch: str,
+                  out: str | Path, config: TrainConfig, init: str | Path | None, image_size: int | None,
+                  on_epoch: Callable[[EpochMetrics], None] | None) -> dict:
     model, spec, normalization, parent_version = _starting_model(dataset, train, arch, config.seed, init, image_size)
     ranks = Ranks.current()
     if ranks.main:

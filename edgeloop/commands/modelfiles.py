@@ -95,9 +95,8 @@ def _train_here(args: argparse.Namespace, config) -> int:
 
     @record  # a rank's exception goes to the launcher, which names it in its error
     def run() -> dict:
-        with process_group(config.device):
-            return train_on_dataset(args.data, args.arch, args.out, config, init=args.init,
-                                    image_size=args.image_size, on_epoch=progress)
+        return train_on_dataset(args.data, args.arch, args.out, config, init=args.init, image_size=args.image_size,
+                                on_epoch=progress, group=lambda: process_group(config.device))
 
     metrics = run()
     if metrics:  # rank 0, or the only process
