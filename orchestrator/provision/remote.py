@@ -7,6 +7,7 @@ Provisioning, deploys and stops all talk to a host the same way: start the stdli
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -16,6 +17,8 @@ from typing import Protocol
 
 from orchestrator.inventory import Inventory, Site
 from orchestrator.provision import hostworker
+
+log = logging.getLogger(__name__)
 
 # Sent as ``python -c SOURCE``: the host needs nothing of edgeloop installed to run it.
 HOSTWORKER_SOURCE = Path(hostworker.__file__).read_text()
@@ -105,7 +108,12 @@ class SshRemote:
             raise WorkerGone(f"upload to the host stalled or failed: {exc or type(exc).__name__}") from None
 
     def close(self) -> None:
-        self.fab.close()
+        """Close the connection; one the host already dropped (it went down mid-step) has nothing to close,
+        and its failure is already in the step's result."""
+        try:
+            self.fab.close()
+        except (OSError, EOFError) as exc:
+            log.debug("closing a connection the host already dropped: %s", exc or type(exc).__name__)
 
 
 class LocalRemote:
