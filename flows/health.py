@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import argparse
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
+from flows.retries import transient
 from orchestrator import health
-from orchestrator.inventory import load_inventory
+from orchestrator.inventory import Inventory, load_inventory
 
 
 class FleetUnhealthy(RuntimeError):
     """Raised so the run ends Failed: some site needs a person."""
+
+
+@task(name="read-heartbeats", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient)
+def read_heartbeats(fleet: Inventory) -> list[health.SiteHealth]:
+    """Every site's heartbeat in one listing of the store, aged by the store's clock (a store that does not
+    answer is retried here, not by rerunning the flow)."""
+    return health.fleet_health(fleet.store(), fleet.names(), fleet.cloud.stale_after_s)
 
 
 @flow(name="edgeloop-fleet-health", log_prints=True)
@@ -28,7 +38,7 @@ def fleet_health(inventory: str = "inventory/local.yaml") -> list[dict]:
         inventory: path of the fleet's inventory YAML (sites, store, stale limit) where the flow runs
     """
     fleet = load_inventory(inventory)
-    rows = health.fleet_health(fleet.store(), fleet.names(), fleet.cloud.stale_after_s)
+    rows = read_heartbeats(fleet)
     create_table_artifact(key="fleet-health", table=[r.row() for r in rows],
                           description=f"latest heartbeat per site; stale after {fleet.cloud.stale_after_s:.0f} s")
     line = health.summary(rows)
