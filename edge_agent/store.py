@@ -1,5 +1,8 @@
 """The store: one fsspec URL that edges write samples and status to and the cloud reads them from.
 
+At about 450 lines it is one job: every write and every bounded read, on every backend, through one class,
+so file, sftp and s3 cannot drift apart.
+
 ``file://`` for the demo, ``sftp://`` or ``s3://`` (AWS or any S3-compatible service) for a real fleet; the
 same class, with the same options (credentials, known hosts), on both sides. A write is never seen half
 done: on a filesystem (file, sftp) it goes to a temporary ``.*.part`` name and is renamed; on an object

@@ -1,5 +1,8 @@
 """Inventory files: which edge sites exist, how to reach them, and what each one learns.
 
+One module on purpose (over 450 lines): it is the schema of one file, and its models validate each other
+(defaults merged under sites, secrets masked in every error), so splitting it would split one document.
+
 An inventory is one YAML file::
 
     cloud:    {store_url: ..., registry: ...}          # where samples/status go, where models live

@@ -1,5 +1,8 @@
 """The program provisioning runs on an edge host: stdlib only, no edgeloop installed.
 
+One file on purpose (over 450 lines): it travels to the host as one source text (``python -c``), so it
+cannot import a sibling module there.
+
 The cloud sends this file's source to the site's base interpreter (``python -c SOURCE``) over one SSH
 channel and then talks to it one JSON request per line (:func:`serve`). Each operation decides where
 the files are (compare hashes, create what is missing, write under a temporary name then rename), so a
