@@ -50,6 +50,13 @@ def statuses(report) -> dict[str, dict[str, str]]:
     return {h.site: {s.step: s.status for s in h.steps} for h in report.hosts}
 
 
+def is_dynamic(rel: Path) -> bool:
+    """A file the running agent writes by itself, including the temp file of an atomic rewrite in flight."""
+    top = rel.parts[0]
+    in_flight = top.startswith(".") and top.endswith(".tmp") and top[1:].rsplit(".", 2)[0] in DYNAMIC
+    return top in DYNAMIC or in_flight or top in {"outbox", "runs"} or "__pycache__" in rel.parts
+
+
 def tree_hashes(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root``, leaving out what a running agent rewrites by itself."""
     out = {}
@@ -57,8 +64,7 @@ def tree_hashes(root: Path) -> dict[str, str]:
         return out
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
-        if path.is_dir() or rel.parts[0] in DYNAMIC or "__pycache__" in rel.parts or rel.parts[0] in {
-                "outbox", "runs"}:
+        if path.is_dir() or is_dynamic(rel):
             continue
         out[str(rel)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "link"
     return out
