@@ -51,8 +51,12 @@ def training(data: Path, work: Path, epochs: int) -> dict:
         command = [sys.executable, "-m", "edgeloop", "train", "--data", str(data), "--arch", "resnet18",
                    "--out", str(out), "--epochs", str(epochs), "--batch-size", "64", "--nproc-per-node", str(ranks)]
         started = time.monotonic()
-        subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True)
+        run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         wall = time.monotonic() - started
+        if run.returncode:  # e.g. two NCCL ranks on a machine with one GPU: record why, go on
+            rows.append({"processes": ranks, "error": run.stderr.strip().splitlines()[-3:], "wall_s": round(wall, 1)})
+            print(f"training, {ranks} process(es): failed: {rows[-1]['error']}", flush=True)
+            continue
         metrics = json.loads((out / "metrics.json").read_text())
         images = metrics["train_images"] * metrics["epochs_run"]
         rows.append({"processes": ranks, "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -217,11 +221,12 @@ def markdown(result: dict) -> str:
     out = [f"## Past one process, past ten hosts\n\nMachine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}.\n"]
     if "training" in result:
         t = result["training"]
-        rows = "\n".join(f"| {r['processes']} | {r['device']} | {r['images_per_s']} | {r['train_s']} | {r['wall_s']} | "
-                         f"{r['test_acc']:.3f} |" for r in t["rows"])
+        rows = "\n".join(f"| {r['processes']} | failed: {' '.join(r['error'])[-160:]} | | | {r['wall_s']} | |" if "error" in r
+                         else f"| {r['processes']} | {r['device']} | {r['images_per_s']} | {r['train_s']} | {r['wall_s']} | "
+                              f"{r['test_acc']:.3f} |" for r in t["rows"])
         out.append(f"""### Training throughput, 1 and 2 processes (DDP)
 
-ResNet-18 on the ELPV generic pool ({t['rows'][0]['train_images']} training images), {t['epochs']} epochs, global
+ResNet-18 on the ELPV generic pool ({next((r['train_images'] for r in t['rows'] if 'train_images' in r), '?')} training images), {t['epochs']} epochs, global
 batch {t['global_batch']}; 2 processes split each batch and average gradients with gloo. GPU: {t['gpu']}.
 
 | processes | device | images/s | training (s) | wall incl. launch (s) | test acc |

@@ -32,12 +32,21 @@ def _noise() -> list:
     return [A.GaussNoise(std_range=(0.02, 0.08), p=0.6), A.GaussianBlur(blur_limit=(3, 3), p=0.3)]
 
 
+def _el() -> list:
+    """What varies between EL shots of the same cell: its orientation, a slightly different crop, the camera's
+    exposure and focus. Mild on purpose: a crack is a few pixels wide, and strong warps or noise erase it."""
+    return _flips() + [
+        A.Affine(scale=(0.95, 1.05), translate_percent=(-0.03, 0.03), rotate=(-3, 3), border_mode=0, p=0.5),
+        A.RandomBrightnessContrast(0.15, 0.15, p=0.5), A.GaussianBlur(blur_limit=(3, 3), p=0.15)]
+
+
 _RECIPES: dict[str, Callable[[], list]] = {
     "none": lambda: [],
     "flips": _flips,
     "contrast": lambda: _flips() + _contrast(),
     "geometric": lambda: _flips() + _geometric(),
     "noise": lambda: _flips() + _noise(),
+    "el": _el,
     "strong": lambda: _flips() + _contrast() + _geometric() + _noise()
     + [A.CoarseDropout((1, 2), (0.05, 0.15), (0.05, 0.15), p=0.3)],
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,6 +240,10 @@ def _safe_name(rel: Path) -> str:
 
 
 def elpv_root() -> Path:
+    """The ELPV folder (``labels.csv`` + ``images/``): ``EDGELOOP_ELPV_ROOT`` when set (a copy on a machine
+    without the package), else the bundled elpv-dataset package."""
+    if override := os.environ.get("EDGELOOP_ELPV_ROOT"):
+        return Path(override)
     try:
         import elpv_dataset
     except ImportError:

@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock
 
 
 class ModelSpec(BaseModel):
@@ -83,10 +84,43 @@ def _tiny_cnn(spec: ModelSpec) -> nn.Module:
     )
 
 
+class SlimResNet(nn.Module):
+    """A ResNet-18-shaped net (2-2-2-2 basic blocks) at a fraction of its width, for large inputs on a CPU.
+
+    ELPV's defects are thin cracks that a 96 px cell blurs away; at 256 px ResNet-18 costs 74 s an epoch on
+    2 cores, this net (widths 32..256) 22 s and the ``small`` one (16..128) 8 s, so full-size cells fit the
+    budget (bench/train_elpv.py). Inputs of 64 px and up get a 3x3/2 stem and a max-pool (4x down before
+    the first stage); smaller ones keep full resolution, or the last stage would see a 1x1 map.
+    """
+
+    def __init__(self, spec: ModelSpec, widths: tuple[int, ...]):
+        super().__init__()
+        large = spec.image_size >= 64
+        stem = [nn.Conv2d(spec.in_channels, widths[0], 3, 2 if large else 1, 1, bias=False),
+                nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)] + ([nn.MaxPool2d(3, 2, 1)] if large else [])
+        blocks, cin = [], widths[0]
+        for stage, width in enumerate(widths):
+            for index in range(2):
+                stride = 2 if stage and not index else 1
+                down = None if stride == 1 and cin == width else nn.Sequential(
+                    nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+                blocks.append(BasicBlock(cin, width, stride, down))
+                cin = width
+        for block in blocks:  # zero-init the last BN of each residual branch: every block starts as identity
+            nn.init.zeros_(block.bn2.weight)
+        self.features = nn.Sequential(*stem, *blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, spec.num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 ARCHITECTURES: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "resnet18": _resnet18,
     "mobilenet_v3_small": _mobilenet_v3_small,
     "tiny_cnn": _tiny_cnn,
+    "slim_resnet": lambda spec: SlimResNet(spec, (32, 64, 128, 256)),
+    "slim_resnet_small": lambda spec: SlimResNet(spec, (16, 32, 64, 128)),
 }
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 
 from .augment import build_policy
@@ -42,6 +43,11 @@ class TrainConfig(BaseModel):
     lr: float = Field(3e-3, gt=0, description="peak learning rate")
     weight_decay: float = Field(5e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_balance: Literal["none", "weighted"] = Field(
+        "none", description="weighted: each class's loss weighted by the inverse of its share of the training set")
+    ema_decay: float | None = Field(
+        None, ge=0.5, lt=1, description="keep an exponential moving average of the weights (per step) and "
+                                        "validate, keep and return the averaged model; None: the raw weights")
     optimizer: Literal["adamw", "sgd"] = "adamw"
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     seed: int = 0
@@ -222,10 +228,16 @@ def train_model(model: nn.Module, train: ArraySet, val: ArraySet, config: TrainC
     policy = build_policy(config.policy, seed=config.seed + ranks.rank)
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, config.epochs * -(-len(sampler) // batch_size))
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    weights = _class_weights(train, config, model)
+    criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                                    label_smoothing=config.label_smoothing)
+    # the averaged copy is what is validated and kept; BatchNorm statistics are averaged with the weights
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) \
+        if config.ema_decay else None
+    judged = ema.module if ema else model
     autocast, scaler = _mixed_precision(config, device)
     started = time.monotonic()
-    best = TrainResult(copy.deepcopy(model.state_dict()), -1.0, 0)
+    best = TrainResult(copy.deepcopy(judged.state_dict()), -1.0, 0)
 
     def stop_now() -> bool:
         if config.time_budget_s is None and should_stop is None:
@@ -254,19 +266,21 @@ def train_model(model: nn.Module, train: ArraySet, val: ArraySet, config: TrainC
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema:
+                ema.update_parameters(model)
             totals += torch.stack([loss.detach() * len(index), (logits.argmax(1) == y).sum(),
                                    torch.tensor(len(index), device=device)]).double().cpu()
             if stop_now():
                 best.stopped_early = True
                 break
         loss_sum, correct, seen = _all_ranks_sum(totals, ranks).tolist()
-        val_acc, val_loss = evaluate(model, val, normalization) if ranks.main else (float("nan"), float("nan"))
+        val_acc, val_loss = evaluate(judged, val, normalization) if ranks.main else (float("nan"), float("nan"))
         metrics = EpochMetrics(epoch, loss_sum / max(seen, 1), correct / max(seen, 1), val_loss, val_acc,
                                time.monotonic() - epoch_start, optimizer.param_groups[0]["lr"])
         best.history.append(metrics)
         score = metrics.train_acc if np.isnan(val_acc) else val_acc
         if ranks.main and score > best.best_val_acc:
-            best.state_dict, best.best_val_acc, best.best_epoch = copy.deepcopy(model.state_dict()), score, epoch
+            best.state_dict, best.best_val_acc, best.best_epoch = copy.deepcopy(judged.state_dict()), score, epoch
         if on_epoch and ranks.main:
             on_epoch(metrics)
         if best.stopped_early:
@@ -274,11 +288,28 @@ def train_model(model: nn.Module, train: ArraySet, val: ArraySet, config: TrainC
     if config.keep == "best" and ranks.main:
         model.load_state_dict(best.state_dict)
     else:
+        if ema:
+            model.load_state_dict(ema.module.state_dict())
         best.best_epoch, best.best_val_acc = len(best.history), best.history[-1].val_acc if best.history else -1.0
     # the device and layout that exporters, checkpoints and the edge expect
     model.to(device="cpu", memory_format=torch.contiguous_format).eval()
     best.seconds = time.monotonic() - started
     return best
+
+
+def _class_weights(train: ArraySet, config: TrainConfig, model: nn.Module) -> torch.Tensor | None:
+    """Inverse class frequencies (mean 1 over the classes present), or None for plain cross-entropy."""
+    if config.class_balance == "none":
+        return None
+    classes = _num_classes(model)
+    counts = np.bincount(train.labels, minlength=classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max((counts > 0).sum(), 1), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _num_classes(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return last.out_features
 
 
 def _all_ranks_sum(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:

@@ -31,7 +31,8 @@ METRICS = "metrics.json"
 def machine_info() -> dict:
     """Where a run trained: timings in metrics and benchmarks mean little without it."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def train_on_dataset(data: str | Path, arch: str, out: str | Path, config: TrainConfig, *,
