@@ -115,6 +115,7 @@ class SlimResNet(nn.Module):
         return self.head(self.features(x))
 
 
+DEFAULT_ARCH = "slim_resnet"  # the first base's architecture, chosen on val (bench/elpv_recipe.py)
 ARCHITECTURES: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "resnet18": _resnet18,
     "mobilenet_v3_small": _mobilenet_v3_small,

@@ -31,7 +31,8 @@ class DemoSettings(BaseSettings):
     home: Path = Field(PROJECT_DIR / ".demo", description="the demo's working folder: data, registry, store, sites")
     inventory: Path = Field(PROJECT_DIR / "inventory" / "local.yaml", description="the fleet to run on")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
-    pretrain_arch: str = "resnet18"
+    pretrain_arch: str = Field(
+        "slim_resnet", description="architecture of the first base (bench/elpv_recipe.py chose it on val)")
     pretrain_epochs: int = Field(8, ge=1)
     retrain_epochs: int = Field(3, ge=1)
     seed: int = 0

@@ -186,7 +186,11 @@ def process_group(device: str) -> Iterator[Ranks]:
         yield Ranks()
         return
     if resolve_device(device).type == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local_rank >= gpus:  # NCCL needs a GPU per rank; without this check CUDA fails with a device assert
+            raise ValueError(f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes per node, but this host has "
+                             f"{gpus} GPU(s): use --nproc-per-node {gpus} (or --device cpu)")
+        torch.cuda.set_device(local_rank)
         backend = "nccl"
     else:
         backend = "gloo"

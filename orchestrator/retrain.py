@@ -15,7 +15,7 @@ from pathlib import Path
 from edge_agent.datasets import DatasetVersion, open_dataset
 from edge_agent.gate import Decision, GateRule, Score
 from edge_agent.gate import gate as decide
-from edge_agent.models import load_checkpoint
+from edge_agent.models import DEFAULT_ARCH, load_checkpoint
 from edge_agent.ensemble import log_loss
 from edge_agent.train import EpochMetrics, TrainConfig, predict_proba
 from orchestrator.registry import ModelRegistry, ModelVersion
@@ -138,7 +138,7 @@ def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, 
     labeller = first_label(OperatorLabels(base.classes), *labellers)
     report, unlabelled = build_retraining_set(base, collection.accepted, labeller, out)
     champion = registry.champion(family)
-    candidate = train_version(registry, family, out, champion.arch if champion else "resnet18", config,
+    candidate = train_version(registry, family, out, champion.arch if champion else DEFAULT_ARCH, config,
                               parent=champion, note=f"retrained with {len(collection.accepted)} edge samples",
                               on_epoch=on_epoch)
     summary = {"dataset_id": report.dataset_id, "samples_accepted": len(collection.accepted),

@@ -10,14 +10,14 @@ from pathlib import Path
 from edge_agent.datasets import IMAGE_SUFFIXES
 
 # torch-free so that `edgeloop --help` stays fast; the factories check the names and list the valid ones.
-ARCHITECTURE_NAMES = "resnet18, mobilenet_v3_small, tiny_cnn"
-POLICY_NAMES = "none, flips, contrast, geometric, noise, strong"
+ARCHITECTURE_NAMES = "slim_resnet, slim_resnet_small, resnet18, mobilenet_v3_small, tiny_cnn"
+POLICY_NAMES = "none, flips, contrast, geometric, noise, el, strong"
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a model on a dataset version")
     train.add_argument("--data", required=True, help="dataset version folder")
-    train.add_argument("--arch", default="resnet18", help=ARCHITECTURE_NAMES)
+    train.add_argument("--arch", default="slim_resnet", help=ARCHITECTURE_NAMES)
     train.add_argument("--out", required=True, help="folder for model.pt and metrics.json")
     train.add_argument("--init", help="fine-tune this checkpoint instead of starting from scratch")
     # Unset knobs fall back to TrainConfig's defaults (one place for them; no torch import here).
@@ -26,6 +26,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--label-smoothing", type=float)
+    train.add_argument("--class-balance", choices=["none", "weighted"], help="weighted: inverse class frequency")
+    train.add_argument("--ema-decay", type=float, help="keep and return an exponential moving average of the weights")
     train.add_argument("--optimizer", choices=["adamw", "sgd"])
     train.add_argument("--schedule", choices=["onecycle", "cosine", "constant"])
     train.add_argument("--policy", help=f"augmentation policy: {POLICY_NAMES}")
