@@ -1,4 +1,5 @@
-"""Soft-voting ensembles: weights fitted on the site's validation split, exported as one ONNX graph.
+"""Soft-voting ensembles: weights fitted on the site's validation split when it is large enough (else equal),
+exported as one ONNX graph whose members may differ in architecture and input size.
 
 One graph holds every member and the weighted average, so serving is one onnxruntime session (one set of
 threads, one allocation arena) instead of K, and the switch to a new ensemble is a single file. The graph

@@ -1,7 +1,8 @@
 """Ensemble members: one worker process each, fine-tuned in parallel from a base model.
 
 Each member trains in its own process on its own
-bootstrap resample of the training split with its own augmentation policy, so the members err
+bootstrap resample of the training split with its own augmentation policy, and may have its own
+architecture (the newest base of that arch) and input size (the site's images resized to it), so the members err
 independently, which is what makes their average better than any one of them. The cores are split between
 them (``threads = cores // K``): the machine is used fully, never oversubscribed.
 

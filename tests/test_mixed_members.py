@@ -100,6 +100,11 @@ def test_members_of_another_arch_and_size_join_one_fused_ensemble_that_serves(tm
     assert report["new_precision"]["gate_int8"] is not None
     trained = json.loads((paths.runs / "r1" / "member-2.json").read_text())
     assert trained["image_size"] == 48
+    from edge_agent.models import load_checkpoint
+
+    _, meta = load_checkpoint(paths.runs / "r1" / "member-2.pt")  # the recipe's knobs reached the member
+    assert meta.spec.image_size == 48 and meta.parent == "v2"
+    assert meta.train_config["ema_decay"] == 0.9 and meta.train_config["class_balance"] == "weighted"
 
     handle = EnsembleHandle(paths.active_link, image_size=config.image_size)
     classifier = handle.get()
