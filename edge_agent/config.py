@@ -25,10 +25,16 @@ class Strict(BaseModel):
 
 
 class MemberConfig(Strict):
-    """One ensemble member: which architecture it fine-tunes and which augmentation it sees."""
+    """One ensemble member: which architecture it fine-tunes, at which input size, and which augmentation it
+    sees. Members that differ in architecture or size err differently, which is what an ensemble needs."""
 
-    arch: str = "resnet18"
-    policy: str = "flips"
+    arch: str = Field("resnet18", description="architecture (edge_agent.models.ARCHITECTURES); the newest "
+                                              "base of that arch is fine-tuned, else the newest base")
+    policy: str = Field("flips", description="augmentation policy (edge_agent.augment.POLICIES)")
+    image_size: int | None = Field(None, ge=16, description="input size the member fine-tunes and runs at "
+                                   "(the site's images resized to it; the ensemble resizes inside its graph); "
+                                   "None: its base's size. It must give the same network as the base's size "
+                                   "(resnet18 and the slim nets change their stem at 64 px)")
 
 
 class FinetuneConfig(Strict):
@@ -39,6 +45,14 @@ class FinetuneConfig(Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_balance: Literal["none", "weighted"] = Field("none", description="weighted: each class's loss "
+                                                       "weighted by the inverse of its share (edge_agent.train)")
+    ema_decay: float | None = Field(None, ge=0.5, lt=1, description="keep an exponential moving average of "
+                                    "the weights and keep that (edge_agent.train); None: the raw weights")
+    min_val_for_weights: int = Field(100, ge=0, description="val images needed to fit the ensemble's weights; "
+                                     "below, equal weights (the standard error of a val accuracy on fewer "
+                                     "images, 3-5 points, exceeds the 2-point margin a fitted weighting must "
+                                     "win by: the choice would be luck)")
     time_budget_s: float | None = Field(None, gt=0)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="bf16 autocast in training; auto = "

@@ -1,4 +1,5 @@
-"""Soft-voting ensembles: weights fitted on the site's validation split, exported as one ONNX graph.
+"""Soft-voting ensembles: weights fitted on the site's validation split when it is large enough (else equal),
+exported as one ONNX graph whose members may differ in architecture and input size.
 
 One graph holds every member and the weighted average, so serving is one onnxruntime session (one set of
 threads, one allocation arena) instead of K, and the switch to a new ensemble is a single file. The graph
@@ -59,17 +60,43 @@ def _fit(member_probs: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> W
     return WeightFit([float(w) for w in weights], accuracy(probs, labels), log_loss(probs, labels))
 
 
-def fused_module(members: Sequence, normalizations: Sequence, weights: Sequence[float]):
-    """One torch module: raw pixels → (weighted probs [N,C], member probs [N,K,C])."""
+def equal_or_fitted(member_probs: np.ndarray, labels: np.ndarray, min_val: int) -> tuple[WeightFit, str]:
+    """:func:`fit_weights` when val has at least ``min_val`` images, else equal weights; and why, for the report.
+
+    On a few dozen images the standard error of an accuracy (3-5 points) exceeds the margin a fitted weighting
+    must win by, so what it picks is mostly luck (ensembles below their best member in bench/loop.py)."""
+    k, n = member_probs.shape[1], len(labels)
+    if n >= min_val:
+        fit = fit_weights(member_probs, labels)
+        uniform = np.allclose(fit.weights, 1.0 / k)
+        return fit, (f"fitted on {n} val images (>= {min_val}): "
+                     + ("equal weights won" if uniform else "a weighting beat equal weights by the margin"))
+    return _fit(member_probs, labels, np.full(k, 1.0 / k)), \
+        f"equal weights: {n} val images are fewer than the {min_val} needed to fit them"
+
+
+def fused_module(members: Sequence, normalizations: Sequence, weights: Sequence[float],
+                 sizes: Sequence[int | None] | None = None):
+    """One torch module: raw pixels → (weighted probs [N,C], member probs [N,K,C]).
+
+    The graph has ONE input, at the site's image size (``export_ensemble``'s ``image_size``), not the largest
+    member's: every candidate (base as-is, active, new) is scored on the same site images and served by the
+    same path, which decodes images at the site's size, and a larger input would only carry upsampled pixels.
+    A member of another size (``sizes[k]``; None = the input's) resizes the input inside the graph, bilinear,
+    as it was resized in its fine-tune (:func:`edge_agent.export.resize`). To let members see more of a
+    cell, raise the site's size to the largest member's: smaller members then downsample.
+    """
     import torch
     from torch import nn
 
     from edge_agent.export import Classifier
 
+    sizes = list(sizes) if sizes is not None else [None] * len(members)
+
     class FusedEnsemble(nn.Module):
         def __init__(self):
             super().__init__()
-            self.members = nn.ModuleList(Classifier(m, n) for m, n in zip(members, normalizations))
+            self.members = nn.ModuleList(Classifier(m, n, s) for m, n, s in zip(members, normalizations, sizes))
             self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
 
         def forward(self, image: torch.Tensor):
@@ -80,11 +107,15 @@ def fused_module(members: Sequence, normalizations: Sequence, weights: Sequence[
 
 
 def export_ensemble(members: Sequence, normalizations: Sequence, weights: Sequence[float], path: Path, *,
-                    image_size: int, class_names: Sequence[str], metadata: dict[str, str]) -> Path:
+                    image_size: int, class_names: Sequence[str], metadata: dict[str, str],
+                    sizes: Sequence[int | None] | None = None) -> Path:
+    """The fused graph (:func:`fused_module`) as ONNX, input ``image_size``; ``sizes`` are the members' own."""
     from edge_agent.export import export_onnx
 
-    module = fused_module(members, normalizations, weights)
-    meta = {**metadata, "weights": json.dumps(list(weights)), "members": str(len(members))}
+    module = fused_module(members, normalizations, weights, sizes)
+    own = [image_size if s is None else int(s) for s in (sizes or [None] * len(members))]
+    meta = {**metadata, "weights": json.dumps(list(weights)), "members": str(len(members)),
+            "member_sizes": json.dumps(own)}
     return export_onnx(module, path, image_size=image_size, class_names=list(class_names), metadata=meta,
                        output_names=("probs", "member_probs"))
 

@@ -27,16 +27,39 @@ log = logging.getLogger(__name__)
 OPSET = 18
 
 
-class Classifier(nn.Module):
-    """Raw 0..255 pixels [N,1,H,W] in, class probabilities out."""
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixels [N,1,H,W] resized to ``size`` x ``size`` (bilinear, no antialiasing: ONNX Resize, which the INT8
+    quantiser keeps); the one resize a member sees both in training and inside the served graph."""
+    if image.shape[-1] == size and image.shape[-2] == size:
+        return image
+    return nn.functional.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
 
-    def __init__(self, model: nn.Module, normalization: Normalization):
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images [N,H,W] resized as the graph resizes them (:func:`resize`), for a member's data."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = [resize(torch.from_numpy(images[i:i + 256, None].astype(np.float32)), size)[:, 0]
+           for i in range(0, len(images), 256)]
+    if not out:
+        return np.zeros((0, size, size), np.uint8)
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+class Classifier(nn.Module):
+    """Raw 0..255 pixels [N,1,H,W] in, class probabilities out. With ``size``, the pixels are first resized
+    to the size the model runs at (an ensemble member of another size than the graph's input)."""
+
+    def __init__(self, model: nn.Module, normalization: Normalization, size: int | None = None):
         super().__init__()
         self.model = model
+        self.size = size
         self.register_buffer("mean", torch.tensor(normalization.mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(normalization.std, dtype=torch.float32))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.size is not None:
+            image = resize(image, self.size)
         return torch.softmax(self.model((image - self.mean) / self.std), dim=1)
 
 

@@ -31,7 +31,8 @@ from edge_agent.fileio import write_json_atomic
 from edge_agent.gate import choose
 from edge_agent.ids import new_id
 from edge_agent.layout import AgentPaths
-from edge_agent.members import MemberJob, available_memory, make_jobs, members_at_once, train_members
+from edge_agent.members import (MemberJob, available_memory, make_jobs, member_sizes, members_at_once,
+                                train_members)
 from edge_agent.sitedata import SPLITS, finetune_blocker, load_site_splits, split_counts
 
 log = logging.getLogger(__name__)
@@ -78,21 +79,28 @@ def save_splits(run_dir: Path, splits: dict) -> None:
 
 def build_ensemble(config: AgentConfig, jobs: list[MemberJob], splits: dict, version: str, staged: Path,
                    class_names: list[str], extra_meta: dict[str, str]) -> dict[str, Any]:
-    """Fit the weights on val, export the fused graph into ``staged``; returns the weights and val results."""
-    from edge_agent.ensemble import evaluate_graph, export_ensemble, fit_weights
+    """Weights (fitted on val when val is large enough: ``finetune.min_val_for_weights``, else equal), the
+    fused graph exported into ``staged`` at the site's size (members of other sizes resize inside it);
+    returns the weights, how they were chosen and the val results."""
+    from edge_agent.ensemble import equal_or_fitted, evaluate_graph, export_ensemble
+    from edge_agent.export import resize_images
     from edge_agent.models import load_checkpoint
     from edge_agent.onnx_model import OnnxClassifier
     from edge_agent.train import predict_proba
 
     loaded = [load_checkpoint(job.checkpoint) for job in jobs]
+    sizes = [meta.spec.image_size for _, meta in loaded]
     val = splits["val"]
-    member_val = np.stack([predict_proba(m, val.images, meta.normalization) for m, meta in loaded], axis=1)
-    fit = fit_weights(member_val, val.labels)
+    member_val = np.stack([predict_proba(m, resize_images(val.images, meta.spec.image_size), meta.normalization)
+                           for m, meta in loaded], axis=1)
+    fit, how = equal_or_fitted(member_val, val.labels, config.finetune.min_val_for_weights)
+    log.info("ensemble weights %s: %s", [round(w, 3) for w in fit.weights], how)
     path = export_ensemble([m for m, _ in loaded], [meta.normalization for _, meta in loaded], fit.weights,
                            staged / "ensemble.onnx", image_size=config.image_size, class_names=class_names,
-                           metadata={"version": version, "site": config.site, **extra_meta})
+                           metadata={"version": version, "site": config.site, **extra_meta}, sizes=sizes)
     classifier = OnnxClassifier(path, threads=config.workers)
-    return {"weights": fit.weights, "val": evaluate_graph(classifier, val.images, val.labels)}
+    return {"weights": fit.weights, "weights_fitted": len(val) >= config.finetune.min_val_for_weights,
+            "weights_reason": how, "member_sizes": sizes, "val": evaluate_graph(classifier, val.images, val.labels)}
 
 
 def run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: str,
@@ -131,6 +139,7 @@ def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: s
     available = available_memory()
     at_once = members_at_once(len(config.members), config.finetune.member_memory_mb << 20, available) \
         if parallel else 1
+    member_sizes(config, bases)  # a member whose size cannot take its base's weights fails here, not in a worker
     jobs = make_jobs(config, bases, run_dir, at_once)
     log.info("fine-tune %s: %d members, %d at once (%s MiB available, %d MiB per member), %d threads each, "
              "train/val/gate/test %d/%d/%d/%d", run_id, len(jobs), at_once,

@@ -1,7 +1,8 @@
 """Ensemble members: one worker process each, fine-tuned in parallel from a base model.
 
 Each member trains in its own process on its own
-bootstrap resample of the training split with its own augmentation policy, so the members err
+bootstrap resample of the training split with its own augmentation policy, and may have its own
+architecture (the newest base of that arch) and input size (the site's images resized to it), so the members err
 independently, which is what makes their average better than any one of them. The cores are split between
 them (``threads = cores // K``): the machine is used fully, never oversubscribed.
 
@@ -53,6 +54,7 @@ class MemberJob:
     threads: int
     seed: int
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    image_size: int | None = None  # the member's own input size; None: its base's
 
     @property
     def checkpoint(self) -> Path:
@@ -90,17 +92,22 @@ def member_main(job: MemberJob, events) -> None:
     rng = np.random.default_rng(job.seed)
     train = train.subset(rng.integers(0, len(train), len(train)))  # bootstrap: same size, with replacement
     model, meta = load_checkpoint(job.base_path)
+    spec = meta.spec.model_copy(update={"image_size": job.image_size or meta.spec.image_size})
+    if spec.image_size != train.images.shape[-1]:  # the site's images, resized as the ensemble's graph will
+        from edge_agent.export import resize_images
+        train, val = (ArraySet(resize_images(d.images, spec.image_size), d.labels) for d in (train, val))
     config = TrainConfig(**{**job.train, "threads": job.threads, "policy": job.policy, "seed": job.seed})
 
     def on_epoch(metrics) -> None:
         events.put(("epoch", job.index, asdict(metrics)))
 
     result = train_model(model, train, val, config, meta.normalization, on_epoch=on_epoch)
-    member_meta = CheckpointMeta(spec=meta.spec, class_names=meta.class_names, normalization=meta.normalization,
+    member_meta = CheckpointMeta(spec=spec, class_names=meta.class_names, normalization=meta.normalization,
                                  metrics={"val_acc": float(result.best_val_acc)}, dataset_id=None,
                                  parent=job.base_version, train_config=config.model_dump())
     save_checkpoint(job.checkpoint, model, member_meta)
-    summary = {"index": job.index, "arch": meta.spec.arch, "policy": job.policy, "base": job.base_version,
+    summary = {"index": job.index, "arch": spec.arch, "image_size": spec.image_size, "policy": job.policy,
+               "base": job.base_version,
                "best_val_acc": float(result.best_val_acc), "best_epoch": result.best_epoch,
                "epochs": len(result.history), "stopped_early": result.stopped_early,
                "seconds": round(result.seconds, 3), "threads": job.threads}
@@ -193,8 +200,30 @@ def make_jobs(config: AgentConfig, bases: list[tuple[str, Path, str]], run_dir: 
     waves = -(-k // max(1, at_once))
     budget = None if ft.time_budget_s is None else ft.time_budget_s / waves
     train = {"epochs": ft.epochs, "batch_size": ft.batch_size, "lr": ft.lr, "weight_decay": ft.weight_decay,
-             "label_smoothing": ft.label_smoothing, "time_budget_s": budget, "keep": ft.keep,
-             "precision": ft.precision}
+             "label_smoothing": ft.label_smoothing, "class_balance": ft.class_balance, "ema_decay": ft.ema_decay,
+             "time_budget_s": budget, "keep": ft.keep, "precision": ft.precision}
     return [MemberJob(i, arch, member.policy, version, str(path), str(run_dir),
-                      threads_per_member(cores, at_once), ft.seed + 1000 * (i + 1), train)
+                      threads_per_member(cores, at_once), ft.seed + 1000 * (i + 1), train, member.image_size)
             for i, (member, (version, path, arch)) in enumerate(zip(config.members, bases))]
+
+
+def member_sizes(config: AgentConfig, bases: list[tuple[str, Path, str]]) -> list[int]:
+    """Each member's input size (its own, else its base's), checked before any member trains: a member
+    fine-tunes its base's network, so its size must build that same network (resnet18 and the slim nets
+    change their stem at 64 px; a size across that line would load the base's weights into another net)."""
+    import torch
+
+    from edge_agent.models import ModelSpec, build_model
+
+    sizes = []
+    for index, (member, (version, path, _)) in enumerate(zip(config.members, bases)):
+        spec = ModelSpec.model_validate(torch.load(path, map_location="cpu", weights_only=True)["meta"]["spec"])
+        size = member.image_size or spec.image_size
+        if size != spec.image_size:
+            own = spec.model_copy(update={"image_size": size})
+            if repr(build_model(own)) != repr(build_model(spec)):
+                raise FinetuneError(f"member {index} ({spec.arch} at {size} px) is not the network of its base "
+                                    f"{version} at {spec.image_size} px; choose a size on the same side of "
+                                    f"64 px as the base's, or a base of that size")
+        sizes.append(size)
+    return sizes

@@ -34,7 +34,9 @@ from orchestrator.trainers import train_on_trainers
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
 INVENTORY_HELP = "path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs"
-Arch = Literal["resnet18", "mobilenet_v3_small", "tiny_cnn"]  # edge_agent.models.ARCHITECTURES
+# edge_agent.models.ARCHITECTURES (tests/test_tune.py checks they agree): the slim ResNets are ResNet-18's shape at half
+# (slim_resnet) or a quarter (slim_resnet_small) of its width, for full-size cells on a CPU.
+Arch = Literal["resnet18", "mobilenet_v3_small", "tiny_cnn", "slim_resnet", "slim_resnet_small"]
 CONTRACT_HELP = ("promote a candidate whose architecture, input size or classes differ from the champion's (the "
                  "fleet's members fine-tune from it and must then all take the new contract)")
 
@@ -45,7 +47,9 @@ class PretrainSettings(BaseModel):
     data: str | None = Field(None, description="dataset version to train on (edgeloop data import ...); default: "
                                                "the inventory's cloud.datasets.generic")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
-    arch: Arch = Field("resnet18", description="architecture (edge_agent.models)")
+    arch: Arch = Field("resnet18", description="architecture (edge_agent.models): resnet18, mobilenet_v3_small, "
+                       "tiny_cnn (tests), or slim_resnet / slim_resnet_small, ResNet-18's shape made narrow "
+                       "for 128-300 px cells on a CPU")
     epochs: int = Field(8, ge=1, description="training epochs (the best on the val split is kept)")
     batch_size: int = Field(64, ge=1, description="images per training step")
     lr: float = Field(3e-3, gt=0, description="peak learning rate (one-cycle)")

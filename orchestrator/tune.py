@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -33,9 +34,12 @@ from edge_agent.models import ARCHITECTURES
 from edge_agent.train import TrainConfig
 from orchestrator.training import train_on_dataset
 
-# Augmentation strength, weakest to strongest (edge_agent.augment's policies).
-POLICY_STRENGTH = ("none", "flips", "geometric", "strong")
-OPEN_ARCHS = ("tiny_cnn", "mobilenet_v3_small", "resnet18")  # searched when no champion fixes the contract
+# Augmentation strength, weakest to strongest (edge_agent.augment's policies; "el": what varies between EL shots).
+POLICY_STRENGTH = ("none", "flips", "el", "geometric", "strong")
+# Searched when no champion fixes the contract; the slim ResNets are sized for full-size cells on a CPU.
+OPEN_ARCHS = ("tiny_cnn", "mobilenet_v3_small", "resnet18", "slim_resnet_small", "slim_resnet")
+# The recipe's knobs a trial passes to TrainConfig as drawn (edge_agent.train; bench/elpv_recipe.py measures them).
+RECIPE_KNOBS = ("label_smoothing", "class_balance", "ema_decay")
 # Bounds a search must stay within: past them a value is a typo, not a plan (and would exhaust the machine).
 MAX_IMAGE_SIZE = 1024
 MAX_TRIALS = 1000
@@ -59,6 +63,15 @@ class SearchSpace(BaseModel):
                                   "3/4 of it and half of it")
     arch: list[str] = Field(default_factory=list, description="architectures; empty = the champion's (the fleet's "
                             f"serving contract), or with no champion {list(OPEN_ARCHS)}")
+    label_smoothing: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        [0.0, 0.1], min_length=1, description="label smoothing of the loss, one drawn per trial")
+    class_balance: list[Literal["none", "weighted"]] = Field(
+        ["none", "weighted"], min_length=1, description="weighted: each class's loss weighted by the inverse of "
+                                                        "its share of the training set")
+    ema_decay: list[Annotated[float, Field(ge=0.5, lt=1)] | None] = Field(
+        [None], min_length=1, description="EMA of the weights per step (none: the raw weights); add e.g. 0.99 to "
+                                          "search it with rungs of several epochs: a one-epoch first rung on a small "
+                                          "set ends before the average forgets the random start")
 
     def within(self, contract: dict | None) -> "SearchSpace":
         """This space with its empty choices filled from the fleet's serving contract (the champion's arch and
@@ -101,7 +114,7 @@ class SearchSpace(BaseModel):
 @dataclass(frozen=True)
 class Trial:
     number: int
-    params: dict  # lr, weight_decay, policy, image_size, arch
+    params: dict  # lr, weight_decay, policy, image_size, arch, and the RECIPE_KNOBS
 
 
 @dataclass
@@ -130,9 +143,13 @@ def random_trials(space: SearchSpace, count: int, dataset_size: int, seed: int =
         return float(math.exp(rng.uniform(math.log(bounds[0]), math.log(bounds[1]))))
 
     sizes = space.sizes(dataset_size)
+    def pick(values: list):
+        return values[int(rng.integers(len(values)))]
+
     return [Trial(n, {"lr": log_uniform(space.lr), "weight_decay": log_uniform(space.weight_decay),
                       "policy": str(rng.choice(space.policy)), "image_size": int(rng.choice(sizes)),
-                      "arch": str(rng.choice(space.archs))}) for n in range(count)]
+                      "arch": str(rng.choice(space.archs)), **{k: pick(getattr(space, k)) for k in RECIPE_KNOBS}})
+            for n in range(count)]
 
 
 def grid_trials(space: SearchSpace, count: int, dataset_size: int) -> list[Trial]:
@@ -143,7 +160,7 @@ def grid_trials(space: SearchSpace, count: int, dataset_size: int) -> list[Trial
     with one level stays at its middle: the grid a careful person would lay out, not the range's corners.
     """
     choices = {"lr": space.lr, "weight_decay": space.weight_decay, "arch": space.archs, "policy": space.policy,
-               "image_size": space.sizes(dataset_size)}
+               "image_size": space.sizes(dataset_size), **{k: getattr(space, k) for k in RECIPE_KNOBS}}
     levels = dict.fromkeys(choices, 1)
     grown = True
     while grown:
@@ -236,7 +253,8 @@ def run_trial(data: str | Path, trial: Trial, rung: int, epochs: int, out: str |
     folder = Path(out) / f"trial-{trial.number:03d}-rung-{rung}"
     params = trial.params
     config = TrainConfig(epochs=epochs, lr=params["lr"], weight_decay=params["weight_decay"],
-                         policy=params["policy"], seed=seed, threads=threads)
+                         policy=params["policy"], seed=seed, threads=threads,
+                         **{k: params[k] for k in RECIPE_KNOBS if k in params})
     job = {"data": str(data), "arch": params["arch"], "out": str(folder), "image_size": params["image_size"],
            "config": config.model_dump(mode="json")}
     done = subprocess.run([sys.executable, "-m", "orchestrator.tune", json.dumps(job)], capture_output=True,

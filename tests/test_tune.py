@@ -9,6 +9,7 @@ import pytest
 from agent_helpers import latest_table
 
 from edge_agent.models import load_checkpoint
+from edge_agent.train import TrainConfig
 from orchestrator.registry import ModelRegistry
 from orchestrator.tune import Halving, SearchSpace, Trial, TrialResult, grid_trials, random_trials, successive_halving
 
@@ -25,6 +26,32 @@ def test_random_draws_cover_the_space_and_a_grid_repeats_values():
     grid = grid_trials(space, 16, dataset_size=64)
     assert 8 <= len(grid) <= 16
     assert len({t.params["lr"] for t in grid}) <= 3  # a grid of 16 tries few values of each knob
+
+
+def test_the_search_space_covers_the_recipe_knobs_and_the_slim_architectures():
+    """Policy (EL augmentation included), label smoothing, class balance, EMA and the slim ResNets can all be
+    searched; every drawn trial is a valid TrainConfig; the Prefect forms offer every architecture."""
+    import typing
+
+    from edge_agent.augment import POLICIES
+    from edge_agent.models import ARCHITECTURES
+    from flows.stages import Arch
+    from orchestrator.tune import OPEN_ARCHS, RECIPE_KNOBS
+
+    assert set(typing.get_args(Arch)) == set(ARCHITECTURES)
+    assert {"slim_resnet", "slim_resnet_small"} <= set(OPEN_ARCHS) and "el" in SearchSpace().policy
+    space = SearchSpace(ema_decay=[None, 0.99])
+    trials = random_trials(space, 40, dataset_size=64, seed=0)
+    for knob, values in (("label_smoothing", {0.0, 0.1}), ("class_balance", {"none", "weighted"}),
+                         ("ema_decay", {None, 0.99}), ("arch", set(OPEN_ARCHS)), ("policy", set(SearchSpace().policy))):
+        assert {t.params[knob] for t in trials} == values, knob
+    for trial in trials + grid_trials(space, 64, dataset_size=64):
+        TrainConfig(policy=trial.params["policy"], **{k: trial.params[k] for k in RECIPE_KNOBS})
+    assert set(POLICIES) >= set(SearchSpace().policy)
+    for bad, why in (({"ema_decay": [1.5]}, "less than 1"), ({"class_balance": ["oversample"]}, "none"),
+                     ({"label_smoothing": []}, "at least 1")):
+        with pytest.raises(ValueError, match=why):
+            SearchSpace(**bad)
 
 
 def test_successive_halving_promotes_the_better_half_with_more_epochs():
