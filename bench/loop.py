@@ -65,15 +65,17 @@ STREAM_SHARE = 0.25            # of each site's images: the unlabelled stream (t
 # The labelled rest: train / val (halved into val and gate) / test; every site gets >= 50 gate images (the
 # gate's min_gate_images) and its gate and test images never leave it (issue 16).
 SITE_FRACTIONS = (0.38, 0.37, 0.25)
-POLICIES = ("flips", "noise", "none")  # the default members (bench/member_policies.py)
+# members that differ in input size as well as augmentation (issue 20), each resized inside the fused graph
+MEMBERS = ((128, "flips"), (112, "noise"), (96, "none"))
 
 
 @dataclass
 class Settings:
     seeds: int = 3
     rounds: int = 3
-    size: int = 64
-    pretrain_epochs: int = 8
+    arch: str = "slim_resnet"   # the recipe bench/elpv_recipe.py chose on val (issue 20; ResNet-18 at 64 px before)
+    size: int = 128
+    pretrain_epochs: int = 30
     retrain_epochs: int = 4
     finetune_epochs: int = 6
     scratch_epochs: int = 20
@@ -139,7 +141,8 @@ def make_fleet(work: Path, seed: int, settings: Settings) -> tuple[Path, list[Si
         AgentPaths(root).ensure()
         shutil.copytree(data, AgentPaths(root).labelled, dirs_exist_ok=True)
         config = AgentConfig(site=name, root=root, store_url=f"file://{work / 'store'}", image_size=settings.size,
-                             members=[MemberConfig(arch="resnet18", policy=p) for p in POLICIES],
+                             members=[MemberConfig(arch=settings.arch, policy=policy, image_size=size)
+                                      for size, policy in MEMBERS],
                              finetune=FinetuneConfig(epochs=settings.finetune_epochs, batch_size=32, lr=1e-3,
                                                      seed=seed),
                              serve=ServeConfig(port=0))
@@ -243,10 +246,10 @@ def _fill(ordered: list[StreamImage], budget: int, caps: dict[str, float]) -> li
 class Cloud:
     """One chain of cloud models: a registry, its uploads so far, retrain + gate each round."""
 
-    def __init__(self, name: str, home: Path, base: Path):
+    def __init__(self, name: str, home: Path, base: Path, arch: str):
         self.name, self.home = name, home
         self.registry = ModelRegistry(home / "registry")
-        version = self.registry.register(FAMILY, base, arch="resnet18", dataset_id=None, hyperparameters={},
+        version = self.registry.register(FAMILY, base, arch=arch, dataset_id=None, hyperparameters={},
                                          metrics={}, note="pretrained on the generic pool (round 0)")
         self.registry.promote(version.version)
         self.samples: list[Sample] = []
@@ -337,9 +340,9 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
     started = time.monotonic()
     generic, sites = make_fleet(work, seed, settings)
     pretrained = work / "pretrained"
-    train_on_dataset(generic, "resnet18", pretrained, TrainConfig(epochs=settings.pretrain_epochs, batch_size=64,
+    train_on_dataset(generic, settings.arch, pretrained, TrainConfig(epochs=settings.pretrain_epochs, batch_size=64,
                                                                   seed=seed))
-    clouds = {arm: Cloud(arm, work / f"cloud-{arm}", pretrained / "model.pt") for arm in ("selected", "random")}
+    clouds = {arm: Cloud(arm, work / f"cloud-{arm}", pretrained / "model.pt", settings.arch) for arm in ("selected", "random")}
     for cloud in clouds.values():
         cloud.exams = {h for site in sites for h in exam_hashes(site.paths)}
     cloud_rows = [{"round": 0, "arm": arm, **cloud.accuracy(generic, sites)} for arm, cloud in clouds.items()]

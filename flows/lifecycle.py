@@ -150,8 +150,8 @@ def _fleet_row(site: str, s: dict) -> dict:
 
 
 @flow(name="edgeloop-lifecycle", log_prints=True)
-def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretrain_arch: Arch = "resnet18",
-                   pretrain_epochs: int = 8, retrain_epochs: int = 3, site_timeout_s: float = 900,
+def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretrain_arch: Arch = "slim_resnet",
+                   pretrain_epochs: int = 30, retrain_epochs: int = 3, site_timeout_s: float = 900,
                    stop_agents: bool = True, site_data: Literal["shifted", "random"] = "shifted") -> dict:
     """One turn of the loop on a fleet; the parameters are the hyperparameter form in the Prefect UI.
 

@@ -47,10 +47,11 @@ class PretrainSettings(BaseModel):
     data: str | None = Field(None, description="dataset version to train on (edgeloop data import ...); default: "
                                                "the inventory's cloud.datasets.generic")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
-    arch: Arch = Field("resnet18", description="architecture (edge_agent.models): resnet18, mobilenet_v3_small, "
-                       "tiny_cnn (tests), or slim_resnet / slim_resnet_small, ResNet-18's shape made narrow "
-                       "for 128-300 px cells on a CPU")
-    epochs: int = Field(8, ge=1, description="training epochs (the best on the val split is kept)")
+    arch: Arch = Field("slim_resnet", description="architecture (edge_agent.models): slim_resnet (the default, "
+                       "chosen on val: ResNet-18's shape at half its width, for 128-300 px cells on a CPU), "
+                       "slim_resnet_small, resnet18, mobilenet_v3_small, tiny_cnn (tests)")
+    epochs: int = Field(30, ge=1, description="training epochs (the best on the val split is kept; 30 is the "
+                        "recipe's, bench/elpv_recipe.py)")
     batch_size: int = Field(64, ge=1, description="images per training step")
     lr: float = Field(3e-3, gt=0, description="peak learning rate (one-cycle)")
     seed: int = Field(0, description="seed of the weights' initialisation and the data order")

@@ -33,7 +33,7 @@ class DemoSettings(BaseSettings):
     family: str = Field("elpv-defects", description="registry name of the model being improved")
     pretrain_arch: str = Field(
         "slim_resnet", description="architecture of the first base (bench/elpv_recipe.py chose it on val)")
-    pretrain_epochs: int = Field(8, ge=1)
+    pretrain_epochs: int = Field(30, ge=1, description="the recipe's epochs (bench/elpv_recipe.py)")
     retrain_epochs: int = Field(3, ge=1)
     seed: int = 0
     site_timeout_s: float = Field(900, gt=0, description="how long the cloud waits for an edge before going on")
