@@ -97,6 +97,31 @@ def test_bf16_autocast_trains_where_asked_and_auto_follows_the_cpu(generic):
     assert not uses_bf16(TrainConfig(precision="fp32"))
 
 
+def test_ema_returns_the_averaged_weights_without_changing_the_trajectory(generic):
+    raw_model, raw, _ = _train(generic, keep="last", policy="none")
+    ema_model, ema, epochs = _train(generic, keep="last", policy="none", ema_decay=0.9)
+    # the average follows training, it does not steer it: the same losses step for step
+    assert [m.train_loss for m in ema.history] == pytest.approx([m.train_loss for m in raw.history])
+    raw_weights, ema_weights = raw_model.state_dict(), ema_model.state_dict()
+    assert any(not torch.equal(raw_weights[k], ema_weights[k]) for k in raw_weights if raw_weights[k].is_floating_point())
+    train, val = generic
+    # what was validated each epoch is what is returned: the averaged model
+    assert evaluate(ema_model, val, normalization_of(train))[0] == pytest.approx(epochs[-1].val_acc)
+
+
+def test_class_weighted_loss_weights_each_class_by_its_inverse_share(generic):
+    from edge_agent.datasets import ArraySet
+    from edge_agent.train import _class_weights
+
+    model = build_model(ModelSpec(arch="tiny_cnn", num_classes=2, image_size=32))
+    skewed = ArraySet(np.zeros((4, 32, 32), np.uint8), np.array([0, 0, 0, 1]))
+    assert _class_weights(skewed, TrainConfig(class_balance="weighted"), model).tolist() == pytest.approx([2 / 3, 2])
+    assert _class_weights(skewed, TrainConfig(), model) is None
+    _, plain, _ = _train(generic, policy="none")
+    _, weighted, _ = _train(generic, policy="none", class_balance="weighted")
+    assert [m.train_loss for m in weighted.history] != [m.train_loss for m in plain.history]
+
+
 def test_ensemble_weights_stay_uniform_unless_leaving_members_out_clearly_wins():
     from edge_agent.ensemble import fit_weights
 
