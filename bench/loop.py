@@ -175,8 +175,11 @@ def finetune(site: Site, round_: int) -> dict:
         served = precision["test_int8"]
     return {"site": site.name, "role": site.role, "round": round_, "test_n": candidates["base"]["test"]["n"],
             "base_as_is": candidates["base"]["test"]["accuracy"],
-            "best_member": max(m["test_accuracy"] for m in report["members"]),
+            # the member a site would pick on its val split (issue 20), and the best one on test for reference
+            "best_member": max(report["members"], key=lambda m: m["val_accuracy"])["test_accuracy"],
+            "best_member_on_test": max(m["test_accuracy"] for m in report["members"]),
             "members": [m["test_accuracy"] for m in report["members"]],
+            "members_val": [m["val_accuracy"] for m in report["members"]],
             "ensemble_fp32": _first((report.get("new_precision") or {}).get("test_fp32"),
                                     candidates["new"]["test"]["accuracy"]),
             "ensemble_int8": (report.get("new_precision") or {}).get("test_int8"),
@@ -502,7 +505,7 @@ def plot(result: dict, out: Path) -> None:
 def markdown(result: dict) -> str:
     s, rounds = result["summary"], result["settings"]["rounds"]
     pct = lambda x: "–" if x is None or x["mean"] is None else f"{100 * x['mean']:.1f} ± {100 * x['std']:.1f}"  # noqa: E731
-    lines = ["| site (role) | round | base as-is | best member | ensemble FP32 | ensemble INT8 | served | served − base |",
+    lines = ["| site (role) | round | base as-is | best member (picked on val) | ensemble FP32 | ensemble INT8 | served | served − base |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for site, by_round in s["edge"].items():
         role = result["seeds"][0]["sites"][site]["role"]

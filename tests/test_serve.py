@@ -54,7 +54,7 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
         pretrain = by_flow["edgeloop-pretrain"]
         assert pretrain["parameters"] == {"inventory": str(inventory.resolve())}
         settings = pretrain["schema"]["definitions"]["PretrainSettings"]["properties"]
-        assert settings["epochs"]["default"] == 8 and "dataset version" in settings["data"]["description"]
+        assert settings["epochs"]["default"] == 30 and "dataset version" in settings["data"]["description"]
         assert [s for s in by_flow["edgeloop-retrain"]["crons"]] == ["15 3 * * *"]
         assert "RetrainSettings" in by_flow["edgeloop-retrain"]["schema"]["definitions"]
         for flow, deployment in by_flow.items():  # every field of every run form says what it is
