@@ -59,7 +59,9 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
         assert "RetrainSettings" in by_flow["edgeloop-retrain"]["schema"]["definitions"]
         for flow, deployment in by_flow.items():  # every field of every run form says what it is
             assert _undescribed(deployment["schema"]) == [], flow
-        assert settings["arch"]["enum"] == ["resnet18", "mobilenet_v3_small", "tiny_cnn"]
+        from edge_agent.models import ARCHITECTURES
+
+        assert sorted(settings["arch"]["enum"]) == sorted(ARCHITECTURES) and settings["arch"]["default"] == "slim_resnet"
         retrain = by_flow["edgeloop-retrain"]["schema"]
         assert list(retrain["properties"]) == ["inventory", "settings"]  # one family, in the settings
         ui = prefect_server.removesuffix("/api")
