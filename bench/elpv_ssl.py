@@ -94,6 +94,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=30, help="supervised epochs (the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default every core)")
     parser.add_argument("--out", type=Path, default=RESULTS / "elpv_ssl.json")
     args = parser.parse_args()
 
@@ -107,14 +108,20 @@ def main() -> int:
         train, val = dataset.load_split("train"), dataset.load_split("val")
     normalization = normalization_of(train)
     spec = ModelSpec(arch="slim_resnet", num_classes=2, image_size=args.size)
-    config = TrainConfig(epochs=args.epochs, batch_size=64, lr=3e-3, seed=args.seed, policy="flips")
+    config = TrainConfig(epochs=args.epochs, batch_size=64, lr=3e-3, seed=args.seed, policy="flips",
+                         threads=args.threads)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     rows = {}
     for name in ("scratch", "self-supervised pretext, then the recipe"):
         model = build_model(spec, seed=args.seed)
         step_started = time.monotonic()
         losses = pretext(model, train.images, normalization, args.pretext_epochs, args.size, args.seed) \
             if name != "scratch" else []
-        result = train_model(model, train, val, config, normalization)
+        result = train_model(model, train, val, config, normalization,
+                             on_epoch=lambda m: print(f"  epoch {m.epoch:>2}  val {m.val_acc:.3f}", flush=True))
         rows[name] = {"val_accuracy": result.best_val_acc, "best_epoch": result.best_epoch,
                       "val_curve": [round(m.val_acc, 4) for m in result.history], "pretext_losses": losses,
                       "seconds": round(time.monotonic() - step_started, 1)}
