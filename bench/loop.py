@@ -168,6 +168,8 @@ def finetune(site: Site, round_: int) -> dict:
     from edge_agent.finetune import run_finetune
 
     report = run_finetune(site.config, site.paths, f"r{round_}", "bench", lambda: False, parallel=True)
+    if report.get("skipped"):
+        return skipped_row(site, round_, report)
     candidates = report["candidates"]
     precision = report.get("precision") or {}
     served = candidates[report["serving"]]["test"]["accuracy"]
@@ -188,6 +190,26 @@ def finetune(site: Site, round_: int) -> dict:
             "p_value": report["gate"]["p_value"], **old_rule_pick(candidates),
             "gate": {name: c["gate"]["accuracy"] for name, c in candidates.items()},
             "finetune_seconds": report["seconds"], "train_seconds": report["train_seconds"]}
+
+
+def skipped_row(site: Site, round_: int, report: dict) -> dict:
+    """A site with too few labelled images to fine-tune (its gate split under ``min_gate_images``): no member is
+    trained, the base as-is serves (or what served stays); the row has no member or ensemble figures."""
+    from edge_agent.ensemble import evaluate_graph
+    from edge_agent.models import load_checkpoint
+    from edge_agent.serving import EnsembleHandle
+    from edge_agent.train import predict_proba
+
+    model, meta = load_checkpoint(max(site.paths.base_models.glob("*/model.pt"), key=lambda p: p.stat().st_mtime))
+    base = float((predict_proba(model, site.test.images, meta.normalization).argmax(1) == site.test.labels).mean())
+    graph = EnsembleHandle(site.paths.active_link, threads=2, image_size=site.config.image_size).get()
+    served = evaluate_graph(graph, site.test.images, site.test.labels)["accuracy"]
+    return {"site": site.name, "role": site.role, "round": round_, "test_n": len(site.test), "base_as_is": base,
+            "best_member": None, "best_member_on_test": None, "members": [], "members_val": [],
+            "ensemble_fp32": None, "ensemble_int8": None, "served": served, "serving": report["serving"],
+            "precision": None, "changed": report["activated"], "decision": report["decision"], "gate_n": 0,
+            "p_value": None, "old_rule_serving": report["serving"], "old_rule_served": served, "gate": {},
+            "finetune_seconds": report["seconds"], "train_seconds": 0.0, "skipped": report["skipped"]}
 
 
 def _first(*values):
@@ -358,9 +380,11 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
             if champion != deployed:
                 deploy(site, clouds["selected"].registry, champion, round_)
                 edge_rows.append(finetune(site, round_))
-                log(f"seed {seed} round {round_} {site.name} ({site.role}): base {edge_rows[-1]['base_as_is']:.3f} "
-                    f"best member {edge_rows[-1]['best_member']:.3f} ensemble {edge_rows[-1]['ensemble_fp32']:.3f} "
-                    f"served {edge_rows[-1]['served']:.3f} ({edge_rows[-1]['serving']})")
+                row = edge_rows[-1]
+                log(f"seed {seed} round {round_} {site.name} ({site.role}): base {row['base_as_is']:.3f} " + (
+                    f"fine-tune skipped ({row['skipped']})" if row.get("skipped") else
+                    f"best member {row['best_member']:.3f} ensemble {row['ensemble_fp32']:.3f}")
+                    + f" served {row['served']:.3f} ({row['serving']})")
             else:  # the gate kept the champion: nothing new to fine-tune from, the sites keep serving
                 edge_rows.append({**next(r for r in reversed(edge_rows) if r["site"] == site.name), "round": round_,
                                   "carried_over": True, "changed": False})
@@ -410,7 +434,7 @@ def summarise(seeds: list[dict], rounds: int) -> dict:
                                  if row["site"] == site and row["round"] == r]) for r in range(1, rounds + 1)}
              for site in sites}
     ensemble_vs_member = _ms([row["ensemble_fp32"] - row["best_member"] for s in seeds for row in s["edge"]
-                              if not row.get("carried_over")])
+                              if not row.get("carried_over") and not row.get("skipped")])
     cloud = {arm: {str(r): {key: _ms([row[key] for s in seeds for row in s["cloud"]
                                       if row["arm"] == arm and row["round"] == r])
                             for key in ("generic", "sites_mean", *sites)}
