@@ -4,7 +4,8 @@
 
 Prints a markdown table: base as-is, the best member picked on val (where the result has the members' val
 figures: from issue 20 on) and the best on test (which flatters it), the ensemble (FP32), served, and the
-differences, mean ± std over every (seed, round) of each site.
+differences, mean ± std over each site's fine-tunes (rounds where the gate kept the champion repeat the round
+before and are left out; a site too small to fine-tune adds only its base and served figures).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ def rows(path: Path) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     for seed in result["seeds"]:
         for row in seed["edge"]:
+            if row.get("carried_over"):
+                continue  # the gate kept the champion: the same figures as the round before, not a new draw
+            if row.get("skipped"):  # too few gate images to fine-tune: the base as-is serves
+                site = out.setdefault(f"{row['site']} ({row['role']})", {})
+                for name, value in (("base as-is", row["base_as_is"]), ("served", row["served"]),
+                                    ("served − base", row["served"] - row["base_as_is"])):
+                    site.setdefault(name, []).append(100 * value)
+                continue
             site = out.setdefault(f"{row['site']} ({row['role']})", {})
             on_test = row.get("best_member_on_test", row["best_member"])
             figures = {"base as-is": row["base_as_is"], "best member on test": on_test,
