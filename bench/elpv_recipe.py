@@ -56,15 +56,19 @@ COST_SHAPES = [("resnet18", 96), ("slim_resnet", 128), ("slim_resnet", 192), ("s
                ("slim_resnet", 300), ("slim_resnet_small", 256), ("slim_resnet_small", 300)]
 
 
+def recipe_config(recipe: dict, **extra):
+    """The TrainConfig of a recipe (a BASE-shaped dict: arch and size go to the model, the rest here)."""
+    from edge_agent.train import TrainConfig
+
+    knobs = {key: recipe[key] for key in BASE if key not in ("arch", "size")}
+    return TrainConfig(**{"batch_size": 64, **knobs, **extra})
+
+
 def train_run(data: str, recipe: dict, seed: int, work: str, threads: int) -> dict:
     """One training run (in a worker process); returns its val figures, never its test figure."""
-    from edge_agent.train import TrainConfig
     from orchestrator.training import train_on_dataset
 
-    config = TrainConfig(epochs=recipe["epochs"], batch_size=64, lr=recipe["lr"], seed=seed, policy=recipe["policy"],
-                         label_smoothing=recipe["label_smoothing"], class_balance=recipe["class_balance"],
-                         ema_decay=recipe["ema_decay"], schedule=recipe["schedule"],
-                         weight_decay=recipe["weight_decay"], threads=threads)
+    config = recipe_config(recipe, seed=seed, threads=threads)
     out = Path(tempfile.mkdtemp(dir=work))
     metrics = train_on_dataset(data, recipe["arch"], out, config, image_size=recipe["size"])
     history = metrics["history"]

@@ -99,7 +99,9 @@ def main() -> int:
     args = parser.parse_args()
 
     from edge_agent.models import ModelSpec, build_model
-    from edge_agent.train import TrainConfig, normalization_of, train_model
+    from bench.elpv_recipe import recipe_config
+    from bench.train_elpv import RECIPE
+    from edge_agent.train import normalization_of, train_model
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-ssl-") as tmp:
@@ -108,8 +110,7 @@ def main() -> int:
         train, val = dataset.load_split("train"), dataset.load_split("val")
     normalization = normalization_of(train)
     spec = ModelSpec(arch="slim_resnet", num_classes=2, image_size=args.size)
-    config = TrainConfig(epochs=args.epochs, batch_size=64, lr=3e-3, seed=args.seed, policy="flips",
-                         threads=args.threads)
+    config = recipe_config({**RECIPE, "epochs": args.epochs}, seed=args.seed, threads=args.threads)
     if args.threads:
         import torch
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_agent.datasets import import_elpv, open_dataset
 from edge_agent.models import load_checkpoint
-from edge_agent.train import TrainConfig, predict_proba, uses_bf16
+from bench.elpv_recipe import recipe_config
+from edge_agent.train import predict_proba, uses_bf16
 from orchestrator.training import machine_info, train_on_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +38,6 @@ BUDGET_S = 30 * 60
 ANCHORS = {"Deitsch et al. 2019 CNN (published)": 0.8842, "Deitsch et al. 2019 SVM (published)": 0.8244,
            "SETUP-NOTES reference, ResNet-18 96 px, 10 epochs": 0.829,
            "edgeloop before issue 9 (96 px, 10 epochs, fp32, one model, no TTA)": 0.818}
-POLICIES = ("flips", "noise", "geometric")
 
 
 def dihedral(images: np.ndarray) -> list[np.ndarray]:
@@ -46,10 +46,9 @@ def dihedral(images: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(v) for t in turns for v in (t, t[:, :, ::-1])]
 
 
-def probabilities(checkpoint: Path, images: np.ndarray, tta: bool) -> np.ndarray:
-    model, meta = load_checkpoint(checkpoint)
+def probabilities(model, normalization, images: np.ndarray, tta: bool) -> np.ndarray:
     views = dihedral(images) if tta else [images]
-    return np.mean([predict_proba(model, v, meta.normalization) for v in views], axis=0)
+    return np.mean([predict_proba(model, v, normalization) for v in views], axis=0)
 
 
 # the recipe bench/elpv_recipe.py chose on the validation share (its round 2); see BENCHMARKS section 1
@@ -93,20 +92,18 @@ def main() -> int:
         runs, probs = [], {(split, tta): [] for split in ("val", "test") for tta in (False, True)}
         for index in range(args.models):
             policy, size = policies[index % len(policies)], sizes[index % len(sizes)]
-            config = TrainConfig(epochs=recipe["epochs"], batch_size=args.batch_size, lr=recipe["lr"],
-                                 seed=args.seed + index, policy=policy, precision=args.precision, device=args.device,
-                                 label_smoothing=recipe["label_smoothing"], class_balance=recipe["class_balance"],
-                                 ema_decay=recipe["ema_decay"], schedule=recipe["schedule"],
-                                 weight_decay=recipe["weight_decay"])
+            config = recipe_config(recipe, batch_size=args.batch_size, seed=args.seed + index, policy=policy,
+                                   precision=args.precision, device=args.device)
             print(f"model {index + 1}/{args.models}: {recipe['arch']} {size}px, policy {policy}, "
                   f"{'bf16' if uses_bf16(config) else 'fp32'}", flush=True)
             metrics = train_on_dataset(
                 data, recipe["arch"], Path(tmp) / f"model-{index}", config, image_size=size,
                 on_epoch=lambda m: print(f"  epoch {m.epoch:>2}  loss {m.train_loss:.4f}  val_acc {m.val_acc:.3f}  "
                                          f"{m.seconds:.1f}s", flush=True))
+            model, meta = load_checkpoint(Path(tmp) / f"model-{index}" / "model.pt")
             for split, tta in probs:
                 images = dataset.load_split(split, size).images
-                probs[split, tta].append(probabilities(Path(tmp) / f"model-{index}" / "model.pt", images, tta))
+                probs[split, tta].append(probabilities(model, meta.normalization, images, tta))
             runs.append({"policy": policy, "size": size, "seed": config.seed, "best_epoch": metrics["best_epoch"],
                          "val_accuracy": metrics["val_acc"], "test_accuracy": metrics["test_acc"],
                          "seconds": metrics["seconds"], "seconds_per_epoch": metrics["seconds_per_epoch"],
