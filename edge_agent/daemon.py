@@ -34,7 +34,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.retention import disk_use, enforce
 from edge_agent.sampler import Sampler
 from edge_agent.serving import ENSEMBLE_FILE, EnsembleHandle, validate_ensemble
-from edge_agent.sitedata import EXAM_SPLITS, EXAMS_KEY, SplitOf, exam_hashes, labelled_files
+from edge_agent.sitedata import EXAM_SPLITS, EXAMS_KEY, SplitOf, exam_list, labelled_files
 from edge_agent.state import AgentState
 from edge_agent.store import Store
 from edge_agent.supervisor import FinetuneSupervisor
@@ -237,7 +237,7 @@ class Agent:
         if self._exams is None:
             return
         if not self._exams:
-            self._exams = json.dumps({"site": self.config.site, "sha256": exam_hashes(self.paths)}).encode()
+            self._exams = json.dumps(exam_list(self.paths, self.config.site)).encode()
         try:
             self.uplink.store.put_verified(EXAMS_KEY.format(site=self.config.site), self._exams)
         except Exception as exc:  # the store is away: next tick again (the images themselves never go up)

@@ -86,20 +86,35 @@ class SplitOf:
 
 
 def exam_hashes(paths: AgentPaths) -> list[str]:
-    """sha256 of every labelled image in the gate or test split, as the file and as the PNG an upload would
-    carry (:func:`edge_agent.outbox.as_png`), so the cloud can refuse either form."""
-    from edge_agent.outbox import as_png
+    """sha256 of every labelled image in the gate or test split (see :func:`exam_list`)."""
+    return exam_list(paths, "")["sha256"]
 
-    split_of, hashes = SplitOf(paths), set()
+
+_phash_cache: dict[str, list[str]] = {}  # content hash -> perceptual hashes (an exam list is rebuilt often)
+
+
+def exam_list(paths: AgentPaths, site: str) -> dict:
+    """What a site publishes as ``exams/<site>.json``: its name, and for every labelled image in the gate or
+    test split its sha256 as the file and as the PNG an upload would carry (:func:`edge_agent.outbox.as_png`)
+    and its perceptual hashes (:func:`edge_agent.perceptual.file_phashes`), so the cloud refuses the image,
+    its upload and its near-copies."""
+    from edge_agent.outbox import as_png
+    from edge_agent.perceptual import file_phashes
+
+    split_of, hashes, perceptual = SplitOf(paths), set(), set()
     for _, file in labelled_files(paths):
         try:
             data = file.read_bytes()
-            if split_of(file, data) in EXAM_SPLITS:
-                hashes.add(hashlib.sha256(data).hexdigest())
-                hashes.add(hashlib.sha256(as_png(data)).hexdigest())
+            if split_of(file, data) not in EXAM_SPLITS:
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            hashes.update((digest, hashlib.sha256(as_png(data)).hexdigest()))
+            if digest not in _phash_cache:
+                _phash_cache[digest] = file_phashes(data)
+            perceptual.update(_phash_cache[digest])
         except Exception as exc:  # an unreadable file is never uploaded either; the fine-tune reports it
             log.debug("exam hash of %s skipped: %s", file, exc)
-    return sorted(hashes)
+    return {"site": site, "sha256": sorted(hashes), "phash": sorted(perceptual)}
 
 
 def split_counts(paths: AgentPaths) -> dict[str, int]:

@@ -27,13 +27,17 @@ WATERMARK = "collected.json"
 class CollectResult:
     new: list[Sample] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    held: list[dict[str, str]] = field(default_factory=list)  # the exam rule: read again next time
     pseudo_labelled: int = 0
     operator_labelled: int = 0
     queued: int = 0
 
     def by_site(self) -> list[dict]:
-        sites = sorted({s.site for s in self.new})
-        return [{"site": site, "new": sum(s.site == site for s in self.new)} for site in sites]
+        held = [h["sample"].split("/", 1)[0] for h in self.held]
+        sites = sorted({s.site for s in self.new} | set(held))
+        return [{"site": site, "new": sum(s.site == site for s in self.new), "held": held.count(site),
+                 "why held": next((h["reason"] for h in self.held if h["sample"].startswith(f"{site}/")), "")}
+                for site in sites]
 
 
 def pseudo_label(sample: Sample, classes: list[str], confidence: float) -> str | None:
@@ -53,7 +57,7 @@ def collect_new(store: Store, home: Path, queue: LabelQueue, confidence: float) 
     seen = set(read_json(path, default=[]) or [])
     quarantine = Quarantine(home)
     everything = collect_samples(store, seen, quarantine.reasons(), queue.classes)
-    result = CollectResult(rejected=everything.rejected)
+    result = CollectResult(rejected=everything.rejected, held=everything.held)
     for sample in everything.accepted:
         try:
             kind = _intake(sample, queue, confidence)

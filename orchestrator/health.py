@@ -115,8 +115,8 @@ def parse_heartbeat(data: bytes, site: str) -> dict[str, Any]:
         raw, _ = validate_json_object(data, Heartbeat, "status")
     except ValueError as exc:
         raise UnreadableHeartbeat(str(exc)) from None
-    if raw.get("site") not in (None, site):
-        raise UnreadableHeartbeat(f"names site {raw['site']!r}, not {site!r}")
+    if raw.get("site") != site:  # a heartbeat speaks for the site whose path it is under, and says so
+        raise UnreadableHeartbeat(f"names site {str(raw.get('site'))[:80]!r}, not {site!r}")
     return raw
 
 

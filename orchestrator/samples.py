@@ -9,7 +9,6 @@ Rejected samples are reported with the reason and never used; the cloud's :class
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Container
 from dataclasses import dataclass, field
@@ -19,9 +18,10 @@ from typing import Protocol
 from edge_agent.datasets import DatasetVersion, ImportReport, derive_dataset
 from edge_agent.fileio import read_json, sha256_hex, write_json_atomic
 from edge_agent.imaging import ImageError, decode_image
-from edge_agent.sitedata import EXAM_SPLITS, EXAMS_KEY
+from edge_agent.sitedata import EXAM_SPLITS
 from edge_agent.sidecar import MAX_SIDECAR_BYTES, SampleSidecar, SidecarError, parse_sidecar
 from edge_agent.store import Store, StoreError, UnreadableFile
+from orchestrator.exams import read_exam_book
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Collection:
     accepted: list[Sample] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)  # for good: {"sample": site/sha, "reason"}
     unreachable: list[dict[str, str]] = field(default_factory=list)  # the store failed: tried again next time
+    held: list[dict[str, str]] = field(default_factory=list)  # the exam rule: {"sample", "kind", "reason"}
 
     def by_site(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -90,54 +91,35 @@ class SampleRejected(ValueError):
         self.lasting = lasting
 
 
-MAX_EXAMS_BYTES = 64 * 1024 * 1024  # a site's exam list: two hashes per gate or test image
-
-
-def exam_hashes(store: Store) -> dict[str, str]:
-    """{sha256: site} of every image some site keeps as its exam (gate or test split), as the sites published
-    them (``exams/<site>.json``). An unreadable list is logged: that site's images stay at the site anyway."""
-    hashes: dict[str, str] = {}
-    for path in store.list(EXAMS_KEY.format(site="*")):
-        try:
-            listed = json.loads(store.read(path, max_bytes=MAX_EXAMS_BYTES))["sha256"]
-            hashes.update({str(h): Path(path).stem for h in listed})
-        except (OSError, StoreError, ValueError, KeyError, TypeError) as exc:
-            log.warning("exam list %s unreadable: %s", path, exc)
-    return hashes
-
-
-def _exam_refusal(sample: Sample, exams: dict[str, str]) -> str | None:
-    """Why a checked sample must never be trained on: it is some site's exam, whatever its sidecar claims."""
-    if sample.sha256 in exams:
-        return f"an exam image of site {exams[sample.sha256]} (its gate or test split): never trained on"
-    if sample.sidecar.get("split") in EXAM_SPLITS:
-        return f"the sidecar says it is in the site's {sample.sidecar['split']} split: never trained on"
-    return None
-
-
 def collect_samples(store: Store, seen: Container[str] = (), quarantined: Container[str] = (),
                     classes: list[str] | None = None) -> Collection:
     """Read and check every sample in the store, except those whose hash is in ``seen`` and those whose
     ``site/sha`` is in ``quarantined`` (neither is read); each bad one is rejected alone, with its reason.
 
     With ``classes`` (the family's), a sample whose probabilities are over other classes is rejected too.
-    Exam images (the hashes of the sites' gate and test images, or a sidecar that says so) are refused.
+    The exam rule fails closed (:mod:`orchestrator.exams`): a sample is *held* (neither accepted nor
+    quarantined; read again next time) while its site's exam list does not read, when it is (a near-copy of)
+    an exam image of its own site or of another (a conflict), or when its sidecar says it is in an exam split.
     """
     collection = Collection()
-    exams = exam_hashes(store)
-    for sidecar_path in store.list("samples/*/*.json"):
-        site, sha = Path(sidecar_path).parent.name, Path(sidecar_path).stem
-        if sha in seen or f"{site}/{sha}" in quarantined:
-            continue
+    found = [(Path(p).parent.name, Path(p).stem, p) for p in store.list("samples/*/*.json")]
+    todo = [(site, sha, path) for site, sha, path in found if sha not in seen and f"{site}/{sha}" not in quarantined]
+    exams = read_exam_book(store)
+    for site, sha, sidecar_path in todo:
         try:
             sample = _read_sample(store, sidecar_path, site, sha, classes)
-            if refusal := _exam_refusal(sample, exams):
-                raise SampleRejected(refusal)
-            collection.accepted.append(sample)
         except SampleRejected as exc:
             (collection.rejected if exc.lasting else collection.unreachable).append(
                 {"sample": f"{site}/{sha}", "reason": str(exc)})
             log.warning("rejected sample %s/%s: %s", site, sha, exc)
+            continue
+        verdict = exams.verdict(site, sha, sample.image)
+        if verdict is None and sample.sidecar.get("split") in EXAM_SPLITS:
+            verdict = "exam", f"the sidecar says it is in the site's {sample.sidecar['split']} split: never trained on"
+        if verdict is None:
+            collection.accepted.append(sample)
+        else:
+            collection.held.append({"sample": f"{site}/{sha}", "kind": verdict[0], "reason": verdict[1]})
     return collection
 
 
