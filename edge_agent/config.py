@@ -83,6 +83,25 @@ class Thresholds(Strict):
         return GateRule(alpha=self.alpha, min_gain=self.min_gain, min_gate_images=self.min_gate_images)
 
 
+class HomeLabels(Strict):
+    """Labels people gave in the cloud to this site's samples, coming home (:mod:`edge_agent.homelabels`)."""
+
+    shares: dict[Literal["train", "val", "gate", "test"], float] = Field(
+        default_factory=lambda: {"train": 0.55, "val": 0.15, "gate": 0.15, "test": 0.15},
+        description="role of a label that comes home, chosen by its image's content hash (so it never moves): "
+                    "train fits, val chooses, gate decides what serves, test reports; each label keeps the role "
+                    "it was given when it came")
+    poll_s: float = Field(30.0, gt=0, description="how often the store's labels/<site>.json is looked at")
+
+    @model_validator(mode="after")
+    def _shares_whole(self) -> "HomeLabels":
+        if set(self.shares) != {"train", "val", "gate", "test"} or any(v < 0 for v in self.shares.values()) \
+                or abs(sum(self.shares.values()) - 1) > 1e-6 or self.shares["train"] == 0:
+            raise ValueError(f"shares: train, val, gate and test, each >= 0, train > 0, summing to 1 "
+                             f"(got {dict(self.shares)})")
+        return self
+
+
 class UploadBudget(Strict):
     """What a site may send back per day, and how much it may hold while the cloud is away."""
 
@@ -158,6 +177,7 @@ class AgentConfig(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     thresholds: Thresholds = Field(default_factory=Thresholds)
     upload: UploadBudget = Field(default_factory=UploadBudget)
+    home_labels: HomeLabels = Field(default_factory=HomeLabels)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     retention: Retention = Field(default_factory=Retention)
     poll_interval_s: float = Field(2.0, gt=0)

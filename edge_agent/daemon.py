@@ -28,6 +28,7 @@ from edge_agent.activation import EXIT_FENCED
 from edge_agent.basemodels import verified_base_models
 from edge_agent.config import AgentConfig
 from edge_agent.fileio import write_json_atomic
+from edge_agent.homelabels import SentLog, is_home_label, take_labels
 from edge_agent.inbox import InboxProcessor
 from edge_agent.layout import AgentPaths
 from edge_agent.outbox import Outbox
@@ -52,6 +53,7 @@ FINETUNE_RETRY_MAX_S = 900.0
 class Clock:
     heartbeat_due: float = 0.0
     retention_due: float = 0.0
+    labels_due: float = 0.0
     finetune_retry_at: float = 0.0
     disk_full_failures: int = 0  # fine-tunes failed for want of space: not the run's fault, never given up
 
@@ -78,6 +80,7 @@ class Agent:
                              config.upload.max_samples_per_day, config.upload.max_bytes_per_day,
                              Backoff(config.upload.retry_base_s, config.upload.retry_max_s))
         self.finetune = FinetuneSupervisor(self.config_file, self.paths)
+        self.sent = SentLog(self.paths.root / "sent.log")
         # edge-serve: no torch here; the cloud ships each base as its ensemble graph, served as it comes
         self.finetunes = config.profile == "edge"
         self.server = None
@@ -104,7 +107,8 @@ class Agent:
 
     def tick(self) -> None:
         """One pass of the loop; a failing step is logged and the others still run."""
-        for step in (self.watch_finetune, self.scan_triggers, self.publish_exams, self.judge_labelled,
+        for step in (self.watch_finetune, self.take_labels_home, self.scan_triggers, self.publish_exams,
+                     self.judge_labelled,
                      self.maybe_start_finetune, self.process_inbox,
                      self.pump_uplink, self.maybe_enforce_retention, self.maybe_heartbeat):
             if self.stop.is_set():
@@ -189,12 +193,36 @@ class Agent:
         self._exams = b""
         for class_name, file in new:
             self.state.labelled_seen.append(f"{class_name}/{file.name}")
-            self.state.labelled_unjudged.append(f"{class_name}/{file.name}")
+            if not is_home_label(file):  # a label that came home is of a sample the store already holds
+                self.state.labelled_unjudged.append(f"{class_name}/{file.name}")
         self.state.new_labelled += len(new)
         if self.finetunes and self.state.new_labelled >= self.config.thresholds.min_new_labelled:
             self._owe(f"{self.state.new_labelled} new labelled images")
             self.state.new_labelled = 0
         self.save_state()
+
+    def take_labels_home(self) -> None:
+        """Every ``home_labels.poll_s``: file the labels the cloud gave this site's samples
+        (:mod:`edge_agent.homelabels`); the scan that follows counts them toward the next fine-tune."""
+        classifier = self.handle.get()
+        if time.time() < self.clock.labels_due or classifier is None:
+            return  # the classes come from what serves
+        self.clock.labels_due = time.time() + self.config.home_labels.poll_s
+        report = take_labels(self.uplink.store, self.paths, self.config.site, list(classifier.class_names),
+                             self.sent, self.config.home_labels.shares, self.config.serve.max_image_bytes)
+        totals = self.state.labels_home
+        if report.changed or report.refused or report.error != totals.get("error"):
+            totals.update(taken=totals.get("taken", 0) + report.taken,
+                          relabelled=totals.get("relabelled", 0) + report.relabelled,
+                          refused=totals.get("refused", 0) + len(report.refused),
+                          last_refused=report.refused[:5], error=report.error, pending=report.pending,
+                          last_change=time.time() if report.changed else totals.get("last_change"))
+            if report.changed:
+                log.info("labels home: %d new, %d relabelled, %d refused", report.taken, report.relabelled,
+                         len(report.refused))
+            if report.error:
+                log.warning("labels home: %s", report.error)
+            self.save_state()
 
     def serve_as_is(self, version: str) -> None:
         """Publish the deployed ensemble graph of base ``version`` and switch serving to it atomically
@@ -329,8 +357,10 @@ class Agent:
         if dropped:
             log.warning("outbox over %d bytes: dropped %d least useful samples",
                         self.config.upload.outbox_max_bytes, dropped)
+        waiting = {item.sha256 for item in self.outbox.items()}
         result = self.uplink.pump(self.state.upload_ledger, should_stop=self.stop.is_set,
                                   save_ledger=lambda _: self.save_state())
+        self.sent.add(waiting - {item.sha256 for item in self.outbox.items()})  # what went up: labels may come home
         if result.uploaded and self.state.last_upload_error:  # the store is back (its disk had filled?)
             self._sweep_store_partials(older_than_s=0.0)
         with self.lock:

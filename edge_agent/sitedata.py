@@ -71,18 +71,25 @@ def _split_of(data: bytes, known: str | None) -> str:
 
 
 class SplitOf:
-    """Which split a labelled file is in at this site (the manifest's word for the files it names, else the
-    content hash): the one rule the fine-tune, the uploader and the exam list all read."""
+    """Which split a labelled file is in at this site (the role a label that came home was given, the manifest's
+    word for the files it names, else the content hash): the one rule the fine-tune, the uploader and the exam
+    list all read."""
 
     def __init__(self, paths: AgentPaths):
+        from edge_agent.homelabels import HomeLabelsBook
+
         self.root = paths.labelled
         manifest = read_json(paths.labelled / MANIFEST, default={}) or {}
         self.known = {r["file"]: r["split"] for r in manifest.get("records", []) if isinstance(r, dict)
                       and "file" in r and "split" in r}
+        self.given = {f: r for f, r in HomeLabelsBook(paths).roles().items() if r in SPLITS}  # labels that came home
 
     def __call__(self, file: Path, data: bytes | None = None) -> str:
+        relative = file.relative_to(self.root).as_posix()
+        if relative in self.given:
+            return self.given[relative]
         data = file.read_bytes() if data is None else data
-        return _split_of(data, self.known.get(file.relative_to(self.root).as_posix()))
+        return _split_of(data, self.known.get(relative))
 
 
 def exam_hashes(paths: AgentPaths) -> list[str]:

@@ -53,6 +53,9 @@ class AgentState(BaseModel):
     samples_by_source: dict[str, UploadLedger] = Field(default_factory=dict,
                                                        description="samples queued today from HTTP and labels")
     last_upload_error: str | None = None
+    labels_home: dict[str, Any] = Field(default_factory=lambda: {"taken": 0, "relabelled": 0, "refused": 0},
+                                        description="labels that came home from the cloud: totals, and the last "
+                                                    "pass's refusals with their reasons")
     recovery: str | None = Field(None, description="set when state.json was unreadable at start; never saved")
 
     @classmethod

@@ -27,6 +27,7 @@ from orchestrator import retrain as steps
 from orchestrator.collect import collect_new
 from orchestrator.demo import ReferenceLabels
 from orchestrator.inventory import Inventory, load_inventory
+from orchestrator.labelhome import send_labels_home
 from orchestrator.labelling import LabelQueue
 from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import Quarantine, collect_samples
@@ -183,6 +184,13 @@ def collect_task(fleet: Inventory, registry: ModelRegistry, queue: LabelQueue, c
     return collect_new(fleet.store(), registry.root, queue, confidence)
 
 
+@task(cache_policy=NO_CACHE, task_run_name="send-labels-home", retries=2, retry_delay_seconds=5,
+      retry_condition_fn=transient)
+def labels_home_task(fleet: Inventory, queue: LabelQueue):
+    """Every label given in the cloud, to the site that sent the sample (labels/<site>.json in the store)."""
+    return send_labels_home(fleet.store(), queue)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="read-samples", retries=2, retry_delay_seconds=5,
       retry_condition_fn=transient)
 def read_samples(fleet: Inventory, registry: ModelRegistry):
@@ -210,11 +218,17 @@ def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = Coll
     queue = LabelQueue(registry.root, registry.champion_classes(settings.family))
     result = collect_task(fleet, registry, queue, settings.pseudo_label_confidence)
     create_table_artifact(key="collect", table=result.by_site() or [{"site": "-", "new": 0}],
-                          description="new samples per site since the last collect")
+                          description="new samples per site since the last collect, and the samples held by the "
+                                      "exam rule (read again next time) with why")
+    home = labels_home_task(fleet, queue)
+    create_table_artifact(key="labels-home", table=home.rows or [{"site": "-"}],
+                          description="labels on their way home: per site, the labels its samples were given in "
+                                      "the cloud (written: the file changed this run)")
     if result.rejected:  # each by name, with why: now in the cloud's quarantine, never read again
         create_table_artifact(key="collect-rejected", table=result.rejected,
                               description="samples rejected by this collect and quarantined, with the reason")
-    summary = {"new": len(result.new), "rejected": len(result.rejected), "pseudo_labelled": result.pseudo_labelled,
+    summary = {"new": len(result.new), "rejected": len(result.rejected), "held": len(result.held),
+               "labels_sent_home": home.changed, "pseudo_labelled": result.pseudo_labelled,
                "operator_labelled": result.operator_labelled, "queued_for_people": result.queued}
     get_run_logger().info("collect: %s", summary)
     return summary

@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from edge_agent.config import (
     AgentConfig,
     FinetuneConfig,
+    HomeLabels,
     MemberConfig,
     Retention,
     ServeConfig,
@@ -112,6 +113,7 @@ class Learning(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     thresholds: Thresholds = Field(default_factory=Thresholds)
     upload: UploadBudget = Field(default_factory=UploadBudget)
+    home_labels: HomeLabels = Field(default_factory=HomeLabels)
 
 
 class AgentSettings(Strict):
@@ -186,7 +188,7 @@ class Site(Strict):
             site=self.name, root=Path(root or self.root), store_url=self.store_url or cloud.store_url,
             store_options=cloud.store_options, image_size=self.learning.image_size,
             members=self.learning.members, finetune=self.learning.finetune, thresholds=self.learning.thresholds,
-            upload=self.learning.upload, serve=self.agent.serve, poll_interval_s=self.agent.poll_interval_s,
+            upload=self.learning.upload, home_labels=self.learning.home_labels, serve=self.agent.serve, poll_interval_s=self.agent.poll_interval_s,
             heartbeat_interval_s=self.agent.heartbeat_interval_s, workers=self.agent.workers,
             retention=self.agent.retention, profile=self.install.profile)
 
