@@ -74,7 +74,7 @@ class Thresholds(Strict):
     min_gain: float = Field(0.0, ge=0, description="gate-split accuracy a model must add over the one serving")
     alpha: float = Field(0.1, gt=0, lt=1, description="significance of the gate's paired test: the highest share "
                                                       "of no-better models it may activate (edge_agent.gate)")
-    min_gate_images: int = Field(50, ge=1, description="below this many gate images what serves stays (not enough "
+    min_gate_images: int = Field(1, ge=1, description="below this many gate images what serves stays (the exact "
                                                        "evidence); gate images accumulate as labelled data grows")
     int8_tolerance: float = Field(0.005, ge=0, description="INT8 serves when its gate accuracy is within this "
                                                            "of FP32's")

@@ -35,6 +35,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.retention import disk_use, enforce
 from edge_agent.sampler import Sampler
 from edge_agent.serving import ENSEMBLE_FILE, EnsembleHandle, validate_ensemble
+from edge_agent.shadow import ShadowScorer, shadow_record
 from edge_agent.sitedata import EXAM_SPLITS, EXAMS_KEY, SplitOf, exam_list, labelled_files
 from edge_agent.state import AgentState
 from edge_agent.store import Store
@@ -73,7 +74,8 @@ class Agent:
         self.handle = EnsembleHandle(self.paths.active_link, threads=1, image_size=config.image_size)
         self.outbox = Outbox(self.paths.outbox, config.upload.outbox_max_bytes)
         self.window = LiveWindow()
-        self.sampler = Sampler(config, self.outbox, self.state, self.lock, self.window)
+        self.shadow = ShadowScorer(self.paths) if config.profile == "edge" else None
+        self.sampler = Sampler(config, self.outbox, self.state, self.lock, self.window, self.shadow)
         self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler,
                                     max_pixels=config.serve.max_image_pixels)
         self.uplink = Uplink(Store(config.store_url, config.store_options), self.outbox, config.site,
@@ -85,6 +87,7 @@ class Agent:
         self.finetunes = config.profile == "edge"
         self.server = None
         self._pid_lock = None
+        self._shadow_due = True  # look at a waiting challenger again: at start, and when labels arrived
         self._exams: bytes | None = b""  # b"": to (re)compute and publish: at start, when the labelled set changes
         self._exams_failed = False
 
@@ -109,7 +112,7 @@ class Agent:
         """One pass of the loop; a failing step is logged and the others still run."""
         for step in (self.watch_finetune, self.take_labels_home, self.scan_triggers, self.publish_exams,
                      self.judge_labelled,
-                     self.maybe_start_finetune, self.process_inbox,
+                     self.maybe_start_finetune, self.judge_shadow, self.process_inbox,
                      self.pump_uplink, self.maybe_enforce_retention, self.maybe_heartbeat):
             if self.stop.is_set():
                 return
@@ -190,7 +193,7 @@ class Agent:
         new = [(c, f) for c, f in labelled_files(self.paths) if f"{c}/{f.name}" not in seen]
         if not new:
             return
-        self._exams = b""
+        self._exams, self._shadow_due = b"", True
         for class_name, file in new:
             self.state.labelled_seen.append(f"{class_name}/{file.name}")
             if not is_home_label(file):  # a label that came home is of a sample the store already holds
@@ -218,6 +221,7 @@ class Agent:
                           last_refused=report.refused[:5], error=report.error, pending=report.pending,
                           last_change=time.time() if report.changed else totals.get("last_change"))
             if report.changed:
+                self._shadow_due = True
                 log.info("labels home: %d new, %d relabelled, %d refused", report.taken, report.relabelled,
                          len(report.refused))
             if report.error:
@@ -296,6 +300,25 @@ class Agent:
                          source="operator", split=split)
         except (ImageError, OSError) as exc:
             log.warning("labelled file %s/%s not usable: %s", class_name, file.name, exc)
+
+    def judge_shadow(self) -> None:
+        """When labels arrived and a challenger waits in shadow, look again (:func:`edge_agent.shadow.rejudge`:
+        the sequential test, valid however often it looks). Not while a fine-tune runs: it judges for itself."""
+        if not self._shadow_due or self.finetune.running or not self.finetunes:
+            return
+        self._shadow_due = False
+        if shadow_record(self.paths) is None:
+            return
+        from edge_agent.errors import FinetuneError
+        from edge_agent.shadow import rejudge
+
+        try:
+            decision = rejudge(self.paths, self.config)
+        except FinetuneError as exc:
+            log.info("shadow not judged: %s", exc)
+            return
+        if decision and decision["accept"]:
+            self.heartbeat()
 
     def maybe_start_finetune(self) -> None:
         if self.finetune.running or not self.state.pending_finetune or time.time() < self.clock.finetune_retry_at:
@@ -378,6 +401,8 @@ class Agent:
             return  # a running fine-tune owns runs/ and the staging of ensembles
         keep = {name for name in (_version_of(self.handle.target()), self.handle.serving_version) if name}
         keep |= restorable_ensembles(self.paths)  # what a rollback of a present base would serve again
+        if (waiting := shadow_record(self.paths)) is not None:
+            keep.add(waiting["version"])
         enforce(self.paths, self.config.retention, keep)
         self.clock.retention_due = time.time() + self.config.retention.interval_s
 
@@ -417,6 +442,7 @@ class Agent:
             "disk_bytes": disk_use(self.paths, known={"outbox": self.outbox.size_bytes()}),
             "disk_full": self.disk_full(),
             "window": self.window.summary(),
+            "shadow": _shadow_summary(self.paths, state.get("shadow_scored") or {}),
             **state,
         }
 
@@ -456,8 +482,20 @@ def restorable_ensembles(paths: AgentPaths) -> set[str]:
     return keep
 
 
+def _shadow_summary(paths: AgentPaths, scored: dict[str, list[int]]) -> dict[str, Any] | None:
+    """The waiting challenger: which, since when, how often judged, the last verdict, and how often it
+    disagreed with what serves on production images."""
+    record = shadow_record(paths)
+    if record is None:
+        return None
+    images, disagreed = scored.get(record["version"], [0, 0])
+    last = record.get("last") or {}
+    return {"version": record["version"], "since": record.get("since"), "looks": record.get("looks"),
+            "last_reason": last.get("reason"), "production_images": images, "disagreements": disagreed}
+
+
 def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
-    keys = ("run_id", "reason", "version", "bases", "decision", "gate", "activated", "skipped", "finished", "seconds", "ensemble",
+    keys = ("run_id", "reason", "version", "bases", "decision", "gate", "activated", "skipped", "finished", "seconds", "ensemble", "shadow",
             "members", "candidates", "serving", "serving_version", "gain_over_base", "precision", "new_precision",
             "counts")
     return {k: report.get(k) for k in keys if k in report}

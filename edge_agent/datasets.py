@@ -16,7 +16,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -299,9 +299,19 @@ def import_elpv(out: str | Path, size: int = 96, seed: int = 0, sites: int = 0, 
     return report
 
 
+def exam_share_of(sha256: str, share: float) -> bool:
+    """Whether an added image belongs to the dataset's growing exam: ``share`` of all images, by content hash
+    (its val-or-gate half picks the gate role, :func:`role`; a second slice of the hash picks the share)."""
+    return role("val", sha256) == "gate" and int(sha256[8:16], 16) / 16 ** 8 < 2 * share
+
+
 def derive_dataset(base: DatasetVersion, additions: Sequence[tuple[str, bytes, int, dict]], out: str | Path,
-                   source: str) -> ImportReport:
-    """A new version: ``base`` plus extra training images ``(name, image bytes, label, fields)``.
+                   source: str, exam_share: float = 0.0, exam_eligible: Callable[[str], bool] = lambda name: True
+                   ) -> ImportReport:
+    """A new version: ``base`` plus extra images ``(name, image bytes, label, fields)``, for training, except
+    ``exam_share`` of them (by content hash, :func:`exam_share_of`) which join the gate role and are never
+    trained on: the exam grows with the data. An addition in the exam share that is not ``exam_eligible``
+    (a pseudo-label: a model's guess is no exam evidence) is left out altogether, so no image ever moves role.
 
     The base's validation and test splits stay as they are, so a model trained on the new version
     is compared with its parent on the same held-out images.
@@ -324,11 +334,14 @@ def derive_dataset(base: DatasetVersion, additions: Sequence[tuple[str, bytes, i
         digest = hashlib.sha256(png).hexdigest()
         if digest in known:
             continue  # the same image twice (or already in the base) adds nothing
+        split = "val" if exam_share_of(digest, exam_share) else "train"  # "val" with this hash: the gate role
+        if split == "val" and not exam_eligible(name):
+            continue
         known.add(digest)
         rel = f"{base.classes[label]}/{name}.png"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(png)
-        records.append({"file": rel, "sha256": digest, "label": label, "split": "train", **extra})
+        records.append({"file": rel, "sha256": digest, "label": label, "split": split, **extra})
     records.sort(key=lambda r: r["file"])
     manifest = {**base.manifest, "source": source, "parent_dataset": base.id, "records": records}
     write_json_atomic(out / MANIFEST, manifest)

@@ -33,6 +33,7 @@ from edge_agent.ids import new_id
 from edge_agent.layout import AgentPaths
 from edge_agent.members import (MemberJob, available_memory, make_jobs, member_sizes, members_at_once,
                                 train_members)
+from edge_agent.shadow import ONE_SHOT_SHARE, clear_shadow, set_shadow
 from edge_agent.sitedata import SPLITS, finetune_blocker, load_site_splits, split_counts
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: s
 
     class_names = torch.load(bases[-1][1], map_location="cpu", weights_only=True)["meta"]["class_names"]
     counts = split_counts(paths)
-    blocked = finetune_blocker(counts, config.thresholds.min_gate_images)
+    blocked = finetune_blocker(counts)
     if blocked:
         return serve_base_only(config, paths, run_dir, run_id, reason, blocked, bases, class_names, counts, started)
     progress.phase("loading data")
@@ -176,14 +177,31 @@ def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: s
               "precision": precisions.get(serving["chosen"]), "new_precision": precisions.get("new"),
               "counts": {s: len(splits[s]) for s in SPLITS}}
     write_json_atomic(staged / "report.json", report)
+    waits = frozenset({"new"} if serving["chosen"] != "new" and "new" in serving["results"] else ())
     _publish_choice(paths, serving["chosen"], {"new": (staged, True), "base": (base_folder, base_is_new)},
-                    judged=serving["judged"], bases=report["bases"])
+                    judged=serving["judged"], bases=report["bases"], keep=waits)
+    report["shadow"] = _keep_challenger(paths, serving, staged, version, report["bases"])
     report.update(finished=time.time(), seconds=round(time.time() - started, 3))
     progress.phase("done")
     write_json_atomic(run_dir / "report.json", report)
     for name in ("train_images.npy", "train_labels.npy", "val_images.npy", "val_labels.npy"):
         (run_dir / name).unlink(missing_ok=True)
     return report
+
+
+def _keep_challenger(paths: AgentPaths, serving: dict[str, Any], staged: Path, version: str,
+                     bases: list[str]) -> str | None:
+    """The new ensemble the gate did not accept waits in shadow (:mod:`edge_agent.shadow`); one that was
+    accepted ends the wait of an older shadow. Returns the shadow's version, if any."""
+    if serving["chosen"] == "new":
+        clear_shadow(paths)
+        return None
+    if "new" not in serving["results"]:
+        return None  # it could not serve at all: nothing to wait for
+    publish(paths, staged, version)
+    set_shadow(paths, version, bases, serving["gate"])
+    log.info("new ensemble %s waits in shadow: %s", version, serving["decision"])
+    return version
 
 
 def serve_base_only(config: AgentConfig, paths: AgentPaths, run_dir: Path, run_id: str, reason: str, blocked: str,
@@ -229,7 +247,9 @@ def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged:
     incumbent = next(n for n in ("active", "base", "new") if n in results)
     order = [n for n in ("base", "active", "new") if n in results]  # ties go to the simpler, then the serving
     answers = {n: gate_score(results[n], splits["gate"].labels) for n in order}
-    chosen, decision = choose(answers, incumbent, config.thresholds.gate_rule())
+    rule = config.thresholds.gate_rule()
+    rule = rule.model_copy(update={"alpha": rule.alpha * ONE_SHOT_SHARE})  # the shadow's later looks: the rest
+    chosen, decision = choose(answers, incumbent, rule)
     if current is not None and "active" not in folders and chosen == "base":
         chosen = "active"  # the active ensemble *is* the base as-is: nothing to switch
         results["active"] = results["base"]
@@ -248,10 +268,11 @@ def _precisions(config: AgentConfig, splits: dict, folders: dict[str, Path]) -> 
 
 
 def _publish_choice(paths: AgentPaths, chosen: str, staged: dict[str, tuple[Path, bool]],
-                    judged: str | None, bases: list[str]) -> None:
+                    judged: str | None, bases: list[str], keep: frozenset[str] = frozenset()) -> None:
     """Publish (one rename) and activate what was chosen, if the active ensemble is still the one it was
     judged against (:class:`ActivationConflict` otherwise) and no base it was built on was rolled back
-    (:class:`Fenced`: then nothing it staged or published stays); drop the other staged folders."""
+    (:class:`Fenced`: then nothing it staged or published stays); drop the other staged folders but those in
+    ``keep`` (a challenger that waits in shadow)."""
     for name, (folder, is_new) in staged.items():
         if name == chosen:
             final = publish(paths, folder, folder.name.removeprefix(STAGING_PREFIX)) if is_new else folder
@@ -264,7 +285,7 @@ def _publish_choice(paths: AgentPaths, chosen: str, staged: dict[str, tuple[Path
                         discard(other)
                 raise
             log.info("%s %s activated", name, final.name)
-        elif is_new:
+        elif is_new and name not in keep:
             discard(folder)
 
 

@@ -10,6 +10,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.outbox import Outbox, as_png
 from edge_agent.select import Selector
 from edge_agent.serving import Prediction
+from edge_agent.shadow import ShadowScorer, ShadowVerdict
 from edge_agent.sidecar import SampleSidecar
 from edge_agent.state import AgentState, UploadLedger
 from edge_agent.window import LiveWindow
@@ -19,8 +20,9 @@ class Sampler:
     """Turns predictions (and operator labels) into outbox samples."""
 
     def __init__(self, config: AgentConfig, outbox: Outbox, state: AgentState, lock: threading.Lock,
-                 window: LiveWindow | None = None):
+                 window: LiveWindow | None = None, shadow: ShadowScorer | None = None):
         self.config, self.outbox, self.state, self.lock = config, outbox, state, lock
+        self.shadow = shadow  # the challenger waiting for evidence, scored beside what serves
         self.window = window  # what the site serves, for the heartbeat (operator labels are not serving)
         t, u = config.thresholds, config.upload
         self.selector = Selector(t.uncertainty, t.disagreement, u.random_share, random.Random())
@@ -33,7 +35,9 @@ class Sampler:
             self.window.record(prediction, prediction.latency_ms)
         mistaken = operator_label is not None and prediction.label != operator_label
         members = prediction.member_probs
-        selection = self.selector.judge(prediction.probs, members, operator_label, mistaken)
+        shadow = self._shadow(raw, prediction, source)
+        selection = self.selector.judge(prediction.probs, members, operator_label, mistaken,
+                                        shadow_disagrees=bool(shadow and shadow.disagrees))
         if not selection.chosen or not self._allowance(source):
             return False
         sidecar = SampleSidecar(
@@ -41,11 +45,24 @@ class Sampler:
             model_version=prediction.model_version, probabilities=prediction.probabilities,
             member_probabilities=members.round(6).tolist() if members is not None else None,
             operator_label=operator_label, source=source, split=split, uncertainty=round(selection.uncertainty, 6),
-            disagreement=round(selection.disagreement, 6)).model_dump(mode="json")
+            disagreement=round(selection.disagreement, 6),
+            **({"shadow": shadow.as_sidecar()} if shadow else {})).model_dump(mode="json")
         self.outbox.put(as_png(raw), sidecar, selection.score)
         with self.lock:
             self.state.selected_total += 1
         return True
+
+    def _shadow(self, raw: bytes, prediction: Prediction, source: str) -> ShadowVerdict | None:
+        """The shadow challenger's answer on a production image (never on an operator's labelled one)."""
+        if self.shadow is None or source == "operator":
+            return None
+        verdict = self.shadow(raw, prediction, self.config.serve.max_image_bytes)
+        if verdict is not None:
+            with self.lock:
+                counts = self.state.shadow_scored.setdefault(verdict.version, [0, 0])
+                counts[0] += 1
+                counts[1] += int(verdict.disagrees)
+        return verdict
 
     def _allowance(self, source: str) -> bool:
         """Take one of today's slots of the source's share of the budget (HTTP requests and operator labels

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 OPERATOR_SCORE = 2.0  # above every model-derived score (those are within 0..1)
+SHADOW_SCORE = 1.5  # a disagreement with the shadow challenger: after operator labels, before everything else
 
 
 def normalised_entropy(probs: np.ndarray) -> float:
@@ -50,7 +51,7 @@ class Selector:
     rng: random.Random = field(default_factory=random.Random)
 
     def judge(self, probs: np.ndarray, member_probs: np.ndarray | None = None,
-              operator_label: str | None = None, mistaken: bool = False) -> Selection:
+              operator_label: str | None = None, mistaken: bool = False, shadow_disagrees: bool = False) -> Selection:
         """Is this image worth sending? An operator's label alone is not a reason: a labelled image goes
         up when the model is unsure of it, its members disagree, it got it wrong (``mistaken``), or by the
         random share, like any other; when chosen, its label makes it rank first."""
@@ -63,9 +64,11 @@ class Selector:
             reasons.append("uncertain")
         if dis >= self.disagreement_threshold:
             reasons.append("disagreement")
+        if shadow_disagrees:  # labelled, it is one discordant pair for the waiting challenger's decision
+            reasons.append("shadow_disagreement")
         if not reasons and self.rng.random() < self.random_share:
             reasons.append("random")
-        score = OPERATOR_SCORE if operator_label is not None else max(unc, dis)
+        score = OPERATOR_SCORE if operator_label is not None else SHADOW_SCORE if shadow_disagrees else max(unc, dis)
         if reasons and operator_label is not None:
             reasons.insert(0, "operator_label")
         return Selection(bool(reasons), score, reasons, unc, dis)

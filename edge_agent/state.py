@@ -56,6 +56,8 @@ class AgentState(BaseModel):
     labels_home: dict[str, Any] = Field(default_factory=lambda: {"taken": 0, "relabelled": 0, "refused": 0},
                                         description="labels that came home from the cloud: totals, and the last "
                                                     "pass's refusals with their reasons")
+    shadow_scored: dict[str, list[int]] = Field(default_factory=dict, description="per shadow challenger: production "
+                                                "images it scored, and those where it disagreed with what serves")
     recovery: str | None = Field(None, description="set when state.json was unreadable at start; never saved")
 
     @classmethod

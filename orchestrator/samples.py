@@ -167,17 +167,26 @@ def first_label(*labellers: Labeller) -> Labeller:
     return label
 
 
+CLOUD_EXAM_SHARE = 0.15  # of the labelled samples: the cloud's gate grows with the fleet, as the sites' do
+
+
 def build_retraining_set(base: DatasetVersion, samples: list[Sample], labeller: Labeller,
-                         out: str | Path) -> tuple[ImportReport, int]:
-    """A dataset version: ``base`` plus every labelled sample in its train split; returns (report, unlabelled)."""
-    additions, unlabelled = [], 0
+                         out: str | Path, pseudo: Container[str] = (),
+                         exam_share: float = CLOUD_EXAM_SHARE) -> tuple[ImportReport, int]:
+    """A dataset version: ``base`` plus every labelled sample, in its train split but for ``exam_share`` of them
+    (by content hash) which join the gate role and are never trained on; returns (report, unlabelled).
+    ``pseudo`` holds the hashes whose label is a model's guess: never exam evidence."""
+    additions, unlabelled, names = [], 0, {}
     for sample in samples:
         label = labeller(sample)
         if label is None:
             unlabelled += 1
             continue
-        additions.append((f"sample-{sample.site}-{sample.sha256[:16]}", sample.image, label,
+        name = f"sample-{sample.site}-{sample.sha256[:16]}"
+        names[name] = sample.sha256
+        additions.append((name, sample.image, label,
                           {"source_file": f"store:samples/{sample.site}/{sample.sha256}.png", "site": sample.site,
                            "reasons": ",".join(sample.sidecar.get("reasons", []))}))
-    report = derive_dataset(base, additions, out, source=f"retrain:{base.id}+{len(additions)} samples")
+    report = derive_dataset(base, additions, out, source=f"retrain:{base.id}+{len(additions)} samples",
+                            exam_share=exam_share, exam_eligible=lambda name: names[name] not in pseudo)
     return report, unlabelled
