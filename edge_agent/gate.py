@@ -1,29 +1,60 @@
-"""The one gate: does a challenger replace the incumbent? Used by the edge (activation), the cloud (promotion,
-tune) and the rollout's canary verdicts.
+"""The one gate: does a challenger replace the incumbent? Used by the edge (activation, the shadow challenger),
+the cloud (promotion, tune) and the rollout's canary verdicts.
 
 It reads each model's answers on the *same* gate images, a split that chose nothing else (no epoch, no
-ensemble weight), and asks whether the challenger's advantage could be noise: an exact one-sided McNemar test
-on the discordant pairs. Of the images where exactly one model is right, the challenger is right on ``b`` and
-the incumbent on ``c``; if the two models were equally good each such image would be a fair coin, so the
-p-value is P(X >= b) for X ~ Binomial(b + c, 1/2). The challenger wins only when
+ensemble weight, no precision), and asks whether the challenger's advantage could be noise. Only the discordant
+pairs carry evidence: of the images where exactly one model is right, the challenger is right on ``b`` and the
+incumbent on ``c``. If the challenger is no better, each discordant pair is a coin that lands for it with
+probability p <= 1/2. Two tests of H0: p <= 1/2, one per kind of decision:
 
-- there are at least ``min_gate_images`` gate images (else: "not enough evidence (n = ...)");
-- its accuracy gain (b - c) / n is more than ``min_gain``;
-- p <= ``alpha``.
+**One look: the exact one-sided McNemar test** (:func:`gate`). p = P(X >= b) for X ~ Binomial(b + c, 1/2). The
+challenger wins only when its accuracy gain (b - c) / n is more than ``min_gain`` and p <= ``alpha``.
 
-Anything else (a tie included) keeps the incumbent. So a challenger that is no better than the incumbent is
-promoted with probability at most ``alpha``, whatever the size of the split (``bench/gate.py`` measures it).
-Log-loss never decides: on a few dozen images it mostly measures calibration noise.
+**Many looks: an anytime-valid sequential test** (:func:`sequential_gate`), for evidence that builds up (a site's
+shadow challenger judged again as labels come home; a challenger judged every night against one champion). Its
+statistic is Robbins' method of mixtures, a mixture likelihood ratio (a betting e-process) on the discordant pairs
+in the order they arrive::
+
+    E = integral over p in (1/2, 1] of  p^b (1 - p)^c / (1/2)^(b + c)  dPrior(p)
+
+with Prior = Beta(a, a) restricted to p > 1/2 (:data:`PRIOR_A` = a; it puts its weight on challengers that win
+50-75 % of the discordant pairs, the size of gain a fine-tune brings). In closed form
+E = 2^(b+c+1) B(b + a, c + a) / B(a, a) * P(Beta(b + a, c + a) > 1/2), computed in log space. For every p0 <= 1/2
+and p > 1/2, E_p0[p^X (1 - p)^(1 - X) / (1/2)] = 2(1 - p) + 2 p0 (2p - 1) <= 1, so E is a nonnegative
+supermartingale under H0, and by Ville's inequality P(sup over all looks E >= 1/alpha) <= alpha. The challenger
+wins when E >= 1/alpha (and the gain is above ``min_gain``): however often it is looked at, a challenger that is
+no better is accepted with probability at most alpha in all. The threshold does not depend on the number of
+looks (reported only), and E depends on the counts alone, so a look may come at any n. The guarantee needs the
+two models fixed and the gate split growing (images added, none removed or swapped) between looks.
+
+Sources: J. Ville, *Étude critique de la notion de collectif* (1939); H. Robbins, "Statistical methods related
+to the law of the iterated logarithm" (Ann. Math. Statist. 1970; the method of mixtures); A. Ramdas, P. Grünwald,
+V. Vovk, G. Shafer, "Game-theoretic statistics and safe anytime-valid inference" (Statistical Science 2023);
+S. Howard, A. Ramdas, J. McAuliffe, J. Sekhon, "Time-uniform, nonparametric, nonasymptotic confidence sequences"
+(Ann. Statist. 2021).
+
+**Many candidates against one incumbent** (the cloud's nightly retrain): candidate k (k >= 1) is tried at
+:func:`spent_alpha` = alpha / (k (k + 1)); these shares sum to alpha over any number of candidates.
+
+Anything else (a tie included) keeps the incumbent. ``min_gate_images`` (default 1) is kept so that old
+configurations parse: both tests are valid at any n, so a thin gate delays nothing but what it cannot yet tell.
+Log-loss never decides: on a few dozen images it mostly measures calibration noise. ``bench/gate.py`` measures
+both tests' false-promotion rates over repeated looks and the sequential test's power.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 EPS = 1e-12
+E_CAP = 1e300  # the largest e-value reported (a finite JSON number); decisions use log E
+PRIOR_A = 10.0  # the sequential test's mixing prior: Beta(PRIOR_A, PRIOR_A) restricted to p > 1/2
+EXACT_TEST = "exact one-sided McNemar"
+SEQUENTIAL_TEST = f"anytime-valid mixture e-process (Beta({PRIOR_A:g},{PRIOR_A:g}) on p > 1/2, Ville)"
 
 
 class GateRule(BaseModel):
@@ -31,11 +62,12 @@ class GateRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    alpha: float = Field(0.1, gt=0, lt=1, description="significance of the one-sided McNemar test: the highest "
-                                                      "share of no-better challengers the gate may let through")
+    alpha: float = Field(0.1, gt=0, lt=1, description="significance of the one-sided test: the highest share of "
+                                                      "no-better challengers the gate may let through")
     min_gain: float = Field(0.0, ge=0, description="gate accuracy (0-1) a challenger must add over the incumbent")
-    min_gate_images: int = Field(50, ge=1, description="fewer gate images than this: the incumbent stays "
-                                                       "(not enough evidence to change anything)")
+    min_gate_images: int = Field(1, ge=1, description="fewer gate images than this: the incumbent stays. Default "
+                                                      "1: both tests are valid at any n (kept so that older "
+                                                      "configurations parse)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,17 +96,21 @@ class Score:
 
 @dataclass(frozen=True)
 class Decision:
-    """A gate's verdict and its evidence. ``reason`` says it in one line (n, discordant counts, p, alpha)."""
+    """A gate's verdict and its evidence. ``reason`` says it in one line (the test, n, discordant counts, p or
+    e-value, the threshold; for the sequential test the number of looks)."""
 
     accept: bool
     reason: str
     n: int = 0
     challenger_only: int = 0  # gate images only the challenger got right (b)
     incumbent_only: int = 0   # gate images only the incumbent got right (c)
-    p_value: float | None = None
+    p_value: float | None = None  # exact: McNemar's p; sequential: min(1, 1/E), valid at any look
     alpha: float | None = None
     challenger_accuracy: float | None = None
     incumbent_accuracy: float | None = None
+    e_value: float | None = None  # sequential only: the mixture e-value E (accept when E >= 1/alpha)
+    looks: int | None = None      # sequential only: how many times this pair has been looked at (reported)
+    test: str | None = None       # which test decided (EXACT_TEST or SEQUENTIAL_TEST)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -91,29 +127,103 @@ def mcnemar_p(challenger_only: int, incumbent_only: int) -> float:
     return float(binomtest(challenger_only, discordant, 0.5, alternative="greater").pvalue)
 
 
-def gate(challenger: Score, incumbent: Score | None, rule: GateRule | None = None) -> Decision:
-    """Accept the challenger if nothing is in place, or if the paired test above says it is better."""
-    rule = rule or GateRule()
-    if incumbent is None:
-        return Decision(True, "nothing in place", n=challenger.n, challenger_accuracy=challenger.accuracy)
+def log_e_value(challenger_only: int, incumbent_only: int, prior_a: float = PRIOR_A) -> float:
+    """log E of the mixture e-process (module docstring) after ``challenger_only`` wins and ``incumbent_only``
+    losses among the discordant pairs: (n+1) log 2 + log B(b+a, c+a) - log B(a, a) + log P(Beta(b+a, c+a) > 1/2).
+    0 (E = 1) with no discordant pair; -inf where the tail underflows (no evidence at all for the challenger)."""
+    from scipy.special import betaincc, betaln, log_ndtr
+
+    b, c = int(challenger_only), int(incumbent_only)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts cannot be negative: {b}, {c}")
+    tail = float(betaincc(b + prior_a, c + prior_a, 0.5))
+    if tail > 0:
+        log_tail = math.log(tail)
+    else:  # far below 1/2: a normal approximation of the log tail (E is ~0 either way, never accepted)
+        mean = (b + prior_a) / (b + c + 2 * prior_a)
+        sd = math.sqrt(mean * (1 - mean) / (b + c + 2 * prior_a + 1))
+        log_tail = float(log_ndtr((mean - 0.5) / sd))
+    return (b + c + 1) * math.log(2) + float(betaln(b + prior_a, c + prior_a) - betaln(prior_a, prior_a)) + log_tail
+
+
+def e_value(challenger_only: int, incumbent_only: int, prior_a: float = PRIOR_A) -> float:
+    """E itself (capped at :data:`E_CAP` so that it stays a finite JSON number)."""
+    return _capped(log_e_value(challenger_only, incumbent_only, prior_a))
+
+
+def _capped(log_e: float) -> float:
+    return E_CAP if log_e >= math.log(E_CAP) else math.exp(log_e)
+
+
+def spent_alpha(alpha: float, k: int) -> float:
+    """The share of ``alpha`` for the k-th candidate (k >= 1) tried against one incumbent: alpha / (k (k + 1)).
+    These shares sum to alpha over any number of candidates (1/(k(k+1)) = 1/k - 1/(k+1) telescopes), so the chance
+    that any no-better candidate gets through stays at most alpha however many are tried."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1): {alpha}")
+    if int(k) != k or k < 1:
+        raise ValueError(f"the candidate's number k starts at 1: {k}")
+    return alpha / (k * (k + 1))
+
+
+def _evidence(challenger: Score, incumbent: Score) -> tuple[int, int, int]:
+    """(n, b, c) of two models' answers on the same gate images."""
     if challenger.n != incumbent.n:
         raise ValueError(f"the gate compares answers on the same images: {challenger.n} vs {incumbent.n} answers")
-    n = challenger.n
     b = int(np.sum(challenger.correct & ~incumbent.correct))
     c = int(np.sum(~challenger.correct & incumbent.correct))
-    p = mcnemar_p(b, c)
-    evidence = dict(n=n, challenger_only=b, incumbent_only=c, p_value=p, alpha=rule.alpha,
-                    challenger_accuracy=challenger.accuracy, incumbent_accuracy=incumbent.accuracy)
-    facts = f"n = {n}, discordant {b} for / {c} against, p = {p:.4g}, alpha = {rule.alpha}"
+    return challenger.n, b, c
+
+
+def _verdict(n: int, b: int, c: int, rule: GateRule, significant: bool, facts: str, evidence: dict) -> Decision:
+    """The rule shared by both tests: enough images, a gain above ``min_gain``, then the test's own verdict."""
     if n < rule.min_gate_images:
         return Decision(False, f"not enough evidence (n = {n} < {rule.min_gate_images} gate images; {facts})",
                         **evidence)
-    gain = (b - c) / n
+    gain = (b - c) / n if n else 0.0
     if gain <= rule.min_gain + EPS:
         return Decision(False, f"gain {gain:+.4f} not above min gain {rule.min_gain} ({facts})", **evidence)
-    if p > rule.alpha:
+    if not significant:
         return Decision(False, f"gain {gain:+.4f} could be noise ({facts})", **evidence)
     return Decision(True, f"gain {gain:+.4f} is significant ({facts})", **evidence)
+
+
+def gate(challenger: Score, incumbent: Score | None, rule: GateRule | None = None) -> Decision:
+    """One look: accept the challenger if nothing is in place, or if the exact McNemar test says it is better."""
+    rule = rule or GateRule()
+    if incumbent is None:
+        return Decision(True, "nothing in place", n=challenger.n, challenger_accuracy=challenger.accuracy)
+    n, b, c = _evidence(challenger, incumbent)
+    p = mcnemar_p(b, c)
+    evidence = dict(n=n, challenger_only=b, incumbent_only=c, p_value=p, alpha=rule.alpha, test=EXACT_TEST,
+                    challenger_accuracy=challenger.accuracy, incumbent_accuracy=incumbent.accuracy)
+    facts = f"{EXACT_TEST}: n = {n}, discordant {b} for / {c} against, p = {p:.4g}, alpha = {rule.alpha}"
+    return _verdict(n, b, c, rule, p <= rule.alpha, facts, evidence)
+
+
+def sequential_gate(challenger: Score, incumbent: Score | None, rule: GateRule | None = None,
+                    looks: int = 1) -> Decision:
+    """A look at evidence that builds up: the cumulative answers of the same two models on the gate split as it
+    stands at this look (earlier gate images kept, new ones added). Accept when the mixture e-value
+    E >= 1/alpha (and the gain is above ``min_gain``); by Ville's inequality a no-better challenger is accepted
+    with probability at most alpha over all looks, whatever their number. ``looks`` (>= 1, the how-manieth look
+    this is) is reported, never used: the threshold is the same at every look."""
+    rule = rule or GateRule()
+    if looks < 1:
+        raise ValueError(f"looks counts this look too: at least 1, not {looks}")
+    if incumbent is None:
+        return Decision(True, "nothing in place", n=challenger.n, challenger_accuracy=challenger.accuracy,
+                        looks=looks, test=SEQUENTIAL_TEST)
+    n, b, c = _evidence(challenger, incumbent)
+    log_e = log_e_value(b, c)
+    e = _capped(log_e)
+    threshold = 1 / rule.alpha
+    evidence = dict(n=n, challenger_only=b, incumbent_only=c, p_value=min(1.0, math.exp(-log_e)), alpha=rule.alpha,
+                    challenger_accuracy=challenger.accuracy, incumbent_accuracy=incumbent.accuracy, e_value=e,
+                    looks=looks, test=SEQUENTIAL_TEST)
+    facts = (f"{SEQUENTIAL_TEST}, look {looks}: n = {n}, discordant {b} for / {c} against, e-value = {e:.4g}, "
+             f"threshold 1/alpha = {threshold:.4g} (alpha = {rule.alpha:.4g})")
+    return _verdict(n, b, c, rule, log_e >= math.log(threshold) - EPS, facts, evidence)
 
 
 def choose(scores: dict[str, Score], incumbent: str, rule: GateRule | None = None) -> tuple[str, Decision]:
