@@ -1,4 +1,4 @@
-"""The whole loop, measured over rounds and seeds on the shifted fleet (issue 9).
+"""The whole loop, measured over rounds and seeds on the shifted fleet (issue 9), with labels going home (issue 24).
 
 Each seed: the cloud pretrains on its generic pool (mostly poly cells); three sites differ from it (mono
 cells only; poly cells through the site's own camera; both). Each round, every site fine-tunes on the
@@ -15,12 +15,19 @@ cloud refuses any sample whose hash is among the sites' gate and test images. Ev
 gate (edge_agent.gate); beside it, each row records what the rule before issue 16 would have chosen from
 the same candidates.
 
+Labels go home (issue 24): each round the selected arm's uploads are labelled in the cloud (the reference
+labels stand in for people) and the labels return to each site through real store files (orchestrator.labelhome,
+edge_agent.homelabels), with a role by content hash: the sites' train, val, gate and test splits grow. A site
+fine-tunes again when 20 labels came home, or on a new champion; a challenger its gate could not accept waits in
+shadow and is judged again with the sequential test. The cloud's gate grows too (a share of the labelled samples
+joins the retraining set's gate) and each candidate is one try at the champion, at its spent share of alpha.
+
 Beside the loop, on the same data and budget:
 - random selection: a second cloud chain retrained on uniformly random uploads of the same bytes;
 - fine-tune vs scratch: one model fine-tuned from the cloud base against one trained from scratch on a
   site's train split (round 1), test accuracy against training seconds.
 
-    .venv/bin/python bench/loop.py                 # 3 seeds x 3 rounds (~35 min on 2 cores)
+    .venv/bin/python bench/loop.py                 # 3 seeds x 5 rounds (~80 min on 2 cores)
     .venv/bin/python bench/loop.py --quick         # 1 seed x 2 rounds, small epochs (a few minutes)
 
 Writes bench/results/loop.json (every figure, the machine), loop.png (the learning curves) and loop.md.
@@ -49,7 +56,7 @@ from edge_agent.config import AgentConfig, FinetuneConfig, MemberConfig, ServeCo
 from bench.gate import old_rule  # noqa: E402
 from edge_agent.datasets import (ELPV_CLASSES, ArraySet, SourceImage, elpv_images, open_dataset, role,  # noqa: E402
                                  write_version)
-from edge_agent.sitedata import exam_hashes  # noqa: E402
+from edge_agent.sitedata import exam_hashes, split_counts  # noqa: E402
 from edge_agent.imaging import encode_png  # noqa: E402
 from edge_agent.layout import AgentPaths  # noqa: E402
 from edge_agent.select import Selector  # noqa: E402
@@ -72,7 +79,7 @@ MEMBERS = ((128, "flips"), (112, "noise"), (96, "none"))
 @dataclass
 class Settings:
     seeds: int = 3
-    rounds: int = 3
+    rounds: int = 5
     arch: str = "slim_resnet"   # the recipe bench/elpv_recipe.py chose on val (issue 20; ResNet-18 at 64 px before)
     size: int = 128
     pretrain_epochs: int = 30
@@ -80,6 +87,7 @@ class Settings:
     finetune_epochs: int = 6
     scratch_epochs: int = 20
     upload_share: float = 0.04  # of the bytes a site saw that round
+    min_new_labels: int = 20    # labels come home: a site fine-tunes again past this many (thresholds.min_new_labelled)
 
 
 @dataclass
@@ -105,6 +113,7 @@ class Site:
     labelled: list[StreamImage]
     stream: list[StreamImage]
     chunks: list[list[StreamImage]] = field(default_factory=list)
+    new_labels: int = 0  # labels that came home since the last fine-tune
 
     @property
     def paths(self) -> AgentPaths:
@@ -212,6 +221,63 @@ def skipped_row(site: Site, round_: int, report: dict) -> dict:
             "finetune_seconds": report["seconds"], "train_seconds": 0.0, "skipped": report["skipped"]}
 
 
+def judged_again(site: Site, round_: int, last: dict) -> dict:
+    """No fine-tune this round: what serves stays, unless the challenger waiting in shadow wins its next look
+    (edge_agent.shadow.rejudge, the sequential test) on the gate split that grew with the labels home."""
+    from edge_agent.ensemble import evaluate_graph
+    from edge_agent.serving import EnsembleHandle
+    from edge_agent.shadow import rejudge
+
+    decision = rejudge(site.paths, site.config)
+    row = {**last, "round": round_, "carried_over": True, "changed": bool(decision and decision["accept"])}
+    if decision is not None:
+        row["shadow_decision"] = decision["reason"]
+    if row["changed"]:
+        graph = EnsembleHandle(site.paths.active_link, threads=2, image_size=site.config.image_size).get()
+        row["served"] = evaluate_graph(graph, site.test.images, site.test.labels)["accuracy"]
+        row["serving"] = "shadow"
+    return row
+
+
+class LabelsHome:
+    """The selected arm's uploads, through a real store: the agent's sent log, the cloud's labelling queue
+    (the reference labels stand in for people), labels/<site>.json, and the site taking them home."""
+
+    def __init__(self, work: Path):
+        from edge_agent.store import Store
+        from orchestrator.labelling import LabelQueue
+
+        self.root = work / "store"
+        self.store = Store(f"file://{self.root}")
+        self.queue = LabelQueue(work / "label-queue", list(ELPV_CLASSES))
+
+    def upload(self, site: Site, images: list[StreamImage]) -> None:
+        from edge_agent.homelabels import SentLog
+
+        folder = self.root / "samples" / site.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for image in images:
+            (folder / f"{image.sha256}.png").write_bytes(image.png)
+            (folder / f"{image.sha256}.json").write_text(json.dumps({"site": site.name, "time": time.time(),
+                                                                     "reasons": [image.source]}))
+        SentLog(site.paths.root / "sent.log").add({image.sha256 for image in images})
+
+    def send_and_take(self, site: Site, truth: dict[str, int]) -> int:
+        """Label what the site sent (not its own operator-labelled images: those are labelled already), send the
+        labels home, and let the site take them; returns how many came home."""
+        from edge_agent.homelabels import SentLog, take_labels
+        from orchestrator.labelhome import send_labels_home
+
+        for path in (self.root / "samples" / site.name).glob("*.json"):
+            if json.loads(path.read_text())["reasons"] == ["inbox"] and path.stem in truth:
+                self.queue.set(path.stem, ELPV_CLASSES[truth[path.stem]], by="reference")
+        send_labels_home(self.store, self.queue)
+        report = take_labels(self.store, site.paths, site.name, list(ELPV_CLASSES), SentLog(site.paths.root / "sent.log"),
+                             site.config.home_labels.shares, site.config.serve.max_image_bytes)
+        assert not report.refused and report.error is None, (report.refused, report.error)
+        return report.taken + report.relabelled
+
+
 def _first(*values):
     return next((v for v in values if v is not None), None)
 
@@ -298,19 +364,22 @@ class Cloud:
 
     def retrain(self, generic: Path, round_: int, settings: Settings, seed: int) -> dict:
         from edge_agent.train import TrainConfig
-        from orchestrator.retrain import gate, retrain_from_samples
+        from orchestrator.retrain import gate, looks_at, retrain_from_samples
 
         champion = self.registry.champion(FAMILY)
         config = TrainConfig(epochs=settings.retrain_epochs, batch_size=64, lr=1e-3, seed=seed + round_)
+        usable = [s for s in self.samples if s.sha256 not in self.exams]  # labels home made some an exam
+        out = self.home / f"retrain-r{round_}"
         candidate, summary = retrain_from_samples(
-            self.registry, FAMILY, generic, Collection(accepted=list(self.samples)),
-            self.home / f"retrain-r{round_}", config, labellers=[lambda s: self.truth.get(s.sha256)])
-        decision = gate(self.registry, candidate, champion, generic)
+            self.registry, FAMILY, generic, Collection(accepted=usable), out, config,
+            labellers=[lambda s: self.truth.get(s.sha256)])
+        decision = gate(self.registry, candidate, champion, out, look=looks_at(self.registry, champion))
         old = old_rule((decision.candidate_gate_acc, decision.candidate_gate_loss),
                        (decision.champion_gate_acc, decision.champion_gate_loss))
         return {"candidate": candidate.version, "promoted": decision.promoted, "reason": decision.reason,
                 "old_rule_promoted": old, "p_value": decision.p_value, "gate_n": decision.n,
-                "samples": summary["samples_accepted"], "exam_refused": self.refused}
+                "samples": summary["samples_accepted"], "exam_refused": self.refused + len(self.samples) - len(usable),
+                "labels": len(usable), "cloud_gate_n": decision.n}
 
     def accuracy(self, generic: Path, sites: list[Site]) -> dict[str, float]:
         from edge_agent.models import load_checkpoint
@@ -372,7 +441,8 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
         cloud.exams = {h for site in sites for h in exam_hashes(site.paths)}
     cloud_rows = [{"round": 0, "arm": arm, **cloud.accuracy(generic, sites)} for arm, cloud in clouds.items()]
     log(f"seed {seed}: round 0 cloud on sites {cloud_rows[0]['sites_mean']:.3f}, generic {cloud_rows[0]['generic']:.3f}")
-    edge_rows, upload_rows, scratch_rows, deployed = [], [], [], None
+    edge_rows, upload_rows, scratch_rows, home_rows, deployed = [], [], [], [], None
+    labels_home = LabelsHome(work)
     rngs = {arm: random.Random(seed * 7 + i) for i, arm in enumerate(clouds)}
     for round_ in range(1, settings.rounds + 1):
         champion = clouds["selected"].champion
@@ -385,9 +455,15 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
                     f"fine-tune skipped ({row['skipped']})" if row.get("skipped") else
                     f"best member {row['best_member']:.3f} ensemble {row['ensemble_fp32']:.3f}")
                     + f" served {row['served']:.3f} ({row['serving']})")
-            else:  # the gate kept the champion: nothing new to fine-tune from, the sites keep serving
-                edge_rows.append({**next(r for r in reversed(edge_rows) if r["site"] == site.name), "round": round_,
-                                  "carried_over": True, "changed": False})
+            elif site.new_labels >= settings.min_new_labels:  # labels came home: learn from them
+                edge_rows.append(finetune(site, round_))
+                log(f"seed {seed} round {round_} {site.name}: {site.new_labels} labels home, fine-tuned again: "
+                    f"served {edge_rows[-1]['served']:.3f} ({edge_rows[-1]['serving']})")
+            else:  # nothing new to fine-tune from: what serves stays, a waiting challenger is judged again
+                edge_rows.append(judged_again(site, round_, next(r for r in reversed(edge_rows)
+                                                                 if r["site"] == site.name)))
+            site.new_labels = 0 if edge_rows[-1].get("members") and not edge_rows[-1].get("carried_over") \
+                else site.new_labels
             if round_ == 1:
                 scratch_rows.append(scratch_vs_finetune(site, clouds["selected"].registry.artifact(champion),
                                                         settings, seed))
@@ -396,6 +472,7 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
             budget = int(settings.upload_share * seen_bytes)
             picks = {"selected": select(site, seen, budget, rngs["selected"]),
                      "random": select_random(seen, budget, rngs["random"])}
+            labels_home.upload(site, picks["selected"])
             for arm, chosen in picks.items():
                 clouds[arm].upload(site.name, chosen)
                 upload_rows.append({"round": round_, "site": site.name, "arm": arm, "seen": len(seen),
@@ -403,6 +480,12 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
                                     "uploaded_bytes": sum(len(im.png) for im in chosen),
                                     "labelled_uploaded": sum(im.source == "operator" for im in chosen)})
         deployed = champion
+        for site in sites:  # the selected arm's uploads were labelled in the cloud: the labels go home
+            site.new_labels += labels_home.send_and_take(site, clouds["selected"].truth)
+            home_rows.append({"round": round_, "site": site.name, "labels_home": site.new_labels,
+                              "splits": split_counts(site.paths)})
+        for cloud in clouds.values():  # the exams grew with the labels that came home
+            cloud.exams = {h for site in sites for h in exam_hashes(site.paths)}
         for arm, cloud in clouds.items():
             decision = cloud.retrain(generic, round_, settings, seed)
             cloud_rows.append({"round": round_, "arm": arm, **decision, **cloud.accuracy(generic, sites)})
@@ -410,6 +493,7 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
                 f"{'promoted' if decision['promoted'] else 'kept the champion'}; "
                 f"on sites {cloud_rows[-1]['sites_mean']:.3f}, generic {cloud_rows[-1]['generic']:.3f}")
     return {"seed": seed, "edge": edge_rows, "cloud": cloud_rows, "upload": upload_rows, "scratch": scratch_rows,
+            "labels_home": home_rows,
             "sites": {s.name: {"role": s.role, "test_n": len(s.test), "labelled": len(s.labelled),
                                "stream": len(s.stream)} for s in sites},
             "seconds": round(time.monotonic() - started, 1)}
@@ -457,6 +541,12 @@ def summarise(seeds: list[dict], rounds: int) -> dict:
                   for rule, key in (("new", "promoted"), ("old", "old_rule_promoted"))}
     promotions["decisions"] = sum(1 for s in seeds for row in s["cloud"] if row["round"] > 0)
     promotions["exam_refused"] = sum(row.get("exam_refused", 0) for s in seeds for row in s["cloud"])
+    promotions["per_seed"] = [sum(bool(row.get("promoted")) for row in s["cloud"] if row["round"] > 0 and
+                                  row["arm"] == "selected") for s in seeds]
+    labels_needed = _ms([labels_to_reach(s["cloud"]) for s in seeds])
+    home = {site: {str(r): _ms([row["labels_home"] for s in seeds for row in s.get("labels_home", [])
+                                if row["site"] == site and row["round"] == r]) for r in range(1, rounds + 1)}
+            for site in sites}
     ratios = _ms([row["time_ratio"] for s in seeds for row in s["scratch"]])
     reached = [row["time_ratio"] is not None for s in seeds for row in s["scratch"]]
     shifted = [site for site in sites if seeds[0]["sites"][site]["role"] != "mixed"]
@@ -477,11 +567,32 @@ def summarise(seeds: list[dict], rounds: int) -> dict:
         "fine-tune reaches scratch's final accuracy in at most a quarter of scratch's time":
             all(reached) and ratios["mean"] is not None and ratios["mean"] <= 0.25,
         "upload at most 5 % of the bytes the sites saw": uploads["selected"]["share"] <= 0.05,
+        "the cloud promotes at least one candidate in every seed (selected uploads)":
+            all(n >= 1 for n in promotions["per_seed"]),
+        f"mono site served >= +10 points over the base as-is by round {rounds}":
+            all(gains[site][str(rounds)]["mean"] >= 0.10 for site in sites if seeds[0]["sites"][site]["role"] == "mono"),
+        "selected uploads reach random's final cloud accuracy with at most 0.5x its labels":
+            labels_needed["mean"] is not None and labels_needed["mean"] <= 0.5,
     }
     return {"edge": edge, "gain_over_base": gains, "old_rule": old_rule, "rounds_changed": changed,
+            "labels_home": home, "labels_needed_vs_random": labels_needed,
             "cloud_promotions": promotions, "ensemble_minus_best_member": ensemble_vs_member,
             "cloud": cloud, "uploads": uploads, "finetune_vs_scratch_time_ratio": ratios,
             "finetune_reached_scratch": f"{sum(reached)}/{len(reached)}", "targets": targets}
+
+
+def labels_to_reach(cloud_rows: list[dict]) -> float | None:
+    """Labels the selected arm spent until its cloud model first matched the random arm's final accuracy on the
+    sites' test splits, as a share of the labels the random arm spent in all (None: never matched)."""
+    by_arm = {arm: sorted((r for r in cloud_rows if r["arm"] == arm and r["round"] > 0), key=lambda r: r["round"])
+              for arm in ("selected", "random")}
+    if not by_arm["random"]:
+        return None
+    target, spent = by_arm["random"][-1]["sites_mean"], by_arm["random"][-1].get("labels") or 0
+    for row in by_arm["selected"]:
+        if row["sites_mean"] >= target and spent:
+            return round((row.get("labels") or 0) / spent, 4)
+    return None
 
 
 def plot(result: dict, out: Path) -> None:
@@ -550,7 +661,19 @@ def markdown(result: dict) -> str:
     p = s["cloud_promotions"]
     lines += ["", f"Cloud gate, {p['decisions']} decisions (both chains, all seeds and rounds): the new rule promoted "
               f"{p['new']}, the old rule would have promoted {p['old']}; exam images refused by the cloud: "
-              f"{p['exam_refused']}."]
+              f"{p['exam_refused']}. Promotions of the selected chain per seed: {p.get('per_seed')}.",
+              "", "Labels that came home per site and round (mean ± std over seeds):", "",
+              "| site | " + " | ".join(f"round {r}" for r in range(1, rounds + 1)) + " |",
+              "|---|" + "---:|" * rounds]
+    for site, by_round in s.get("labels_home", {}).items():
+        lines.append(f"| {site} | " + " | ".join(
+            "–" if by_round[str(r)]["mean"] is None else f"{by_round[str(r)]['mean']:.0f} ± {by_round[str(r)]['std']:.0f}"
+            for r in range(1, rounds + 1)) + " |")
+    need = s.get("labels_needed_vs_random") or {}
+    lines += ["", "Labels the selected chain spent to reach the random chain's final accuracy on the sites' test "
+              "splits, as a share of the random chain's labels: " +
+              ("never reached" if need.get("mean") is None else f"{need['mean']:.2f} ± {need['std']:.2f} "
+                                                               f"({need['n']} of {len(result['seeds'])} seeds reached it)")]
     lines += ["", "| cloud chain | round | generic test | sites' test (mean) | " +
               " | ".join(sorted(s["edge"])) + " |", "|---|---:|---:|---:|" + "---:|" * len(s["edge"])]
     for arm, by_round in s["cloud"].items():

@@ -199,7 +199,7 @@ def _keep_challenger(paths: AgentPaths, serving: dict[str, Any], staged: Path, v
     if "new" not in serving["results"]:
         return None  # it could not serve at all: nothing to wait for
     publish(paths, staged, version)
-    set_shadow(paths, version, bases, serving["gate"])
+    set_shadow(paths, version, sorted(set(bases)), serving["gate"])
     log.info("new ensemble %s waits in shadow: %s", version, serving["decision"])
     return version
 
@@ -260,9 +260,10 @@ def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged:
 
 
 def _precisions(config: AgentConfig, splits: dict, folders: dict[str, Path]) -> dict[str, dict]:
-    """INT8 or FP32 for each freshly staged candidate (the 0.5-point rule), decided before the gate so that
-    every candidate meets the gate at the precision it would serve; every report shows what INT8 costs."""
-    return {name: choose_precision(folder, splits["train"].images, splits["gate"], config.thresholds.int8_tolerance,
+    """INT8 or FP32 for each freshly staged candidate (the 0.5-point rule on the val split, never the gate: a
+    choice made on the gate would be a second try at it), decided before the gate so that every candidate meets
+    the gate at the precision it would serve; every report shows what INT8 costs."""
+    return {name: choose_precision(folder, splits["train"].images, splits["val"], config.thresholds.int8_tolerance,
                                    config.image_size, test=splits["test"])
             for name, folder in folders.items()}
 

@@ -30,7 +30,7 @@ from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelhome import send_labels_home
 from orchestrator.labelling import LabelQueue
 from orchestrator.registry import ModelRegistry, ModelVersion
-from orchestrator.samples import Quarantine, collect_samples
+from orchestrator.samples import OperatorLabels, Quarantine, collect_samples, first_label
 from orchestrator.trainers import train_on_trainers
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
@@ -86,7 +86,8 @@ class RetrainSettings(BaseModel):
     allow_contract_change: bool = Field(False, description=CONTRACT_HELP)
     seed: int = Field(0, description="seed of the data order")
     reference_data: list[str] = Field(default_factory=list, description="the demo's stand-in for people: dataset "
-                                      "versions whose manifests label the samples nobody labelled in the queue")
+                                      "versions whose manifests answer the labelling queue for the samples nobody "
+                                      "labelled (by: reference); those labels go home like people's")
     rollout: bool = Field(True, description="roll a promoted candidate out to the fleet (canaries first)")
 
 
@@ -131,9 +132,10 @@ def register(registry: ModelRegistry, family: str, folder: Path, note: str) -> M
 
 @task(cache_policy=NO_CACHE, task_run_name="gate-{candidate.version}")
 def gate_candidate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: str,
-                   rule: GateRule, allow_contract_change: bool) -> steps.GateDecision:
-    """The shared paired gate, candidate against champion on the pool's gate split (promotes nothing)."""
-    return steps.gate(registry, candidate, champion, Path(holdout), rule, allow_contract_change, promote=False)
+                   rule: GateRule, allow_contract_change: bool, look: int | None = None) -> steps.GateDecision:
+    """The shared paired gate, candidate against champion on the gate split (promotes nothing)."""
+    return steps.gate(registry, candidate, champion, Path(holdout), rule, allow_contract_change, promote=False,
+                      look=look)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="promote-{candidate.version}")
@@ -144,8 +146,8 @@ def promote(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVer
 
 
 def gate_and_promote(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: str,
-                     rule: GateRule, allow_contract_change: bool) -> steps.GateDecision:
-    decision = gate_candidate(registry, candidate, champion, holdout, rule, allow_contract_change)
+                     rule: GateRule, allow_contract_change: bool, look: int | None = None) -> steps.GateDecision:
+    decision = gate_candidate(registry, candidate, champion, holdout, rule, allow_contract_change, look)
     if decision.promoted:
         promote(registry, candidate, champion)
     return decision
@@ -191,6 +193,12 @@ def labels_home_task(fleet: Inventory, queue: LabelQueue):
     return send_labels_home(fleet.store(), queue)
 
 
+@task(cache_policy=NO_CACHE, task_run_name="reference-labels")
+def reference_labels(reference_data: list[str], queue: LabelQueue, collection) -> int:
+    """The demo's stand-in for people: the ground truth of the samples nobody labelled, written to the queue."""
+    return ReferenceLabels([open_dataset(p) for p in reference_data]).label_queue(queue, collection.accepted)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="read-samples", retries=2, retry_delay_seconds=5,
       retry_condition_fn=transient)
 def read_samples(fleet: Inventory, registry: ModelRegistry):
@@ -200,10 +208,11 @@ def read_samples(fleet: Inventory, registry: ModelRegistry):
 
 @task(cache_policy=NO_CACHE, task_run_name="train-from-champion")
 def retrain_task(registry: ModelRegistry, settings: RetrainSettings, collection, out: Path, config: TrainConfig,
-                 labellers: list) -> tuple[ModelVersion, dict]:
-    """The retraining set (pool + labelled samples) built and the champion fine-tuned on it, registered."""
+                 labellers: list, pseudo: set[str]) -> tuple[ModelVersion, dict]:
+    """The retraining set (pool + labelled samples, a share of them joining its gate) built and the champion
+    fine-tuned on it, registered."""
     return steps.retrain_from_samples(registry, settings.family, Path(settings.base_data), collection, out, config,
-                                      labellers=labellers)
+                                      labellers=labellers, pseudo=pseudo)
 
 
 @flow(name="edgeloop-collect", log_prints=True)
@@ -253,10 +262,22 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
     champion = registry.champion(settings.family)
     out = registry.root.parent / "retraining-sets" / f"retrain-{new_id()}"
     people = LabelQueue(registry.root, base.classes)
-    stand_in = [ReferenceLabels([open_dataset(p) for p in settings.reference_data])] if settings.reference_data else []
-    candidate, summary = retrain_task(registry, settings, collection, out, config, [people, *stand_in])
-    decision = gate_and_promote(registry, candidate, champion, settings.base_data, settings.gate,
-                                settings.allow_contract_change)
+    if settings.reference_data:  # the demo's stand-in for people answers the queue; its labels go home too
+        reference_labels(settings.reference_data, people, collection)
+        labels_home_task(fleet, people)
+    labellers = [people]
+    fingerprint = steps.labelled_inputs(collection, first_label(OperatorLabels(base.classes), *labellers))
+    if champion is not None and steps.nothing_new(registry, settings.family, fingerprint):
+        message = (f"nothing new: no labelled sample arrived since the last candidate of {settings.family}; "
+                   f"{champion.version} stays champion and no try is spent")
+        create_markdown_artifact(key="gate", markdown=f"### Retrain: nothing new\n\n{message}",
+                                 description="retraining gate")
+        get_run_logger().info(message)
+        return {"nothing_new": True, "champion": champion.version, "reason": message}
+    pseudo = {sha for sha, entry in people.labels().items() if isinstance(entry, dict) and entry.get("by") == "pseudo"}
+    candidate, summary = retrain_task(registry, settings, collection, out, config, labellers, pseudo)
+    decision = gate_and_promote(registry, candidate, champion, str(out), settings.gate,
+                                settings.allow_contract_change, look=steps.looks_at(registry, champion))
     result = {**summary, **decision.as_dict()}
     create_markdown_artifact(key="gate", markdown=gate_markdown(result), description="retraining gate")
     if decision.promoted and settings.rollout:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.datasets import open_dataset
+from edge_agent.datasets import exam_share_of, open_dataset
 from edge_agent.fileio import file_sha256
 from edge_agent.layout import AgentPaths
 from edge_agent.store import Store
@@ -19,7 +19,7 @@ from orchestrator.health import read_fleet_status
 from orchestrator.inventory import load_inventory
 from orchestrator.registry import ModelRegistry, RegistryError
 from orchestrator.retrain import gate, retrain_from_samples, train_version
-from orchestrator.samples import collect_samples
+from orchestrator.samples import CLOUD_EXAM_SHARE, collect_samples
 
 FAST = TrainConfig(epochs=1, batch_size=16, threads=1)
 
@@ -39,6 +39,13 @@ def _put_sample(store: Path, under: str, image: bytes, **sidecar) -> str:
     (folder / f"{sha}.png").write_bytes(image)
     (folder / f"{sha}.json").write_text(json.dumps({"site": under, "time": 1.0, "reasons": ["uncertain"], **sidecar}))
     return sha
+
+
+def _put_exams(store: Path, *sites: str) -> None:
+    """Empty exam lists: the sites published theirs (the exam rule fails closed without one)."""
+    (store / "exams").mkdir(parents=True, exist_ok=True)
+    for site in sites:
+        (store / "exams" / f"{site}.json").write_text(json.dumps({"site": site, "sha256": [], "phash": []}))
 
 
 def test_registry_records_artifacts_lineage_and_stages(registry, elpv_small):
@@ -133,6 +140,7 @@ def test_samples_are_checked_before_use(tmp_path, elpv_small):
     renamed.write_bytes(images[2].read_bytes())
     (renamed.with_suffix(".json")).write_text(json.dumps({"site": "site-1", "time": 1, "reasons": []}))
     (store / "samples/site-1" / ("1" * 64 + ".png")).write_bytes(images[3].read_bytes())  # no sidecar yet: skipped
+    _put_exams(store, "site-1")
     collection = collect_samples(Store(f"file://{store}"))
     assert [s.sha256 for s in collection.accepted] == [good]
     reasons = " | ".join(r["reason"] for r in collection.rejected)
@@ -148,6 +156,7 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
                 operator_label="defective")
     unknown = min((elpv_small / "sites/site-2").rglob("*.png"))
     _put_sample(store, "site-2", unknown.read_bytes())  # nobody knows its label yet
+    _put_exams(store, "site-1", "site-2")
     collection = collect_samples(Store(f"file://{store}"))
     assert ReferenceLabels([site])(collection.accepted[0]) is not None
     champion = registry.champion("elpv")
@@ -155,12 +164,18 @@ def test_retrain_adds_labelled_samples_and_the_gate_decides(registry, tmp_path, 
                                               tmp_path / "retrain", FAST, labellers=[ReferenceLabels([site])])
     assert summary["samples_accepted"] == len(site.files("test")) + 2 and summary["samples_unlabelled"] == 1
     retrain_set, generic = open_dataset(tmp_path / "retrain"), open_dataset(elpv_small / "generic")
-    assert len(retrain_set.files("train")) == len(generic.files("train")) + len(site.files("test")) + 1
-    assert retrain_set.files("val") == generic.files("val")  # the gate compares on the same held-out images
+    pool = {r["sha256"] for r in generic.records}
+    added = {split: [r["sha256"] for r in retrain_set.files(split) if r["sha256"] not in pool]
+             for split in ("train", "gate")}
+    assert len(added["train"]) + len(added["gate"]) == len(site.files("test")) + 1
+    assert all(exam_share_of(sha, CLOUD_EXAM_SHARE) for sha in added["gate"])  # the exam grows, by content hash
+    assert not any(exam_share_of(sha, CLOUD_EXAM_SHARE) for sha in added["train"])
+    assert retrain_set.files("val") == generic.files("val")  # what chooses epochs is the pool's, unchanged
+    assert {r["sha256"] for r in generic.files("gate")} <= {r["sha256"] for r in retrain_set.files("gate")}
     assert candidate.parent == champion.version
-    decision = gate(registry, candidate, champion, elpv_small / "generic")
+    decision = gate(registry, candidate, champion, tmp_path / "retrain")
     assert decision.promoted == (registry.champion("elpv").version == candidate.version)
-    assert decision.n == len(generic.load_split("gate")) and f"n = {decision.n}" in decision.reason
+    assert decision.n == len(retrain_set.load_split("gate")) and f"n = {decision.n}" in decision.reason
     assert decision.alpha == 0.1 and decision.p_value is not None  # the one paired gate's evidence
     assert 0 <= decision.candidate_test_acc <= 1 and 0 <= decision.champion_test_acc <= 1
     registry.promote(champion.version)

@@ -40,6 +40,8 @@ def _store_with_samples(root: Path, elpv_small: Path, n: int = 4) -> Store:
                    "uncertainty": 0.99 - 0.01 * i, "disagreement": 0.1,
                    "operator_label": "defective" if i == 0 else None}
         (folder / f"{sha}.json").write_text(json.dumps(sidecar))
+    (root / "exams").mkdir()  # site-1 published its exam list (without one its samples are held)
+    (root / "exams" / "site-1.json").write_text(json.dumps({"site": "site-1", "sha256": [], "phash": []}))
     return Store(root.as_uri())
 
 
