@@ -75,6 +75,21 @@ class LocalS3:
         return boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
                             aws_access_key_id=key_id or self.key_id, aws_secret_access_key=secret or self.secret)
 
+    def add_user(self, name: str, policy: dict) -> dict[str, str]:
+        """Another IAM user (a site's own credentials) with ``policy``; returns its environment (as :meth:`env`)."""
+        import boto3
+
+        self._check_signatures(False)
+        try:
+            iam = boto3.client("iam", endpoint_url=self.endpoint_url, region_name=self.region,
+                               aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+            iam.create_user(UserName=name)
+            iam.put_user_policy(UserName=name, PolicyName="store", PolicyDocument=json.dumps(policy))
+            key = iam.create_access_key(UserName=name)["AccessKey"]
+        finally:
+            self._check_signatures(True)
+        return {**self.env(), "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
     def _bootstrap(self) -> None:
         """The bucket and a user allowed to use it, created before signatures are checked; then checked."""
         import boto3

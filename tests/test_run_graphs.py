@@ -71,6 +71,13 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
     page = screenshot_prefect_page(f"/runs/flow-run/{retrain_run}", "retrain-run-graph.png", ["edgeloop-retrain"])
     assert "did not generate any task" not in page
 
+    from orchestrator.registry import ModelRegistry
+
+    versions = len(list(ModelRegistry(tmp_path / "registry").versions("graph")))
+    again = retrain(str(inventory), RetrainSettings(family="graph", epochs=1, rollout=False))
+    assert again["nothing_new"] and "nothing new" in again["reason"]  # no new label: no try spent, no training
+    assert len(list(ModelRegistry(tmp_path / "registry").versions("graph"))) == versions
+
 
 def test_a_rollout_to_a_site_never_provisioned_fails_at_once_with_its_table(on_server, tmp_path, tiny_base_model):
     from flows.rollout import RolloutHalted, RolloutRequest, rollout

@@ -1,4 +1,5 @@
-"""``edgeloop inventory check FILE``: validate an inventory and print its sites (secrets masked)."""
+"""``edgeloop inventory check FILE``: validate an inventory and print its sites (secrets masked);
+``edgeloop inventory policy FILE``: what each site's own store credentials may touch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="validate an inventory and print its sites")
     check.add_argument("file", help="inventory YAML, e.g. inventory/local.yaml")
     check.set_defaults(func=check_command)
+    policy = sub.add_parser("policy", help="each site's store access: its paths, and on s3:// the IAM policy to "
+                                           "attach to that site's own credentials")
+    policy.add_argument("file", help="inventory YAML")
+    policy.add_argument("--site", help="one site (default: all)")
+    policy.set_defaults(func=policy_command)
 
 
 def site_table(inventory) -> str:
@@ -39,4 +45,23 @@ def check_command(args: argparse.Namespace) -> int:
               f"rank(s), {trainer.python}, runs in {trainer.workdir}")
     print(inventory.mask(f"{len(inventory.sites)} site(s) OK in {args.file}; store {inventory.cloud.store_url}; "
                          f"known_hosts {inventory.known_hosts}"))
+    return 0
+
+
+def policy_command(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_agent.store import is_s3
+    from orchestrator.inventory import load_inventory
+    from orchestrator.storepolicy import site_paths, site_s3_policy
+
+    inventory = load_inventory(args.file)
+    sites = [inventory.site(args.site)] if args.site else inventory.sites
+    for site in sites:
+        url = site.store_url or inventory.cloud.store_url
+        paths = site_paths(site.name)
+        print(f"# {site.name}: writes {', '.join(paths['write'])}; reads also labels/{site.name}.json "
+              f"(store {inventory.mask(url)})")
+        if is_s3(url):
+            print(json.dumps(site_s3_policy(url, site.name), indent=1))
     return 0
