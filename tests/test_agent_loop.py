@@ -89,7 +89,7 @@ def test_first_finetune_serves_the_best_of_the_base_as_is_and_the_new_ensemble(s
     assert state["last_run"]["gate"] == gate  # the status shows it
     served, base = report["candidates"][report["serving"]], report["candidates"]["base"]
     assert report["gain_over_base"]["test"] == pytest.approx(served["test"]["accuracy"] - base["test"]["accuracy"])
-    assert report["precision"]["serving"] in ("int8", "fp32") and report["precision"]["gate_fp32"] is not None
+    assert report["precision"]["serving"] in ("int8", "fp32") and report["precision"]["val_fp32"] is not None
     import numpy as np
 
     from edge_agent.onnx_model import OnnxClassifier

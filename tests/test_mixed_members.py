@@ -97,7 +97,7 @@ def test_members_of_another_arch_and_size_join_one_fused_ensemble_that_serves(tm
     new = report["candidates"]["new"]  # scored as it serves, INT8 where INT8 serves
     assert len(new["test"]["members"]) == 3 and new["gate"]["n"] == report["counts"]["gate"]
     assert not report["new_precision"]["reason"].startswith("INT8 failed"), report["new_precision"]
-    assert report["new_precision"]["gate_int8"] is not None
+    assert report["new_precision"]["val_int8"] is not None
     trained = json.loads((paths.runs / "r1" / "member-2.json").read_text())
     assert trained["image_size"] == 48
     from edge_agent.models import load_checkpoint
