@@ -155,6 +155,11 @@ class ServeConfig(Strict):
     header_timeout_s: float = Field(5.0, gt=0, description="a connection that sends no request in this "
                                                            "time is closed")
     request_timeout_s: float = Field(15.0, gt=0, description="deadline for any one read or write of a request")
+    max_batch: int = Field(32, ge=1, le=1024, description="images in one Open Inference Protocol request "
+                                                          "(POST /v2/models/ensemble/infer); beyond, 413")
+    max_batch_bytes: int = Field(8_000_000, ge=1, description="largest body of such a batch request (413 before "
+                                 "a byte is read); each image in it is held to max_image_bytes and "
+                                 "max_image_pixels too. A worker holds about 10 times this while parsing JSON")
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> "ServeConfig":

@@ -31,6 +31,7 @@ from edge_agent.fileio import write_json_atomic
 from edge_agent.homelabels import SentLog, is_home_label, take_labels
 from edge_agent.inbox import InboxProcessor
 from edge_agent.layout import AgentPaths
+from edge_agent.metrics import AgentMetrics
 from edge_agent.outbox import Outbox
 from edge_agent.retention import disk_use, enforce
 from edge_agent.sampler import Sampler
@@ -74,9 +75,11 @@ class Agent:
         self.handle = EnsembleHandle(self.paths.active_link, threads=1, image_size=config.image_size)
         self.outbox = Outbox(self.paths.outbox, config.upload.outbox_max_bytes)
         self.window = LiveWindow()
+        self.metrics = AgentMetrics(self.status, self.paths.status_file, self.paths.quarantine)  # GET /metrics
         self.shadow = ShadowScorer(self.paths) if config.profile == "edge" else None
         self.sampler = Sampler(config, self.outbox, self.state, self.lock, self.window, self.shadow)
-        self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes, self.sampler,
+        self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes,
+                                    self.metrics.counting(self.sampler, "inbox"),
                                     max_pixels=config.serve.max_image_pixels)
         self.uplink = Uplink(Store(config.store_url, config.store_options), self.outbox, config.site,
                              config.upload.max_samples_per_day, config.upload.max_bytes_per_day,
@@ -168,7 +171,7 @@ class Agent:
 
         classify_body = Classifier(self.handle, self.config.serve.max_image_bytes, select,
                                    self.config.serve.max_image_pixels)
-        self.server = Server(self.config.serve, classify_body, self.status).start()
+        self.server = Server(self.config.serve, classify_body, self.status, self.metrics).start()
         log.info("serving HTTP on %s:%d%s", *self.server.address,
                  " (bearer token required)" if self.config.serve.token else "")
 
@@ -314,6 +317,7 @@ class Agent:
 
         try:
             decision = rejudge(self.paths, self.config)
+            self.metrics.gate("shadow", decision)
         except FinetuneError as exc:
             log.info("shadow not judged: %s", exc)
             return
@@ -333,6 +337,7 @@ class Agent:
         if ended is None:
             return
         code, report = ended
+        self.metrics.finetune_ended(code, report)
         if code == EXIT_FENCED:  # its base was rolled back while it ran: nothing is owed for it any more
             self.state.pending_finetune = None
             log.warning("fine-tune %s was fenced by a rollback and did not activate", self.finetune.run_id)
@@ -383,6 +388,7 @@ class Agent:
         waiting = {item.sha256 for item in self.outbox.items()}
         result = self.uplink.pump(self.state.upload_ledger, should_stop=self.stop.is_set,
                                   save_ledger=lambda _: self.save_state())
+        self.metrics.upload_pass(result)
         self.sent.add(waiting - {item.sha256 for item in self.outbox.items()})  # what went up: labels may come home
         if result.uploaded and self.state.last_upload_error:  # the store is back (its disk had filled?)
             self._sweep_store_partials(older_than_s=0.0)

@@ -1,8 +1,11 @@
 """A local HTTP endpoint: POST an image, get back the same JSON the inbox writes.
 
-stdlib only: nothing to install on an edge board. It serves through the same :class:`EnsembleHandle` as
-the inbox, so an activation is picked up by the next request. One bad or hostile client must never stop
-the site, so every resource a client can hold is bounded:
+Beside it: ``GET /metrics`` (Prometheus, :mod:`edge_agent.metrics`) and the Open Inference Protocol's ``/v2``
+endpoints (:mod:`edge_agent.oip`: metadata, health, batch inference), all under the same token rule.
+
+The stdlib's HTTP server (plus prometheus_client, pure Python): nothing to build on an edge board. It serves
+through the same :class:`EnsembleHandle` as the inbox, so an activation is picked up by the next request. One
+bad or hostile client must never stop the site, so every resource a client can hold is bounded:
 
 - one gate thread accepts connections and reads, with a selector, each one's request line and headers
   (``MAX_HEAD`` bytes at most, else 431); a connection whose head is not complete within
@@ -13,7 +16,8 @@ the site, so every resource a client can hold is bounded:
   that: 503 at once, never a reset); its body must arrive within ``request_timeout_s`` in all (408), so
   a client dribbling a byte at a time cannot hold a worker either;
 - the body is read only after its ``Content-Length`` is checked (missing, negative, non-numeric and
-  oversize are refused before a byte is read); images are checked for pixel count before decoding;
+  oversize are refused before a byte is read); images are checked for pixel count before decoding; a
+  ``/v2`` batch holds at most ``max_batch`` images in ``max_batch_bytes``, each image under the same limits;
 - a bearer token is required whenever the config has one (always off loopback).
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hmac
 import io
 import json
+from importlib.metadata import PackageNotFoundError, version as package_version
 import logging
 import selectors
 import socket
@@ -34,7 +39,9 @@ from typing import Any, Callable
 import numpy as np
 
 from edge_agent.config import ServeConfig
+from edge_agent import oip
 from edge_agent.imaging import MAX_PIXELS, ImageError, decode_image
+from edge_agent.metrics import AgentMetrics
 from edge_agent.serving import EnsembleHandle, Prediction, classify
 
 log = logging.getLogger(__name__)
@@ -47,28 +54,42 @@ class ServeError(Exception):
 
 
 class Classifier:
-    """What a request needs: decode, classify, hand the prediction to sample selection."""
+    """What a request needs: decode, classify, count, hand each prediction to sample selection."""
 
     def __init__(self, handle: EnsembleHandle, max_bytes: int,
-                 on_prediction: Callable[[bytes, Prediction, str], None] | None = None, max_pixels: int = MAX_PIXELS):
+                 on_prediction: Callable[[bytes, Prediction, str], None] | None = None, max_pixels: int = MAX_PIXELS,
+                 metrics: AgentMetrics | None = None):
         self.handle, self.max_bytes, self.on_prediction = handle, max_bytes, on_prediction
         self.max_pixels = max_pixels
+        self.metrics = metrics  # the server's, when not given
 
     def __call__(self, body: bytes, name: str) -> dict[str, Any]:
-        classifier = self.handle.get()
-        if classifier is None:
-            raise ServeError(503, "no active model")
+        classifier = self.serving()
         try:
             image = decode_image(body, classifier.image_size, self.max_bytes, self.max_pixels)
         except ImageError as exc:
             raise ServeError(413 if "too large" in str(exc) else 400, str(exc)) from None
-        prediction = classify(classifier, image[np.newaxis])[0]
-        if self.on_prediction is not None:
-            try:
-                self.on_prediction(body, prediction, name)
-            except Exception:
-                log.exception("sample selection failed for an HTTP request")
-        return prediction.as_result(name)
+        return self.classify(classifier, image[np.newaxis], [body], [name])[0].as_result(name)
+
+    def serving(self):
+        """The serving ensemble's classifier (503 when none serves)."""
+        classifier = self.handle.get()
+        if classifier is None:
+            raise ServeError(503, "no active model")
+        return classifier
+
+    def classify(self, classifier, images: np.ndarray, raws: list[bytes], names: list[str]) -> list[Prediction]:
+        """Classify a batch in one graph run; each prediction is counted and offered to sample selection."""
+        predictions = classify(classifier, images)
+        for raw, prediction, name in zip(raws, predictions, names):
+            if self.metrics is not None:
+                self.metrics.prediction(prediction, "http")
+            if self.on_prediction is not None:
+                try:
+                    self.on_prediction(raw, prediction, name)
+                except Exception:
+                    log.exception("sample selection failed for an HTTP request")
+        return predictions
 
 
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 17\r\n"
@@ -114,8 +135,29 @@ class _Writer(io.BufferedIOBase):
         return len(data)
 
 
-def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]], config: ServeConfig):
+def _agent_version() -> str:
+    try:
+        return package_version("edgeloop")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def endpoint_of(method: str, path: str) -> str:
+    """A request's endpoint, as a metric label (a handful of values, whatever the path says)."""
+    path = path.split("?", 1)[0].rstrip("/")
+    if oip.is_v2(path):
+        kind = oip.route(path).kind
+        return "v2_infer" if kind == "infer" else "v2_health" if kind in ("live", "ready", "model_ready") \
+            else "v2_metadata" if kind in ("server", "model") else "v2_unknown"
+    if method == "POST":
+        return "classify"
+    return {"": "status", "/health": "status", "/status": "status", "/metrics": "metrics"}.get(path, "unknown")
+
+
+def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]], config: ServeConfig,
+                 metrics: AgentMetrics):
     expected = f"Bearer {config.token}".encode() if config.token else None
+    server_metadata = oip.server_metadata(_agent_version())
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "edgeloop-agent"
@@ -129,9 +171,12 @@ def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]
             self.wfile = _Writer(self.connection)
 
         def _send(self, code: int, payload: dict[str, Any]) -> None:
-            body = (json.dumps(payload, sort_keys=True) + "\n").encode()
+            self._send_bytes(code, (json.dumps(payload, sort_keys=True) + "\n").encode(), "application/json")
+
+        def _send_bytes(self, code: int, body: bytes, content_type: str) -> None:
+            self.code = code
             self.send_response(code)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             if code == 401:
                 self.send_header("WWW-Authenticate", "Bearer")
@@ -147,7 +192,7 @@ def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]
             self._send(401, {"error": "a valid bearer token is required"})
             return False
 
-        def _content_length(self) -> int | None:
+        def _content_length(self, limit: int, setting: str) -> int | None:
             """The declared body size, or None after answering why it cannot be accepted."""
             text = self.headers.get("Content-Length")
             if text is None:
@@ -157,8 +202,8 @@ def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]
                 self._send(400, {"error": "Content-Length must be a non-negative integer"})
                 return None
             length = int(text)
-            if length > classify_body.max_bytes:
-                self._send(413, {"error": f"too large: {length} bytes > limit {classify_body.max_bytes}"})
+            if length > limit:
+                self._send(413, {"error": f"too large: {length} bytes > limit {limit} ({setting})"})
                 return None
             return length
 
@@ -189,30 +234,85 @@ def make_handler(classify_body: Classifier, status: Callable[[], dict[str, Any]]
             return b"".join(chunks)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if not self._authorised():
-                return
-            if self.path.rstrip("/") in ("", "/health", "/status"):
+            self._answer(self._get)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._answer(self._post)
+
+        def _answer(self, handle: Callable[[], None]) -> None:
+            """Answer a request: authorised, errors as JSON (a request never takes the agent down), counted."""
+            started, self.code = time.perf_counter(), 0
+            try:
+                if self._authorised():
+                    handle()
+            except (ServeError, oip.ProtocolError) as exc:
+                self._send(exc.status, {"error": exc.reason})
+            except Exception as exc:
+                log.exception("request failed")
+                self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                metrics.request(endpoint_of(self.command, self.path), self.code, time.perf_counter() - started)
+
+        def _get(self) -> None:
+            path = self.path.split("?", 1)[0].rstrip("/")
+            if oip.is_v2(path):
+                self._v2_get(oip.route(path))
+            elif path in ("", "/health", "/status"):
                 self._send(200, status())
+            elif path == "/metrics":
+                self._send_bytes(200, *metrics.render(self.headers.get("Accept")))
             else:
                 self._send(404, {"error": "not found"})
 
-        def do_POST(self) -> None:  # noqa: N802
-            if not self._authorised():
-                return
-            length = self._content_length()
+        def _post(self) -> None:
+            where = oip.route(self.path) if oip.is_v2(self.path) else None
+            if where is not None and where.kind != "infer":
+                raise oip.ProtocolError(405 if where.kind != "unknown" else 404,
+                                        f"{self.path[:100]} takes GET" if where.kind != "unknown" else "not found")
+            limit, setting = ((config.max_batch_bytes, "serve.max_batch_bytes") if where is not None
+                              else (classify_body.max_bytes, "serve.max_image_bytes"))
+            length = self._content_length(limit, setting)
             if length is None:
                 return
             body = self._read_body(length)
             if body is None:
                 return
+            if where is not None:
+                self._v2_infer(where, body)
+                return
             name = (self.headers.get("X-Filename") or self.path.rsplit("/", 1)[-1] or "upload")[:200]
-            try:
-                self._send(200, classify_body(body, name))
-            except ServeError as exc:
-                self._send(exc.status, {"error": exc.reason})
-            except Exception as exc:  # a request must never take the agent down
-                log.exception("request failed")
-                self._send(500, {"error": f"{type(exc).__name__}: {exc}"})
+            self._send(200, classify_body(body, name))
+
+        def _v2_get(self, where: oip.Route) -> None:
+            """The Open Inference Protocol's metadata and health endpoints (:mod:`edge_agent.oip`)."""
+            if where.kind == "unknown":
+                raise oip.ProtocolError(404, "not found")
+            if where.kind == "infer":
+                raise oip.ProtocolError(405, f"{self.path[:100]} takes POST")
+            if where.kind == "server":
+                self._send(200, server_metadata)
+            elif where.kind == "live":
+                self._send(200, {"live": True})
+            elif where.kind == "ready":  # health answers: 200 when true, 4xx when false (the protocol's rule)
+                ready = classify_body.handle.get() is not None
+                self._send(200 if ready else 400, {"ready": ready})
+            elif where.kind == "model_ready" and classify_body.handle.get() is None:
+                self._send(400, {"name": where.model, "ready": False})
+            else:
+                classifier = classify_body.serving()
+                oip.check_model(where, classifier)
+                self._send(200, {"name": oip.MODEL_NAME, "ready": True} if where.kind == "model_ready"
+                           else oip.model_metadata(classifier, config.max_batch))
+
+        def _v2_infer(self, where: oip.Route, body: bytes) -> None:
+            classifier = classify_body.serving()
+            oip.check_model(where, classifier)
+            limits = oip.Limits(classifier.image_size, config.max_batch, classify_body.max_bytes,
+                                classify_body.max_pixels)
+            batch = oip.parse_infer(body, self.headers.get("Inference-Header-Content-Length"), limits)
+            predictions = classify_body.classify(classifier, batch.images, batch.raws, batch.names)
+            probs = np.stack([p.probs for p in predictions])
+            self._send(200, oip.infer_response(batch, probs, classifier.class_names, classifier.version))
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             log.debug("http %s", format % args)
@@ -225,8 +325,12 @@ class Server(HTTPServer):
 
     request_queue_size = 128
 
-    def __init__(self, config: ServeConfig, classify_body: Classifier, status: Callable[[], dict[str, Any]]):
-        super().__init__((config.host, config.port), make_handler(classify_body, status, config))
+    def __init__(self, config: ServeConfig, classify_body: Classifier, status: Callable[[], dict[str, Any]],
+                 metrics: AgentMetrics | None = None):
+        self.metrics = metrics or AgentMetrics(status)
+        if classify_body.metrics is None:
+            classify_body.metrics = self.metrics
+        super().__init__((config.host, config.port), make_handler(classify_body, status, config, self.metrics))
         self.config = config
         self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="http")
         self.slots = threading.BoundedSemaphore(config.workers + config.max_queued)
