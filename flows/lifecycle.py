@@ -139,8 +139,15 @@ def _fleet_row(site: str, s: dict) -> dict:
     candidates = run.get("candidates") or {}
     accuracy = {f"{name}_{split}_acc": ((candidates.get(name) or {}).get(split) or {}).get("accuracy")
                 for name in ("base", "active", "new") for split in ("gate", "test")}
+    gate = run.get("gate") or {}
+    shadow = s.get("shadow") or {}
     return {"site": site, "state": s.get("state"), "serving": run.get("serving"),
             "active_version": s.get("active_version"), **accuracy,
+            "labels_home": (s.get("labels_home") or {}).get("taken"),
+            "gate_evidence": (f"n {gate.get('n')}, {gate.get('challenger_only')} for / {gate.get('incumbent_only')} "
+                              f"against, {gate.get('test') or 'exact'}" if gate else None),
+            "shadow": f"{shadow['version']} (looks {shadow.get('looks')}, disagreed on "
+                      f"{shadow.get('disagreements')} of {shadow.get('production_images')})" if shadow else None,
             "gain_over_base_test": (run.get("gain_over_base") or {}).get("test"),
             "precision": (run.get("precision") or {}).get("serving"),
             "decision": run.get("decision"),  # the gate's evidence: n, discordant counts, p-value, alpha
@@ -207,9 +214,30 @@ def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings
     decision = stages.retrain(str(settings.inventory), stages.RetrainSettings(
         base_data=str(parts[0]), family=settings.family, epochs=settings.retrain_epochs, seed=settings.seed,
         reference_data=[str(p) for p in parts[1:]], rollout=False))  # the demo rolls out and waits itself
-    if decision["promoted"]:
+    if decision.get("promoted"):
         live = _rollout_and_wait(fleet, settings, decision["candidate"], live, "fine-tune on the new champion")
+    else:  # the labels given in the cloud went home: each site learns from them
+        live = wait_for(fleet, live, "labels home and the fine-tune they owe", _learned_from_labels(fleet),
+                        settings.site_timeout_s)
     return live, decision
+
+
+def _learned_from_labels(fleet: Inventory) -> SiteReady:
+    """Ready when a site took home every label the cloud sent it and the fine-tune they owe (as many as its
+    ``thresholds.min_new_labelled``) has finished."""
+    store, sent = fleet.store(), {}
+
+    def ready(status: dict) -> bool:
+        site = status["site"]
+        if site not in sent:  # what the collect wrote for it (people's labels; pseudo-labels may add)
+            sent[site] = len(demo.labels_sent_home(store, site))
+        home, run = status.get("labels_home") or {}, status.get("last_run") or {}
+        owed = sent[site] >= fleet.site(site).learning.thresholds.min_new_labelled
+        busy = status.get("pending_finetune") or (status.get("finetune") or {}).get("running")
+        return (home.get("taken", 0) >= sent[site] and not busy
+                and (not owed or (run.get("finished") or 0) >= (home.get("last_change") or 0)))
+
+    return ready
 
 
 def _rollout_and_wait(fleet: Inventory, settings: demo.DemoSettings, version: str, sites: list[str],

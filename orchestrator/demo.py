@@ -156,3 +156,16 @@ class ReferenceLabels:
                 queue.set(item.sha256, queue.classes[label], by="reference")
                 given += 1
         return given
+
+
+def labels_sent_home(store, site: str) -> list[dict]:
+    """People's labels the cloud wrote for ``site`` (``labels/<site>.json``); [] when none or unreadable."""
+    import json
+
+    from edge_agent.homelabels import LABELS_KEY, MAX_LABELS_BYTES
+
+    try:
+        listed = json.loads(store.read(LABELS_KEY.format(site=site), max_bytes=MAX_LABELS_BYTES)).get("labels")
+    except (OSError, ValueError, AttributeError, RuntimeError):  # absent, unreadable, or the store away
+        return []
+    return listed if isinstance(listed, list) else []
