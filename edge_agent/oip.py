@@ -164,7 +164,7 @@ def parse_infer(body: bytes, header_length: str | None, limits: Limits) -> Batch
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(400, "\"id\" must be a string")
     request_id = request_id[:MAX_ID] if request_id is not None else None
-    names = [f"{request_id or 'v2'}-{i}" for i in range(len(images))]
+    names = [f"{(request_id or 'v2')[:180]}-{i}" for i in range(len(images))]  # as sample names: bounded
     return Batch(images, raws, names, request_id, _outputs(request.get("outputs")))
 
 
