@@ -8,10 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
