@@ -77,11 +77,13 @@ class AgentMetrics:
         self.inference.labels(source).observe(prediction.latency_ms / 1000)
 
     def counting(self, on_prediction: Callable[..., Any], source: str) -> Callable[..., Any]:
-        """``on_prediction`` (sample selection), counting each prediction on the way (for the inbox, whose
-        processor calls it once per classified image)."""
+        """``on_prediction`` (sample selection), counting each prediction once it has been offered (for the inbox,
+        whose processor calls it once per classified image): a count a scraper sees has its sample queued."""
         def counted(raw: bytes, prediction: Prediction, name: str, *args: Any, **kwargs: Any) -> Any:
-            self.prediction(prediction, source)
-            return on_prediction(raw, prediction, name, *args, **kwargs)
+            try:
+                return on_prediction(raw, prediction, name, *args, **kwargs)
+            finally:
+                self.prediction(prediction, source)
         return counted
 
     def request(self, endpoint: str, code: int, seconds: float) -> None:

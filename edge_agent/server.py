@@ -82,13 +82,13 @@ class Classifier:
         """Classify a batch in one graph run; each prediction is counted and offered to sample selection."""
         predictions = classify(classifier, images)
         for raw, prediction, name in zip(raws, predictions, names):
-            if self.metrics is not None:
-                self.metrics.prediction(prediction, "http")
             if self.on_prediction is not None:
                 try:
                     self.on_prediction(raw, prediction, name)
                 except Exception:
                     log.exception("sample selection failed for an HTTP request")
+            if self.metrics is not None:  # after selection: a count a scraper sees has its sample queued
+                self.metrics.prediction(prediction, "http")
         return predictions
 
 

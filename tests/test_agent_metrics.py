@@ -91,9 +91,10 @@ def test_a_real_agents_metrics_move_with_its_work(tmp_path):
 
         def inbox_done() -> Scrape | None:
             s = scrape(port)
-            return s if s.value("edgeloop_predictions_total", source="inbox") == 4 and \
-                s.value("edgeloop_quarantine_files") == 1 and s.value("edgeloop_sample_uploads_total",
-                                                                      result="failed") >= 1 else None
+            done = (s.value("edgeloop_predictions_total", source="inbox") == 4, s.value("edgeloop_quarantine_files") == 1,
+                    s.value("edgeloop_inbox_processed_total") == 4, s.value("edgeloop_upload_error") == 1,
+                    s.value("edgeloop_sample_uploads_total", result="failed") >= 1)
+            return s if all(done) else None
         s = wait_for(inbox_done, 60, "the inbox classified and an upload failed", agent)
         assert s.value("edgeloop_predictions_total", source="http") == 5  # 3 one-image POSTs + a batch of 2
         assert s.labels("edgeloop_predictions_total", "model_version") == {"v1"}
