@@ -88,6 +88,7 @@ class Settings:
     scratch_epochs: int = 20
     upload_share: float = 0.04  # of the bytes a site saw that round
     min_new_labels: int = 20    # labels come home: a site fine-tunes again past this many (thresholds.min_new_labelled)
+    scratch: bool = True        # the fine-tune-vs-scratch comparison of round 1 (issue 9)
 
 
 @dataclass
@@ -462,9 +463,12 @@ def run_seed(seed: int, settings: Settings, work: Path, log) -> dict:
             else:  # nothing new to fine-tune from: what serves stays, a waiting challenger is judged again
                 edge_rows.append(judged_again(site, round_, next(r for r in reversed(edge_rows)
                                                                  if r["site"] == site.name)))
+                if "shadow_decision" in edge_rows[-1]:
+                    log(f"seed {seed} round {round_} {site.name}: shadow judged again: "
+                        f"{edge_rows[-1]['shadow_decision']}")
             site.new_labels = 0 if edge_rows[-1].get("members") and not edge_rows[-1].get("carried_over") \
                 else site.new_labels
-            if round_ == 1:
+            if round_ == 1 and settings.scratch:
                 scratch_rows.append(scratch_vs_finetune(site, clouds["selected"].registry.artifact(champion),
                                                         settings, seed))
             seen = site.chunks[round_ - 1] + (site.labelled if round_ == 1 else [])
@@ -564,8 +568,6 @@ def summarise(seeds: list[dict], rounds: int) -> dict:
             ensemble_vs_member["mean"] >= 0,
         "cloud accuracy on the sites' test splits rises from round 0 to the last round":
             cloud["selected"][str(rounds)]["sites_mean"]["mean"] > cloud["selected"]["0"]["sites_mean"]["mean"],
-        "fine-tune reaches scratch's final accuracy in at most a quarter of scratch's time":
-            all(reached) and ratios["mean"] is not None and ratios["mean"] <= 0.25,
         "upload at most 5 % of the bytes the sites saw": uploads["selected"]["share"] <= 0.05,
         "the cloud promotes at least one candidate in every seed (selected uploads)":
             all(n >= 1 for n in promotions["per_seed"]),
@@ -574,6 +576,9 @@ def summarise(seeds: list[dict], rounds: int) -> dict:
         "selected uploads reach random's final cloud accuracy with at most 0.5x its labels":
             labels_needed["mean"] is not None and labels_needed["mean"] <= 0.5,
     }
+    if reached:  # measured only when the run compared fine-tune and scratch
+        targets["fine-tune reaches scratch's final accuracy in at most a quarter of scratch's time"] = \
+            all(reached) and ratios["mean"] is not None and ratios["mean"] <= 0.25
     return {"edge": edge, "gain_over_base": gains, "old_rule": old_rule, "rounds_changed": changed,
             "labels_home": home, "labels_needed_vs_random": labels_needed,
             "cloud_promotions": promotions, "ensemble_minus_best_member": ensemble_vs_member,
@@ -698,11 +703,12 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, few epochs: checks the pipeline")
+    parser.add_argument("--no-scratch", action="store_true", help="leave out round 1's fine-tune-vs-scratch runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true",
                         help="keep the seeds a cut-short run of the same settings saved, and run only the rest")
     args = parser.parse_args()
-    settings = Settings(seeds=args.seeds, rounds=args.rounds)
+    settings = Settings(seeds=args.seeds, rounds=args.rounds, scratch=not args.no_scratch)
     if args.quick:
         settings = Settings(seeds=1, rounds=2, pretrain_epochs=2, retrain_epochs=1, finetune_epochs=1,
                             scratch_epochs=2)
