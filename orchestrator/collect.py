@@ -1,8 +1,10 @@
 """Collecting what the sites sent since last time: new checked samples, pseudo-labels, the rest queued.
 
 The watermark is the set of samples already collected, by content hash, kept beside the registry
-(``collected.json``): a site that was offline and uploads old samples late still has them collected,
-which a time watermark would miss. A sample the served model was confident about *and* whose members all
+(``collected.sqlite3``, a journalled record: :mod:`orchestrator.ledger`): a site that was offline and uploads old
+samples late still has them collected, which a time watermark would miss. A ``collected.json`` from before is
+migrated once; a watermark that does not read refuses the collect (one error, its damaged copy kept) instead of
+starting over and collecting, pseudo-labelling and queueing every sample again. A sample the served model was confident about *and* whose members all
 agreed gets a pseudo-label (saved in the labelling queue as ``by: pseudo``); the others wait for a person.
 A rejected sample, or one that makes a step here raise, goes to the cloud's quarantine with its reason and
 is never read again: one site's hostile file can neither stop the fleet's collect nor be retried forever.
@@ -15,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.fileio import read_json, write_json_atomic
 from edge_agent.store import Store
-from orchestrator.labelling import LabelQueue
+from orchestrator.labelling import LabelQueue, is_sample_id
+from orchestrator.ledger import Ledger, TableView
 from orchestrator.samples import Quarantine, Sample, collect_samples
 
-WATERMARK = "collected.json"
+WATERMARK = "collected.json"  # the record before SQLite: migrated once, kept as collected.json.migrated
+WATERMARK_DB = "collected.sqlite3"
 
 
 @dataclass
@@ -53,10 +56,9 @@ def pseudo_label(sample: Sample, classes: list[str], confidence: float) -> str |
 
 def collect_new(store: Store, home: Path, queue: LabelQueue, confidence: float) -> CollectResult:
     """Check the samples not collected before; pseudo-label the sure ones; move the watermark."""
-    path = Path(home) / WATERMARK
-    seen = set(read_json(path, default=[]) or [])
+    watermark = Watermark(home)
     quarantine = Quarantine(home)
-    everything = collect_samples(store, seen, quarantine.reasons(), queue.classes)
+    everything = collect_samples(store, watermark.seen(), quarantine.reasons(), queue.classes)
     result = CollectResult(rejected=everything.rejected, held=everything.held)
     for sample in everything.accepted:
         try:
@@ -68,15 +70,46 @@ def collect_new(store: Store, home: Path, queue: LabelQueue, confidence: float) 
         result.new.append(sample)
         setattr(result, kind, getattr(result, kind) + 1)
     quarantine.add({r["sample"]: r["reason"] for r in result.rejected})
-    write_json_atomic(path, sorted(seen | {s.sha256 for s in result.new}))
+    watermark.add(s.sha256 for s in result.new)
     return result
+
+
+class Watermark:
+    """The content hashes collected so far (``collected.sqlite3`` beside the registry)."""
+
+    SCHEMA = "CREATE TABLE collected (sha256 TEXT PRIMARY KEY)"
+
+    def __init__(self, home: str | Path):
+        self.home = Path(home)
+        self.path = self.home / WATERMARK_DB
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.path, self.SCHEMA, "the collect watermark", legacy=self.home / WATERMARK,
+                      convert=_watermark_rows)
+
+    def seen(self) -> TableView:
+        """The collected hashes, looked up in the database as asked (no list of a million in memory)."""
+        return TableView(self.ledger, "collected", "sha256", "sha256")
+
+    def add(self, hashes) -> None:
+        rows = [(sha,) for sha in hashes]
+        if rows:
+            with self.ledger.write() as db:
+                db.executemany("INSERT OR IGNORE INTO collected VALUES (?)", rows)
+
+
+def _watermark_rows(data: object) -> dict[str, list[tuple]]:
+    if not isinstance(data, list) or not all(is_sample_id(sha) for sha in data):
+        raise ValueError("expected a list of sample ids")
+    return {"collected": [(sha,) for sha in data]}
 
 
 def _intake(sample: Sample, queue: LabelQueue, confidence: float) -> str:
     """Label ``sample`` where it can be; returns the :class:`CollectResult` counter it adds to."""
     if sample.sidecar.get("operator_label"):
         return "operator_labelled"
-    if (label := pseudo_label(sample, queue.classes, confidence)) and sample.sha256 not in queue.labels():
+    if (label := pseudo_label(sample, queue.classes, confidence)) and queue.label_of(sample.sha256) is None:
         queue.set(sample.sha256, label, by="pseudo")
         return "pseudo_labelled"
     return "queued"

@@ -8,6 +8,8 @@ Its answers become training labels, so it trusts no one by default: a request wh
 serves under is refused (DNS rebinding), a form post must carry the page's CSRF token and, when the browser
 says where it comes from, come from the page's own origin; off loopback a token is required (given once as
 ``?token=...``, then kept in a cookie). The store is read at most once per ``cache_s``, not per request.
+An answer is taken only for a sample the page knows from the store (a post naming any other is refused, 404);
+a labels database that does not read answers 503 with why, and nothing is saved.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
-from orchestrator.labelling import LabelError, LabelQueue, Pending
+from orchestrator.labelling import LabelError, LabelQueue, Pending, RecordError
 from orchestrator.samples import Sample
 
 STYLE = """
@@ -76,6 +79,10 @@ def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]], host
     csrf = secrets.token_urlsafe(24)
     load_samples = CachedSamples(load_samples, cache_s)
 
+    @app.exception_handler(RecordError)
+    async def unreadable(request: Request, exc: RecordError) -> PlainTextResponse:
+        return PlainTextResponse(str(exc), status_code=503)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         host = (request.headers.get("host") or "").lower()
@@ -102,7 +109,7 @@ def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]], host
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         waiting = pending()
-        done = len(queue.labels())
+        done = queue.count()
         if not waiting:
             return _html("<h1>Nothing to label</h1>"
                          f"<p class=muted>{done} answered so far; new samples appear as the sites send them.</p>")
@@ -120,8 +127,11 @@ def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]], host
         form = {k: v[-1] for k, v in parse_qs((await request.body()).decode(errors="replace")).items()}
         if not hmac.compare_digest(form.get("csrf", "").encode(), csrf.encode()):
             raise HTTPException(403, "the form's CSRF token is missing or stale; reload the page")
+        sha = form.get("sha256", "")
+        if sha not in {s.sha256 for s in await run_in_threadpool(load_samples)}:
+            raise HTTPException(404, f"no checked sample {sha[:80]!r} in the store: nothing saved")
         try:
-            queue.set(form.get("sha256", ""), form.get("label"), discard=form.get("action") == "discard")
+            await run_in_threadpool(queue.set, sha, form.get("label"), discard=form.get("action") == "discard")
         except LabelError as exc:
             raise HTTPException(400, str(exc)) from None
         return RedirectResponse("/", status_code=303)
@@ -129,7 +139,7 @@ def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]], host
     @app.get("/api/queue")
     def status() -> dict:
         waiting = pending()
-        return {"pending": len(waiting), "answered": len(queue.labels()),
+        return {"pending": len(waiting), "answered": queue.count(),
                 "next": waiting[0].sha256 if waiting else None}
 
     return app

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Protocol
 
 from edge_agent.datasets import DatasetVersion, ImportReport, derive_dataset
-from edge_agent.fileio import read_json, sha256_hex, write_json_atomic
+from edge_agent.fileio import sha256_hex
 from edge_agent.imaging import ImageError, decode_image
 from edge_agent.sitedata import EXAM_SPLITS
 from edge_agent.sidecar import MAX_SIDECAR_BYTES, SampleSidecar, SidecarError, parse_sidecar
 from edge_agent.store import Store, StoreError, UnreadableFile
 from orchestrator.exams import read_exam_book
+from orchestrator.ledger import Ledger, TableView
 
 log = logging.getLogger(__name__)
 
@@ -124,23 +125,42 @@ def collect_samples(store: Store, seen: Container[str] = (), quarantined: Contai
 
 
 class Quarantine:
-    """The cloud's quarantine: samples set aside for good, with why (``quarantine.json`` beside the
-    registry). A sample lands here when its intake check rejects it or when a later step raised on it;
-    nothing here is read from the store again, so one hostile sample costs one read, once."""
+    """The cloud's quarantine: samples set aside for good, with why (``quarantine.sqlite3`` beside the registry;
+    see :mod:`orchestrator.ledger`). A sample lands here when its intake check rejects it or when a later step
+    raised on it; nothing here is read from the store again, so one hostile sample costs one read, once. A
+    ``quarantine.json`` from before is migrated once (kept as ``quarantine.json.migrated``); a quarantine that does
+    not read refuses the collect with one error and its damaged copy kept, instead of starting empty."""
 
-    FILE = "quarantine.json"
+    FILE = "quarantine.json"  # the record before SQLite
+    DB = "quarantine.sqlite3"
+    MAX_REASON = 500  # characters kept of a reason (they quote what a hostile file said)
+    SCHEMA = "CREATE TABLE quarantine (sample TEXT PRIMARY KEY, reason TEXT NOT NULL)"
 
     def __init__(self, home: str | Path):
-        self.path = Path(home) / self.FILE
+        self.home = Path(home)
+        self.path = self.home / self.DB
 
-    def reasons(self) -> dict[str, str]:
-        """``{site/sha: reason}``."""
-        held = read_json(self.path, default={})
-        return held if isinstance(held, dict) else {}
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(self.path, self.SCHEMA, "the cloud's quarantine", legacy=self.home / self.FILE,
+                      convert=_quarantine_rows)
+
+    def reasons(self) -> TableView:
+        """``{site/sha: reason}``, looked up in the database as asked (a million entries cost no memory)."""
+        return TableView(self.ledger, "quarantine", "sample", "reason")
 
     def add(self, reasons: dict[str, str]) -> None:
+        """Quarantine these samples (one transaction; a later reason for a sample replaces its earlier one)."""
         if reasons:
-            write_json_atomic(self.path, {**self.reasons(), **reasons})
+            with self.ledger.write() as db:
+                db.executemany("INSERT OR REPLACE INTO quarantine VALUES (?, ?)",
+                               [(str(k), str(v)[:self.MAX_REASON]) for k, v in reasons.items()])
+
+
+def _quarantine_rows(data: object) -> dict[str, list[tuple]]:
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ValueError("expected an object of reasons by site/sha")
+    return {"quarantine": [(k, v[:Quarantine.MAX_REASON]) for k, v in data.items()]}
 
 
 class Labeller(Protocol):

@@ -21,6 +21,7 @@ from agent_helpers import REPO, agent_env, latest_table
 from PIL import Image
 
 from edge_agent.store import Store
+from orchestrator.samples import Quarantine
 
 CLASSES = ["functional", "defective"]
 BIG = 200 * 1024 * 1024
@@ -42,6 +43,8 @@ def hostile_store(root: Path) -> tuple[set[str], dict[str, str]]:
     """Good samples and hostile ones under ``root/samples/a``; returns (good shas, {hostile sha: expected reason})."""
     folder = root / "samples" / "a"
     folder.mkdir(parents=True)
+    (root / "exams").mkdir()  # site a published its exam list (without one its samples are held)
+    (root / "exams" / "a.json").write_text(json.dumps({"site": "a", "sha256": [], "phash": []}))
 
     def put(seed: int, side: dict | bytes | None) -> str:
         image = png(seed)
@@ -162,7 +165,7 @@ def test_hostile_store_files_are_refused_alone_and_collect_and_health_go_on(tmp_
     for sha, why in hostile.items():
         assert why in reasons[sha], (sha, reasons[sha])
     assert out["rejected"][1] == []  # quarantined: not read, not reported again
-    quarantine = json.loads((home / "quarantine.json").read_text())
+    quarantine = dict(Quarantine(home).reasons())
     assert {f"a/{sha}" for sha in hostile} <= set(quarantine)
     rows = {r["site"]: r for r in out["rows"]}
     assert rows["ok"]["verdict"] == "ok" and rows["ok"]["outbox"] == 1
@@ -194,7 +197,7 @@ def test_a_sample_that_makes_collect_raise_is_quarantined_and_the_watermark_move
     result = collect.collect_new(store, home, queue, confidence=0.5)
     assert {s.sha256 for s in result.new} == good - {poison}
     assert any(r["sample"] == f"a/{poison}" and "IndexError" in r["reason"] for r in result.rejected)
-    assert "IndexError" in json.loads((home / "quarantine.json").read_text())[f"a/{poison}"]
+    assert "IndexError" in Quarantine(home).reasons()[f"a/{poison}"]
     later = hashlib.sha256(png(99)).hexdigest()  # a sample that arrives after the poisoned one
     (root / "samples" / "a" / f"{later}.png").write_bytes(png(99))
     (root / "samples" / "a" / f"{later}.json").write_text(json.dumps(sidecar()))

@@ -249,9 +249,9 @@ def test_the_page_refuses_an_unknown_host_a_cross_origin_post_and_a_post_without
     form = f"sha256={sha}&label=defective&csrf={csrf}".encode()
     assert request("/label", form, Origin="http://evil.example")[0] == 403
     assert request("/label", f"sha256={sha}&label=defective".encode())[0] == 403  # no CSRF token
-    assert not (home / "registry" / "labels.json").exists() or sha not in (home / "registry" / "labels.json").read_text()
+    assert sha not in LabelQueue(home / "registry", CLASSES).labels()
     assert request("/label", form, Origin=url)[0] == 200  # its own origin: saved, then the next page
-    assert sha in (home / "registry" / "labels.json").read_text()
+    assert sha in LabelQueue(home / "registry", CLASSES).labels()
 
 
 def test_off_loopback_the_page_needs_a_token(tmp_path):

@@ -27,25 +27,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def _label(args: argparse.Namespace) -> int:
     from orchestrator.inventory import load_inventory
-    from orchestrator.labelling import LabelQueue, label_studio_config
-    from orchestrator.samples import Quarantine, collect_samples
+    from orchestrator.labelling import CheckedSamples, LabelQueue, label_studio_config
 
     fleet = load_inventory(args.inventory)
     registry = fleet.registry()  # the labels live beside it
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else \
         registry.champion_classes(args.family)
     queue = LabelQueue(registry.root, classes)
-    store = fleet.store()
-
-    def samples():
-        return collect_samples(store, quarantined=Quarantine(registry.root).reasons()).accepted
+    samples = CheckedSamples(fleet.store(), registry.root)
 
     if args.export:
         print(f"wrote {queue.export_label_studio(samples(), args.export)} tasks to {args.export}; labelling "
               f"interface for the project:\n{label_studio_config(queue.classes)}")
         return 0
     if args.import_:
-        print(f"took {queue.import_label_studio(args.import_)} labels from {args.import_}")
+        known = {s.sha256 for s in samples()}  # labels only for samples the store holds
+        print(f"took {queue.import_label_studio(args.import_, known)} labels from {args.import_}")
         return 0
     import os
 
