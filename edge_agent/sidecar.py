@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 MAX_SIDECAR_BYTES = 64 * 1024
+MAX_NAME = 256  # a version, site, class or reason name: what a report or the labelling page shows in one line
+MAX_PATH = 4096  # a file name at the site (PATH_MAX)
+Name = Annotated[str, Field(max_length=MAX_NAME)]
+Unit = Annotated[FiniteFloat, Field(ge=0, le=1)]  # the agent's scores are normalised to [0, 1]
 # An INT8 graph's probabilities come in 1/255 steps and the agent rounds them to 6 places: a distribution
 # sums to one within this.
 SUM_TOLERANCE = 0.05
@@ -27,19 +31,19 @@ class SidecarError(ValueError):
 class SampleSidecar(BaseModel):
     model_config = ConfigDict(extra="allow")  # newer agents may say more; what is known must be right
 
-    site: str = Field(min_length=1)
+    site: str = Field(min_length=1, max_length=MAX_NAME)
     time: FiniteFloat
-    reasons: list[str]
-    source_file: str | None = None
-    model_version: str | None = None
-    probabilities: dict[str, FiniteFloat] | None = None
+    reasons: list[Name] = Field(max_length=32)
+    source_file: str | None = Field(None, max_length=MAX_PATH)
+    model_version: Name | None = None
+    probabilities: dict[Name, FiniteFloat] | None = None
     member_probabilities: list[list[FiniteFloat]] | None = None
-    operator_label: str | None = None
+    operator_label: Name | None = None
     source: str | None = Field(None, description="inbox, http or operator: where the image came from")
     split: Literal["train", "val", "gate", "test"] | None = Field(
         None, description="an operator-labelled image's split at its site; only train and val ever go up")
-    uncertainty: FiniteFloat | None = None
-    disagreement: FiniteFloat | None = None
+    uncertainty: Unit | None = Field(None, description="normalised entropy of the served probabilities (0..1)")
+    disagreement: Unit | None = Field(None, description="mean total-variation spread of the members (0..1)")
 
     @model_validator(mode="after")
     def _distributions(self) -> "SampleSidecar":
