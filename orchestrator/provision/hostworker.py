@@ -18,17 +18,19 @@ successful restart removes it, so a run cut off in between is finished by the ne
 """
 # ruff: noqa: UP006, UP021, UP035, UP045  (old-Python syntax on purpose, see above)
 
+import errno
 import hashlib
 import json
 import os
 import platform
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
 import time
-from typing import IO, Dict, Iterable, List, Optional
+from typing import IO, Dict, Iterable, List, Optional, Tuple
 
 Request = Dict  # one decoded request line: {"op": NAME, ...its fields}
 Answer = Dict  # one answer line; an "error" field means the operation failed
@@ -55,6 +57,32 @@ def read(path: str) -> Optional[str]:
             return f.read()
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def read_bounded(path: str, cap: int) -> Optional[str]:
+    """A small text file the host's state lives in, or None when it is not there.
+
+    Raises ValueError (saying why) for a symbolic link, anything but a regular file (a FIFO, a device
+    such as /dev/zero) and a file over ``cap`` bytes, reading at most ``cap + 1`` bytes: a hostile
+    record costs nothing to refuse and never blocks."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError("is a symbolic link") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("is not a regular file")
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise ValueError("is over {} bytes".format(cap))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
 
 
 def write_atomic(path: str, text: str, mode: Optional[int] = None) -> None:
@@ -139,16 +167,24 @@ def _libc() -> List[str]:
     return [name or "unknown", version or "0.0"]
 
 
+def _memory_bytes() -> int:
+    """MemTotal from /proc/meminfo in bytes; 0 when it is missing or unreadable (a container may hide it)."""
+    mem = _first_field("/proc/meminfo", "MemTotal:")
+    try:
+        return int(mem.split()[0]) * 1024 if mem else 0
+    except (ValueError, IndexError):
+        return 0
+
+
 def facts(req: Request) -> Answer:
     """What the steps need to know about the host: Python, resources, home, the resolved root, systemd."""
-    mem = _first_field("/proc/meminfo", "MemTotal:")
     libc = _libc()
     os_name = _first_field("/etc/os-release", "PRETTY_NAME=")
     home = os.path.expanduser("~")
     root = req["root"].replace("~", home, 1) if req["root"].startswith("~/") else req["root"]
     return {"os": os_name.strip('"') if os_name else platform.platform(), "kernel": platform.release(),
             "arch": platform.machine(), "python": platform.python_version(), "python_path": sys.executable,
-            "cores": os.cpu_count(), "memory_bytes": int(mem.split()[0]) * 1024 if mem else 0,
+            "cores": os.cpu_count(), "memory_bytes": _memory_bytes(),
             "disk_free_bytes": shutil.disk_usage(existing_parent(root)).free, "gpu": _gpu(),
             "home": home, "root": root, "uid": os.getuid(), "time": time.time(),
             "implementation": {"cpython": "cp", "pypy": "pp"}.get(sys.implementation.name, sys.implementation.name),
@@ -204,31 +240,148 @@ def commit(req: Request) -> Answer:
     mark_restart(req)
     os.replace(req["tmp"], req["path"])
     if req.get("stamp"):  # the hash, checked once here, so a re-run need not read gigabytes again
-        write_atomic(_stamp(req["path"]), req["sha256"])
+        write_atomic(_stamp(req["path"]), _stamp_text(req["path"], req["sha256"]))
     return {}
+
+
+# -- shipped wheels: stamped once checked, re-checked when the file changed, leftovers cleaned up
+
+STALE_PART_S = 3600  # a partial upload of no wanted wheel, untouched this long, is no run's work in progress
 
 
 def _stamp(path: str) -> str:
     return os.path.join(os.path.dirname(path), ".{}.sha256".format(os.path.basename(path)))
 
 
+def _stamp_text(path: str, digest: str) -> str:
+    """The checked hash with the file's identity (size, mtime, inode): a write to the file changes the
+    identity, so the next run hashes it again instead of trusting the stamp."""
+    st = os.stat(path)
+    return "{} {} {} {}\n".format(digest, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _regular_size(path: str) -> Optional[int]:
+    """The size of ``path`` if it is a regular file (not a link, FIFO or device), else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _remove(path: str, check: bool) -> None:
+    if not check:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _wheel_state(path: str, wheel: Dict, check: bool) -> Optional[str]:
+    """None when the host holds exactly this wheel; else why not ("" when it is simply not there).
+
+    A stamp whose identity still matches the file is trusted; otherwise the bytes are hashed (once: a
+    good file gets a fresh stamp). A file whose bytes do not match is removed with its stamp, so it is
+    shipped again rather than failing every later install."""
+    size = _regular_size(path)
+    if size is None and not os.path.lexists(path):
+        return ""
+    stamp = _stamp(path)
+    if size == wheel["size"]:
+        try:
+            if read_bounded(stamp, 4096) == _stamp_text(path, wheel["sha256"]):
+                return None
+        except (OSError, ValueError):
+            pass  # an unreadable stamp proves nothing: hash the file
+        if sha256(path) == wheel["sha256"]:
+            if not check:
+                write_atomic(stamp, _stamp_text(path, wheel["sha256"]))
+            return None
+        why = "its bytes do not match sha256 {}".format(wheel["sha256"][:12])
+    elif size is None:
+        why = "it is not a regular file"
+    else:
+        why = "it holds {} bytes, not {}".format(size, wheel["size"])
+    if not check:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        _remove(path, check)
+        _remove(stamp, check)
+    return why
+
+
+def _partial(folder: str, wheel: Dict, check: bool, healed: List[str]) -> int:
+    """Bytes a cut-off upload of ``wheel`` left to resume from; a partial that cannot be the start of
+    the wheel (larger than it, or not a regular file) is discarded."""
+    part = os.path.join(folder, part_name(wheel["sha256"]))
+    size = _regular_size(part)
+    if size is not None and size <= wheel["size"]:
+        return size
+    if size is not None or os.path.lexists(part):
+        what = "{} bytes, larger than the wheel ({})".format(size, wheel["size"]) if size is not None \
+            else "not a regular file"
+        healed.append("{} the partial upload of {} ({})".format("would discard" if check else "discarded",
+                                                                   wheel["name"], what))
+        if not check and os.path.isdir(part) and not os.path.islink(part):
+            shutil.rmtree(part)
+        _remove(part, check)
+    return 0
+
+
+def _stale_parts(folder: str, wanted: Iterable[str], check: bool) -> List[str]:
+    """Discard partial uploads of wheels no longer wanted that nobody touched for :data:`STALE_PART_S`."""
+    keep = set(wanted)
+    gone = []  # type: List[str]
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return gone
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        if not (name.startswith(".") and name.endswith(".part")) or name in keep:
+            continue
+        try:
+            stale = time.time() - os.lstat(path).st_mtime > STALE_PART_S
+        except OSError:
+            continue
+        if stale and _regular_size(path) is not None:
+            _remove(path, check)
+            gone.append("{} a stale partial upload {}".format("would discard" if check else "discarded", name))
+    return gone
+
+
 def wheels_missing(req: Request) -> Answer:
     """Which of the wheels (name, sha256, size) the host lacks in ``folder``, and how many bytes of each
-    a cut-off earlier upload already left (``partial``: the upload resumes there)."""
-    missing, partial = [], {}
+    a cut-off earlier upload already left (``partial``: the upload resumes there). Leftovers that would
+    fail every later run are healed here: a damaged wheel is removed (so it is shipped again), a partial
+    larger than its wheel or long abandoned is discarded; ``healed`` says what was done."""
+    folder, check = req["folder"], bool(req.get("check"))
+    missing, partial, healed = [], {}, []  # type: List[str], Dict[str, int], List[str]
+    for wheel in req["wheels"]:
+        why = _wheel_state(os.path.join(folder, wheel["name"]), wheel, check)
+        if why is None:
+            continue
+        if why:
+            healed.append("{} {} ({})".format("would re-ship" if check else "re-ship", wheel["name"], why))
+        missing.append(wheel["name"])
+        size = _partial(folder, wheel, check, healed)
+        if size:
+            partial[wheel["name"]] = size
+    healed += _stale_parts(folder, [part_name(w["sha256"]) for w in req["wheels"]], check)
+    return {"missing": missing, "partial": partial, "healed": healed}
+
+
+def wheels_verify(req: Request) -> Answer:
+    """Hash every wheel in ``folder`` whatever its stamp says (after an install failed: a wheel damaged
+    without its size or times changing), removing those whose bytes do not match; ``damaged`` names them."""
+    damaged = []
     for wheel in req["wheels"]:
         path = os.path.join(req["folder"], wheel["name"])
-        try:
-            whole = os.path.getsize(path) == wheel["size"] and read(_stamp(path)) == wheel["sha256"]
-        except OSError:
-            whole = False
-        if not whole:
-            missing.append(wheel["name"])
-            try:
-                partial[wheel["name"]] = os.path.getsize(os.path.join(req["folder"], part_name(wheel["sha256"])))
-            except OSError:
-                pass
-    return {"missing": missing, "partial": partial}
+        if _regular_size(path) is not None and sha256(path) != wheel["sha256"]:
+            _remove(path, False)
+            _remove(_stamp(path), False)
+            damaged.append(wheel["name"])
+    return {"damaged": damaged}
 
 
 def part_name(digest: str) -> str:
@@ -490,35 +643,83 @@ def _active(root: str) -> Optional[str]:
     return os.path.basename(os.readlink(link)) if os.path.islink(link) else None
 
 
-def _record(root: str, version: str) -> Optional[Dict]:
-    text = read(_models(root, "deploys", version + ".json"))
+MAX_RECORD_BYTES = 64 * 1024  # a deploy record or the fence: a few hundred bytes when the host wrote it
+MAX_REPORT_BYTES = 32 << 20  # an ensemble's report.json (per-image gate predictions included)
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def valid_name(name: object) -> bool:
+    """A version or ensemble name: one visible path component (no '/', not '.' or '..', not hidden)."""
+    return isinstance(name, str) and 0 < len(name) <= 128 and not name.startswith(".") and set(name) <= NAME_CHARS
+
+
+def _shown(value: object) -> str:
+    """A value from a file on the host, short enough for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _record(root: str, version: str) -> Tuple[Optional[Dict], Optional[str]]:
+    """(record, None); (None, None) when there is no record; (None, why) when the record cannot be
+    trusted: not a small regular file, not JSON, another version's, or naming something that is not an
+    ensemble name as what served before (``../../evil``, an absolute path)."""
     try:
-        record = json.loads(text) if text is not None else None
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) and "before_active" in record else None
+        text = read_bounded(_models(root, "deploys", version + ".json"), MAX_RECORD_BYTES)
+        if text is None:
+            return None, None
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None, "is not JSON"
+    except ValueError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, "cannot be read ({})".format(exc.strerror or exc)
+    if not isinstance(record, dict) or "before_active" not in record:
+        return None, "has no 'before_active'"
+    if record.get("version") != version:
+        return None, "is the record of version {}".format(_shown(record.get("version")))
+    before = record["before_active"]
+    if before is not None and not valid_name(before):
+        return None, "names {} as what served before, which is not an ensemble name".format(_shown(before))
+    return record, None
+
+
+def _fenced(root: str) -> List[str]:
+    """The versions in ``models/fence.json``; ValueError (saying why) when it cannot be read: it is never
+    rewritten from a failed read, which would lift every fence in it."""
+    try:
+        text = read_bounded(_models(root, "fence.json"), MAX_RECORD_BYTES)
+        data = json.loads(text) if text is not None else {"versions": []}
+    except json.JSONDecodeError:
+        raise ValueError("models/fence.json is not JSON") from None
+    except ValueError as exc:
+        raise ValueError("models/fence.json {}".format(exc)) from None
+    versions = data.get("versions") if isinstance(data, dict) else None
+    if not isinstance(versions, list) or not all(isinstance(v, str) for v in versions):
+        raise ValueError("models/fence.json holds no list of versions")
+    return versions
 
 
 def _fence(root: str, version: str, add: bool) -> bool:
     """Add ``version`` to (or drop it from) ``models/fence.json``; True when that changed the file."""
-    path = _models(root, "fence.json")
-    try:
-        versions = list(json.loads(read(path) or "{}").get("versions", []))
-    except (ValueError, AttributeError):
-        versions = []
+    versions = _fenced(root)
     if (version in versions) == add:
         return False
     versions = versions + [version] if add else [v for v in versions if v != version]
-    write_atomic(path, json.dumps({"versions": versions}))
+    write_atomic(_models(root, "fence.json"), json.dumps({"versions": versions}))
     return True
 
 
 def deploy_record(req: Request) -> Answer:
     """Before base ``version`` lands: note what serves now (what a rollback of it restores) and lift any old
-    fence on it. A version already in place keeps its first record (a re-run deploys nothing)."""
+    fence on it. A version already in place keeps its first record (a re-run deploys nothing); a record
+    that cannot be trusted is written afresh."""
     root, version = req["root"], req["version"]
-    if os.path.isdir(_models(root, "base", version)) and _record(root, version) is not None:
-        return {"changed": False, "before_active": _record(root, version)["before_active"]}
+    if not valid_name(version):
+        return {"error": "{} is not a version name".format(_shown(version))}
+    record = _record(root, version)[0]
+    if os.path.isdir(_models(root, "base", version)) and record is not None:
+        return {"changed": False, "before_active": record["before_active"]}
     folder = _models(root, "deploys")
     os.makedirs(folder, exist_ok=True)
     before = _active(root)
@@ -526,6 +727,42 @@ def deploy_record(req: Request) -> Answer:
                  json.dumps({"version": version, "before_active": before, "time": time.time()}))
     _fence(root, version, add=False)
     return {"changed": True, "before_active": before}
+
+
+def _built_on(root: str, name: str, version: str) -> bool:
+    """Whether ensemble ``name`` was built on base ``version``: the base as-is, or a fine-tune whose
+    ``report.json`` lists it among its bases (False when that cannot be read)."""
+    if name == "base-" + version:
+        return True
+    try:
+        report = json.loads(read_bounded(_models(root, "ensembles", name, "report.json"), MAX_REPORT_BYTES) or "null")
+    except (OSError, ValueError):
+        return False
+    bases = report.get("bases") if isinstance(report, dict) else None
+    return isinstance(bases, list) and version in bases
+
+
+def _unsafe(root: str, version: str, before: Optional[str], serving: Optional[str]) -> Optional[str]:
+    """Why restoring ``before`` (None: nothing) would not undo ``version`` safely; None when it would."""
+    if before is None:
+        if serving is None or _built_on(root, serving, version):
+            return None
+        return ("the deploy record says nothing served before {v}, but {s} serves and is not known to be built "
+                "on {v}: the rollback would leave the site serving nothing (was the record edited?)"
+                .format(v=version, s=serving))
+    folder, ensembles = _models(root, "ensembles", before), _models(root, "ensembles")
+    if os.path.islink(folder) or not os.path.isdir(folder):
+        return "cannot restore {b}: models/ensembles/{b} is {w}".format(
+            b=before, w="a symbolic link" if os.path.islink(folder) else "gone")
+    if os.path.dirname(os.path.realpath(folder)) != os.path.realpath(ensembles):
+        return "cannot restore {}: it is not under models/ensembles".format(before)
+    if _regular_size(os.path.join(folder, "ensemble.onnx")) is None:
+        return "cannot restore {b}: models/ensembles/{b}/ensemble.onnx is missing or not a regular file".format(
+            b=before)
+    if _built_on(root, before, version):
+        return ("cannot restore {}: it was built on {}, the version being rolled back (was the record edited?)"
+                .format(before, version))
+    return None
 
 
 def _set_aside(root: str, version: str) -> bool:
@@ -551,27 +788,47 @@ def _check_ensemble(root: str, name: str, check: List[str]) -> Optional[str]:
 def rollback(req: Request) -> Answer:
     """Undo the deploy of base ``version``: serve exactly what served before it, then set the base aside.
 
-    Refuses, before touching anything, when the site has no record of what served before the version, or
-    when that ensemble is gone or would not serve. Then, under the agent's activation lock, the version is
+    Refuses, before touching anything, when the site has no record of what served before the version, when
+    the record cannot be trusted (not a small regular file, another version's, a name that is not an
+    ensemble's), when what it names is not a regular ensemble under ``models/ensembles``, was itself built
+    on the version, is gone or would not serve, or when it says nothing served before while something not
+    built on the version serves now. Then, under the agent's activation lock, the version is
     fenced (a running fine-tune built on it will not activate) and ``models/active`` switched back; only
     then is the base set aside. A site that never got the version is not touched; a second run changes
     nothing. The answer says what serves now, even on a refusal.
     """
     root, version = os.path.expanduser(req["root"]), req["version"]
     serving = _active(root)
-    record = _record(root, version)
+
+    def refuse(why: str) -> Answer:
+        return {"error": "{}; nothing changed; serving {}".format(why, serving or "nothing")}
+
+    if not valid_name(version):
+        return refuse("{} is not a version name".format(_shown(version)))
+    record, untrusted = _record(root, version)
+    if untrusted:
+        return refuse("refusing the rollback of {}: its deploy record models/deploys/{}.json {}".format(
+            version, version, untrusted))
     present = os.path.isdir(_models(root, "base", version))
     if record is None and not present:
         return {"changed": [], "never_got": True, "serving": serving}
     if record is None:
-        return {"error": "no record of what served before {} (deployed before records were kept); nothing "
-                         "changed; serving {}".format(version, serving)}
+        return refuse("no record of what served before {} (deployed before records were kept)".format(version))
+    try:
+        fenced = _fenced(root)
+    except ValueError as exc:
+        return refuse("cannot fence {}: {}".format(version, exc))
+    if not present and version in fenced:  # rolled back before: what serves now is not this rollback's to change
+        return {"changed": [], "version": version, "serving": serving}
     before = record["before_active"]
+    why = _unsafe(root, version, before, serving)
+    if why:
+        return refuse(why)
     changed = []
     if before != serving and before is not None:
         why = _check_ensemble(root, before, req["check"])
         if why:
-            return {"error": "cannot restore {}: {}; nothing changed; serving {}".format(before, why, serving)}
+            return refuse("cannot restore {}: {}".format(before, why))
     if req.get("dry_run"):
         return {"changed": [], "would_restore": before, "serving": serving}
     import fcntl
@@ -599,7 +856,7 @@ def rollback(req: Request) -> Answer:
 # -- the protocol
 
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
-       "install": install, "wheels_missing": wheels_missing, "process_state": process_state,
+       "install": install, "wheels_missing": wheels_missing, "wheels_verify": wheels_verify, "process_state": process_state,
        "process_restart": process_restart, "process_stop": process_stop, "restart_pending": restart_pending,
        "systemd": systemd, "health": health, "deploy_record": deploy_record, "rollback": rollback}
 

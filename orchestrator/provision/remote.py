@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import shlex
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +29,9 @@ HOSTWORKER_SOURCE = Path(hostworker.__file__).read_text()
 
 IO_TIMEOUT_S = 60.0  # no single read or write on a healthy link takes this long
 KEEPALIVE_S = 15
+# The largest answer a healthy worker gives is a few KiB (facts, a log tail): anything near this is not the worker.
+MAX_ANSWER_BYTES = 4 << 20
+EXIT_STATUS_WAIT_S = 5.0  # after the worker's output ended: how long its exit status may take to arrive
 
 
 class StepFailed(Exception):
@@ -38,6 +44,44 @@ class WorkerGone(Exception):
     def __init__(self, message: str, exit_status: int | None = None):
         super().__init__(message)
         self.exit_status = exit_status
+
+
+class AnswerTooLong(WorkerGone):
+    """The host sent more than :data:`MAX_ANSWER_BYTES` without ending its line: not the worker talking."""
+
+
+def read_line(recv: Callable[[float], bytes], buffer: bytearray, timeout: float,
+              limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """One line from ``recv``, within ``timeout`` seconds in all and ``limit`` bytes; b"" at end of output.
+
+    ``recv(seconds)`` returns the next bytes (b"" at the end) or raises ``TimeoutError``. The deadline is
+    for the whole line, not each read, so a host that trickles bytes cannot hold a step open; each byte is
+    scanned once (linear in the line's length, unlike re-scanning a growing buffer). Bytes after the line
+    stay in ``buffer`` for the next call.
+    """
+    deadline, scanned = time.monotonic() + timeout, 0
+    while True:
+        end = buffer.find(b"\n", scanned)
+        if end >= 0:
+            line = bytes(buffer[:end + 1])
+            del buffer[:end + 1]
+            return line
+        if len(buffer) > limit:
+            raise AnswerTooLong(f"the host sent over {limit >> 20} MiB without ending its answer line: that is not "
+                                f"the edgeloop worker answering (is 'python' in the inventory really a Python?)")
+        scanned = len(buffer)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        chunk = recv(left)
+        if not chunk:
+            return b""
+        buffer += chunk
+
+
+def _timeout_message(timeout: float, buffer: bytearray) -> str:
+    got = f" ({len(buffer)} bytes came without a line end)" if buffer else ""
+    return f"no answer from the host within {timeout:.0f} s{got} (link stalled or host hung)"
 
 
 class Remote(Protocol):
@@ -68,25 +112,43 @@ class SshRemote:
     def start(self, command: str) -> None:
         self.channel = self.fab.client.get_transport().open_session(timeout=self.io_timeout_s)
         self.channel.exec_command(command)
-        self._in = self.channel.makefile_stdin("wb")
-        self._out = self.channel.makefile("rb")
+        self._buffer = bytearray()  # read straight off the channel: paramiko's readline re-scans what it holds
+
+    def _recv(self, seconds: float) -> bytes:
+        self.channel.settimeout(seconds)
+        return self.channel.recv(1 << 16)
 
     def request(self, line: str, timeout: float) -> str:
         try:
             self.channel.settimeout(timeout)
-            self._in.write(line.encode() + b"\n")
-            self._in.flush()
-            answer = self._out.readline()
+            self.channel.sendall(line.encode() + b"\n")
+            answer = read_line(self._recv, self._buffer, timeout)
         except TimeoutError:
-            raise WorkerGone(f"no answer from the host within {timeout:.0f} s (link stalled or host hung)") from None
-        except OSError as exc:
-            raise WorkerGone(f"no answer from the host: {exc or type(exc).__name__}") from None
+            raise WorkerGone(_timeout_message(timeout, self._buffer)) from None
+        except OSError as exc:  # the channel closed under us: by a worker that exited, or a link that went
+            status, err = self._ended()
+            if status is None:
+                raise WorkerGone(f"no answer from the host: {exc or type(exc).__name__}") from None
+            raise WorkerGone(f"connection to the host lost{': ' + err if err else ''}", status) from None
         if not answer:
-            status = self.channel.recv_exit_status() if self.channel.exit_status_ready() else None
-            err = self.channel.recv_stderr(4000).decode(errors="replace").strip() if self.channel.recv_stderr_ready() \
-                else ""
+            status, err = self._ended()
             raise WorkerGone(f"connection to the host lost{': ' + err if err else ''}", status)
-        return answer.decode()
+        return answer.decode(errors="replace")
+
+    def _ended(self) -> tuple[int | None, str]:
+        """The worker's exit status (None: the connection went without one) and the end of its stderr.
+
+        The status arrives just after the end of output: wait for it briefly, or a missing interpreter
+        (exit status 127) would read as a lost connection. A host that went down leaves no status (None)."""
+        deadline = time.monotonic() + EXIT_STATUS_WAIT_S
+        while not self.channel.exit_status_ready() and not self.channel.closed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status = self.channel.recv_exit_status() if self.channel.exit_status_ready() else None
+        status = None if status == -1 else status  # paramiko's -1: the channel closed without a status
+        err = b""
+        while self.channel.recv_stderr_ready() and len(err) < 8000:
+            err += self.channel.recv_stderr(4000)
+        return status, err.decode(errors="replace").strip()[-2000:]
 
     def put(self, local: Path, remote: str, offset: int = 0) -> None:
         """Upload with a deadline per read/write: a stalled link fails this host, never hangs the run.
@@ -108,33 +170,62 @@ class SshRemote:
             raise WorkerGone(f"upload to the host stalled or failed: {exc or type(exc).__name__}") from None
 
     def close(self) -> None:
-        """Close the connection; one the host already dropped (it went down mid-step) has nothing to close,
-        and its failure is already in the step's result."""
-        try:
-            self.fab.close()
-        except (OSError, EOFError) as exc:
-            log.debug("closing a connection the host already dropped: %s", exc or type(exc).__name__)
+        """Close the worker's channel, then the connection; one the host already dropped (it went down
+        mid-step) has nothing to close, and its failure is already in the step's result. Closed here, in
+        order, so that nothing is left for the garbage collector to close after the recap (paramiko then
+        prints an "Exception ignored" traceback)."""
+        for close in (getattr(self.channel, "close", None), self.fab.close):
+            try:
+                if close:
+                    close()
+            except (OSError, EOFError) as exc:
+                log.debug("closing a connection the host already dropped: %s", exc or type(exc).__name__)
 
 
 class LocalRemote:
-    """This machine (``connection: local``): the same worker, run as a local process."""
+    """This machine (``connection: local``): the same worker, run as a local process, read with the same
+    bounds (size, deadline) as a remote one."""
 
     def start(self, command: str) -> None:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a fresh login would have it
         self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, cwd=Path.home(), env=env)
+                                     stderr=subprocess.PIPE, cwd=Path.home(), env=env)
+        self._buffer = bytearray()
+
+    def _recv(self, seconds: float) -> bytes:
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], seconds)[0]:
+            raise TimeoutError
+        return os.read(fd, 1 << 16)
 
     def request(self, line: str, timeout: float) -> str:
         try:
-            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.write(line.encode() + b"\n")
             self.proc.stdin.flush()
-            answer = self.proc.stdout.readline()
+            answer = read_line(self._recv, self._buffer, timeout)
+        except TimeoutError:
+            raise WorkerGone(_timeout_message(timeout, self._buffer)) from None
         except OSError:
-            answer = ""
+            answer = b""
         if not answer:
-            status = self.proc.wait(timeout=5)
-            raise WorkerGone(f"worker exited: {self.proc.stderr.read().strip()[-500:]}", status)
-        return answer
+            try:
+                status = self.proc.wait(timeout=EXIT_STATUS_WAIT_S)
+            except subprocess.TimeoutExpired:  # it closed its output but lives on: not a worker to wait for
+                self.proc.kill()
+                status = self.proc.wait()
+            err = self._stderr_tail()
+            raise WorkerGone(f"worker exited{': ' + err if err else ''}", status)
+        return answer.decode(errors="replace")
+
+    def _stderr_tail(self) -> str:
+        """What the worker wrote to stderr, at most 64 KiB read and never waiting for more."""
+        fd, err = self.proc.stderr.fileno(), b""
+        while len(err) < 1 << 16 and select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 1 << 14)
+            if not chunk:
+                break
+            err += chunk
+        return err.decode(errors="replace").strip()[-500:]
 
     def put(self, local: Path, remote: str, offset: int = 0) -> None:
         with open(local, "rb") as src, open(remote, "ab" if offset else "wb") as dst:
@@ -142,9 +233,20 @@ class LocalRemote:
             shutil.copyfileobj(src, dst, 1 << 20)
 
     def close(self) -> None:
-        if getattr(self, "proc", None) and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=10)
+        """End the worker: close its pipes (a worker still writing gets SIGPIPE) and kill one that lingers."""
+        proc = getattr(self, "proc", None)
+        if proc is None:
+            return
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class HostWorker:
@@ -158,21 +260,41 @@ class HostWorker:
         self.remote, self.python, self.started = remote, python, False
 
     def call(self, op: str, timeout_s: float | None = None, **req) -> dict:
-        """Run one operation; ``timeout_s`` defaults to the link's deadline (long operations pass their own)."""
+        """Run one operation; ``timeout_s`` defaults to the link's deadline (long operations pass their own).
+
+        The answer must come whole within ``timeout_s`` and :data:`MAX_ANSWER_BYTES`, and be one JSON object;
+        anything else fails this call (and so this host's step) with a one-line reason."""
         timeout_s = timeout_s or getattr(self.remote, "io_timeout_s", IO_TIMEOUT_S)
         if not self.started:
             self.remote.start(f"{shlex.quote(self.python)} -c {shlex.quote(HOSTWORKER_SOURCE)}")
             self.started = True
         try:
-            out = json.loads(self.remote.request(json.dumps({"op": op, **req}), timeout=timeout_s))
+            answer = self.remote.request(json.dumps({"op": op, **req}), timeout=timeout_s)
         except WorkerGone as exc:
-            if exc.exit_status == 127:
-                raise StepFailed(f"python {self.python!r} not found on the host "
-                                 f"(set 'python' in the inventory)") from None
-            raise StepFailed(str(exc)) from None
+            raise StepFailed(self._gone(exc)) from None
+        try:
+            out = json.loads(answer)
+        except ValueError:
+            out = None
+        if not isinstance(out, dict):
+            raise StepFailed(f"the host answered {op!r} with something that is not the worker's JSON: "
+                             f"{answer.strip()[:120]!r} (is {self.python!r} the site's Python?)")
         if "error" in out:
-            raise StepFailed(out["error"])
+            raise StepFailed(str(out["error"]))
         return out
+
+    def _gone(self, exc: WorkerGone) -> str:
+        """Why the worker ended, as a person reads it: a missing or broken interpreter is named as such."""
+        status = exc.exit_status
+        if status == 127:
+            return f"python {self.python!r} not found on the host (set 'python' in the inventory)"
+        if status == 126:
+            return f"python {self.python!r} cannot be run on the host (not executable; set 'python' in the inventory)"
+        if status is not None and str(exc).startswith(("connection to the host lost", "worker exited")):
+            detail = str(exc).partition(": ")[2]
+            return (f"python {self.python!r} exited with status {status} before answering"
+                    + (f": {detail}" if detail else ""))
+        return str(exc)
 
 
 def open_remote(site: Site, inventory: Inventory, accept_new_host_keys: bool) -> Remote:

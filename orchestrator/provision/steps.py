@@ -8,6 +8,8 @@ a second run over an unchanged fleet reports no change. In ``check`` mode every 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +55,37 @@ def _size(n: float) -> str:
     return f"{n:.0f} PiB"
 
 
+_VERSION = re.compile(r"\d+\.\d+(\.\d+)?[A-Za-z0-9+.]{0,20}")
+_TEXT = (lambda v: isinstance(v, str) and 0 < len(v) <= 4096, "text (at most 4096 characters)")
+_COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
+# What each host fact must be before any step uses it (a garbage answer is named, never an int() traceback).
+FACTS = {
+    "os": _TEXT, "kernel": _TEXT, "arch": _TEXT, "python_path": _TEXT, "home": _TEXT, "root": _TEXT,
+    "implementation": _TEXT, "libc": _TEXT,
+    "python": (lambda v: isinstance(v, str) and bool(_VERSION.fullmatch(v)), "a Python version such as 3.11.7"),
+    "libc_version": (lambda v: isinstance(v, str) and bool(re.fullmatch(r"\d+(\.\d+){1,3}", v)),
+                     "a version such as 2.36"),
+    "cores": (lambda v: v is None or (_COUNT[0](v) and v >= 1), "a whole number >= 1"),
+    "memory_bytes": _COUNT, "disk_free_bytes": _COUNT, "uid": _COUNT,
+    "time": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+             "a time in seconds"),
+    "gpu": (lambda v: v is None or _TEXT[0](v), "a GPU name or null"),
+    "systemd": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def checked_facts(facts: dict, site: str) -> dict:
+    """``facts`` when every one is what the steps expect; else StepFailed naming the fact and the host."""
+    for name, (valid, what) in FACTS.items():
+        if name not in facts:
+            raise StepFailed(f"host {site}: the fact {name!r} is missing from the host's answer")
+        if not valid(facts[name]):
+            shown = repr(facts[name])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise StepFailed(f"host {site}: the fact {name!r} is {shown}, not {what}")
+    return facts
+
+
 class SiteProvisioner:
     """Runs the steps on one site, in order, stopping at the first failure.
 
@@ -72,6 +105,7 @@ class SiteProvisioner:
         self.mode = "process"
         self.lock: Lock | None = None  # the dependency wheels (install mode wheelhouse), from the facts step
         self.missing: dict[str, int] = {}  # wheel name -> bytes already on the host (a cut-off upload)
+        self.healed: list[str] = []  # leftovers the facts step found and cleared (a damaged wheel, a stale partial)
 
     # -- plumbing
 
@@ -116,7 +150,7 @@ class SiteProvisioner:
     # -- steps: each returns (status, message)
 
     def facts(self) -> tuple[str, str]:
-        facts = self.call("facts", root=self.site.root)
+        facts = checked_facts(self.call("facts", root=self.site.root), self.site.name)
         self.result.facts = facts
         self.root = facts["root"]
         self.paths = AgentPaths(Path(self.root))
@@ -145,9 +179,10 @@ class SiteProvisioner:
             except NoWheel as exc:
                 raise StepFailed(str(exc)) from None
         wanted = self.wanted()
-        out = self.call("wheels_missing", folder=f"{self.root}/wheels",
-                        wheels=[{"name": w.name, "sha256": w.sha256, "size": w.size} for w in wanted])
+        out = self.call("wheels_missing", folder=f"{self.root}/wheels", wheels=self._wheel_list(wanted),
+                        check=self.check, timeout_s=600)  # may hash a changed wheel
         self.missing = {name: out["partial"].get(name, 0) for name in out["missing"]}
+        self.healed = list(out.get("healed", []))
         ship = sum(w.size - self.missing[w.name] for w in wanted if w.name in self.missing)
         installed = sum(w.installed_size for w in wanted) if self.missing else 0
         need = ship + installed + (install.disk_reserve_mb << 20 if self.missing else 0)
@@ -158,6 +193,10 @@ class SiteProvisioner:
                              f"{_size(free)} free")
         return (f"install {mode}, profile {install.profile}: {len(wanted) - len(self.missing)}/{len(wanted)} "
                 f"wheels present, {_size(ship)} to ship")
+
+    @staticmethod
+    def _wheel_list(wheels: list[WheelFile]) -> list[dict]:
+        return [{"name": w.name, "sha256": w.sha256, "size": w.size} for w in wheels]
 
     def wanted(self) -> list[WheelFile]:
         """The wheels the host must hold: the project's, and with a wheelhouse its dependencies for the host."""
@@ -177,20 +216,22 @@ class SiteProvisioner:
         counts; a cut-off upload resumes where it stopped."""
         wanted = self.wanted()
         todo = [w for w in wanted if w.name in self.missing]
+        healed = f"; {'; '.join(self.healed)}" if self.healed else ""
         if not todo:
-            return OK, f"{len(wanted)} wheel(s) present ({self.wheel.name}, sha256 {self.wheel.sha256[:12]})"
+            status = CHANGED if self.healed and not self.check else OK  # a stale partial went
+            return status, f"{len(wanted)} wheel(s) present ({self.wheel.name}, sha256 {self.wheel.sha256[:12]})" \
+                + healed
         self.needs_restart = True
         resumed = sum(self.missing[w.name] for w in todo)
         size = sum(w.size for w in todo) - resumed
         what = f"{len(todo)} wheel(s), {_size(size)}"
         if self.check:
-            return CHANGED, f"would ship {what}"
+            return CHANGED, f"would ship {what}{healed}"
         for wheel in todo:
-            local = self.wheel.path if wheel.name == self.wheel.name else self.wheelhouse.blob(wheel)
-            self._ship(local, wheel, self.missing[wheel.name])
+            self._ship(wheel, self.missing[wheel.name])
         self.result.shipped_bytes += size
         return CHANGED, f"shipped {what}" + (f" (resumed after {_size(resumed)} a cut-off upload left)"
-                                             if resumed else "")
+                                             if resumed else "") + healed
 
     @property
     def store_url(self) -> str:
@@ -200,12 +241,23 @@ class SiteProvisioner:
     def wheelhouse(self) -> Wheelhouse:
         return wheelhouse_at(self.inventory.wheelhouse())
 
-    def _ship(self, local: Path, wheel: WheelFile, offset: int) -> None:
+    def _ship(self, wheel: WheelFile, offset: int = 0) -> None:
+        """Upload one wheel (from ``offset``: the bytes a cut-off upload left) and commit it, sha256-checked on
+        the host. A resumed upload whose result does not match is shipped again whole, once: the partial it
+        resumed from was not the wheel's start (the host removed it)."""
+        local = self.wheel.path if wheel.name == self.wheel.name else self.wheelhouse.blob(wheel)
         part = f"{self.root}/wheels/{part_name(wheel.sha256)}"
         self.remote.put(local, part, offset)
         self.result.commands += 1
-        self.call("commit", tmp=part, path=f"{self.root}/wheels/{wheel.name}", sha256=wheel.sha256, stamp=True,
-                  restart_marker=self.marker, timeout_s=600)
+        try:
+            self.call("commit", tmp=part, path=f"{self.root}/wheels/{wheel.name}", sha256=wheel.sha256,
+                      stamp=True, restart_marker=self.marker, timeout_s=600)
+        except StepFailed as exc:
+            if not offset or not str(exc).startswith("upload corrupted"):
+                raise
+            log.info("%s: %s after resuming at %d bytes; shipping it whole", self.site.name, exc, offset)
+            self._ship(wheel, 0)
+            self.result.shipped_bytes += wheel.size
 
     def install(self) -> tuple[str, str]:
         mode, install = self.site.install_mode, self.site.install
@@ -218,14 +270,34 @@ class SiteProvisioner:
             requirements = site_requirements(install.profile, self.store_url)
             extra = {"requirements": "".join(f"{r}\n" for r in requirements),
                      "index_url": install.index_url, "constraints": constraints.read_text() if constraints else ""}
-        out = self.call("install", venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}", mode=mode,
-                        profile=install.profile,
-                        sha256=self.wheel.sha256, check=self.check, restart_marker=self.marker, timeout_s=1800,
-                        **extra)
+        request = dict(venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}", mode=mode,
+                       profile=install.profile, sha256=self.wheel.sha256, check=self.check,
+                       restart_marker=self.marker, timeout_s=1800, **extra)
+        try:
+            out, reshipped = self.call("install", **request), ""
+        except StepFailed as exc:
+            reshipped = self._reship_damaged(exc)  # re-raises when no wheel was damaged
+            out = self.call("install", **request)
         if not out["changed"]:
             return OK, f"{self.wheel.name} installed in {self.venv}"
         self.needs_restart = True
-        return CHANGED, self.would(", ".join(out["changed"]) + f" ({self.venv})")
+        return CHANGED, self.would(", ".join(out["changed"]) + f" ({self.venv})") + reshipped
+
+    def _reship_damaged(self, failure: StepFailed) -> str:
+        """After a failed install: hash every shipped wheel whatever its stamp says (bytes damaged without
+        the file's size or times changing), ship the damaged ones again and say so; re-raise the install's
+        failure when none was damaged (the failure is not the wheels')."""
+        if self.check:
+            raise failure
+        wanted = self.wanted()
+        damaged = self.call("wheels_verify", folder=f"{self.root}/wheels", wheels=self._wheel_list(wanted),
+                            timeout_s=600)["damaged"]
+        if not damaged:
+            raise failure
+        for wheel in (w for w in wanted if w.name in damaged):
+            self._ship(wheel)
+            self.result.shipped_bytes += wheel.size
+        return f"; re-shipped {len(damaged)} wheel(s) whose bytes on the host no longer matched ({', '.join(damaged)})"
 
     def config(self) -> tuple[str, str]:
         config = self.site.agent_config(self.inventory.cloud, root=self.root)
