@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import html
 import ipaddress
+import logging
 import secrets
 import threading
 import time
@@ -42,6 +43,7 @@ button{font-size:1.1rem;margin:.3rem .4rem .3rem 0;padding:.5rem 1rem;cursor:poi
 
 
 COOKIE = "edgeloop_label_token"
+log = logging.getLogger(__name__)
 
 
 def is_loopback(host: str) -> bool:
@@ -52,19 +54,38 @@ def is_loopback(host: str) -> bool:
 
 
 class CachedSamples:
-    """``load()`` at most once per ``ttl_s`` (the store is listed and read once for many page views)."""
+    """``load()`` at most once per ``ttl_s`` (the store is listed and read once for many page views).
+
+    Only the first call waits for a load: later, an expired value is still answered while one background thread
+    loads the next (a page view never waits on the store, however many samples it holds). A failed background
+    load keeps the last value and is tried again at the next expiry (and logged)."""
 
     def __init__(self, load: Callable[[], list[Sample]], ttl_s: float):
         self.load, self.ttl_s = load, ttl_s
         self._lock = threading.Lock()
         self._value: list[Sample] | None = None
         self._at = 0.0
+        self._refreshing = False
 
     def __call__(self) -> list[Sample]:
         with self._lock:
-            if self._value is None or time.monotonic() - self._at >= self.ttl_s:
+            if self._value is None:
                 self._value, self._at = self.load(), time.monotonic()
+            elif time.monotonic() - self._at >= self.ttl_s and not self._refreshing:
+                self._refreshing = True
+                threading.Thread(target=self._refresh, daemon=True, name="labelpage-refresh").start()
             return self._value
+
+    def _refresh(self) -> None:
+        try:
+            value = self.load()
+        except Exception:  # noqa: BLE001 - the page keeps what it has; the next expiry tries again
+            log.exception("reading the store's samples failed; the page shows the last ones read")
+            value = None
+        with self._lock:
+            if value is not None:
+                self._value = value
+            self._at, self._refreshing = time.monotonic(), False
 
 
 def create_app(queue: LabelQueue, load_samples: Callable[[], list[Sample]], hosts: list[str] | None = None,

@@ -165,7 +165,10 @@ class Ledger:
             raise self._damage_or(exc) from None
         finally:
             if conn.in_transaction:
-                conn.execute("COMMIT")
+                try:
+                    conn.execute("ROLLBACK")  # it only read
+                except sqlite3.Error:
+                    pass  # a damaged file: the error above says so
 
     def _ensure(self) -> None:
         """Create the database whole when there is none (the migration's rows included), under a lock."""
