@@ -47,6 +47,7 @@ from edge_agent.window import LiveWindow
 log = logging.getLogger("edge_agent")
 
 MAX_FINETUNE_FAILURES = 3
+MAX_DEPLOY_RECORD_BYTES = 64 * 1024  # as the host worker's rollback reads them
 FINETUNE_RETRY_S = 30.0
 FINETUNE_RETRY_MAX_S = 900.0
 
@@ -478,8 +479,14 @@ def restorable_ensembles(paths: AgentPaths) -> set[str]:
     """The ensembles the deploy records of still-deployed bases name as what served before them."""
     keep = set()
     for record in paths.deploy_records.glob("*.json"):
-        try:
-            data = json.loads(record.read_text())
+        try:  # a regular file of a deploy record's size only: a link to /dev/zero costs nothing
+            if record.is_symlink() or not record.is_file():
+                continue
+            with open(record, "rb") as handle:
+                raw = handle.read(MAX_DEPLOY_RECORD_BYTES + 1)
+            if len(raw) > MAX_DEPLOY_RECORD_BYTES:
+                continue
+            data = json.loads(raw)
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and isinstance(data.get("before_active"), str) \

@@ -380,3 +380,27 @@ def test_the_host_worker_refuses_version_names_that_are_paths(tmp_path):
         assert "not a version name" in hostworker.handle(json.dumps(
             {"op": "rollback", "root": str(tmp_path), "version": bad, "check": []}))["error"]
     assert not (tmp_path / "models").exists() and not (tmp_path.parent / "x.json").exists()
+
+
+def test_the_agent_reads_deploy_records_bounded(tmp_path):
+    """The agent's retention reads the deploy records too: a record linked to /dev/zero, a FIFO or an oversized
+    one is skipped at once, and a good record still keeps what it names."""
+    import json
+    import os
+    import time
+
+    from edge_agent.daemon import MAX_DEPLOY_RECORD_BYTES, restorable_ensembles
+    from edge_agent.layout import AgentPaths
+
+    paths = AgentPaths(tmp_path / "agent")
+    paths.ensure()
+    paths.deploy_records.mkdir(parents=True, exist_ok=True)
+    for version in ("good", "zero", "fifo", "big"):
+        (paths.base_models / version).mkdir(parents=True)
+    (paths.deploy_records / "good.json").write_text(json.dumps({"before_active": "ens-1"}))
+    (paths.deploy_records / "zero.json").symlink_to("/dev/zero")
+    os.mkfifo(paths.deploy_records / "fifo.json")
+    (paths.deploy_records / "big.json").write_text(json.dumps({"before_active": "x" * MAX_DEPLOY_RECORD_BYTES}))
+    started = time.monotonic()
+    assert restorable_ensembles(paths) == {"ens-1"}
+    assert time.monotonic() - started < 2
