@@ -94,6 +94,44 @@ def activate(paths: AgentPaths, version: str, expected: str | None | object = UN
 
 
 EXIT_FENCED = 5  # the exit status of a fine-tune process that was fenced
+EXIT_HELD = 6  # a fine-tune process that could not use the active graph: it stays owed (see active_graph_hold)
+
+_HOLDS: dict[tuple, str | None] = {}  # (graph file, its identity) -> hold reason: checked again when either moves
+
+
+def active_graph_hold(paths: AgentPaths, image_size: int) -> str | None:
+    """Why a fine-tune cannot use the active ensemble, or None.
+
+    The active ensemble is the incumbent a fine-tune's gate scores every candidate against, through the graph
+    contract (:func:`edge_agent.serving.validate_ensemble`). One that loads at the site's size but lacks what
+    the fine-tune reads (each member's probabilities, say) holds the fine-tune: it stays owed, with this
+    reason, until a usable ensemble is active; a silent replacement would be judged against the wrong model.
+    A graph that cannot serve at all (missing, unloadable, another input size after the site's size changed)
+    is no incumbent: the fine-tune goes on as on a site where nothing serves yet. Cached per file identity.
+    """
+    from edge_agent.serving import ENSEMBLE_FILE, GraphContractError, validate_ensemble
+
+    folder = active_dir(paths)
+    if folder is None:
+        return None
+    graph = folder / ENSEMBLE_FILE
+    try:
+        info = graph.stat()
+    except OSError:
+        return None
+    key = (str(graph.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, image_size)
+    if key not in _HOLDS:
+        if len(_HOLDS) > 64:
+            _HOLDS.clear()
+        try:
+            validate_ensemble(graph, image_size)
+            _HOLDS[key] = None
+        except GraphContractError as exc:
+            _HOLDS[key] = (f"the active ensemble {folder.name} breaks the graph contract ({exc}); the fine-tune "
+                           f"waits until a usable ensemble is active (edgeloop rollback, or activate another)")
+        except ValueError:
+            _HOLDS[key] = None
+    return _HOLDS[key]
 
 
 class Fenced(RuntimeError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_agent.activation import EXIT_FENCED
+from edge_agent.activation import EXIT_FENCED, EXIT_HELD, active_graph_hold
 from edge_agent.basemodels import verified_base_models
 from edge_agent.config import AgentConfig
 from edge_agent.fileio import write_json_atomic
@@ -33,7 +33,7 @@ from edge_agent.inbox import InboxProcessor
 from edge_agent.layout import AgentPaths
 from edge_agent.metrics import AgentMetrics
 from edge_agent.outbox import Outbox
-from edge_agent.retention import disk_use, enforce
+from edge_agent.retention import disk_full_message, disk_use, enforce
 from edge_agent.sampler import Sampler
 from edge_agent.serving import ENSEMBLE_FILE, EnsembleHandle, validate_ensemble
 from edge_agent.shadow import ShadowScorer, shadow_record
@@ -330,6 +330,8 @@ class Agent:
             return
         if not self.state.base_versions_seen or self.disk_full():
             return  # nothing to fine-tune from yet, or no room for it: it stays owed
+        if self._held(active_graph_hold(self.paths, self.config.image_size)):
+            return  # the active graph breaks the contract: owed, not failed
         self.finetune.start(self.state.pending_finetune)
         self.heartbeat()
 
@@ -350,6 +352,9 @@ class Agent:
             self.state.finetune_blocked = report.get("skipped")
             self.clock.disk_full_failures = 0
             log.info("fine-tune %s finished: %s", report.get("run_id"), report.get("decision"))
+        elif code == EXIT_HELD:  # the active graph changed under it to one it cannot use: owed, not failed
+            self._held((report or {}).get("held") or "the fine-tune cannot use the active ensemble")
+            self.clock.finetune_retry_at = time.time() + FINETUNE_RETRY_S
         elif full := self.disk_full():
             delay = min(FINETUNE_RETRY_MAX_S, FINETUNE_RETRY_S * 2 ** self.clock.disk_full_failures)
             self.clock.disk_full_failures += 1
@@ -365,6 +370,17 @@ class Agent:
                 self.state.pending_finetune = None
         self.save_state()
         self.heartbeat()
+
+    def _held(self, reason: str | None) -> bool:
+        """Whether a fine-tune is held (:func:`edge_agent.activation.active_graph_hold`); ``finetune_blocked``
+        says why while it is, and is cleared when it no longer is."""
+        held = f"held: {reason}" if reason else None
+        was = (self.state.finetune_blocked or "").startswith("held: ")
+        if held != self.state.finetune_blocked and (held or was):
+            self.state.finetune_blocked = held
+            log.log(logging.ERROR if held else logging.INFO, "fine-tune %s", held or "no longer held")
+            self.save_state()
+        return held is not None
 
     def process_inbox(self) -> None:
         try:
@@ -465,14 +481,8 @@ class Agent:
         self.clock.heartbeat_due = time.time() + self.config.heartbeat_interval_s
 
     def disk_full(self) -> str | None:
-        """``disk full (free X of Y)`` while the agent's disk has less free than ``retention.min_free_bytes``."""
-        try:
-            usage = shutil.disk_usage(self.paths.root)
-        except OSError:
-            return None
-        if usage.free >= self.config.retention.min_free_bytes:
-            return None
-        return f"disk full (free {_size(usage.free)} of {_size(usage.total)})"
+        """``disk full (free X of Y, ...)`` while the agent's disk has less free than ``retention.min_free_bytes``."""
+        return disk_full_message(self.paths.root, self.config.retention.min_free_bytes)
 
 
 def restorable_ensembles(paths: AgentPaths) -> set[str]:
@@ -512,14 +522,6 @@ def summarise_run(report: dict[str, Any]) -> dict[str, Any]:
             "members", "candidates", "serving", "serving_version", "gain_over_base", "precision", "new_precision",
             "counts")
     return {k: report.get(k) for k in keys if k in report}
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            break
-        n /= 1000
-    return f"{n:.1f} {unit}"
 
 
 def _version_of(target: str | None) -> str | None:

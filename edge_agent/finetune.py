@@ -21,8 +21,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_agent.activation import (EXIT_FENCED, STAGING_PREFIX, Fenced, activate, active_dir, active_version,
-                                   fenced_versions, publish, staging_dir, sweep_staging)
+from edge_agent.activation import (EXIT_FENCED, EXIT_HELD, STAGING_PREFIX, Fenced, activate, active_dir,
+                                   active_graph_hold, active_version, fenced_versions, publish, staging_dir,
+                                   sweep_staging)
 from edge_agent.basemodels import pick_bases
 from edge_agent.candidates import choose_precision, discard, gain_over_base, gate_score, score, stage_base_as_is
 from edge_agent.config import AgentConfig
@@ -33,6 +34,7 @@ from edge_agent.ids import new_id
 from edge_agent.layout import AgentPaths
 from edge_agent.members import (MemberJob, available_memory, make_jobs, member_sizes, members_at_once,
                                 train_members)
+from edge_agent.serving import ENSEMBLE_FILE, validate_ensemble
 from edge_agent.shadow import ONE_SHOT_SHARE, clear_shadow, set_shadow
 from edge_agent.sitedata import SPLITS, finetune_blocker, load_site_splits, split_counts
 
@@ -41,6 +43,11 @@ log = logging.getLogger(__name__)
 LOCK_WAIT_S = 30.0
 EXIT_ABANDONED = 3
 EXIT_NO_INPUT = 4
+
+
+class GraphHeld(FinetuneError):
+    """The active ensemble breaks the graph contract (:func:`edge_agent.activation.active_graph_hold`): the
+    fine-tune cannot gate against it, so it is held (exit :data:`EXIT_HELD`, still owed), not failed."""
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -127,6 +134,8 @@ def _run_finetune(config: AgentConfig, paths: AgentPaths, run_id: str, reason: s
     run_dir = paths.runs / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress(run_dir, run_id, reason, len(config.members))
+    if held := active_graph_hold(paths, config.image_size):  # before minutes of training, not after
+        raise GraphHeld(held)
     import torch
 
     class_names = torch.load(bases[-1][1], map_location="cpu", weights_only=True)["meta"]["class_names"]
@@ -213,6 +222,10 @@ def serve_base_only(config: AgentConfig, paths: AgentPaths, run_dir: Path, run_i
     serving, version = "active", current
     if current is None:
         folder, is_new = stage_base_as_is(config, paths, base_version, base_path, class_names)
+        try:  # one published earlier is checked again: only a graph that meets the contract activates
+            validate_ensemble(folder / ENSEMBLE_FILE, config.image_size)
+        except ValueError as exc:
+            raise FinetuneError(f"the base {base_version} as-is cannot serve: {exc}") from None
         final = publish(paths, folder, folder.name.removeprefix(STAGING_PREFIX)) if is_new else folder
         activate(paths, final.name, expected=None)
         serving, version = "base", final.name
@@ -238,6 +251,8 @@ def choose_serving(config: AgentConfig, paths: AgentPaths, splits: dict, staged:
     """
     folders = dict(staged)
     current = active_dir(paths)
+    if current is not None and (held := active_graph_hold(paths, config.image_size)):
+        raise GraphHeld(held)  # it changed while the members trained
     if current is not None and current.resolve() != folders["base"].resolve():
         folders["active"] = current
     results = {name: r for name, folder in folders.items()
@@ -343,6 +358,11 @@ def run_finetune_process(config: AgentConfig, paths: AgentPaths, run_id: str | N
     except Fenced as exc:
         log.warning("fine-tune %s not activated: %s", run_id, exc)
         return EXIT_FENCED
+    except GraphHeld as exc:
+        log.error("fine-tune %s held: %s", run_id, exc)
+        write_json_atomic(paths.runs / run_id / "report.json", {"run_id": run_id, "reason": reason,
+                                                                 "held": str(exc), "finished": time.time()})
+        return EXIT_HELD
     except FinetuneError as exc:
         log.error("fine-tune %s cannot run: %s", run_id, exc)
         return EXIT_NO_INPUT

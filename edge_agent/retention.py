@@ -51,6 +51,32 @@ def disk_use(paths: AgentPaths, known: dict[str, int] | None = None) -> dict[str
     return use
 
 
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            break
+        n /= 1000
+    return f"{n:.1f} {unit}"
+
+
+def disk_full_message(root: Path, min_free_bytes: int) -> str | None:
+    """``disk full (free X of Y, under retention.min_free_bytes = Z)`` while the disk holding ``root`` has less
+    free than the setting, else None. A disk smaller than the setting can never meet it: the message says so
+    and what to change, instead of reading "disk full" forever."""
+    try:
+        usage = shutil.disk_usage(root)
+    except OSError:
+        return None
+    if usage.free >= min_free_bytes:
+        return None
+    free, total, limit = human_bytes(usage.free), human_bytes(usage.total), human_bytes(min_free_bytes)
+    if usage.total < min_free_bytes:
+        return (f"disk full (free {free} of {total}): the whole disk is smaller than retention.min_free_bytes = "
+                f"{limit} ({min_free_bytes} bytes), so it can never have that much free; lower "
+                f"retention.min_free_bytes in the agent's config below {usage.total} bytes")
+    return f"disk full (free {free} of {total}, under retention.min_free_bytes = {limit})"
+
+
 def _oldest_first(entries: list[Path]) -> list[Path]:
     def age(path: Path) -> tuple[float, str]:
         try:

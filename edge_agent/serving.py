@@ -4,6 +4,11 @@
 activated ensemble serves from the next image on, in the inbox loop and in the HTTP server alike, with no
 restart. A truncated graph, one for another input size, or one without the expected outputs is never
 served (:func:`validate_ensemble`); the previous good ensemble serves instead and the status says so.
+
+:func:`validate_ensemble` is the one graph contract: what serving, sample selection and the next fine-tune
+read from a graph (class probabilities *and* each member's, which the gate, the members' accuracies and the
+disagreement score need). Every way an ensemble becomes active in the agent checks it first, so a graph a
+fine-tune could not use is never activated, and one activated by hand is refused with the reason.
 """
 
 from __future__ import annotations
@@ -26,13 +31,19 @@ ENSEMBLE_FILE = "ensemble.onnx"
 
 
 PROBS_SUM_TOLERANCE = 0.02
+PROBS_OUTPUT, MEMBERS_OUTPUT = "probs", "member_probs"
+
+
+class GraphContractError(ValueError):
+    """A graph that loads but lacks something serving or the fine-tune reads from it; the message says what."""
 
 
 def validate_ensemble(path: Path, image_size: int | None = None, threads: int = 1) -> OnnxClassifier:
     """Load an ensemble graph and run it once; ValueError saying why it cannot serve.
 
-    Checked: it loads, its metadata names classes and an input size (the site's, when given), and a
-    batch of two images gives probabilities of the right shape that sum to one.
+    Checked: it loads, its metadata names classes and an input size (the site's, when given), and a batch
+    of two images gives ``probs`` [2, C] that sum to one and ``member_probs`` [2, K, C] of probabilities, K
+    as its ``members`` metadata says (:class:`GraphContractError` when an output is missing or misshapen).
     """
     try:
         classifier = OnnxClassifier(path, threads=threads)
@@ -45,12 +56,34 @@ def validate_ensemble(path: Path, image_size: int | None = None, threads: int = 
         outputs = classifier.run(probe)
     except Exception as exc:  # onnxruntime's own error types
         raise ValueError(f"{path.name} fails on a test batch ({type(exc).__name__}: {exc})") from None
-    probs = outputs.get("probs", outputs[classifier.output_names[0]])
-    # An INT8 graph's probabilities come out in 1/255 steps, so they sum to one only within a few steps.
-    if probs.shape != (2, len(classifier.class_names)) or not np.allclose(probs.sum(1), 1.0, atol=PROBS_SUM_TOLERANCE):
-        raise ValueError(f"{path.name} does not output class probabilities (got shape {probs.shape}, "
-                         f"row sums {np.round(probs.sum(1), 4).tolist() if probs.ndim == 2 else '-'})")
+    check_outputs(path.name, outputs, len(classifier.class_names), classifier.metadata.get("members"))
     return classifier
+
+
+def check_outputs(name: str, outputs: dict[str, np.ndarray], classes: int, members: str | None = None) -> None:
+    """The contract's outputs for a batch of two: GraphContractError naming what is missing or wrong."""
+    have = ", ".join(outputs) or "none"
+    for needed, why in ((PROBS_OUTPUT, "class probabilities"),
+                        (MEMBERS_OUTPUT, "each member's probabilities (sample selection's disagreement, the "
+                                         "fine-tune's gate and member scores read them)")):
+        if needed not in outputs:
+            raise GraphContractError(f"{name} has no {needed} output ({why}); its outputs: {have}")
+    probs, member_probs = outputs[PROBS_OUTPUT], outputs[MEMBERS_OUTPUT]
+    # An INT8 graph's probabilities come out in 1/255 steps, so they sum to one only within a few steps.
+    if probs.shape != (2, classes) or not np.allclose(probs.sum(1), 1.0, atol=PROBS_SUM_TOLERANCE):
+        raise GraphContractError(f"{name} does not output class probabilities (got shape {probs.shape}, "
+                                 f"row sums {np.round(probs.sum(1), 4).tolist() if probs.ndim == 2 else '-'})")
+    if member_probs.ndim != 3 or member_probs.shape[0] != 2 or member_probs.shape[2] != classes \
+            or member_probs.shape[1] < 1:
+        raise GraphContractError(f"{name}: {MEMBERS_OUTPUT} has shape {member_probs.shape}, not "
+                                 f"[images, members, {classes}]")
+    if members is not None and members.isdigit() and int(members) != member_probs.shape[1]:
+        raise GraphContractError(f"{name}: its metadata says {members} members, {MEMBERS_OUTPUT} has "
+                                 f"{member_probs.shape[1]}")
+    tolerance = PROBS_SUM_TOLERANCE
+    if not np.all(np.isfinite(member_probs)) or member_probs.min() < -tolerance or member_probs.max() > 1 + tolerance:
+        raise GraphContractError(f"{name}: {MEMBERS_OUTPUT} are not probabilities (range "
+                                 f"{float(np.nanmin(member_probs)):.4g} to {float(np.nanmax(member_probs)):.4g})")
 
 
 class EnsembleHandle:
@@ -133,8 +166,8 @@ def classify(classifier, images: np.ndarray) -> list[Prediction]:
     started = time.perf_counter()
     outputs = classifier.run(images)
     latency_ms = (time.perf_counter() - started) * 1000 / max(1, len(images))
-    probs = outputs.get("probs", outputs[classifier.output_names[0]])
-    members = outputs.get("member_probs")
+    probs = outputs.get(PROBS_OUTPUT, outputs[classifier.output_names[0]])
+    members = outputs.get(MEMBERS_OUTPUT)
     names = classifier.class_names
     return [Prediction(names[int(p.argmax())], {c: round(float(v), 6) for c, v in zip(names, p)}, p,
                        None if members is None else members[i], classifier.version, latency_ms)
