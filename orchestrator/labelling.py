@@ -54,6 +54,9 @@ def _unit(value: Any) -> float:
     return min(1.0, max(0.0, float(value)))
 
 
+SHADOW_FIRST = 2.0  # above every model-derived score
+
+
 @dataclass(frozen=True)
 class Pending:
     """One sample waiting for a person, with what the site's model said about it."""
@@ -71,7 +74,13 @@ class Pending:
 
     @property
     def score(self) -> float:
+        """How much a person's answer is worth: a disagreement with the site's shadow challenger first (labelled,
+        it is one discordant pair for the decision that waits on it, edge_agent.shadow), then how unsure the
+        served model was or how much its members disagreed (each within 0..1)."""
         s = self.sample.sidecar
+        shadow = s.get("shadow")
+        if isinstance(shadow, dict) and shadow.get("disagrees") is True:
+            return SHADOW_FIRST
         return max(_unit(s.get("uncertainty")), _unit(s.get("disagreement")))
 
 

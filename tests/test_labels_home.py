@@ -207,3 +207,17 @@ def test_a_real_agent_takes_labels_home_and_owes_a_fine_tune(tmp_path, tiny_base
         wait_for(lambda: "new labelled images" in agent.tail(200), 30, "a fine-tune owed", agent)
     finally:
         agent.close()
+
+
+def test_disagreements_with_the_shadow_head_the_labelling_queue(tmp_path):
+    """A labelled disagreement decides the waiting challenger, so people see those first."""
+    from orchestrator.samples import Sample
+
+    def sample(i: int, uncertainty: float, shadow: dict | None) -> Sample:
+        sidecar = {"site": "site-1", "time": float(i), "reasons": ["uncertain"], "uncertainty": uncertainty}
+        return Sample(f"{i:064x}", "site-1", b"", {**sidecar, **({"shadow": shadow} if shadow else {})})
+
+    samples = [sample(1, 0.99, None), sample(2, 0.1, {"version": "v2", "label": "defective", "disagrees": True}),
+               sample(3, 0.5, {"version": "v2", "label": "functional", "disagrees": False})]
+    order = [p.sha256 for p in LabelQueue(tmp_path / "cloud", CLASSES).pending(samples)]
+    assert order == [samples[1].sha256, samples[0].sha256, samples[2].sha256]
