@@ -14,6 +14,7 @@ lines, reasons, sample sidecars, logs, the status, its name under ``processed/``
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -84,6 +85,26 @@ def _not_ours(name: str, prefix: str = "", suffix: str = "") -> str:
     return name + ".file" if suffix and name.endswith(suffix) else name
 
 
+def move(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``; across file systems (an inbox on a mount of its own) copy, then remove
+    the source, and when the source cannot go remove the copy again: never two of one image."""
+    try:
+        os.rename(source, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    try:
+        shutil.move(str(source), target)
+    except BaseException:
+        if os.path.lexists(source) and os.path.lexists(target):
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                os.unlink(target)
+        raise
+
+
 def quarantine(paths: AgentPaths, source: Path, reason: str) -> Path:
     """Move a bad file aside with ``<name>.reason.json`` saying why (the reason is removed again when the move
     fails: no reason without its file)."""
@@ -92,7 +113,7 @@ def quarantine(paths: AgentPaths, source: Path, reason: str) -> Path:
     reason_file = target.with_name(target.name + REASON_SUFFIX)
     write_json_atomic(reason_file, {"file": shown_name(source.name), "reason": reason, "time": time.time()})
     try:
-        shutil.move(str(source), target)
+        move(source, target)
     except BaseException:
         reason_file.unlink(missing_ok=True)
         raise
@@ -242,7 +263,7 @@ class InboxProcessor:
 
     def _move_classified(self, path: Path) -> None:
         try:
-            shutil.move(str(path), unique_destination(self.paths.processed, _not_ours(path.name, prefix=RESULTS_FILE)))
+            move(path, unique_destination(self.paths.processed, _not_ours(path.name, prefix=RESULTS_FILE)))
             fsync_dir(self.paths.processed)
         except Exception as exc:  # classified once: never again, whether or not it can be set aside
             self._set_aside(path, f"classified, but cannot move to processed/: {_why(exc)}", classified=True)
