@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from edge_agent.candidates import choose_precision, int8_serves, stage_base_as_is
+from edge_agent.candidates import choose_precision, int8_serves
 from edge_agent.config import AgentConfig
 from edge_agent.datasets import ArraySet, open_dataset
 from edge_agent.gate import GateRule, Score, gate
@@ -46,33 +46,43 @@ def test_the_null_activation_rate_with_int8_flips_stays_at_most_alpha_when_val_c
     assert on_gate > on_val, (on_gate, on_val)  # choosing on the gate is a second try: more gets through
 
 
-@pytest.fixture
-def quantised_site(tmp_path, elpv_small, tiny_base_model, monkeypatch):
-    """The base as-is at a site, and a quantiser that hands back a model saying "defective" for everything."""
+def constant_model(path, says: int) -> None:
+    """A one-member ensemble that answers class ``says`` for every image: its accuracy on any split is known."""
     import torch
 
-    import edge_agent.export as export
     from edge_agent.ensemble import export_ensemble
     from edge_agent.models import ModelSpec, Normalization, build_model
+
+    model = build_model(ModelSpec(arch="tiny_cnn", num_classes=2, image_size=SIZE), seed=7)
+    with torch.no_grad():
+        model[-1].bias.copy_(torch.tensor([5.0, -5.0] if says == 0 else [-5.0, 5.0]))
+    export_ensemble([model], [Normalization()], [1.0], path, image_size=SIZE,
+                    class_names=["functional", "defective"], metadata={"version": path.parent.name})
+
+
+@pytest.fixture
+def quantised_site(tmp_path, elpv_small, monkeypatch):
+    """An FP32 ensemble that says "functional" for everything, and a quantiser whose "INT8" graph says
+    "defective" for everything."""
+    import edge_agent.export as export
 
     config = AgentConfig(site="s", root=tmp_path / "site", store_url="file:///unused", image_size=SIZE)
     paths = AgentPaths(config.root)
     paths.ensure()
     data = open_dataset(elpv_small / "sites" / "site-1")
-    folder, _ = stage_base_as_is(config, paths, "v1", tiny_base_model, ["functional", "defective"])
-    defective = build_model(ModelSpec(arch="tiny_cnn", num_classes=2, image_size=SIZE), seed=7)
-    with torch.no_grad():
-        defective[-1].bias.copy_(torch.tensor([-5.0, 5.0]))
-    export_ensemble([defective], [Normalization()], [1.0], tmp_path / "defective.onnx", image_size=SIZE,
-                    class_names=["functional", "defective"], metadata={"version": "defective"})
+    folder = paths.ensembles / ".tmp-new"
+    folder.mkdir()
+    constant_model(folder / ENSEMBLE_FILE, says=0)
+    constant_model(tmp_path / "defective" / ENSEMBLE_FILE, says=1)
     monkeypatch.setattr(export, "quantize_int8",
-                        lambda src, out, calibration: shutil.copy(tmp_path / "defective.onnx", out))
+                        lambda src, out, calibration: shutil.copy(tmp_path / "defective" / ENSEMBLE_FILE, out))
     return config, paths, folder, {s: data.load_split(s) for s in ("train", "val", "test")}
 
 
 def test_the_precision_is_decided_by_the_val_split_whatever_the_gate_says(quantised_site):
-    """The 'INT8' graph is right on every defective image and wrong on every functional one: a val split of
-    defective images lets it serve, though a gate split of functional ones would refuse it outright."""
+    """On a val split of defective images the 'INT8' graph is perfect and FP32 wrong throughout: INT8 serves,
+    though the gate split (functional images) would have refused it outright; on a functional val split, the
+    other way round."""
     from edge_agent.finetune import _precisions
 
     config, paths, folder, splits = quantised_site
@@ -81,11 +91,13 @@ def test_the_precision_is_decided_by_the_val_split_whatever_the_gate_says(quanti
     functional_only = ArraySet(train.images[train.labels == 0], train.labels[train.labels == 0])
     assert len(defective_only) and len(functional_only)
     chosen = _precisions(config, {**splits, "val": defective_only, "gate": functional_only}, {"new": folder})["new"]
-    assert chosen["serving"] == "int8" and chosen["val_int8"] == 1.0, chosen
+    assert chosen["serving"] == "int8" and (chosen["val_int8"], chosen["val_fp32"]) == (1.0, 0.0), chosen
     assert "INT8 val accuracy" in chosen["reason"] and not any(key.startswith("gate_") for key in chosen)
     # the same graph against a val split of functional images: refused, FP32 stays as it was
     fresh = paths.ensembles / "fresh"
     fresh.mkdir()
     shutil.copy(folder / "ensemble.fp32.onnx", fresh / ENSEMBLE_FILE)
+    before = (fresh / ENSEMBLE_FILE).read_bytes()
     refused = choose_precision(fresh, train.images, functional_only, 0.005, SIZE)
-    assert refused["serving"] == "fp32" and refused["val_int8"] == 0.0 and not (fresh / "ensemble.int8.onnx").exists()
+    assert refused["serving"] == "fp32" and (refused["val_int8"], refused["val_fp32"]) == (0.0, 1.0), refused
+    assert (fresh / ENSEMBLE_FILE).read_bytes() == before and not (fresh / "ensemble.int8.onnx").exists()
