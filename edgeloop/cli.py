@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "edgeloop.commands.data",
     "edgeloop.commands.modelfiles",
     "edgeloop.commands.tune",
+    "edgeloop.commands.stages",
     "edgeloop.commands.models",
     "edgeloop.commands.inventory",
     "edgeloop.commands.provision",

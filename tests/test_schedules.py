@@ -3,7 +3,8 @@ created by the server's scheduler and run to COMPLETED by the serving process, w
 
 This is what the nightly retrain relies on. With SQLAlchemy 2.1 (which Prefect 3.8.8 does not pin) every
 scheduler loop failed ("Can't evaluate bulk DML statement") and no scheduled run was ever created, while a test
-that only read the registered cron back passed; constraints.txt pins the 2.0 line.
+that only read the registered cron back passed; constraints.txt pins the 2.0 line. The same served deployment
+then takes a run started from the CLI with one of its settings given (the README's `-p settings='{...}'`).
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ from agent_helpers import free_port
 pytestmark = pytest.mark.timeout(240)
 
 # A trivial flow of the test's own, served the way `edgeloop serve` serves the stages (prefect.serve over
-# flow.to_deployment), every 3 s. The runner polls every second so the run starts as soon as it is due.
+# flow.to_deployment), every 15 s: soon enough for a first run within seconds, rarely enough not to crowd a 2-core
+# machine with run processes. The runner polls every second, so a run starts as soon as it is due.
+# Its one parameter is a pydantic model, as the stages' settings are, so that the README's way of starting a run
+# with some settings from the CLI (`prefect deployment run ... -p settings='{...}'`) is checked too.
 SERVED = '''
 from prefect import flow, serve
+from pydantic import BaseModel
+
+class Settings(BaseModel):
+    n: int = 1
+    m: int = 2
 
 @flow(name="tick")
-def tick(n: int = 1) -> int:
-    return n + 1
+def tick(settings: Settings = Settings()) -> int:
+    assert settings.m == 2, "the fields not given keep their defaults"
+    return settings.n + settings.m
 
 if __name__ == "__main__":
-    serve(tick.to_deployment(name="every-3s", interval=3, parameters={"n": 41}))
+    serve(tick.to_deployment(name="every-15s", interval=15, parameters={"settings": {"n": 41}}))
 '''
 
 
@@ -91,17 +101,25 @@ def test_a_served_interval_schedule_creates_and_completes_a_run(scheduling_serve
         if not any(r["state"] == "COMPLETED" for r in runs):
             pytest.fail(f"no scheduled run completed in 90 s (runs: {runs})\nserver:\n"
                         f"{_tail(tmp_path / 'server.log')}\nserving process:\n{_tail(served_log)}")
+        # created by the scheduler (no one started it), with the deployment's parameters
+        done = [r for r in runs if r["state"] == "COMPLETED"]
+        assert done[0]["parameters"] == {"settings": {"n": 41}}
+        assert all(r["deployment"] == "every-15s" for r in runs)
+        # a run started from the CLI with one setting given; the others keep their defaults (the flow checks)
+        started = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "tick/every-15s",
+                                  "-p", 'settings={"n": 5}'], env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        manual = _wait_for_completed_run(api, serving, timeout=60, manual=True)
+        assert [(r["state"], r["parameters"]) for r in manual] == [("COMPLETED", {"settings": {"n": 5}})], (
+            f"{manual}\nserving process:\n{_tail(served_log)}")
     finally:
         _stop(serving)
-    done = [r for r in runs if r["state"] == "COMPLETED"]
-    assert done, runs
-    # created by the scheduler (no one called run_deployment), with the deployment's parameters
-    assert all(r["auto_scheduled"] for r in done) and done[0]["parameters"] == {"n": 41}
-    assert all(r["deployment"] == "every-3s" for r in runs)
 
 
-def _wait_for_completed_run(api: str, serving: subprocess.Popen, timeout: float) -> list[dict]:
-    """The flow runs once one is COMPLETED, or as they stand when the time is up or the serving process died."""
+def _wait_for_completed_run(api: str, serving: subprocess.Popen, timeout: float, manual: bool = False
+                            ) -> list[dict]:
+    """The scheduled flow runs (``manual``: those started by hand) once one is COMPLETED, or as they stand when
+    the time is up or the serving process died."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -115,7 +133,7 @@ def _wait_for_completed_run(api: str, serving: subprocess.Popen, timeout: float)
     deadline, runs = time.monotonic() + timeout, []
     with temporary_settings({PREFECT_API_URL: api}):
         while time.monotonic() < deadline and serving.poll() is None:
-            runs = asyncio.run(read())
+            runs = [r for r in asyncio.run(read()) if r["auto_scheduled"] != manual]
             if any(r["state"] == "COMPLETED" for r in runs):
                 break
             time.sleep(1)
