@@ -52,7 +52,7 @@ class LiveWindow:
             self._failures.extend([(time.time(), model, kind)] * count)
 
     def summary(self) -> dict[str, dict]:
-        """``{model: {predictions, class_rates, mean_confidence, mean_disagreement, latency_p50_ms,
+        """``{model: {predictions, class_rates, class_counts, mean_confidence, mean_disagreement, latency_p50_ms,
         latency_p95_ms, errors, quarantined, first, last}}`` over the window."""
         with self._lock:
             served, failures = list(self._served), list(self._failures)
@@ -64,6 +64,7 @@ class LiveWindow:
             out[model] = {
                 "predictions": len(rows),
                 "class_rates": {c: round(labels.count(c) / len(rows), 4) for c in sorted(set(labels))},
+                "class_counts": {c: labels.count(c) for c in sorted(set(labels))},  # the canary's tests read these
                 "mean_confidence": round(float(np.mean([s.confidence for s in rows])), 4),
                 "mean_disagreement": round(float(np.mean([s.disagreement for s in rows])), 4),
                 "latency_p50_ms": round(float(np.percentile(latency, 50)), 3),

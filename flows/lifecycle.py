@@ -57,9 +57,12 @@ def pretrained_champion(registry: ModelRegistry, settings: demo.DemoSettings, ge
     decision = stages.pretrain(str(settings.inventory), stages.PretrainSettings(
         data=str(generic), family=settings.family, arch=settings.pretrain_arch, epochs=settings.pretrain_epochs,
         seed=settings.seed))
-    if not decision["promoted"]:  # a champion from another pool won the gate: the demo starts from this pool's
-        registry.promote(decision["candidate"])
-    return registry.get(decision["candidate"])
+    if decision["promoted"]:  # an empty registry is bootstrapped only this way: the gate's "nothing in place"
+        return registry.get(decision["candidate"])
+    kept = registry.champion(settings.family)  # the gate kept the champion: the demo goes on with it
+    logger.warning("the gate kept champion %s over this pool's candidate %s (%s); the demo goes on with it",
+                   kept.version, decision["candidate"], decision["reason"])
+    return kept
 
 
 def _after(version: str) -> SiteReady:
@@ -183,6 +186,7 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
     os.environ["EDGELOOP_HOME"] = str(settings.home.resolve())
     os.environ.setdefault("EDGELOOP_PYTHON", sys.executable)
     fleet = load_inventory(settings.inventory)
+    _demo_fleet_only(fleet)
     names = fleet.names()
     parts = prepare_data(settings.home, len(names), _image_size(fleet), settings.seed, settings.fleet)
     registry = fleet.registry()
@@ -253,6 +257,16 @@ def _rollout_and_wait(fleet: Inventory, settings: demo.DemoSettings, version: st
         get_run_logger().warning("rollout of %s stopped: %s", version, exc)
         return sites
     return wait_for(fleet, sites, what, _after(version), settings.site_timeout_s)
+
+
+def _demo_fleet_only(fleet: Inventory) -> None:
+    """The lifecycle is the demo: it writes demo data into the sites, feeds their inboxes and stops every agent
+    when it ends. A fleet of real hosts gets the stage flows (provision, rollout, retrain), never this one."""
+    remote = [site.name for site in fleet.sites if site.connection.type != "local"]
+    if remote:
+        raise ValueError(f"{fleet.path}: the lifecycle flow is the demo (it seeds site data, feeds inboxes and stops "
+                         f"every agent at the end); {', '.join(remote)} are not local demo sites: run the stage "
+                         "flows (provision, rollout, retrain) on a real fleet")
 
 
 def _image_size(fleet: Inventory) -> int:

@@ -24,7 +24,8 @@ from orchestrator import deploy
 from orchestrator import rollout as waves
 from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, load_inventory
-from orchestrator.registry import ModelRegistry
+from orchestrator.lease import Lease
+from orchestrator.registry import ModelRegistry, operator
 
 
 class RolloutRequest(BaseModel):
@@ -33,6 +34,8 @@ class RolloutRequest(BaseModel):
     version: str | None = Field(None, description="registry version to roll out; default: the family's champion")
     family: str = Field("elpv-defects", description="model family whose champion goes out by default")
     limit: list[str] | None = Field(None, description="only these sites (default: the whole fleet)")
+    override: str | None = Field(None, description="the reason to deploy a version that was rolled back "
+                                 "(recorded in its registry record); without it such a version is refused")
 
 
 class RolloutHalted(RuntimeError):
@@ -64,9 +67,11 @@ def _deploy_all(inventory: Inventory, sites: list[str], checkpoint: Path, versio
 
 @task(cache_policy=NO_CACHE, task_run_name="judge-{stage}")
 def judge_stage(inventory: Inventory, reader: FleetStatus, stage: str, watches: list[waves.Watch],
-                version: str) -> dict[str, tuple[str, str]]:
-    """Soak and analyse every site of one stage until each passed or failed (or the time is up)."""
+                version: str, lease: Lease) -> dict[str, tuple[str, str]]:
+    """Soak and analyse every site of one stage until each has a verdict (or the time is up), renewing the
+    fleet's lease at every poll."""
     def report(verdicts: dict, status: dict) -> None:
+        lease.renew()
         for site, (verdict, why) in verdicts.items():
             if site not in reported:
                 reported.add(site)
@@ -77,22 +82,20 @@ def judge_stage(inventory: Inventory, reader: FleetStatus, stage: str, watches: 
 
 
 @task(cache_policy=NO_CACHE, task_run_name="rollback-{site}")
-def rollback_task(inventory: Inventory, site: str, version: str) -> str:
-    """What a site's rollback changed, in words (a refusal or failure is reported, not raised: the run is
-    red anyway and every other site must still be rolled back)."""
-    try:
-        done = waves.rollback_site(inventory, site, version)
-    except Exception as exc:
-        return f"rollback failed: {inventory.mask(str(exc))}"
-    if done.get("never_got"):
-        return "never got it"
-    return (", ".join(done["changed"]) or "nothing to undo") + f"; serving {done.get('serving') or 'nothing'}"
+def rollback_task(inventory: Inventory, site: str, version: str) -> waves.RollbackOutcome:
+    """One site's rollback, retried with back-off; a failure is reported, not raised: the run is red anyway
+    and every other site must still be rolled back."""
+    outcome = waves.rollback_with_retries(inventory, site, version)
+    get_run_logger().log(40 if outcome.still_serving else 20, "rollback of %s at %s: %s", version, site,
+                         outcome.text)
+    return outcome
 
 
 @flow(name="edgeloop-rollout", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
 def rollout(inventory: str = "inventory/local.yaml", request: RolloutRequest = RolloutRequest()) -> dict:
-    """Canaries, then ``rollout.waves``: each stage deployed, soaked and analysed; any failure rolls back
-    every site that got the version and fails the run red with the table of sites and reasons.
+    """Canaries, then ``rollout.waves``: each stage deployed, soaked and analysed; any failure (or an
+    inconclusive canary, unless ``rollout.inconclusive: proceed``) rolls back every site that got the
+    version and fails the run red with the table of sites and reasons. So does any error on the way.
 
     Args:
         inventory: path of the fleet's inventory YAML (sites, store, registry, rollout thresholds)
@@ -102,54 +105,90 @@ def rollout(inventory: str = "inventory/local.yaml", request: RolloutRequest = R
     fleet = load_inventory(inventory)
     registry = fleet.registry()
     version = request.version or _champion(registry, request.family)
-    checkpoint = registry.artifact(version)
     plan = waves.plan(fleet, request.limit)
-    reader = FleetStatus(fleet.store())
-    logger.info("rollout of %s: %s", version, "; ".join(f"{n} {s}" for n, s in plan.stages()))
-    rows: list[dict] = []
-    checks: list[dict] = []
-    got: list[str] = []  # every site a deploy reached (a rollback of one that never got it is a no-op)
-    for number, (stage, sites) in enumerate(plan.stages()):
+    with Lease(fleet.store(), f"rollout of {version} by {operator()}", fleet.rollout.lease_s) as lease:
+        registry.check_deployable(version, request.override)  # a rolled-back version only with a reason
+        checkpoint = registry.artifact(version)
+        reader = FleetStatus(fleet.store())
+        logger.info("rollout of %s: %s", version, "; ".join(f"{n} {s}" for n, s in plan.stages()))
+        run = _Run(fleet, version, plan, registry, lease)
+        try:
+            return _stages(run, reader, checkpoint)
+        except RolloutHalted:
+            raise
+        except BaseException as exc:  # any error on the way: whatever got the version is rolled back first
+            logger.error("rollout of %s broke (%s: %s); rolling back %s", version, type(exc).__name__, exc,
+                         ", ".join(run.got) or "nothing")
+            run.rows.append({"site": "(rollout)", "stage": run.stage, "verdict": "failed",
+                             "reason": f"{type(exc).__name__}: {fleet.mask(str(exc))[:300]}", "rolled_back": ""})
+            _halt(run, [run.rows[-1]])
+            raise
+
+
+class _Run:
+    """What one rollout has done so far: the table, the analysis rows, and every site a deploy reached."""
+
+    def __init__(self, fleet: Inventory, version: str, plan: waves.Plan, registry: ModelRegistry, lease: Lease):
+        self.fleet, self.version, self.plan, self.registry, self.lease = fleet, version, plan, registry, lease
+        self.rows: list[dict] = []
+        self.checks: list[dict] = []
+        self.got: list[str] = []  # every site a deploy was sent to (a rollback of one that never got it is a no-op)
+        self.stage, self.number = "", 0
+
+
+def _stages(run: _Run, reader: FleetStatus, checkpoint: Path) -> dict:
+    fleet, version = run.fleet, run.version
+    for run.number, (run.stage, sites) in enumerate(run.plan.stages()):
         before = reader.read(sites)
         started = time.time()
+        run.got += [s for s in sites if s not in run.got]  # before the deploy: one cut short may have landed
         deployed = _deploy_all(fleet, sites, checkpoint, version)
-        got += sites
         verdicts = {s: ("failed", f"deploy failed: {r.reason}") for s, r in deployed.items() if r.status == "failed"}
         watches = [waves.watch(fleet, s, started, before.get(s), r.status == "changed")
                    for s, r in deployed.items() if r.status != "failed"]
         if watches:
-            verdicts |= judge_stage(fleet, reader, stage, watches, version)
-        checks += [c.row() for w in watches for c in w.checks]
-        rows += [{"site": s, "stage": stage, "verdict": v, "reason": why, "rolled_back": ""}
-                 for s, (v, why) in sorted(verdicts.items())]
-        failed = [r for r in rows if r["verdict"] == "failed"]
-        if not failed and stage == "canary" and fleet.rollout.require == "improve" \
+            verdicts |= judge_stage(fleet, reader, run.stage, watches, version, run.lease)
+        run.checks += [c.row() for w in watches for c in w.checks]
+        run.rows += [{"site": s, "stage": run.stage, "verdict": v, "reason": why, "rolled_back": ""}
+                     for s, (v, why) in sorted(verdicts.items())]
+        stopping = [r for r in run.rows if r["verdict"] == "failed"
+                    or (r["verdict"] == "inconclusive" and fleet.rollout.inconclusive != "proceed")]
+        if not stopping and run.stage == "canary" and fleet.rollout.require == "improve" \
                 and not any(w.improved for w in watches):
-            failed = [{"site": "(canaries)", "reason": f"{version} improved no canary's gate (rollout.require: "
-                                                        "improve)"}]
-            rows.append({"site": "(canaries)", "stage": stage, "verdict": "failed", "reason": failed[0]["reason"],
-                         "rolled_back": ""})
-        if failed:
-            undone = {s: rollback_task.submit(fleet, s, version) for s in got}
-            for row in rows:
-                if row["site"] in undone:
-                    row["rolled_back"] = undone[row["site"]].result()
-            rows += [{"site": s, "stage": name, "verdict": "not deployed", "reason": "rollout stopped",
-                      "rolled_back": ""} for name, later in plan.stages()[number + 1:] for s in later]
-            _publish(rows, checks, version)
-            raise RolloutHalted("; ".join(f"{r['site']} failed: {r['reason']}" for r in failed)
-                                + f"; rolled back {', '.join(got)}")
-    _publish(rows, checks, version)
-    return {"version": version, "canaries": {r["site"]: r["verdict"] for r in rows if r["stage"] == "canary"},
-            "rest": {r["site"]: r["verdict"] for r in rows if r["stage"] != "canary"}}
+            run.rows.append({"site": "(canaries)", "stage": run.stage, "verdict": "failed", "rolled_back": "",
+                             "reason": f"{version} improved no canary's gate (rollout.require: improve)"})
+            stopping = [run.rows[-1]]
+        if stopping:
+            _halt(run, stopping)
+    _publish(run.rows, run.checks, version)
+    return {"version": version, "canaries": {r["site"]: r["verdict"] for r in run.rows if r["stage"] == "canary"},
+            "rest": {r["site"]: r["verdict"] for r in run.rows if r["stage"] != "canary"}}
 
 
-def _rollback(fleet: Inventory, site: str, version: str) -> str:
-    try:
-        done = waves.rollback_site(fleet, site, version)
-        return ", ".join(done["changed"]) or "nothing to undo"
-    except Exception as exc:  # the artifact says the rollback failed; the run fails red anyway
-        return f"rollback failed: {fleet.mask(str(exc))}"
+def _halt(run: _Run, stopping: list[dict]) -> None:
+    """Roll back every site that got the version (each retried with back-off), mark the version rolled back
+    in the registry with the sites that still serve it, publish the table, raise :class:`RolloutHalted`."""
+    undone = {s: rollback_task.submit(run.fleet, s, run.version) for s in run.got}
+    done: dict[str, waves.RollbackOutcome] = {}
+    for site, future in undone.items():
+        outcome = future.result(raise_on_failure=False)
+        done[site] = outcome if isinstance(outcome, waves.RollbackOutcome) else \
+            waves.RollbackOutcome(site, "failed", f"rollback failed: {outcome}")
+    for row in run.rows:
+        if row["site"] in done:
+            row["rolled_back"] = done[row["site"]].text
+    listed = {r["site"] for r in run.rows}
+    run.rows += [{"site": s, "stage": run.stage, "verdict": "not judged", "reason": "rollout stopped",
+                  "rolled_back": done[s].text} for s in run.got if s not in listed]
+    run.rows += [{"site": s, "stage": name, "verdict": "not deployed", "reason": "rollout stopped",
+                  "rolled_back": ""} for name, later in run.plan.stages()[run.number + 1:] for s in later]
+    _publish(run.rows, run.checks, run.version)
+    why = "; ".join(f"{r['site']} {r['verdict']}: {r['reason']}" for r in stopping)
+    still = sorted(s for s, o in done.items() if o.still_serving)
+    back = sorted(s for s, o in done.items() if o.state == "rolled back")
+    run.registry.mark_rolled_back(run.version, f"rollout halted: {why}"[:2000], still)
+    raise RolloutHalted(why + f"; rolled back {', '.join(back) or 'nothing'}"
+                        + (f"; STILL SERVING {run.version} (rollback failed): {', '.join(still)}" if still else ""))
 
 
 def _publish(rows: list[dict], checks: list[dict], version: str) -> None:

@@ -139,17 +139,18 @@ def gate_candidate(registry: ModelRegistry, candidate: ModelVersion, champion: M
 
 
 @task(cache_policy=NO_CACHE, task_run_name="promote-{candidate.version}")
-def promote(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None) -> None:
+def promote(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None,
+            allow_contract_change: bool = False) -> None:
     """Compare-and-swap: the candidate becomes champion only if the champion is still the one it was gated
-    against."""
-    steps.promote_candidate(registry, candidate, champion)
+    against (and the serving contract holds unless its change is allowed)."""
+    steps.promote_candidate(registry, candidate, champion, allow_contract_change)
 
 
 def gate_and_promote(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None, holdout: str,
                      rule: GateRule, allow_contract_change: bool, look: int | None = None) -> steps.GateDecision:
     decision = gate_candidate(registry, candidate, champion, holdout, rule, allow_contract_change, look)
     if decision.promoted:
-        promote(registry, candidate, champion)
+        promote(registry, candidate, champion, allow_contract_change)
     return decision
 
 

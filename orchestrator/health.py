@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
 from edge_agent.sidecar import validate_json_object
 from edge_agent.store import Listed, Store, StoreError
@@ -36,9 +36,62 @@ class CandidateScores(_Part):
     test: Accuracy | None = None
 
 
+Rate = Annotated[FiniteFloat, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=0)]
+
+
+class GateEvidence(_Part):
+    """The paired gate a site's fine-tune ran (:class:`edge_agent.gate.Decision`): what a canary's gate row
+    reads. Its ``alpha`` is the site's, reported only: the cloud judges at its own (``rollout.thresholds``)."""
+
+    accept: bool = False
+    n: Count = 0
+    challenger_only: Count = 0
+    incumbent_only: Count = 0
+    alpha: FiniteFloat | None = None
+    challenger_accuracy: Rate | None = None
+    incumbent_accuracy: Rate | None = None
+
+    @model_validator(mode="after")
+    def _pairs_within_n(self) -> "GateEvidence":
+        if self.challenger_only + self.incumbent_only > self.n:
+            raise ValueError(f"{self.challenger_only} + {self.incumbent_only} discordant pairs among {self.n} images")
+        return self
+
+
+class WindowEntry(_Part):
+    """What one model served lately (:meth:`edge_agent.window.LiveWindow.summary`): every number the canary
+    analysis reads, finite and in range, so a comparison with NaN or a negative count can never pass."""
+
+    predictions: Count
+    class_rates: dict[str, Rate]
+    class_counts: dict[str, Count] | None = None  # newer agents: the exact counts behind the rates
+    uncertain: Count | None = None  # newer agents: predictions under the window's confidence cut
+    mean_confidence: Rate
+    mean_disagreement: Rate
+    latency_p95_ms: Annotated[FiniteFloat, Field(ge=0)]
+    latency_p50_ms: Annotated[FiniteFloat, Field(ge=0)] | None = None
+    errors: Count = 0
+    quarantined: Count = 0
+    first: FiniteFloat | None = None
+    last: FiniteFloat | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "WindowEntry":
+        if self.predictions and abs(sum(self.class_rates.values()) - 1) > 0.01:
+            raise ValueError(f"class rates sum to {sum(self.class_rates.values()):.4g}, not 1")
+        if self.class_counts is not None and sum(self.class_counts.values()) != self.predictions:
+            raise ValueError(f"class counts sum to {sum(self.class_counts.values())}, not {self.predictions}")
+        if self.uncertain is not None and self.uncertain > self.predictions:
+            raise ValueError(f"{self.uncertain} uncertain of {self.predictions} predictions")
+        return self
+
+
 class LastRun(_Part):
+    run_id: str | None = None
     finished: FiniteFloat | None = None
     bases: list[str] = Field(default_factory=list)
+    gate: GateEvidence | None = None
     serving: str | None = None
     candidates: dict[str, CandidateScores | None] = Field(default_factory=dict)
     gain_over_base: dict[str, float | None] | None = None
@@ -82,6 +135,7 @@ class Heartbeat(_Part):
 
     time: FiniteFloat
     site: str | None = None
+    seq: Count | None = None  # newer agents: one more per heartbeat, so the cloud sees each one change
     pid: int | None = Field(None, gt=0)
     state: str = "unknown"
     started: FiniteFloat | None = None
@@ -102,6 +156,7 @@ class Heartbeat(_Part):
     quarantined_total: int = Field(0, ge=0)
     selected_total: int = Field(0, ge=0)
     uploaded_total: int = Field(0, ge=0)
+    window: dict[str, WindowEntry] = Field(default_factory=dict)
 
 
 class UnreadableHeartbeat(ValueError):

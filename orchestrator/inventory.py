@@ -242,19 +242,25 @@ class Cloud(Strict):
 
 
 class CanaryThresholds(Strict):
-    """How far a site's live window on the new version may move from its window before the deploy."""
+    """How a site's live window on the new version is judged against its window before the deploy
+    (:mod:`orchestrator.canary`): tests at a stated error rate, traffic sized for the effect to catch."""
 
-    class_rate_points: float = Field(15.0, ge=0, le=100, description="largest change of any class's prediction "
-                                     "rate, in percentage points (e.g. the defect rate)")
-    latency_p95_growth_pct: float = Field(50.0, ge=0, description="largest growth of p95 inference latency, in %")
-    confidence_drop_points: float = Field(15.0, ge=0, le=100, description="largest drop of mean confidence, "
-                                          "in percentage points")
-    disagreement_rise_points: float = Field(15.0, ge=0, le=100, description="largest rise of mean member "
+    alpha: float = Field(0.05, gt=0, lt=1, description="the share of canaries of a version no worse than the "
+                         "one before that the live tests may fail (split over the tests); also the alpha of the "
+                         "gate-evidence row (the site's own alpha is never used)")
+    power: float = Field(0.8, ge=0.5, lt=1, description="the chance of catching the effect below")
+    rate_ratio: float = Field(2.0, gt=1, description="the effect to catch: a class's prediction rate (e.g. the "
+                              "defect rate) or the failure rate that halves or doubles")
+    min_change_points: float = Field(5.0, ge=0, le=100, description="the smallest change of a rate worth "
+                                     "catching, in percentage points (a rate near 0 has no halving to see)")
+    min_predictions: int = Field(0, ge=0, description="predictions the new model must serve before it is judged, "
+                                 "beyond what the power needs")
+    latency_p95_growth_pct: float = Field(50.0, ge=0, description="guard: largest growth of p95 inference "
+                                          "latency, in %")
+    confidence_drop_points: float = Field(15.0, ge=0, le=100, description="guard: largest drop of mean "
+                                          "confidence, in percentage points")
+    disagreement_rise_points: float = Field(15.0, ge=0, le=100, description="guard: largest rise of mean member "
                                             "disagreement, in percentage points")
-    failure_rate_points: float = Field(5.0, ge=0, le=100, description="largest rise of errors plus quarantined "
-                                       "inputs per prediction, in percentage points")
-    min_predictions: int = Field(20, ge=0, description="predictions the new model must have served at the site "
-                                 "before it is judged (0: judge without traffic)")
 
 
 class RolloutSettings(Strict):
@@ -276,6 +282,19 @@ class RolloutSettings(Strict):
                                                          "on only if its gate evidence improved at least one "
                                                          "canary; no_regression: unless it regressed one")
     thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds)
+    inconclusive: Literal["halt", "extend", "proceed"] = Field("extend", description="a canary whose soak ended "
+                                                               "without the traffic its tests need: halt (roll "
+                                                               "back now), extend (soak on until timeout_s, then "
+                                                               "halt) or proceed (go on; the verdict stays "
+                                                               "inconclusive)")
+    max_predictions_per_s: float = Field(50.0, gt=0, description="the most inputs a site can serve per second: "
+                                         "a window claiming more since the deploy is unreadable")
+    restart_grace_s: float | None = Field(None, gt=0, description="a canary whose agent stopped is restarting "
+                                          "for this long (default: its freshness limit) before it fails")
+    rollback_retries: int = Field(3, ge=0, description="retries of a site's rollback that failed, with back-off")
+    rollback_retry_s: float = Field(2.0, ge=0, description="first back-off between rollback retries (doubles)")
+    lease_s: float = Field(300.0, gt=0, description="the fleet's rollout lease expires this long after its "
+                                                    "holder last renewed it (a crashed holder blocks no longer)")
 
     @field_validator("waves")
     @classmethod
@@ -526,6 +545,14 @@ def load_inventory(path: str | Path, env: typing.Mapping[str, str] | None = None
     if unknown:
         problems.append(format_problem(path, line_of(lines, ("rollout", "canary")), "rollout", ("canary",),
                                        f"names unknown site(s) {', '.join(map(str, unknown))}"))
+    for site in sites if rollout else []:  # a soak within the freshness limit lets a dead canary pass it
+        limit = rollout.fresh_limit(site.agent.heartbeat_interval_s)
+        if rollout.soak_s <= limit:
+            problems.append(format_problem(path, line_of(lines, ("rollout", "soak_s")), "rollout", ("soak_s",),
+                                           f"soak_s {rollout.soak_s:g} must be over site {site.name!r}'s freshness "
+                                           f"limit {limit:g} s (rollout.fresh_within_s, or 3 heartbeat intervals "
+                                           "+ 10 s): a canary that stopped heartbeating could pass its soak"))
+            break
     if problems:
         raise InventoryError([mask(p, secrets) for p in problems])
     return Inventory(path=path, cloud=cloud, ssh=ssh, rollout=rollout, sites=sites, secrets=secrets)

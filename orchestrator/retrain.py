@@ -113,7 +113,7 @@ def gate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersio
                                "reason": f"changes the fleet's serving contract ({broken}); set "
                                          f"allow_contract_change to promote it (gate: {decision.reason})"})
     if decision.accept and promote:  # (promote=False: the caller promotes, e.g. as a step of its own)
-        promote_candidate(registry, candidate, champion)
+        promote_candidate(registry, candidate, champion, allow_contract_change)
     return GateDecision(candidate.version, champion.version if champion else None,
                         cand["gate"].accuracy, champ["gate"].accuracy if champ else None,
                         cand["gate"].nll, champ["gate"].nll if champ else None,
@@ -133,9 +133,12 @@ def _scores(registry: ModelRegistry, version: ModelVersion, pool: DatasetVersion
     return out
 
 
-def promote_candidate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None) -> None:
-    """Make the candidate the champion, if the champion is still the one it was gated against."""
-    registry.promote(candidate.version, expected=champion.version if champion else None)
+def promote_candidate(registry: ModelRegistry, candidate: ModelVersion, champion: ModelVersion | None,
+                      allow_contract_change: bool = False) -> None:
+    """Make the candidate the champion, if the champion is still the one it was gated against and the fleet's
+    serving contract holds (or its change is allowed): the one way a flow writes the champion pointer."""
+    registry.promote(candidate.version, expected=champion.version if champion else None,
+                     allow_contract_change=allow_contract_change)
 
 
 RETRAIN_INPUTS = "retrain-inputs.json"  # beside the registry: what each family's last candidate learnt from

@@ -22,7 +22,7 @@ INVENTORY = """
 cloud:
   store_url: file://${EDGELOOP_HOME}/store
   registry: ${EDGELOOP_HOME}/registry
-rollout: {canary: [north], soak_s: 1, timeout_s: 300, thresholds: {min_predictions: 0}}   # inboxes are fed after
+rollout: {canary: [north], soak_s: 6, fresh_within_s: 5, timeout_s: 300, inconclusive: proceed}   # fed after
 defaults:
   connection: {type: local}
   python: ${EDGELOOP_PYTHON}

@@ -35,7 +35,7 @@ def _inventory(fleet, path: Path, roots: Path, registry: Path) -> Path:
     path.write_text(f"""
 cloud: {{store_url: "file://{roots / 'store'}", registry: "{registry}"}}
 ssh: {{known_hosts: {fleet.known_hosts}}}
-rollout: {{canary: [host0], soak_s: 1, timeout_s: 300, thresholds: {{min_predictions: 0}}}}
+rollout: {{canary: [host0], soak_s: 7, fresh_within_s: 6, timeout_s: 300, inconclusive: proceed}}
 defaults:
   connection: {{type: ssh, user: {fleet.user}, key_file: {fleet.client_key}, connect_timeout_s: 5}}
   python: {sys.executable}
@@ -94,7 +94,9 @@ def test_canary_passes_then_a_failing_canary_is_rolled_back_and_the_fleet_untouc
         assert not report.failed, report.recap()
 
         done = rollout(str(inventory.path), RolloutRequest(version=first, family="elpv"))
-        assert done["canaries"] == {"host0": "passed"} and done["rest"] == {"host1": "passed", "host2": "passed"}
+        # nothing served before and no traffic: no live evidence, so inconclusive (rollout.inconclusive: proceed)
+        assert done["canaries"] == {"host0": "inconclusive"}
+        assert done["rest"] == {"host1": "inconclusive", "host2": "inconclusive"}
         store = inventory.store()
         ready, status = deploy.wait_for_sites(
             store, ["host1", "host2"], lambda s: (s.get("last_run") or {}).get("bases", [None])[0] == first, 120)
@@ -105,7 +107,7 @@ def test_canary_passes_then_a_failing_canary_is_rolled_back_and_the_fleet_untouc
         killer = threading.Thread(target=_kill_after_first_heartbeat, args=(roots / "host0", time.time()))
         killer.start()  # the canary's agent dies (kill -9, its supervisor too) after one post-deploy heartbeat
         began = time.monotonic()
-        with pytest.raises(RolloutHalted, match=r"host0 failed: no heartbeat for \d+ s \(limit 13 s\)"):
+        with pytest.raises(RolloutHalted, match=r"host0 failed: no heartbeat for \d+ s \(limit 6 s\)"):
             rollout(str(inventory.path), RolloutRequest(version=second, family="elpv"))
         killer.join()
         assert killer.killed_after_deploy and time.monotonic() - began < 150  # on freshness, not the timeout
@@ -144,10 +146,13 @@ def test_plan_and_verdicts():
     watch = Watch("a", since=100.0, before=None, fresh_within_s=30)
     run = {"run_id": "r2", "finished": 150.0, "bases": ["v2"], "serving": "new",
            "candidates": {"active": {"gate": {"accuracy": 0.8}}, "new": {"gate": {"accuracy": 0.85}}}}
-    status = {"time": 160.0, "pid": 1, "state": "serving", "base_versions": ["v1", "v2"], "last_run": run}
+    status = {"time": 160.0, "pid": 1, "state": "serving", "base_versions": ["v1", "v2"], "last_run": run,
+              "active_version": "e2"}
     assert judge(watch, None, None, "v2", 5, 110)[0] == "waiting"
     assert judge(watch, status, 0.0, "v2", 5, 160) == ("waiting", "healthy on v2; soaking (0/5 s)")
-    assert judge(watch, status, 1.0, "v2", 5, 166)[0] == "passed"
+    # soaked, but nothing served before and no window: no live evidence, never "passed"
+    assert judge(watch, status, 1.0, "v2", 5, 166) == (
+        "inconclusive", "nothing served before the deploy: no window to compare the new model with")
     # ages are the store's: an edge clock 10 minutes slow passes, and a heartbeat the store wrote 40 s ago fails
     slow = {**status, "time": 160.0 - 600}
     assert judge(Watch("a", 100.0, None, 30), slow, 0.0, "v2", 5, 160)[0] == "waiting"
@@ -193,6 +198,7 @@ def test_rollback_restores_what_served_before_the_version_and_refuses_before_tou
     inventory_file = tmp_path / "inv.yaml"
     inventory_file.write_text(f"""
 cloud: {{store_url: "file://{tmp_path}/store", registry: "{tmp_path / 'registry'}"}}
+rollout: {{rollback_retries: 1, rollback_retry_s: 0.1}}
 defaults: {{connection: {{type: local}}, python: {sys.executable}}}
 sites: [{{name: s1, root: "{tmp_path / 's1'}"}}, {{name: s2, root: "{tmp_path / 's2'}"}},
         {{name: s3, root: "{tmp_path / 's3'}"}}]
@@ -229,7 +235,10 @@ sites: [{{name: s1, root: "{tmp_path / 's1'}"}}, {{name: s2, root: "{tmp_path / 
     again = cli("--version", version, "--verify-timeout-s", "0")
     assert again.returncode == 1, again.stdout + again.stderr
     assert "s1: ok (already rolled back; serving v1)" in again.stdout
-    assert "s2: ok (never got" in again.stdout and "s3: failed (cannot restore v1" in again.stdout
+    assert "s2: ok (never got" in again.stdout and "s3: failed (rollback failed after 2 attempts: cannot restore v1" \
+        in again.stdout
+    record = registry.get(version)  # the registry says who rolled it back, and where it still is
+    assert record.stage == "rolled_back" and record.rolled_back.still_serving == ["s3"]
     assert os.readlink(paths["s3"].active_link) == "ensembles/on-new"
     assert cli("--limit", "s1").returncode == 2  # --version is required
 
@@ -256,9 +265,9 @@ def test_canary_analysis_fails_a_jump_in_the_defect_rate_and_reads_a_real_live_w
     before, jumped, steady = served("e1", 6), served("e2", 20), served("e2", 7)
     assert before["window"]["e1"]["class_rates"] == {"defective": 0.3, "functional": 0.7}
     assert before["window"]["e1"]["quarantined"] == 1 and before["window"]["e1"]["latency_p95_ms"] == 2.0
-    limits = CanaryThresholds(class_rate_points=15)
+    limits = CanaryThresholds()
     checks = {c.metric: c for c in analyse("a", before, jumped, limits)}
-    assert checks["rate of defective (points)"].failed and checks["rate of defective (points)"].after == "100%"
+    assert checks["rate of defective"].failed and checks["rate of defective"].after == "20/20 (100%)"
     assert not checks["latency p95 growth (%)"].failed
     assert not any(c.failed for c in analyse("a", before, steady, limits))
     assert analyse("a", None, jumped, limits) == []  # nothing served before: no baseline to compare with
@@ -368,9 +377,9 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
     roots, registry_root = tmp_path / "roots", tmp_path / "registry"
     path = _inventory(sshd_fleet, tmp_path / "fleet.yaml", roots, registry_root)
     path.write_text(path.read_text().replace(
-        "rollout: {canary: [host0], soak_s: 1, timeout_s: 300, thresholds: {min_predictions: 0}}",
-        "rollout: {canary: [host0], waves: [0.5, 1.0], soak_s: 2, timeout_s: 300,\n"
-        "          thresholds: {class_rate_points: 30, min_predictions: 6}}").replace(
+        "rollout: {canary: [host0], soak_s: 7, fresh_within_s: 6, timeout_s: 300, inconclusive: proceed}",
+        "rollout: {canary: [host0], waves: [0.5, 1.0], soak_s: 7, fresh_within_s: 6, timeout_s: 300,\n"
+        "          thresholds: {min_change_points: 30}, inconclusive: proceed}").replace(
         "    thresholds: {min_new_labelled: 1000}",
         "    thresholds: {min_new_labelled: 1000, min_gate_images: 4}"))
     inventory = load_inventory(path)
@@ -396,15 +405,16 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
         assert not report.failed, report.recap()
         traffic.start()
         done = rollout(str(inventory.path), RolloutRequest(version=steady, family="elpv"))
-        assert done["canaries"] == {"host0": "passed"} and done["rest"] == {"host1": "passed", "host2": "passed"}
+        assert done["canaries"] == {"host0": "inconclusive"}  # nothing served before: nothing to compare with
+        assert done["rest"] == {"host1": "inconclusive", "host2": "inconclusive"}
         serving = {h: s["active_version"] for h, s in read_fleet_status(store, HOSTS)[0].items()}
 
-        with pytest.raises(RolloutHalted, match=r"host0 failed: canary analysis: rate of defective \(points\)"):
+        with pytest.raises(RolloutHalted, match=r"host0 failed: canary analysis: rate of defective"):
             rollout(str(inventory.path), RolloutRequest(version=bad, family="elpv"))
         checks = {r["metric"]: r for r in latest_table("rollout-analysis")}
-        assert checks["rate of defective (points)"]["before"] == "0%"
-        assert checks["rate of defective (points)"]["after"] == "100%"
-        assert checks["rate of defective (points)"]["result"] == "fail"
+        assert checks["rate of defective"]["before"].endswith("(0%)")
+        assert checks["rate of defective"]["after"].endswith("(100%)")
+        assert checks["rate of defective"]["result"] == "fail"
         assert os.readlink(canary.active_link) == f"ensembles/{serving['host0']}"
         assert not (canary.base_models / bad).exists()
         assert not any((AgentPaths(roots / h).base_models / bad).exists() for h in HOSTS[1:])
@@ -413,7 +423,7 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
         with pytest.raises(RolloutHalted, match=r"host2 failed: no heartbeat for .*rolled back host0, host1, host2"):
             rollout(str(inventory.path), RolloutRequest(version=again, family="elpv"))
         rows = {r["site"]: r for r in latest_table("rollout")}
-        assert [rows[h]["verdict"] for h in HOSTS] == ["passed", "passed", "failed"]
+        assert [rows[h]["verdict"] for h in HOSTS] == ["passed", "inconclusive", "failed"]  # host1: no traffic
         assert [rows[h]["stage"] for h in HOSTS] == ["canary", "wave 1", "wave 2"]
         for host in HOSTS:
             paths = AgentPaths(roots / host)
@@ -436,11 +446,11 @@ def test_gate_evidence_at_a_canary_fails_only_a_significantly_worse_version_and_
         return {"serving": serving, "gate": {"accept": accept, "n": 60, "challenger_only": b, "incumbent_only": c,
                                              "alpha": 0.1, "challenger_accuracy": 0.8, "incumbent_accuracy": 0.7}}
 
-    check, improved = gate_evidence("s1", run(True, 9, 1, "new"))
+    check, improved = gate_evidence("s1", run(True, 9, 1, "new"), 0.1)
     assert check.result == "pass" and improved
-    check, improved = gate_evidence("s1", run(False, 9, 1, "active"))  # the site kept what served: no gain
+    check, improved = gate_evidence("s1", run(False, 9, 1, "active"), 0.1)  # the site kept what served: no gain
     assert check.result == "pass" and not improved
-    check, improved = gate_evidence("s1", run(False, 1, 9, "active"))  # p(worse) = 11/1024
+    check, improved = gate_evidence("s1", run(False, 1, 9, "active"), 0.1)  # p(worse) = 11/1024
     assert check.result == "fail" and not improved and "1 for / 9 against" in check.metric
-    check, improved = gate_evidence("s1", run(False, 2, 4, "active"))  # worse by two images: noise
+    check, improved = gate_evidence("s1", run(False, 2, 4, "active"), 0.1)  # worse by two images: noise
     assert check.result == "pass" and not improved
