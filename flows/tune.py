@@ -1,10 +1,13 @@
 """``edgeloop-tune``: random search with successive halving, each trial a mapped Prefect task.
 
-The trials run on a process pool here, or on a Dask cluster (``dask_address``) through prefect-dask; the
-pool's size, or the cluster's workers, bound how many train at once. Trials write under the registry's
-folder (``<registry>/../tuning``), so Dask workers on other hosts need it on a shared file system. Every
-trial of every rung is a row of the ``tune-trials`` table artifact; the winner is registered with its
-parameters and meets the gate.
+Each trial trains in a process of its own (:func:`orchestrator.tune.run_trial`), started here by one of
+``concurrency`` threads, or on a Dask cluster (``dask_address``) through prefect-dask, whose workers bound how
+many train at once. Here there is no pool process between the flow and a trial that could die and take the
+others with it (a broken process pool failed every trial in it); on Dask, a trial whose worker dies is tried
+again by Dask and, when its workers keep dying, recorded failed. Either way a trial that cannot finish is a
+failed row, never a failed tune. Trials write under the registry's folder (``<registry>/../tuning``), so Dask
+workers on other hosts need it on a shared file system. Every trial of every rung is a row of the ``tune-trials``
+table artifact; the winner is registered with its parameters and meets the gate.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from edge_agent.datasets import open_dataset
@@ -27,6 +30,7 @@ from flows.stages import CONTRACT_HELP, DEFAULT_INVENTORY, gate_markdown
 from orchestrator import retrain as steps
 from orchestrator.inventory import load_inventory
 from orchestrator.tune import (
+    MAX_CONCURRENCY,
     MAX_TRIALS,
     Halving,
     Search,
@@ -42,20 +46,32 @@ from orchestrator.tune import (
 class TuneSettings(BaseModel):
     data: str = Field(".demo/data/generic", description="dataset version to search on (val chooses, gate decides)")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
-    trials: int = Field(8, ge=1, le=MAX_TRIALS, description="random draws from the search space")
-    space: SearchSpace = SearchSpace()
-    halving: Halving = Halving()
-    concurrency: int = Field(2, ge=1, description="trials training at once on the process pool")
-    dask_address: str | None = Field(None, description="tcp://HOST:PORT of a Dask scheduler to run the trials on "
-                                                       "instead (its workers bound the concurrency)")
-    seed: int = Field(0, description="seeds the draws and every trial's training")
+    trials: int = Field(8, ge=1, le=MAX_TRIALS, description=f"random draws from the search space (1..{MAX_TRIALS})")
+    space: SearchSpace = Field(default_factory=SearchSpace, description=(
+        "what the search may choose: learning rate and weight decay ranges (log-uniform), augmentation policies, "
+        "image sizes, architectures and the recipe's knobs, each within its documented range"))
+    halving: Halving = Field(default_factory=Halving, description=(
+        "successive halving: every trial trains min_epochs, the best 1/eta go on to eta times as many, up to "
+        "max_epochs"))
+    concurrency: int = Field(2, ge=1, le=MAX_CONCURRENCY,
+                             description=f"trials training at once on this host (1..{MAX_CONCURRENCY}), each in a "
+                                         "process of its own")
+    trial_memory_mb: int | None = Field(None, ge=64, le=1 << 22, description=(
+        "memory one trial may hold, MB; over it the trial is killed and recorded failed (default: 80 % of the "
+        "host's memory shared by the trials at once)"))
+    dask_address: str | None = Field(None, max_length=256,
+                                     description="tcp://HOST:PORT of a Dask scheduler to run the trials on instead "
+                                                 "(its workers bound the concurrency)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the draws and every trial's training (0..2^32-1)")
     gate: GateRule = Field(default_factory=GateRule, description="how sure the gate must be to promote the winner")
     allow_contract_change: bool = Field(False, description=CONTRACT_HELP)
 
 
 @task(name="trial", task_run_name="trial {trial.number} rung {rung} ({epochs} epochs)")
-def train_trial(data: str, trial: Trial, rung: int, epochs: int, out: str, seed: int, threads: int) -> TrialResult:
-    return run_trial(data, trial, rung, epochs, out, seed=seed, threads=threads)
+def train_trial(data: str, trial: Trial, rung: int, epochs: int, out: str, seed: int, threads: int,
+                memory_mb: int | None = None, parallel: int = 1) -> TrialResult:
+    return run_trial(data, trial, rung, epochs, out, seed=seed, threads=threads, memory_mb=memory_mb,
+                     parallel=parallel)
 
 
 @flow(name="edgeloop-tune-trials")
@@ -66,8 +82,8 @@ def run_trials(settings: TuneSettings, space: SearchSpace, out: str, threads: in
 
     def run_rung(trials: list[Trial], rung: int, epochs: int) -> list[TrialResult]:
         futures = train_trial.map(unmapped(settings.data), trials, rung, epochs, unmapped(out), settings.seed,
-                                  threads)
-        return [future.result() for future in futures]
+                                  threads, settings.trial_memory_mb, settings.concurrency)
+        return [_outcome(future, trial, rung, epochs) for future, trial in zip(futures, trials)]
 
     def report(rung: int, results: list[TrialResult]) -> None:
         scored = Search(results).ranked(rung)
@@ -79,12 +95,24 @@ def run_trials(settings: TuneSettings, space: SearchSpace, out: str, threads: in
     return successive_halving(trials, settings.halving, run_rung, on_rung=report).results
 
 
+def _outcome(future, trial: Trial, rung: int, epochs: int) -> TrialResult:
+    """A trial's result; a trial whose runner failed (a Dask worker that kept dying, a crashed task) is a failed
+    row with why, not a failed tune."""
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - one trial's end, whatever it was, must not end the search
+        why = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        get_run_logger().warning("trial %d rung %d failed outside its own process: %s", trial.number, rung, why)
+        return TrialResult(trial, rung, epochs, float("nan"), float("nan"), 0.0, "",
+                           f"its worker failed, not the trial: {why}")
+
+
 def _task_runner(settings: TuneSettings):
     if settings.dask_address:
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=settings.dask_address)
-    return ProcessPoolTaskRunner(max_workers=settings.concurrency)
+    return ThreadPoolTaskRunner(max_workers=settings.concurrency)  # each thread waits on its trial's process
 
 
 @flow(name="edgeloop-tune", log_prints=True)
@@ -93,7 +121,8 @@ def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettin
 
     Args:
         inventory: path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs
-        settings: the search: data, space, budget, and where the trials run (process pool or Dask)
+        settings: the search: data, space, budget, and where the trials run (this host, each in a process of its
+            own, or Dask)
     """
     fleet = load_inventory(inventory)
     registry = fleet.registry()
@@ -102,7 +131,7 @@ def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettin
     champion = registry.champion(settings.family)  # the candidate is gated (compare-and-swap) against this one
     contract = registry.contract(champion.version) if champion and not settings.allow_contract_change else None
     space = settings.space.within(contract)
-    # the trials' processes report to this run's API, even an ephemeral one (else each would start its own)
+    # Dask workers report to this run's API, even an ephemeral one (else each would start its own)
     with get_client(sync_client=True) as client, temporary_settings({PREFECT_API_URL: str(client.api_url)}):
         results = run_trials.with_options(task_runner=_task_runner(settings))(settings, space, str(out), threads)
     search = Search(results)

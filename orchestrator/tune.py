@@ -9,6 +9,13 @@ learning-rate schedule always spans a trial's whole budget.
 
 Trials are chosen on the val split. The winner is then only a candidate: the gate split decides
 whether it replaces the champion, and the test split is reported, deciding nothing.
+
+Every knob has a documented range, and a search outside it is refused before any trial, naming the field:
+learning rate and weight decay each within :data:`LR_BOUNDS` / :data:`WEIGHT_DECAY_BOUNDS`, image sizes
+16..:data:`MAX_IMAGE_SIZE` px, epochs 1..:data:`MAX_EPOCHS`, trials 1..:data:`MAX_TRIALS`, at most
+:data:`MAX_CHOICES` values in each list (architectures, policies, sizes, recipe knobs). Each trial trains in a
+process of its own under a memory budget (by default 80 % of the host's memory shared by the trials that train
+at once): one that goes over is killed and recorded failed, as is one the OS kills; the search goes on.
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edge_agent.augment import POLICIES
 from edge_agent.models import ARCHITECTURES
@@ -44,6 +52,12 @@ RECIPE_KNOBS = ("label_smoothing", "class_balance", "ema_decay")
 MAX_IMAGE_SIZE = 1024
 MAX_TRIALS = 1000
 MAX_EPOCHS = 1000
+MAX_CHOICES = 32  # values in one list of the space (architectures, policies, sizes, recipe knobs)
+MAX_CONCURRENCY = 64  # trials training at once on one host
+LR_BOUNDS = (1e-7, 1.0)  # peak learning rate: past these a value is a typo (1e30), or denormal (1e-320)
+WEIGHT_DECAY_BOUNDS = (1e-8, 1.0)
+MEMORY_SHARE = 0.8  # of the host's memory, shared by the trials that train at once (the rest: the OS, the flow)
+WATCH_S = 0.2  # how often a trial's memory is looked at (5 GB in 15 s overshoots by ~70 MB at most)
 
 
 class NoTrialFinished(LookupError):
@@ -55,23 +69,28 @@ class SearchSpace(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: tuple[float, float] = Field((3e-4, 1e-2), description="peak learning rate: log-uniform between the two")
-    weight_decay: tuple[float, float] = Field((1e-6, 1e-2), description="log-uniform between the two")
-    policy: list[str] = Field(list(POLICY_STRENGTH), description="augmentation, weakest to strongest")
-    image_size: list[int] = Field(default_factory=list, description="input sizes in px; empty = the champion's "
-                                  "(the fleet's serving contract), or with no champion the dataset's own size, "
-                                  "3/4 of it and half of it")
-    arch: list[str] = Field(default_factory=list, description="architectures; empty = the champion's (the fleet's "
-                            f"serving contract), or with no champion {list(OPEN_ARCHS)}")
+    lr: tuple[float, float] = Field((3e-4, 1e-2), description="peak learning rate: log-uniform between the two, "
+                                    f"each within {LR_BOUNDS[0]:g}..{LR_BOUNDS[1]:g}")
+    weight_decay: tuple[float, float] = Field((1e-6, 1e-2), description="log-uniform between the two, each within "
+                                              f"{WEIGHT_DECAY_BOUNDS[0]:g}..{WEIGHT_DECAY_BOUNDS[1]:g}")
+    policy: list[str] = Field(list(POLICY_STRENGTH), max_length=MAX_CHOICES,
+                              description="augmentation, weakest to strongest")
+    image_size: list[int] = Field(default_factory=list, max_length=MAX_CHOICES, description=(
+        f"input sizes in px, each 16..{MAX_IMAGE_SIZE}; empty = the champion's (the fleet's serving contract), or "
+        "with no champion the dataset's own size, 3/4 of it and half of it"))
+    arch: list[str] = Field(default_factory=list, max_length=MAX_CHOICES, description=(
+        f"architectures; empty = the champion's (the fleet's serving contract), or with no champion {list(OPEN_ARCHS)}"))
     label_smoothing: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
-        [0.0, 0.1], min_length=1, description="label smoothing of the loss, one drawn per trial")
+        [0.0, 0.1], min_length=1, max_length=MAX_CHOICES,
+        description="label smoothing of the loss (each 0 <= v < 1), one drawn per trial")
     class_balance: list[Literal["none", "weighted"]] = Field(
-        ["none", "weighted"], min_length=1, description="weighted: each class's loss weighted by the inverse of "
-                                                        "its share of the training set")
+        ["none", "weighted"], min_length=1, max_length=MAX_CHOICES,
+        description="weighted: each class's loss weighted by the inverse of its share of the training set")
     ema_decay: list[Annotated[float, Field(ge=0.5, lt=1)] | None] = Field(
-        [None], min_length=1, description="EMA of the weights per step (none: the raw weights); add e.g. 0.99 to "
-                                          "search it with rungs of several epochs: a one-epoch first rung on a small "
-                                          "set ends before the average forgets the random start")
+        [None], min_length=1, max_length=MAX_CHOICES,
+        description="EMA of the weights per step (each 0.5 <= v < 1; none: the raw weights); add e.g. 0.99 to "
+                    "search it with rungs of several epochs: a one-epoch first rung on a small set ends before the "
+                    "average forgets the random start")
 
     def within(self, contract: dict | None) -> "SearchSpace":
         """This space with its empty choices filled from the fleet's serving contract (the champion's arch and
@@ -88,9 +107,13 @@ class SearchSpace(BaseModel):
 
     @field_validator("lr", "weight_decay")
     @classmethod
-    def _range(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+    def _range(cls, bounds: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
         if not 0 < bounds[0] <= bounds[1]:
             raise ValueError(f"a log-uniform range needs 0 < low <= high (got {bounds})")
+        low, high = LR_BOUNDS if info.field_name == "lr" else WEIGHT_DECAY_BOUNDS
+        if not low <= bounds[0] <= bounds[1] <= high:
+            raise ValueError(f"{info.field_name} ({bounds[0]:g}, {bounds[1]:g}) is outside its range "
+                             f"{low:g}..{high:g}")
         return bounds
 
     @field_validator("policy", "arch", "image_size")
@@ -104,11 +127,39 @@ class SearchSpace(BaseModel):
         if info.field_name == "image_size" and any(v < 16 for v in values):
             raise ValueError(f"image sizes below 16 px cannot be classified by these models (got {values})")
         if info.field_name == "image_size" and any(v > MAX_IMAGE_SIZE for v in values):
-            raise ValueError(f"image sizes above {MAX_IMAGE_SIZE} px are out of bounds (got {values})")
+            raise ValueError(f"image sizes above {MAX_IMAGE_SIZE} px are out of bounds (its range is "
+                             f"16..{MAX_IMAGE_SIZE}; got {values})")
         return values
 
     def sizes(self, dataset_size: int) -> list[int]:
         return self.image_size or sorted({dataset_size, dataset_size * 3 // 4, dataset_size // 2}, reverse=True)
+
+
+def refusal(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line for a refused search: each field by name, what is wrong, and its range where it has one."""
+    parts = []
+    for error in exc.errors()[:5]:
+        loc = [str(x) for x in error["loc"]]
+        message = error["msg"].removeprefix("Value error, ")
+        if (bounds := _bounds(model, loc)) and error["type"].startswith(("less_than", "greater_than")):
+            message += f" (its range: {bounds})"
+        parts.append(f"{'.'.join(loc) or model.__name__}: {message}")
+    return "; ".join(parts)
+
+
+def _bounds(model: type[BaseModel], loc: list[str]) -> str | None:
+    """``low..high`` of the numeric field at ``loc`` in ``model`` (nested models followed), or None."""
+    for i, name in enumerate(loc):
+        info = model.model_fields.get(name)
+        if info is None:
+            return None
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel) and i < len(loc) - 1:
+            model = info.annotation
+            continue
+        low = next((getattr(m, "ge", None) for m in info.metadata if getattr(m, "ge", None) is not None), None)
+        high = next((getattr(m, "le", None) for m in info.metadata if getattr(m, "le", None) is not None), None)
+        return f"{low}..{high}" if low is not None and high is not None else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -127,12 +178,15 @@ class TrialResult:
     seconds: float
     checkpoint: str
     error: str = ""  # a trial that failed scores nothing and is not promoted; the search goes on
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # where it trained
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # who ran it
+    process: int = 0  # the process it trained in (its own)
+    peak_mb: int = 0  # its largest resident memory seen, MB
 
     def row(self) -> dict:
         return {"trial": self.trial.number, "rung": self.rung, "epochs": self.epochs, **self.trial.params,
                 "val_acc": round(self.val_acc, 4), "test_acc (reported only)": round(self.test_acc, 4),
-                "seconds": round(self.seconds, 1), "worker": self.worker, "error": self.error}
+                "seconds": round(self.seconds, 1), "worker": self.worker, "process": self.process,
+                "peak_mb": self.peak_mb, "error": self.error}
 
 
 def random_trials(space: SearchSpace, count: int, dataset_size: int, seed: int = 0) -> list[Trial]:
@@ -186,9 +240,10 @@ class Halving(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_epochs: int = Field(1, ge=1, le=MAX_EPOCHS, description="epochs of the first rung, which every trial runs")
-    max_epochs: int = Field(8, ge=1, le=MAX_EPOCHS, description="no rung trains longer")
-    eta: int = Field(2, ge=2, le=100, description="1/eta of a rung's trials go on to eta times the epochs")
+    min_epochs: int = Field(1, ge=1, le=MAX_EPOCHS,
+                            description=f"epochs of the first rung, which every trial runs (1..{MAX_EPOCHS})")
+    max_epochs: int = Field(8, ge=1, le=MAX_EPOCHS, description=f"no rung trains longer (1..{MAX_EPOCHS})")
+    eta: int = Field(2, ge=2, le=100, description="1/eta of a rung's trials go on to eta times the epochs (2..100)")
 
     def rungs(self, trials: int) -> list[tuple[int, int]]:
         """(trials, epochs) of each rung."""
@@ -242,13 +297,51 @@ def successive_halving(trials: list[Trial], halving: Halving, run_rung: RunRung,
     return search
 
 
+def host_memory_mb() -> int:
+    """This host's memory in MB, or its cgroup's limit when that is smaller (a container's share)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total // (1 << 20)
+
+
+def trial_memory_budget(parallel: int, memory_mb: int | None = None) -> int:
+    """MB one trial may hold: ``memory_mb`` when given, else :data:`MEMORY_SHARE` of the host's memory shared by
+    the ``parallel`` trials that train at once."""
+    return memory_mb or max(64, int(host_memory_mb() * MEMORY_SHARE / max(1, parallel)))
+
+
+def _resident_mb(pid: int) -> int:
+    """Resident memory of ``pid`` and its descendants, MB (0 where /proc is not there: no watch)."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total // 1024
+
+
 def run_trial(data: str | Path, trial: Trial, rung: int, epochs: int, out: str | Path, *, seed: int = 0,
-              threads: int | None = None) -> TrialResult:
+              threads: int | None = None, memory_mb: int | None = None, parallel: int = 1) -> TrialResult:
     """Train one trial for ``epochs`` into ``out/trial-<n>-rung-<k>``; a failure is recorded, not raised.
 
-    The training runs in a process of its own: a trial that the OS kills (out of memory) or that takes the
-    interpreter down ends only itself, recorded as failed, while the worker (a pool process, a Dask worker)
-    and the search go on.
+    The training runs in a process of its own, watched: one that goes over its memory budget
+    (:func:`trial_memory_budget` of ``parallel`` and ``memory_mb``) is killed, one that the OS kills or that takes
+    the interpreter down ends only itself; each is recorded failed with why, while whoever runs the trials and the
+    search go on. The trial's process dies with the process that started it (no orphan trains on).
     """
     folder = Path(out) / f"trial-{trial.number:03d}-rung-{rung}"
     params = trial.params
@@ -256,23 +349,59 @@ def run_trial(data: str | Path, trial: Trial, rung: int, epochs: int, out: str |
                          policy=params["policy"], seed=seed, threads=threads,
                          **{k: params[k] for k in RECIPE_KNOBS if k in params})
     job = {"data": str(data), "arch": params["arch"], "out": str(folder), "image_size": params["image_size"],
-           "config": config.model_dump(mode="json")}
-    done = subprocess.run([sys.executable, "-m", "orchestrator.tune", json.dumps(job)], capture_output=True,
-                          text=True)
-    if done.returncode < 0:
-        error = f"the trial's process was killed by {signal.Signals(-done.returncode).name}"
-    elif done.returncode != 0:  # one bad combination (say, too small an image for an arch) ends only itself
-        error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+           "config": config.model_dump(mode="json"), "parent": os.getpid()}
+    budget = trial_memory_budget(parallel, memory_mb)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.tune", json.dumps(job)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr, peak, over = _watch(proc, budget)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    if over:
+        error = (f"killed: the trial held {peak} MB, over its memory budget of {budget} MB ("
+                 + ("trial_memory_mb" if memory_mb else f"{MEMORY_SHARE:.0%} of the host's {host_memory_mb()} MB "
+                    f"shared by {parallel} trial(s) at once") + "); a smaller image_size or batch fits")
+    elif proc.returncode < 0:
+        error = f"the trial's process was killed by {signal.Signals(-proc.returncode).name}"
+    elif proc.returncode != 0:  # one bad combination (say, too small an image for an arch) ends only itself
+        error = (stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
     else:
-        metrics = json.loads(done.stdout.strip().splitlines()[-1])
+        metrics = json.loads(stdout.strip().splitlines()[-1])
         return TrialResult(trial, rung, epochs, metrics["val_acc"], metrics["test_acc"], metrics["seconds"],
-                           str(folder / "model.pt"))
-    return TrialResult(trial, rung, epochs, float("nan"), float("nan"), 0.0, "", error)
+                           str(folder / "model.pt"), worker=worker, process=proc.pid, peak_mb=peak)
+    return TrialResult(trial, rung, epochs, float("nan"), float("nan"), 0.0, "", error, worker=worker,
+                       process=proc.pid, peak_mb=peak)
+
+
+def _watch(proc: subprocess.Popen, budget_mb: int) -> tuple[str, str, int, bool]:
+    """Wait for ``proc``, reading its output; kill it when it holds more than ``budget_mb``.
+    Returns (stdout, stderr, peak MB seen, whether it was killed for its memory)."""
+    peak, over, started = 0, False, time.monotonic()
+    while True:
+        try:
+            stdout, stderr = proc.communicate(timeout=WATCH_S if time.monotonic() - started > 1 else WATCH_S / 4)
+            return stdout, stderr, peak, over
+        except subprocess.TimeoutExpired:
+            peak = max(peak, _resident_mb(proc.pid))
+            if peak > budget_mb and not over:
+                over = True
+                proc.kill()
+
+
+def _die_with(parent: int) -> None:
+    """Make this process die when ``parent`` does (Linux's parent-death signal), so that a trial whose worker was
+    killed does not train on unseen; exit at once if the parent is gone already."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        raise SystemExit(1)
 
 
 def _train_one(job: dict) -> None:
     """The trial's own process: train, print the metrics as the last line of stdout; an error is the last
     line of stderr."""
+    if job.get("parent"):
+        _die_with(job["parent"])
     try:
         metrics = train_on_dataset(job["data"], job["arch"], job["out"], TrainConfig.model_validate(job["config"]),
                                    image_size=job["image_size"])

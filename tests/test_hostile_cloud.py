@@ -317,3 +317,117 @@ def test_the_page_answers_from_its_cache_while_the_store_is_read_again(tmp_path)
     assert cached() == [1] and time.monotonic() - started < 0.2  # expired: answered at once, reload behind
     time.sleep(2)
     assert cached() == [2]  # the background load landed (and, expired again, the next one started)
+
+
+# ---- item 8: search bounds, a trial's memory, a worker that dies -------------------------------------------------
+@pytest.mark.parametrize("fields, why", [
+    ({"space": {"lr": (1e30, 1e30)}}, "space.lr: lr (1e+30, 1e+30) is outside its range 1e-07..1"),
+    ({"space": {"lr": (1e-320, 1e-320)}}, "space.lr: lr (9.99989e-321, 9.99989e-321) is outside its range"),
+    ({"space": {"weight_decay": (1e-300, 1e300)}}, "space.weight_decay: weight_decay (1e-300, 1e+300) is outside "
+                                                   "its range 1e-08..1"),
+    ({"concurrency": 1_000_000}, "concurrency: Input should be less than or equal to 64 (its range: 1..64)"),
+    ({"space": {"arch": ["tiny_cnn"] * 10_000}}, "space.arch: List should have at most 32 items"),
+    ({"space": {"image_size": [4096]}}, "its range is 16..1024"),
+    ({"halving": {"max_epochs": 10**6}}, "halving.max_epochs: Input should be less than or equal to 1000 (its "
+                                         "range: 1..1000)"),
+    ({"trial_memory_mb": 1}, "trial_memory_mb: Input should be greater than or equal to 64"),
+])
+def test_a_search_out_of_its_documented_range_is_refused_naming_the_field(fields, why):
+    from pydantic import ValidationError
+
+    from flows.tune import TuneSettings
+    from orchestrator.tune import refusal
+
+    with pytest.raises(ValidationError) as refused:
+        TuneSettings.model_validate(fields)
+    assert why in refusal(refused.value, TuneSettings)
+
+
+def test_the_tune_command_refuses_out_of_range_knobs_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "edgeloop", "tune", "--data", str(tmp_path), "--concurrency",
+                           "1000000", "--max-epochs", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "concurrency: Input should be less than or equal to 64 (its range: 1..64)" in done.stderr
+    assert "halving.max_epochs: Input should be greater than or equal to 1 (its range: 1..1000)" in done.stderr
+
+
+def test_a_trial_over_its_memory_budget_is_killed_and_recorded_failed(elpv_small, tmp_path):
+    """The form's own maximum size (1024 px) grew a trial to 5 GB in 15 s: now it is killed at its budget, and a
+    trial that fits trains beside it."""
+    from orchestrator.tune import Trial, run_trial, trial_memory_budget
+
+    params = {"lr": 1e-3, "weight_decay": 1e-4, "policy": "none", "arch": "tiny_cnn"}
+    started = time.monotonic()
+    big = run_trial(elpv_small / "generic", Trial(0, {**params, "image_size": 1024}), 0, 1, tmp_path, threads=1,
+                    memory_mb=1500)
+    assert big.error.startswith("killed: the trial held ") and "over its memory budget of 1500 MB" in big.error
+    assert 1500 < big.peak_mb < 1500 + 400 and time.monotonic() - started < 120
+    assert not Path(f"/proc/{big.process}").exists()  # gone, not left holding the memory
+    small = run_trial(elpv_small / "generic", Trial(1, {**params, "image_size": 24}), 0, 1, tmp_path, threads=1)
+    assert not small.error and 0 < small.peak_mb < trial_memory_budget(1) and small.val_acc >= 0
+
+
+def _trial_processes(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_worker_killed_under_its_trial_is_a_failed_trial_not_a_failed_tune(prefect_harness, elpv_small, tmp_path):
+    """A Dask worker killed (SIGKILL, as the OOM killer does) every time it runs trial 1: Dask tries the trial once
+    more on a fresh worker, then trial 1 is recorded failed with why; its training process dies with its worker
+    (no orphan), and the tune goes on to register the best of the others."""
+    import signal
+    import threading
+
+    import dask
+    from distributed import LocalCluster
+
+    from flows.tune import TuneSettings, tune
+    from orchestrator.tune import Halving, SearchSpace
+
+    stop, kills = threading.Event(), []
+
+    def kill_the_worker_of_trial_1():
+        while not stop.is_set():
+            for pid in _trial_processes("trial-001-rung-0"):
+                try:
+                    worker = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                    if worker > 1 and worker != os.getpid() and worker not in kills:  # never init, never us
+                        os.kill(worker, signal.SIGKILL)
+                        kills.append(worker)
+                except (OSError, ValueError, IndexError):
+                    continue
+            time.sleep(0.05)
+
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(f"""
+cloud: {{store_url: "file://{tmp_path / 'store'}", registry: "{tmp_path / 'registry'}"}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: only, root: "{tmp_path / 'only'}"}}]
+""")
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.scheduler.worker-saturation": 1.0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        settings = TuneSettings(data=str(elpv_small / "generic"), family="tuned", trials=3, seed=0,
+                                space=SearchSpace(arch=["tiny_cnn"], policy=["none"], image_size=[24]),
+                                halving=Halving(min_epochs=1, max_epochs=1), dask_address=cluster.scheduler_address)
+        killer = threading.Thread(target=kill_the_worker_of_trial_1, daemon=True)
+        killer.start()
+        try:
+            result = tune(str(inventory), settings)
+        finally:
+            stop.set()
+    assert len(kills) == 2  # its worker died under it twice
+    from agent_helpers import latest_table
+
+    rows = {int(r["trial"]): r for r in latest_table("tune-trials")}
+    assert "its worker failed, not the trial" in rows[1]["error"] and "KilledWorker" in rows[1]["error"], rows[1]
+    assert all(not rows[n]["error"] for n in (0, 2)), rows
+    assert result["best_trial"]["trial"] != 1 and result["candidate"]
+    time.sleep(1)
+    assert _trial_processes("trial-001-rung-0") == []  # the trial died with its worker: nothing trains unseen

@@ -18,7 +18,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                                          "which the fleet fine-tunes from; all three without one)")
     parser.add_argument("--allow-contract-change", action="store_true",
                         help="let a winner of another architecture or input size replace the champion")
-    parser.add_argument("--concurrency", type=int, default=2, help="trials at once on the local process pool")
+    parser.add_argument("--concurrency", type=int, default=2, help="trials at once on this host (1..64), each in a "
+                                                                    "process of its own")
+    parser.add_argument("--trial-memory-mb", type=int, metavar="MB",
+                        help="memory one trial may hold; over it the trial is killed and recorded failed (default: "
+                             "80%% of this host's memory shared by the trials at once)")
     parser.add_argument("--min-epochs", type=int, default=1, help="epochs of the first rung (every trial)")
     parser.add_argument("--max-epochs", type=int, default=8, help="epochs of the longest rung")
     parser.add_argument("--seed", type=int, default=0)
@@ -39,17 +43,23 @@ def _reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from flows.tune import TuneSettings, tune
-    from orchestrator.tune import Halving, SearchSpace
+    from pydantic import ValidationError
 
+    from edgeloop.cli import UserError
+    from flows.tune import TuneSettings, tune
+    from orchestrator.tune import refusal
+
+    fields = {"data": args.data, "family": args.family, "trials": args.trials, "concurrency": args.concurrency,
+              "trial_memory_mb": args.trial_memory_mb, "dask_address": args.dask, "seed": args.seed,
+              "allow_contract_change": args.allow_contract_change,
+              "halving": {"min_epochs": args.min_epochs, "max_epochs": args.max_epochs},
+              "space": {"arch": args.arch} if args.arch else {}}
+    try:
+        settings = TuneSettings.model_validate(fields)
+    except ValidationError as exc:  # one line naming each field, what is wrong and its range
+        raise UserError(f"refused: {refusal(exc, TuneSettings)}") from None
     if args.dask:
         _reachable(args.dask)
-
-    space = SearchSpace(**({"arch": args.arch} if args.arch else {}))
-    settings = TuneSettings(data=args.data, family=args.family, trials=args.trials, space=space,
-                            halving=Halving(min_epochs=args.min_epochs, max_epochs=args.max_epochs),
-                            concurrency=args.concurrency, dask_address=args.dask, seed=args.seed,
-                            allow_contract_change=args.allow_contract_change)
     result = tune(args.inventory, settings)
     print(json.dumps(result, indent=1, default=str))
     return 0
