@@ -82,6 +82,10 @@ class Agent:
         self.inbox = InboxProcessor(self.paths, self.handle, config.serve.max_image_bytes,
                                     self.metrics.counting(self.sampler, "inbox"),
                                     max_pixels=config.serve.max_image_pixels)
+        self._beat_store = Store(config.store_url, config.store_options)  # heartbeats: own connection, no back-off
+        self._beat_lock = threading.Lock()
+        self._beats: threading.Thread | None = None
+        self._seq = 0
         self.uplink = Uplink(Store(config.store_url, config.store_options), self.outbox, config.site,
                              config.upload.max_samples_per_day, config.upload.max_bytes_per_day,
                              Backoff(config.upload.retry_base_s, config.upload.retry_max_s))
@@ -106,6 +110,8 @@ class Agent:
         self._start_server()
         log.info("agent for site %s started (pid %d, root %s)", self.config.site, os.getpid(), self.paths.root)
         self.heartbeat()
+        self._beats = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        self._beats.start()
         while not self.stop.is_set():
             self.tick()
             self.stop.wait(self.config.poll_interval_s)
@@ -130,6 +136,8 @@ class Agent:
         self.finetune.stop()
         if self.server is not None:
             self.server.stop()
+        if self._beats is not None:
+            self._beats.join(10)
         self.heartbeat(phase="stopped")
         self.paths.pid_file.unlink(missing_ok=True)
         log.info("stopped")
@@ -433,6 +441,16 @@ class Agent:
         if time.time() >= self.clock.heartbeat_due:
             self.heartbeat()
 
+    def _heartbeats(self) -> None:
+        """The heartbeat's own schedule: every ``heartbeat_interval_s`` whatever a step of the loop is doing
+        (a long inbox, a slow store for samples, uploads in back-off), until the agent stops."""
+        while not self.stop.wait(min(1.0, self.config.heartbeat_interval_s / 2)):
+            if time.time() >= self.clock.heartbeat_due:
+                try:
+                    self.heartbeat()
+                except Exception:  # noqa: BLE001 - a heartbeat that failed is retried on schedule
+                    log.exception("heartbeat failed")
+
     # ---- state and status ------------------------------------------------------------------------
     def save_state(self) -> None:
         with self.lock:
@@ -470,15 +488,21 @@ class Agent:
         }
 
     def heartbeat(self, phase: str | None = None) -> None:
-        """Write the status locally and send it to the store; with the disk full it is sent from memory."""
-        status = self.status(phase)
-        try:
-            write_json_atomic(self.paths.status_file, status)
-            self.save_state()
-        except OSError as exc:
-            log.error("status not written locally (%s); sending it from memory", exc)
-        self.uplink.heartbeat(status)
-        self.clock.heartbeat_due = time.time() + self.config.heartbeat_interval_s
+        """Write the status locally and send it to the store over the heartbeat's own connection (never held
+        back by the uploads' back-off); with the disk full it is sent from memory. One at a time (the loop and
+        the heartbeat thread both call it); each carries the next sequence number."""
+        with self._beat_lock:
+            self._seq += 1
+            status = {**self.status(phase), "seq": self._seq}
+            if status.get("last_upload_error"):
+                status["uploads"] = f"uploads failing ({status['last_upload_error']})"
+            try:
+                write_json_atomic(self.paths.status_file, status)
+                self.save_state()
+            except OSError as exc:
+                log.error("status not written locally (%s); sending it from memory", exc)
+            self.uplink.heartbeat(status, self._beat_store)
+            self.clock.heartbeat_due = time.time() + self.config.heartbeat_interval_s
 
     def disk_full(self) -> str | None:
         """``disk full (free X of Y, ...)`` while the agent's disk has less free than ``retention.min_free_bytes``."""

@@ -115,12 +115,14 @@ class Uplink:
         sent_sidecar = self.store.put_verified(sidecar_path, item.sidecar.read_bytes())
         return sent_image or sent_sidecar
 
-    def heartbeat(self, status: dict[str, Any]) -> None:
-        """Write ``status/<site>.json`` to the store; failures are logged, never raised."""
-        if not self.backoff.ready(time.time()):
-            return
+    def heartbeat(self, status: dict[str, Any], store: Store | None = None) -> bool:
+        """Write ``status/<site>.json`` to the store (``store``: the heartbeat's own connection); failures are
+        logged, never raised. It never waits on the uploads' back-off: a site whose uploads fail must still say
+        so (its status carries the upload error), or the cloud would take it for dead."""
         try:
-            self.store.put_verified(f"status/{self.site}.json", json.dumps(status, sort_keys=True, default=str).encode())
+            (store or self.store).put_verified(f"status/{self.site}.json",
+                                               json.dumps(status, sort_keys=True, default=str).encode())
+            return True
         except StoreError as exc:
-            self.backoff.failed(time.time())
             log.warning("status upload failed: %s", exc)
+            return False

@@ -122,11 +122,13 @@ def _binomial(n: int, p: float) -> tuple[np.ndarray, np.ndarray]:
 
 def alternatives(p0: float, limits: CanaryThresholds, side: str) -> list[float]:
     """The rates the operator wants caught: p0 halved and doubled (``rate_ratio``), each at least
-    ``min_change_points`` away from p0, within [0, 1] (a rise only for a one-sided test)."""
+    ``min_change_points`` away from p0, within [0, 1] (a rise only for a one-sided test); one that [0, 1] cuts
+    below ``min_change_points`` is left out."""
     floor = limits.min_change_points / 100
     up = min(1.0, max(p0 * limits.rate_ratio, p0 + floor))
     down = max(0.0, min(p0 / limits.rate_ratio, p0 - floor))
-    return [p for p in ([up] if side == "greater" else [down, up]) if p != p0]
+    # a change cut short by 0 or 1 (a rate of 98 % cannot double) is smaller than the one to catch: not asked
+    return [p for p in ([up] if side == "greater" else [down, up]) if p != p0 and abs(p - p0) >= floor - 1e-12]
 
 
 def required_n(p0: float, n0: int, alpha: float, limits: CanaryThresholds, side: str = "two",

@@ -43,19 +43,25 @@ class HostUnreachable(RuntimeError):
 UNREACHABLE = (ConnectError, WorkerGone, TimeoutError, ConnectionError, socket.timeout)
 
 
-def serving_artifact(checkpoint: Path, image_size: int) -> Path:
+def serving_artifact(checkpoint: Path, image_size: int, version: str | None = None) -> Path:
     """The checkpoint as the one-member ensemble graph an ``edge-serve`` site serves as it comes (that site
-    has no torch to export it): exported here once per checkpoint content and input size."""
+    has no torch to export it): exported here once per checkpoint content, input size and version. The graph
+    names itself as the folder the site serves it from (``base-<version>``), so the site's live window is
+    keyed by what its heartbeat says is active (the canary analysis reads it by that name)."""
+    from edge_agent.candidates import base_folder_name
+
     from edge_agent.ensemble import export_ensemble
     from edge_agent.models import load_checkpoint
 
     digest = file_sha256(checkpoint)
-    out = Path(checkpoint).parent / ".serving" / f"{digest[:16]}-{image_size}" / ENSEMBLE_FILE
+    named = {"version": base_folder_name(version)} if version else {}
+    folder = "-".join([digest[:16], str(image_size), *named.values()])
+    out = Path(checkpoint).parent / ".serving" / folder / ENSEMBLE_FILE
     if not out.is_file():
         model, meta = load_checkpoint(checkpoint)
         staged = out.parent.with_name(out.parent.name + f".tmp-{uuid.uuid4().hex[:8]}")
         export_ensemble([model], [meta.normalization], [1.0], staged / ENSEMBLE_FILE, image_size=image_size,
-                        class_names=meta.class_names, metadata={"checkpoint_sha256": digest})
+                        class_names=meta.class_names, metadata={"checkpoint_sha256": digest, **named})
         try:
             staged.rename(out.parent)
         except OSError:  # exported at the same time by another deploy: theirs is the same graph
@@ -75,7 +81,7 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
     try:
         artifact = Path(checkpoint)
         if site.install.profile == "edge-serve":
-            artifact = serving_artifact(artifact, site.learning.image_size)
+            artifact = serving_artifact(artifact, site.learning.image_size, version)
         digest, name = file_sha256(artifact), "model.pt" if artifact == Path(checkpoint) else ENSEMBLE_FILE
         remote = open_remote(site, inventory, accept_new_host_keys)
         worker = HostWorker(remote, site.python)

@@ -20,6 +20,7 @@ import pytest
 from agent_helpers import latest_table, serving_site, write_config
 
 from edge_agent.layout import AgentPaths
+from edge_agent.store import Store
 from orchestrator.health import UnreadableHeartbeat, parse_heartbeat
 from orchestrator.inventory import CanaryThresholds, load_inventory
 from orchestrator.registry import ModelRegistry
@@ -254,3 +255,94 @@ def _cli(*args: str):
 
     return subprocess.run([sys.executable, "-m", "edgeloop", *args], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=300)
+
+
+# ---- (9) heartbeats on their own schedule, never behind the uploads' back-off ---------------------------
+
+def test_failing_uploads_never_silence_the_heartbeat_and_it_says_why(tmp_path, elpv_small):
+    """A real agent whose sample uploads keep failing (its samples folder in the store is a file) heartbeats on
+    schedule all the same, and the heartbeat says "uploads failing (reason)"."""
+    from agent_helpers import AgentProcess, wait_for
+
+    from orchestrator.health import read_fleet_status
+
+    store = tmp_path / "store"
+    (store / "samples").mkdir(parents=True)
+    (store / "samples" / "s1").write_text("not a folder")  # every upload of s1's samples fails
+    root = tmp_path / "s1"
+    paths = serving_site(root, 32)
+    config = write_config(root, store.as_uri(), site="s1", upload={"random_share": 1.0, "retry_base_s": 5.0,
+                                                                    "retry_max_s": 60.0})
+    for image in sorted((elpv_small / "generic" / "functional").glob("*.png"))[:6]:
+        shutil.copy(image, paths.inbox / image.name)
+    agent = AgentProcess(config)
+    try:
+        wait_for(lambda: (agent.status() or {}).get("uploads", "").startswith("uploads failing ("), 60,
+                 "a heartbeat saying uploads fail", agent)
+        seen = read_fleet_status(Store(store.as_uri()), ["s1"])[0]["s1"]
+        time.sleep(4)  # the uploads are in back-off now (5 s, doubling): the heartbeat is not
+        latest = read_fleet_status(Store(store.as_uri()), ["s1"])[0]["s1"]
+        assert latest["seq"] >= seen["seq"] + 4, (seen["seq"], latest["seq"])  # every 0.5 s
+        assert latest["upload_backoff_failures"] >= 1 and "uploads failing (" in latest["uploads"]
+    finally:
+        agent.close()
+
+
+# ---- (7) serve-only sites judged on serving: a lab-shaped fleet rolled through -------------------------
+
+def test_a_lab_shaped_fleet_with_a_serve_only_site_in_wave_2_rolls_through(
+        prefect_harness, sshd_fleet, tmp_path, elpv_small, tiny_base_model):
+    """inventory/lab.yaml's shape on three sshd hosts with real agents and live traffic: a canary, wave 1, and an
+    ``edge-serve`` site in wave 2. The serve-only site never fine-tunes: it is judged on serving the version as
+    it came and on its live window (here it passes its tests), and the rollout reaches its end."""
+    from agent_helpers import AgentProcess, wait_for
+    from test_rollout import _Traffic
+
+    from edge_agent.activation import activate
+    from flows.rollout import RolloutRequest, rollout
+    from orchestrator.canary import predictions
+    from orchestrator.deploy import serving_artifact
+
+    limits = ("{min_change_points: 40, latency_p95_growth_pct: 100000, confidence_drop_points: 100, "
+              "disagreement_rise_points: 100}")
+    inventory = load_inventory(fleet_inventory(
+        sshd_fleet, tmp_path, rollout=f", waves: [0.5, 1.0], inconclusive: proceed, thresholds: {limits}",
+        sites={"host2": "install: {profile: edge-serve}"}))
+    assert [s.install.profile for s in inventory.sites] == ["edge", "edge", "edge-serve"]
+    store = (tmp_path / "store").as_uri()
+    paths, agents, cams = {}, [], []
+    images = sorted((elpv_small / "generic").rglob("*.png"))
+    for name in HOSTS:
+        root = tmp_path / "roots" / name
+        paths[name] = serving_site(root, 32)
+        profile = {"profile": "edge-serve"} if name == "host2" else {}
+        shutil.copy(write_config(root, store, site=name, **profile), paths[name].config_file)
+    # the serve-only site serves the same weights before (another name): its live rates stay, its tests pass
+    before = paths["host2"].ensembles / "base-before"
+    before.mkdir()
+    shutil.copy(serving_artifact(tiny_base_model, 32, "before"), before / "ensemble.onnx")
+    activate(paths["host2"], "base-before")
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register("elpv", tiny_base_model, arch="tiny_cnn", dataset_id=None, hyperparameters={},
+                                metrics={}).version
+    try:
+        for name in HOSTS:
+            agents.append(AgentProcess(paths[name].config_file))
+            cams.append(_Traffic(images, paths[name].inbox))
+            cams[-1].start()
+        for agent in agents:  # a window before the deploy: what the sites served
+            wait_for(lambda: predictions(agent.status()) >= 40, 90, "40 predictions before the deploy", agent)
+        done = rollout(str(inventory.path), RolloutRequest(version=version, family="elpv"))
+        rows = {r["site"]: r for r in latest_table("rollout")}
+        assert [rows[h]["stage"] for h in HOSTS] == ["canary", "wave 1", "wave 2"]
+        assert done["rest"]["host2"] == "passed", rows["host2"]
+        assert f"serves base-{version} on {version}" in rows["host2"]["reason"]
+        # the fine-tuning sites had no labels: their gate kept v1, so no live evidence on the version
+        assert done["canaries"] == {"host0": "inconclusive"} and done["rest"]["host1"] == "inconclusive"
+        assert "as before" in rows["host0"]["reason"]
+        assert os.readlink(paths["host2"].active_link) == f"ensembles/base-{version}"
+    finally:
+        for cam in cams:
+            cam.stop.set()
+        for agent in agents:
+            agent.close()
