@@ -76,7 +76,7 @@ HOSTILE_BAD = {b"cam_\xe9t\xe9_0002.png": "cam_\\xe9t\\xe9_0002.png", b"a.png.re
 
 def test_any_name_is_classified_or_quarantined_once_and_the_images_behind_it_move(tmp_path):
     paths = serving_site(tmp_path / "site-1", SIZE)
-    agent_config = write_config(paths.root, (tmp_path / "store").as_uri())
+    agent_config = write_config(paths.root, (tmp_path / "store").as_uri(), upload={"random_share": 1.0})
     age = 1000
     for name in [*HOSTILE_GOOD, *HOSTILE_BAD]:  # the hostile names first in the queue, the plain ones behind
         put(paths.inbox, name, png(age) if name in HOSTILE_GOOD else b"not an image", age)
@@ -91,9 +91,11 @@ def test_any_name_is_classified_or_quarantined_once_and_the_images_behind_it_mov
                           and s["quarantined_total"] >= len(HOSTILE_BAD) and s, 60, "the inbox to drain", agent)
         time.sleep(2.0)  # ten more passes: nothing may be classified again
         status = agent.status()
+        log = agent.tail(2000)
     finally:
         agent.close()
     assert os.listdir(os.fsencode(paths.inbox)) == []
+    assert status["selected_total"] == wanted and "sample selection failed" not in log  # every one is a sample
     lines = results(paths)
     assert sorted(r["file"] for r in lines) == sorted([*HOSTILE_GOOD.values(), *plain])  # each once, escaped
     assert status["processed_total"] == wanted and status["quarantined_total"] == len(HOSTILE_BAD)
