@@ -94,7 +94,8 @@ def test_the_cloud_judges_with_its_own_alpha_and_bounds_what_a_window_claims():
 
 # ---- a fleet of real sshd hosts with agent roots prepared in place ------------------------------------
 
-def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[str, str] | None = None) -> Path:
+def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[str, str] | None = None,
+                    canary: str = "[host0]") -> Path:
     """An inventory of the module's sshd hosts; ``sites`` adds keys per site (e.g. an edge-serve profile)."""
     roots = tmp_path / "roots"
     rows = "".join(f"  - {{name: {h.name}, connection: {{host: 127.0.0.1, port: {h.port}}}, root: {roots / h.name}"
@@ -104,7 +105,7 @@ def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[s
     path.write_text(f"""
 cloud: {{store_url: "file://{tmp_path / 'store'}", registry: "{tmp_path / 'registry'}"}}
 ssh: {{known_hosts: {sshd_fleet.known_hosts}}}
-rollout: {{canary: [host0], soak_s: 3, fresh_within_s: 2, timeout_s: 60, lease_s: 30, rollback_retry_s: 0.2{rollout}}}
+rollout: {{canary: {canary}, soak_s: 3, fresh_within_s: 2, timeout_s: 60, lease_s: 30, rollback_retry_s: 0.2{rollout}}}
 defaults:
   connection: {{type: ssh, user: {sshd_fleet.user}, key_file: {sshd_fleet.client_key}, connect_timeout_s: 5}}
   python: {sys.executable}
@@ -346,3 +347,41 @@ def test_a_lab_shaped_fleet_with_a_serve_only_site_in_wave_2_rolls_through(
             cam.stop.set()
         for agent in agents:
             agent.close()
+
+
+# ---- (6) a rollback that fails is retried; the run names the sites that still serve the version ---------
+
+def test_a_failed_rollback_is_retried_and_the_sites_still_serving_are_named(
+        prefect_harness, sshd_fleet, tmp_path, tiny_base_model, monkeypatch):
+    """Two canaries whose agents are down: both fail on silence and are rolled back. host1's first rollback
+    attempt does not reach it (retried, then done); host0's fence cannot be written (by the time of the
+    rollback a folder stands where fence.json belongs), every attempt fails: the run ends red naming host0 as still serving, and the registry says so."""
+    from flows.rollout import RolloutHalted, RolloutRequest, rollout
+    from orchestrator import rollout as waves
+
+    inventory = load_inventory(fleet_inventory(sshd_fleet, tmp_path, canary="[host0, host1]"))
+    paths = prepared_roots(tmp_path, (tmp_path / "store").as_uri())
+    registry = ModelRegistry(tmp_path / "registry")
+    version = registry.register("elpv", tiny_base_model, arch="tiny_cnn", dataset_id=None, hyperparameters={},
+                                metrics={}).version
+    real, calls = waves.rollback_site, []
+
+    def flaky(fleet, site, v, dry_run=False):
+        calls.append(site)
+        if site == "host0" and not paths["host0"].fence_file.is_dir():  # after the deploy landed
+            paths["host0"].fence_file.unlink(missing_ok=True)
+            paths["host0"].fence_file.mkdir()
+        if site == "host1" and calls.count("host1") == 1:
+            raise ConnectionError("host1 did not answer")
+        return real(fleet, site, v, dry_run)
+
+    monkeypatch.setattr(waves, "rollback_site", flaky)
+    with pytest.raises(RolloutHalted, match=rf"rolled back host1; STILL SERVING {version} \(rollback failed\): host0"):
+        rollout(str(inventory.path), RolloutRequest(version=version, family="elpv"))
+    assert calls.count("host0") == 4 and calls.count("host1") == 2  # 3 retries for host0, one for host1
+    rows = {r["site"]: r for r in latest_table("rollout")}
+    assert not (paths["host1"].base_models / version).exists(), rows
+    assert (paths["host0"].base_models / version).is_dir(), rows
+    assert rows["host1"]["rolled_back"].endswith("(attempt 2)")
+    assert rows["host0"]["rolled_back"].startswith("rollback failed after 4 attempts")
+    assert registry.get(version).rolled_back.still_serving == ["host0"]
