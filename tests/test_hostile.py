@@ -157,6 +157,8 @@ def test_fuzzed_sidecars_are_rejected_alone_and_good_samples_still_come_in(tmp_p
     accepted = {put_sample(store, "a", good_png(i), json.dumps(good).encode()) for i in range(3)}
     put_sample(store, "a", good_png(50), json.dumps(good).encode(), name="0" * 64)  # hash does not match
     (store / "samples" / "a" / f"{'1' * 64}.json").write_bytes(json.dumps(good).encode())  # image missing
+    (store / "exams").mkdir()  # site a published its exam list (without one its samples are held)
+    (store / "exams" / "a.json").write_text(json.dumps({"site": "a", "sha256": [], "phash": []}))
 
     collection = collect_samples(Store(f"file://{store}"))
     assert {s.sha256 for s in collection.accepted} == accepted
