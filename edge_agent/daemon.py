@@ -257,7 +257,7 @@ class Agent:
                 log.error("base model %s cannot serve: %s", version, exc)
                 return
             publish(self.paths, staged, name)
-        activate(self.paths, name)
+        activate(self.paths, name, bases=[version])  # the fence holds here too: a rolled-back base never serves
         log.info("serving base model %s as it came (profile %s)", version, self.config.profile)
         self.save_state()
         self.heartbeat()

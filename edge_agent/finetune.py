@@ -227,7 +227,7 @@ def serve_base_only(config: AgentConfig, paths: AgentPaths, run_dir: Path, run_i
         except ValueError as exc:
             raise FinetuneError(f"the base {base_version} as-is cannot serve: {exc}") from None
         final = publish(paths, folder, folder.name.removeprefix(STAGING_PREFIX)) if is_new else folder
-        activate(paths, final.name, expected=None)
+        activate(paths, final.name, expected=None, bases=[base_version])  # a fenced base never activates
         serving, version = "base", final.name
     decision = f"{blocked}; {'the base as-is serves' if current is None else 'what serves stays'}"
     log.info("fine-tune %s skipped: %s", run_id, decision)

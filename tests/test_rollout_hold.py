@@ -385,3 +385,43 @@ def test_a_failed_rollback_is_retried_and_the_sites_still_serving_are_named(
     assert rows["host1"]["rolled_back"].endswith("(attempt 2)")
     assert rows["host0"]["rolled_back"].startswith("rollback failed after 4 attempts")
     assert registry.get(version).rolled_back.still_serving == ["host0"]
+
+
+# ---- (10) a restart during the soak is "restarting"; every activation path checks the fence -----------
+
+def test_a_restart_during_the_soak_is_restarting_and_judged_by_the_next_heartbeat():
+    status = _heartbeat(last_run={"run_id": "r2", "bases": ["v2"], "serving": "new"})
+    watch = Watch("a", 100.0, None, 30, restart_grace_s=20)
+    assert judge(watch, status, 0.0, "v2", 5, 110)[0] == "waiting"
+    stopped = {**status, "state": "stopped"}
+    assert judge(watch, stopped, 0.0, "v2", 5, 112)[1].startswith("restarting (the agent stopped 0 s ago")
+    assert judge(watch, {**status, "pid": 8}, 0.0, "v2", 5, 125)[1].startswith("healthy on v2; soaking")
+    assert judge(watch, stopped, 0.0, "v2", 5, 126)[0] == "waiting"
+    assert judge(watch, stopped, 0.0, "v2", 5, 147) == ("failed", "the agent stopped and did not restart within "
+                                                                  "20 s")
+
+
+def test_serving_a_base_as_it_came_checks_the_fence(tmp_path, tiny_base_model):
+    """Both paths that serve a base unchanged (serve_base_only at a site too small to fine-tune, and an
+    edge-serve site's serve_as_is) refuse a base a rollback fenced."""
+    from edge_agent.activation import Fenced, activate
+    from edge_agent.candidates import base_folder_name
+
+    paths = serving_site(tmp_path / "s1", 32)
+    paths.fence_file.write_text(json.dumps({"versions": ["v9"]}))
+    shutil.copytree(paths.ensembles / "v1", paths.ensembles / base_folder_name("v9"))
+    with pytest.raises(Fenced, match="v9 was rolled back"):
+        activate(paths, base_folder_name("v9"), bases=["v9"])
+    from edge_agent.config import load_config
+    from edge_agent.daemon import Agent
+
+    (paths.base_models / "v9").mkdir(parents=True)
+    shutil.copy(paths.ensembles / "v1" / "ensemble.onnx", paths.base_models / "v9" / "ensemble.onnx")
+    config = write_config(tmp_path / "s1", (tmp_path / "store").as_uri(), site="s1", profile="edge-serve")
+    agent = Agent(load_config(config), config)
+    with pytest.raises(Fenced):
+        agent.serve_as_is("v9")  # an edge-serve site's activation path
+    assert os.readlink(paths.active_link) == "ensembles/v1"
+    repo = Path(__file__).resolve().parents[1]
+    assert "activate(paths, final.name, expected=None, bases=[base_version])" in \
+        (repo / "edge_agent" / "finetune.py").read_text()
