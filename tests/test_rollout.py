@@ -371,8 +371,9 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
     The fleet serves a model that calls every cell functional. A version that calls every cell defective
     wins host0's own gate (its operator labelled defects, so its gate split is all defective) but the live
     defect rate jumps from 0 to 100 %: the analysis fails it and host0 serves what it served before. Then a
-    version that changes nothing passes the canary and wave 1, and wave 2's agent is dead: every site that
-    got it is rolled back and the run is red with the table of sites and reasons.
+    version that changes nothing goes through the canary and wave 1 (inconclusive: no live evidence on it, and
+    ``inconclusive: proceed``), and wave 2's agent is dead: every site that got it is rolled back and the run is
+    red with the table of sites and reasons.
     """
     roots, registry_root = tmp_path / "roots", tmp_path / "registry"
     path = _inventory(sshd_fleet, tmp_path / "fleet.yaml", roots, registry_root)
@@ -423,7 +424,9 @@ def test_a_defect_rate_jump_fails_the_canary_and_an_abort_in_a_later_wave_rolls_
         with pytest.raises(RolloutHalted, match=r"host2 failed: no heartbeat for .*rolled back host0, host1, host2"):
             rollout(str(inventory.path), RolloutRequest(version=again, family="elpv"))
         rows = {r["site"]: r for r in latest_table("rollout")}
-        assert [rows[h]["verdict"] for h in HOSTS] == ["passed", "inconclusive", "failed"]  # host1: no traffic
+        # host0's gate kept what served (the same model again) and host1 has no traffic: no live evidence, so
+        # inconclusive (never "passed"), and the rollout goes on under rollout.inconclusive: proceed
+        assert [rows[h]["verdict"] for h in HOSTS] == ["inconclusive", "inconclusive", "failed"]
         assert [rows[h]["stage"] for h in HOSTS] == ["canary", "wave 1", "wave 2"]
         for host in HOSTS:
             paths = AgentPaths(roots / host)
