@@ -594,6 +594,9 @@ def labels_to_reach(cloud_rows: list[dict]) -> float | None:
     if not by_arm["random"]:
         return None
     target, spent = by_arm["random"][-1]["sites_mean"], by_arm["random"][-1].get("labels") or 0
+    start = next(r["sites_mean"] for r in cloud_rows if r["arm"] == "random" and r["round"] == 0)
+    if target <= start:
+        return None  # random's uploads bought nothing: there is no accuracy to reach
     for row in by_arm["selected"]:
         if row["sites_mean"] >= target and spent:
             return round((row.get("labels") or 0) / spent, 4)
@@ -677,7 +680,7 @@ def markdown(result: dict) -> str:
     need = s.get("labels_needed_vs_random") or {}
     lines += ["", "Labels the selected chain spent to reach the random chain's final accuracy on the sites' test "
               "splits, as a share of the random chain's labels: " +
-              ("never reached" if need.get("mean") is None else f"{need['mean']:.2f} ± {need['std']:.2f} "
+              ("not measured (random's chain never improved, or selected never reached it)" if need.get("mean") is None else f"{need['mean']:.2f} ± {need['std']:.2f} "
                                                                f"({need['n']} of {len(result['seeds'])} seeds reached it)")]
     lines += ["", "| cloud chain | round | generic test | sites' test (mean) | " +
               " | ".join(sorted(s["edge"])) + " |", "|---|---:|---:|---:|" + "---:|" * len(s["edge"])]
@@ -700,8 +703,8 @@ def markdown(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=Settings.seeds)
+    parser.add_argument("--rounds", type=int, default=Settings.rounds)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, few epochs: checks the pipeline")
     parser.add_argument("--no-scratch", action="store_true", help="leave out round 1's fine-tune-vs-scratch runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
