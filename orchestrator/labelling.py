@@ -200,6 +200,8 @@ class LabelQueue:
             try:
                 found = _task_label(task)
                 if found is not None:
+                    if found[1] not in self.classes:  # a person's choice, never the discard marker
+                        raise LabelError(f"unknown class {found[1][:80]!r}; expected one of {self.classes}")
                     self._check(*found, known)
                     labels[found[0]] = found[1]
             except (LabelError, TypeError, ValueError) as exc:
