@@ -31,7 +31,8 @@ from orchestrator.registry import ModelRegistry, operator
 class RolloutRequest(BaseModel):
     """Which version goes out, and to which sites."""
 
-    version: str | None = Field(None, description="registry version to roll out; default: the family's champion")
+    version: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                description="registry version to roll out; default: the family's champion")
     family: str = Field("elpv-defects", description="model family whose champion goes out by default")
     limit: list[str] | None = Field(None, description="only these sites (default: the whole fleet)")
     override: str | None = Field(None, description="the reason to deploy a version that was rolled back "

@@ -38,6 +38,8 @@ class CandidateScores(_Part):
 
 Rate = Annotated[FiniteFloat, Field(ge=0, le=1)]
 Count = Annotated[int, Field(ge=0)]
+Name = Annotated[str, Field(max_length=256)]  # a site, version or state: no report carries megabytes of one
+Text = Annotated[str, Field(max_length=16384)]  # a reason or an error message
 
 
 class GateEvidence(_Part):
@@ -134,24 +136,24 @@ class Heartbeat(_Part):
     """
 
     time: FiniteFloat
-    site: str | None = None
+    site: Name | None = None
     seq: Count | None = None  # newer agents: one more per heartbeat, so the cloud sees each one change
     pid: int | None = Field(None, gt=0)
-    state: str = "unknown"
+    state: Name = "unknown"
     started: FiniteFloat | None = None
-    active_version: str | None = None
-    serving_problem: str | None = None
-    base_versions: list[str] = Field(default_factory=list)
+    active_version: Name | None = None
+    serving_problem: Text | None = None
+    base_versions: list[Name] = Field(default_factory=list, max_length=64)
     finetune: FinetuneStatus = Field(default_factory=FinetuneStatus)
-    pending_finetune: str | None = None
+    pending_finetune: Text | None = None
     finetune_failures: int = Field(0, ge=0)
     last_run: LastRun | None = None
     queues: Queues = Field(default_factory=Queues)
     upload_ledger: UploadLedger = Field(default_factory=UploadLedger)
-    last_upload_error: str | None = None
-    recovery: str | None = None
-    disk_full: str | None = None
-    inbox_stuck: str | None = None
+    last_upload_error: Text | None = None
+    recovery: Text | None = None
+    disk_full: Text | None = None
+    inbox_stuck: Text | None = None
     processed_total: int = Field(0, ge=0)
     quarantined_total: int = Field(0, ge=0)
     selected_total: int = Field(0, ge=0)

@@ -97,3 +97,22 @@ def test_flows_health_reads_its_inventory_argument_and_a_never_provisioned_site_
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 ok, 3 not provisioned (site-1: no heartbeat in the store" in run.stdout
     assert "flows/health.py" not in run.stderr  # no traceback of ours
+
+
+def test_a_heartbeat_carrying_megabytes_in_a_name_is_unreadable_not_reported():
+    """A version or state name is a name: one of 300 characters (or 20 MB) makes the heartbeat unreadable, so no
+    report or table carries it; the same heartbeat with a proper name reads."""
+    import json
+
+    from flows.rollout import RolloutRequest
+    from orchestrator.health import UnreadableHeartbeat, parse_heartbeat
+
+    good = {"site": "a", "time": time.time(), "active_version": "20261204T000000-abc", "state": "serving"}
+    assert parse_heartbeat(json.dumps(good).encode(), "a")["active_version"] == good["active_version"]
+    for field in ("active_version", "state"):
+        with pytest.raises(UnreadableHeartbeat, match=field):
+            parse_heartbeat(json.dumps({**good, field: "v" * 300}).encode(), "a")
+    with pytest.raises(ValueError, match="version"):
+        RolloutRequest(version="v" * 20_000_000)
+    with pytest.raises(ValueError, match="version"):
+        RolloutRequest(version="../../etc")
