@@ -707,6 +707,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=Settings.rounds)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, few epochs: checks the pipeline")
     parser.add_argument("--no-scratch", action="store_true", help="leave out round 1's fine-tune-vs-scratch runs")
+    parser.add_argument("--only-seed", type=int, help="run this one seed (to spread seeds over processes; "
+                        "bench/loop.py --merge joins their results)")
+    parser.add_argument("--merge", nargs="+", type=Path, help="join the seeds of these result files (same settings)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true",
                         help="keep the seeds a cut-short run of the same settings saved, and run only the rest")
@@ -718,8 +721,13 @@ def main() -> int:
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "loop-quick" if args.quick else "loop"
+    if args.merge:
+        return merge(args.merge, args.out / stem)
     seeds = _saved_seeds(args.out / f"{stem}.json", settings) if args.resume else []
-    for seed in range(len(seeds), settings.seeds):
+    todo = [args.only_seed] if args.only_seed is not None else range(len(seeds), settings.seeds)
+    if args.only_seed is not None:
+        stem = f"{stem}-seed{args.only_seed}"
+    for seed in todo:
         with tempfile.TemporaryDirectory(prefix=f"bench-loop-{seed}-") as tmp:
             seeds.append(run_seed(seed, settings, Path(tmp), lambda line: print(line, flush=True)))
         # written after every seed: a run cut short still leaves the seeds it finished (marked partial)
@@ -732,6 +740,24 @@ def main() -> int:
         (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     print(f"wrote {args.out / stem}.json, .png, .md in {result['seconds'] / 60:.1f} min")
+    return 0
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """One result from the seeds of several runs of the same settings (each seed once)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    if any(r["settings"] != runs[0]["settings"] for r in runs):
+        raise SystemExit("the runs differ in their settings: not merged")
+    seeds = sorted({s["seed"]: s for r in runs for s in r["seeds"]}.values(), key=lambda s: s["seed"])
+    settings = runs[0]["settings"]
+    result = {**runs[0], "seeds": seeds, "partial": len(seeds) < settings["seeds"],
+              "summary": summarise(seeds, settings["rounds"]), "seconds": max(r["seconds"] for r in runs),
+              "command": " + ".join(r["command"] for r in runs) + f" (merged: python bench/loop.py --merge "
+                                                                  f"{' '.join(map(str, paths))})"}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot(result, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
     return 0
 
 
