@@ -1,8 +1,11 @@
 """Fleet health from the sites' heartbeats: one row per site, and which sites need a person.
 
-A heartbeat's age is the cloud's, never the edge's: it is measured from when the *store* last wrote the
-site's status file (the listing's mtime), so an edge clock that is slow or fast changes nothing. A site is
-*stale* when that age is over ``cloud.stale_after_s``: its agent is down, its host is off, or its link to
+A heartbeat's age is the cloud's, by one clock that no writer sets: the time, by the cloud's own clock, at
+which the cloud first saw the site's heartbeat change (:meth:`FleetStatus.age`). An edge clock, a store clock
+ahead or behind, or an mtime a writer set (SFTP's utime) changes nothing once the cloud has watched one change.
+A heartbeat seen for the first time has only the store's mtime to go by: it counts as written then, never in
+the cloud's future; one stamped in the cloud's future has an unknown age and reads stale until the cloud sees
+it change. A site is *stale* when that age is over ``cloud.stale_after_s``: its agent is down, its host is off, or its link to
 the store is cut. A site with no heartbeat in the store at all is *not provisioned* (or its agent never
 reached the store). A site that answers but reports trouble (a broken ensemble it fell back from, uploads
 failing, fine-tunes failing) is *degraded*.
@@ -10,6 +13,8 @@ failing, fine-tunes failing) is *degraded*.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any
@@ -20,6 +25,8 @@ from edge_agent.sidecar import validate_json_object
 from edge_agent.store import Listed, Store, StoreError
 
 MAX_HEARTBEAT_BYTES = 1024 * 1024  # a heartbeat is a few kB; a 200 MB one is an attack, not a status
+FUTURE_TOLERANCE_S = 2.0  # an mtime this far past the cloud's now is a clock or a writer lying, not a write
+UNKNOWN_AGE = math.inf  # FleetStatus.age of a first-seen heartbeat stamped in the cloud's future
 
 
 class _Part(BaseModel):
@@ -181,13 +188,17 @@ class FleetStatus:
     """The fleet's latest heartbeats, as cheaply as the store allows at any fleet size.
 
     Each :meth:`read` lists ``status/`` once and fetches, in one batched call, only the heartbeats whose
-    size or time changed since the last read: polling 100 sites is one listing plus what changed, with no
-    request and no thread per site.
+    size or time changed since the last read (and those stamped in the cloud's future, whose listing cannot
+    tell a change): polling 100 sites is one listing plus what changed, with no request and no thread per site.
+    It keeps, by ``clock`` (the cloud's), when it first saw each heartbeat's content change: the only time
+    :meth:`age` trusts, so a reader kept across polls ages heartbeats by one clock no writer sets.
     """
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, clock=time.time):
         self.store = store
+        self.clock = clock
         self._seen: dict[str, tuple[Listed, dict | str]] = {}  # site -> (listing entry, heartbeat or why not)
+        self._changed: dict[str, tuple[str, float]] = {}  # site -> (content digest, cloud time it was first seen)
         self.fetched = 0  # heartbeats fetched by the last read
         self.error = ""  # why the last read could not reach the store
 
@@ -206,8 +217,10 @@ class FleetStatus:
         """
         try:
             listing = self.store.listing("status")
+            now = self.clock()
             changed = [s for s in sites if f"{s}.json" in listing
-                       and self._seen.get(s, ((),))[0] != listing[f"{s}.json"]]
+                       and (self._seen.get(s, ((),))[0] != listing[f"{s}.json"]
+                            or _in_future(listing[f"{s}.json"].mtime, now))]
             fetched, refused = self.store.read_many([f"status/{s}.json" for s in changed], MAX_HEARTBEAT_BYTES)
         except StoreError as exc:
             self.error, self.fetched = str(exc), 0
@@ -215,18 +228,33 @@ class FleetStatus:
         self.error, self.fetched = "", len(fetched)
         for site in [s for s in self._seen if f"{s}.json" not in listing]:
             del self._seen[site]  # its heartbeat was removed from the store
+            self._changed.pop(site, None)
         for site in changed:
             name = f"status/{site}.json"
             if name in refused:
                 self._seen[site] = (listing[f"{site}.json"], refused[name].removeprefix(f"{name}: "))
+                self._saw(site, f"refused {listing[f'{site}.json']}", listing[f"{site}.json"].mtime, now)
             elif name not in fetched:  # gone between the listing and the read
                 self._seen.pop(site, None)
+                self._changed.pop(site, None)
             else:
+                self._saw(site, hashlib.sha256(fetched[name]).hexdigest(), listing[f"{site}.json"].mtime, now)
                 try:
                     self._seen[site] = (listing[f"{site}.json"], parse_heartbeat(fetched[name], site))
                 except UnreadableHeartbeat as exc:
                     self._seen[site] = (listing[f"{site}.json"], str(exc))
         return self._valid(sites)
+
+    def _saw(self, site: str, digest: str, mtime: float | None, now: float) -> None:
+        """Record when the cloud first saw ``site``'s heartbeat as ``digest``: now for a change it watched
+        happen; for the first sighting, the store's mtime clamped to now (a store clock behind makes a live
+        site look old only until its next heartbeat), unknown (-inf) if stamped in the cloud's future."""
+        if site in self._changed:
+            if self._changed[site][0] != digest:  # same content with a new mtime (touched) is no heartbeat
+                self._changed[site] = (digest, now)
+            return
+        first = -math.inf if mtime is None or _in_future(mtime, now) else min(mtime, now)
+        self._changed[site] = (digest, first)
 
     def _valid(self, sites: list[str]) -> dict[str, dict]:
         return {s: self._seen[s][1] for s in sites if s in self._seen and isinstance(self._seen[s][1], dict)}
@@ -237,9 +265,15 @@ class FleetStatus:
         return {s: self._seen[s][0].mtime for s in sites if s in self._seen and self._seen[s][0].mtime is not None}
 
     def age(self, site: str, now: float | None = None) -> float | None:
-        """Seconds since the store wrote ``site``'s heartbeat, by the cloud's clock (None: never seen)."""
-        stored = self.stored_at([site]).get(site)
-        return None if stored is None else max(0.0, (time.time() if now is None else now) - stored)
+        """Seconds since the cloud first saw ``site``'s heartbeat as it is now, by the cloud's clock (None:
+        none in the store; :data:`UNKNOWN_AGE` (inf): seen once, stamped in the cloud's future)."""
+        if site not in self._seen or site not in self._changed:
+            return None
+        return max(0.0, (self.clock() if now is None else now) - self._changed[site][1])
+
+
+def _in_future(mtime: float | None, now: float) -> bool:
+    return mtime is not None and mtime > now + FUTURE_TOLERANCE_S
 
 
 def read_fleet_status(store: Store, sites: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
@@ -291,6 +325,10 @@ NOT_PROVISIONED = "no heartbeat in the store: never provisioned, or its agent ne
 def _site(site: str, s: dict | None, stale_after_s: float, age: float | None) -> SiteHealth:
     if age is None:
         return SiteHealth(site, "not provisioned", NOT_PROVISIONED, None, None, None, "", None, None)
+    if math.isinf(age):
+        return SiteHealth(site, "stale", "heartbeat stamped in the cloud's future (a store clock ahead or an mtime "
+                          "a writer set): stale until the cloud sees it change", (s or {}).get("state"), None,
+                          (s or {}).get("active_version"), "", None, None)
     age = round(age, 1)
     if not s:
         return SiteHealth(site, "stale" if age > stale_after_s else "degraded",
