@@ -21,6 +21,7 @@ successful restart removes it, so a run cut off in between is finished by the ne
 import errno
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -729,17 +730,23 @@ def deploy_record(req: Request) -> Answer:
     return {"changed": True, "before_active": before}
 
 
-def _built_on(root: str, name: str, version: str) -> bool:
-    """Whether ensemble ``name`` was built on base ``version``: the base as-is, or a fine-tune whose
-    ``report.json`` lists it among its bases (False when that cannot be read)."""
-    if name == "base-" + version:
-        return True
+def _bases(root: str, name: str) -> Optional[List[str]]:
+    """The base versions ensemble ``name`` was built on: ``base-<V>`` is V as-is, a fine-tune's
+    ``report.json`` lists its bases; None when that cannot be read (its lineage is unknown)."""
     try:
         report = json.loads(read_bounded(_models(root, "ensembles", name, "report.json"), MAX_REPORT_BYTES) or "null")
     except (OSError, ValueError):
-        return False
+        report = None
     bases = report.get("bases") if isinstance(report, dict) else None
-    return isinstance(bases, list) and version in bases
+    known = [b for b in bases if isinstance(b, str)] if isinstance(bases, list) else None
+    if name.startswith("base-"):
+        return sorted(set((known or []) + [name[len("base-"):]]))
+    return known
+
+
+def _built_on(root: str, name: str, version: str) -> bool:
+    """Whether ensemble ``name`` was built on base ``version`` (False when its lineage cannot be read)."""
+    return version in (_bases(root, name) or [])
 
 
 def _unsafe(root: str, version: str, before: Optional[str], serving: Optional[str]) -> Optional[str]:
@@ -785,8 +792,53 @@ def _check_ensemble(root: str, name: str, check: List[str]) -> Optional[str]:
     return None if done.returncode == 0 else (done.stderr.strip()[-500:] or "exit status %d" % done.returncode)
 
 
+def _choose(root: str, version: str, record: Dict, serving: Optional[str], off: List[str], check: List[str]
+            ) -> Tuple[Optional[str], Optional[str]]:
+    """``(ensemble to serve, None)`` or ``(None, why not)`` for the rollback of ``version``; ``off`` is it and
+    every fenced version. What serves now stays when it is known to be built on none of ``off`` (rolling
+    back V1 after V2 keeps V2's ensemble). Otherwise what served before ``version`` (its record, checked as
+    :func:`_unsafe` says), unless that is built on a fenced version; then what served before each other
+    deploy, newest record first: never an ensemble built on any of ``off``, never one that would not serve."""
+    lineage = _bases(root, serving) if serving is not None else None
+    if lineage is not None and not set(lineage) & set(off):
+        return serving, None
+    before = record["before_active"]
+    why = _unsafe(root, version, before, serving)
+    if why:
+        return None, why
+    if before is None or not set(_bases(root, before) or []) & set(off):
+        why = None if before in (None, serving) else _check_ensemble(root, before, check)
+        return (None, "cannot restore {}: {}".format(before, why)) if why else (before, None)
+    for name in _served_before_others(root, version):
+        if name != before and not set(_bases(root, name) or []) & set(off) \
+                and _unsafe(root, version, name, serving) is None \
+                and (name == serving or _check_ensemble(root, name, check) is None):
+            return name, None
+    return None, ("cannot restore {b}: it was built on fenced {f}, and no ensemble that served before another "
+                  "deploy is free of {v} and every fenced version".format(
+                      b=before, f=", ".join(sorted(set(_bases(root, before) or []) & set(off))), v=version))
+
+
+def _served_before_others(root: str, version: str) -> List[str]:
+    """What served before each deploy other than ``version``'s, by its trusted record, newest record first."""
+    folder, found = _models(root, "deploys"), []
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names[:1000]:  # a site keeps a record per version deployed: a few hundred at most
+        other = name[:-len(".json")]
+        if not name.endswith(".json") or other == version or not valid_name(other):
+            continue
+        record = _record(root, other)[0]
+        if record is not None and record["before_active"] is not None:
+            stamp = record.get("time")
+            found.append((stamp if isinstance(stamp, (int, float)) and math.isfinite(stamp) else 0.0,
+                          record["before_active"]))
+    return [name for _, name in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
 def rollback(req: Request) -> Answer:
-    """Undo the deploy of base ``version``: serve exactly what served before it, then set the base aside.
+    """Undo the deploy of base ``version``: what serves now stays if it owes the version (and every fenced
+    version) nothing; otherwise what served before it, or the newest ensemble that served before another
+    deploy and is built on no fenced version (:func:`_choose`). Then the base is set aside.
 
     Refuses, before touching anything, when the site has no record of what served before the version, when
     the record cannot be trusted (not a small regular file, another version's, a name that is not an
@@ -820,15 +872,11 @@ def rollback(req: Request) -> Answer:
         return refuse("cannot fence {}: {}".format(version, exc))
     if not present and version in fenced:  # rolled back before: what serves now is not this rollback's to change
         return {"changed": [], "version": version, "serving": serving}
-    before = record["before_active"]
-    why = _unsafe(root, version, before, serving)
+    before, why = _choose(root, version, record, serving, [version] + [v for v in fenced if v != version],
+                          req["check"])
     if why:
         return refuse(why)
     changed = []
-    if before != serving and before is not None:
-        why = _check_ensemble(root, before, req["check"])
-        if why:
-            return refuse("cannot restore {}: {}".format(before, why))
     if req.get("dry_run"):
         return {"changed": [], "would_restore": before, "serving": serving}
     import fcntl
