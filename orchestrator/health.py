@@ -188,8 +188,8 @@ class FleetStatus:
     """The fleet's latest heartbeats, as cheaply as the store allows at any fleet size.
 
     Each :meth:`read` lists ``status/`` once and fetches, in one batched call, only the heartbeats whose
-    size or time changed since the last read (and those stamped in the cloud's future, whose listing cannot
-    tell a change): polling 100 sites is one listing plus what changed, with no request and no thread per site.
+    size or time changed since the last read (and those with no time or one in the cloud's future, whose
+    listing cannot tell a change): polling 100 sites is one listing plus what changed, with no request and no thread per site.
     It keeps, by ``clock`` (the cloud's), when it first saw each heartbeat's content change: the only time
     :meth:`age` trusts, so a reader kept across polls ages heartbeats by one clock no writer sets.
     """
@@ -220,7 +220,7 @@ class FleetStatus:
             now = self.clock()
             changed = [s for s in sites if f"{s}.json" in listing
                        and (self._seen.get(s, ((),))[0] != listing[f"{s}.json"]
-                            or _in_future(listing[f"{s}.json"].mtime, now))]
+                            or _untimed(listing[f"{s}.json"].mtime, now))]
             fetched, refused = self.store.read_many([f"status/{s}.json" for s in changed], MAX_HEARTBEAT_BYTES)
         except StoreError as exc:
             self.error, self.fetched = str(exc), 0
@@ -274,6 +274,11 @@ class FleetStatus:
 
 def _in_future(mtime: float | None, now: float) -> bool:
     return mtime is not None and mtime > now + FUTURE_TOLERANCE_S
+
+
+def _untimed(mtime: float | None, now: float) -> bool:
+    """A listing time that cannot tell a change (none, or in the cloud's future): fetch at every read."""
+    return mtime is None or _in_future(mtime, now)
 
 
 def read_fleet_status(store: Store, sites: list[str]) -> tuple[dict[str, dict], dict[str, str]]:
