@@ -231,10 +231,11 @@ def timed_out(watch: Watch, status: dict | None, age: float | None, version: str
 
 
 def rollback_site(inventory: Inventory, site: str, version: str, dry_run: bool = False) -> dict:
-    """Make ``site`` serve exactly what served before ``version`` was deployed, then set the version aside
+    """Fence ``version`` on ``site`` and make it serve what serves now when that is built on no fenced version,
+    else the newest ensemble that served before a deploy and is built on none, then set the version aside
     (:func:`orchestrator.provision.hostworker.rollback`). Returns ``changed`` (fence, active, base: empty
     when there was nothing to do), ``serving`` and ``never_got``; raises ``StepFailed`` saying what serves
-    now when it refuses (no record, or the ensemble to restore is gone or would not serve)."""
+    now when it refuses (no clean ensemble to serve, or a record it cannot trust)."""
     from orchestrator.deploy import host_facts
 
     target = inventory.site(site)

@@ -108,8 +108,8 @@ def _rollback_held(fleet, args: argparse.Namespace) -> int:
 
 
 def _verify(reader, expect: dict[str, str | None], version: str, since: float, timeout_s: float) -> int:
-    """Wait for each site's next heartbeat (written after ``since`` by the store's clock) to show the
-    rollback; prints one line per site and returns how many did not confirm."""
+    """Wait for each site's next heartbeat (one the cloud saw change after ``since``, by its own clock) to show
+    the rollback; prints one line per site and returns how many did not confirm."""
     from orchestrator.rollout import rolled_back
 
     deadline, pending = time.monotonic() + timeout_s, dict(expect)
