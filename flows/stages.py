@@ -30,7 +30,7 @@ from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelhome import send_labels_home
 from orchestrator.labelling import LabelQueue
 from orchestrator.registry import ModelRegistry, ModelVersion
-from orchestrator.samples import OperatorLabels, Quarantine, collect_samples, first_label
+from orchestrator.samples import OperatorLabels, Quarantine, collect_samples, first_label, site_exam_rule
 from orchestrator.trainers import train_on_trainers
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
@@ -209,11 +209,11 @@ def read_samples(fleet: Inventory, registry: ModelRegistry):
 
 @task(cache_policy=NO_CACHE, task_run_name="train-from-champion")
 def retrain_task(registry: ModelRegistry, settings: RetrainSettings, collection, out: Path, config: TrainConfig,
-                 labellers: list, pseudo: set[str]) -> tuple[ModelVersion, dict]:
+                 labellers: list, pseudo: set[str], site_exam=None) -> tuple[ModelVersion, dict]:
     """The retraining set (pool + labelled samples, a share of them joining its gate) built and the champion
     fine-tuned on it, registered."""
     return steps.retrain_from_samples(registry, settings.family, Path(settings.base_data), collection, out, config,
-                                      labellers=labellers, pseudo=pseudo)
+                                      labellers=labellers, pseudo=pseudo, site_exam=site_exam)
 
 
 @flow(name="edgeloop-collect", log_prints=True)
@@ -276,7 +276,8 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
         get_run_logger().info(message)
         return {"nothing_new": True, "champion": champion.version, "reason": message}
     pseudo = {sha for sha, entry in people.labels().items() if isinstance(entry, dict) and entry.get("by") == "pseudo"}
-    candidate, summary = retrain_task(registry, settings, collection, out, config, labellers, pseudo)
+    site_exam = site_exam_rule({site.name: site.learning.home_labels.shares for site in fleet.sites})
+    candidate, summary = retrain_task(registry, settings, collection, out, config, labellers, pseudo, site_exam)
     decision = gate_and_promote(registry, candidate, champion, str(out), settings.gate,
                                 settings.allow_contract_change, look=steps.looks_at(registry, champion))
     result = {**summary, **decision.as_dict()}

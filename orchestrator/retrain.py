@@ -163,7 +163,7 @@ def remember_inputs(registry: ModelRegistry, family: str, fingerprint: str) -> N
 
 def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, collection: Collection,
                          out: Path, config: TrainConfig, labellers: Sequence[Labeller] = (),
-                         pseudo: Container[str] = (),
+                         pseudo: Container[str] = (), site_exam: Callable | None = None,
                          on_epoch: Callable[[EpochMetrics], None] | None = None) -> tuple[ModelVersion, dict]:
     """Fine-tune the champion on the base data plus the checked samples that have a label.
 
@@ -173,7 +173,8 @@ def retrain_from_samples(registry: ModelRegistry, family: str, base_data: Path, 
     """
     base = open_dataset(base_data)
     labeller = first_label(OperatorLabels(base.classes), *labellers)
-    report, unlabelled = build_retraining_set(base, collection.accepted, labeller, out, pseudo=pseudo)
+    report, unlabelled = build_retraining_set(base, collection.accepted, labeller, out, pseudo=pseudo,
+                                              **({"site_exam": site_exam} if site_exam else {}))
     champion = registry.champion(family)
     candidate = train_version(registry, family, out, champion.arch if champion else DEFAULT_ARCH, config,
                               parent=champion, note=f"retrained with {len(collection.accepted)} edge samples",

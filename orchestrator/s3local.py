@@ -83,9 +83,10 @@ class LocalS3:
         try:
             iam = boto3.client("iam", endpoint_url=self.endpoint_url, region_name=self.region,
                                aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
-            iam.create_user(UserName=name)
-            iam.put_user_policy(UserName=name, PolicyName="store", PolicyDocument=json.dumps(policy))
-            key = iam.create_access_key(UserName=name)["AccessKey"]
+            user = f"{name}-{self.port}"
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="store", PolicyDocument=json.dumps(policy))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
         finally:
             self._check_signatures(True)
         return {**self.env(), "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
@@ -97,9 +98,10 @@ class LocalS3:
         anyone = {"endpoint_url": self.endpoint_url, "region_name": self.region,
                   "aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}
         iam = boto3.client("iam", **anyone)
-        iam.create_user(UserName="edgeloop")
-        iam.put_user_policy(UserName="edgeloop", PolicyName="store", PolicyDocument=ALLOW_ALL)
-        key = iam.create_access_key(UserName="edgeloop")["AccessKey"]
+        user = f"edgeloop-{self.port}"  # moto's IAM is the process's: another server in it has its own user
+        iam.create_user(UserName=user)
+        iam.put_user_policy(UserName=user, PolicyName="store", PolicyDocument=ALLOW_ALL)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
         self.key_id, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
         boto3.client("s3", **anyone).create_bucket(Bucket=self.bucket)
         self._check_signatures(True)

@@ -10,7 +10,7 @@ Rejected samples are reported with the reason and never used; the cloud's :class
 from __future__ import annotations
 
 import logging
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -192,12 +192,17 @@ CLOUD_EXAM_SHARE = 0.15  # of the labelled samples: the cloud's gate grows with 
 
 def build_retraining_set(base: DatasetVersion, samples: list[Sample], labeller: Labeller,
                          out: str | Path, pseudo: Container[str] = (),
-                         exam_share: float = CLOUD_EXAM_SHARE) -> tuple[ImportReport, int]:
+                         exam_share: float = CLOUD_EXAM_SHARE,
+                         site_exam: Callable[[Sample], bool] = lambda sample: False) -> tuple[ImportReport, int]:
     """A dataset version: ``base`` plus every labelled sample, in its train split but for ``exam_share`` of them
     (by content hash) which join the gate role and are never trained on; returns (report, unlabelled).
-    ``pseudo`` holds the hashes whose label is a model's guess: never exam evidence."""
+    ``pseudo`` holds the hashes whose label is a model's guess: never exam evidence. A sample for which
+    ``site_exam`` is true is left out: its label goes home into its site's gate or test split
+    (:func:`site_exam_rule`), and no model may have trained on it."""
     additions, unlabelled, names = [], 0, {}
     for sample in samples:
+        if site_exam(sample):
+            continue
         label = labeller(sample)
         if label is None:
             unlabelled += 1
@@ -210,3 +215,18 @@ def build_retraining_set(base: DatasetVersion, samples: list[Sample], labeller: 
     report = derive_dataset(base, additions, out, source=f"retrain:{base.id}+{len(additions)} samples",
                             exam_share=exam_share, exam_eligible=lambda name: names[name] not in pseudo)
     return report, unlabelled
+
+
+def site_exam_rule(shares: dict[str, dict[str, float]]) -> Callable[[Sample], bool]:
+    """Whether a sample will be an exam image at its site once its label comes home: the site gives a label the
+    role its content hash picks from ``home_labels.shares`` (:func:`edge_agent.homelabels.role_by_hash`), so
+    the cloud knows it beforehand and never trains on one (a sample the site's operator labelled has its
+    role at the site already, and was uploaded only from train or val)."""
+    from edge_agent.homelabels import role_by_hash
+
+    def exam(sample: Sample) -> bool:
+        site_shares = shares.get(sample.site)
+        return (site_shares is not None and not sample.sidecar.get("operator_label")
+                and role_by_hash(sample.sha256, site_shares) in EXAM_SPLITS)
+
+    return exam
