@@ -95,7 +95,7 @@ def test_the_cloud_judges_with_its_own_alpha_and_bounds_what_a_window_claims():
 # ---- a fleet of real sshd hosts with agent roots prepared in place ------------------------------------
 
 def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[str, str] | None = None,
-                    canary: str = "[host0]") -> Path:
+                    canary: str = "[host0]", soak_s: float = 3) -> Path:
     """An inventory of the module's sshd hosts; ``sites`` adds keys per site (e.g. an edge-serve profile)."""
     roots = tmp_path / "roots"
     rows = "".join(f"  - {{name: {h.name}, connection: {{host: 127.0.0.1, port: {h.port}}}, root: {roots / h.name}"
@@ -105,7 +105,7 @@ def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[s
     path.write_text(f"""
 cloud: {{store_url: "file://{tmp_path / 'store'}", registry: "{tmp_path / 'registry'}"}}
 ssh: {{known_hosts: {sshd_fleet.known_hosts}}}
-rollout: {{canary: {canary}, soak_s: 3, fresh_within_s: 2, timeout_s: 60, lease_s: 30, rollback_retry_s: 0.2{rollout}}}
+rollout: {{canary: {canary}, soak_s: {soak_s}, fresh_within_s: 2, timeout_s: 60, lease_s: 30, rollback_retry_s: 0.2{rollout}}}
 defaults:
   connection: {{type: ssh, user: {sshd_fleet.user}, key_file: {sshd_fleet.client_key}, connect_timeout_s: 5}}
   python: {sys.executable}
@@ -308,7 +308,7 @@ def test_a_lab_shaped_fleet_with_a_serve_only_site_in_wave_2_rolls_through(
               "disagreement_rise_points: 100}")
     inventory = load_inventory(fleet_inventory(
         sshd_fleet, tmp_path, rollout=f", waves: [0.5, 1.0], inconclusive: proceed, thresholds: {limits}",
-        sites={"host2": "install: {profile: edge-serve}"}))
+        sites={"host2": "install: {profile: edge-serve}"}, soak_s=10))  # 4 images/s: the tests' traffic in the soak
     assert [s.install.profile for s in inventory.sites] == ["edge", "edge", "edge-serve"]
     store = (tmp_path / "store").as_uri()
     paths, agents, cams = {}, [], []
