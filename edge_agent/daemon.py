@@ -354,7 +354,8 @@ class Agent:
             log.warning("fine-tune %s was fenced by a rollback and did not activate", self.finetune.run_id)
         elif code == 0 and report is not None:
             self.state.last_run = summarise_run(report)
-            self.state.pending_finetune = None
+            if self.state.pending_finetune == report.get("reason"):  # owed meanwhile (a new base): still owed
+                self.state.pending_finetune = None
             self.state.finetune_failures = 0
             self.state.gate_decisions += report.get("gate") is not None
             self.state.finetune_blocked = report.get("skipped")
