@@ -1,7 +1,8 @@
 """The edge agent daemon: one loop that keeps a site learning and serving.
 
-At about 450 lines it is the loop and its heartbeat only; each step it calls lives in its own module
-(inbox, sampler, outbox, uplink, supervisor, activation).
+One module on purpose (over 450 lines): it is the loop, its steps' glue and its heartbeat, and each step is one
+short method that calls its own module (inbox, sampler, outbox, uplink, homelabels, shadow, supervisor,
+activation); what decides anything lives there, not here.
 
 Each tick: look for a reason to fine-tune (a new base model from the cloud, enough new operator labels),
 start or watch the fine-tune (a separate process, so inference never waits for it), classify the inbox,

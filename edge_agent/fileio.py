@@ -83,6 +83,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+def site_document(data: bytes, site: str) -> dict:
+    """A JSON object that a site wrote (or the cloud wrote for it) and that must name ``site``, the site whose
+    path it is under; ValueError saying why not (one rule for exam lists and labels files)."""
+    try:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON ({str(exc)[:120]})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("not a JSON object")
+    if parsed.get("site") != site:
+        raise ValueError(f"names site {str(parsed.get('site'))[:80]!r}, not {site!r} (the site whose path it is under)")
+    return parsed
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     try:
         return json.loads(Path(path).read_text())

@@ -16,7 +16,6 @@ is reported with its reason and costs nothing else; a refused file changes nothi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.fileio import read_json, write_bytes_atomic, write_json_atomic
+from edge_agent.fileio import read_json, site_document, write_bytes_atomic, write_json_atomic
 from edge_agent.imaging import ImageError, decode_image
 from edge_agent.layout import AgentPaths
 from edge_agent.store import Store, StoreError, UnreadableFile
@@ -102,13 +101,9 @@ class HomeReport:
 def parse_labels_file(data: bytes, site: str) -> list[tuple[str, dict[str, Any]]]:
     """``[(kind, entry)]`` of a labels file (kind "people" or "pseudo"); :class:`LabelFileError` refuses it whole."""
     try:
-        parsed = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise LabelFileError(f"not JSON ({str(exc)[:120]})") from None
-    if not isinstance(parsed, dict):
-        raise LabelFileError("not a JSON object")
-    if parsed.get("site") != site:
-        raise LabelFileError(f"it is for site {str(parsed.get('site'))[:80]!r}, not this site ({site!r})")
+        parsed = site_document(data, site)
+    except ValueError as exc:
+        raise LabelFileError(str(exc)) from None
     entries = []
     for kind, key in (("people", "labels"), ("pseudo", "pseudo")):
         listed = parsed.get(key, [])

@@ -3,6 +3,9 @@
 Beside it: ``GET /metrics`` (Prometheus, :mod:`edge_agent.metrics`) and the Open Inference Protocol's ``/v2``
 endpoints (:mod:`edge_agent.oip`: metadata, health, batch inference), all under the same token rule.
 
+One module on purpose (about 460 lines): the connection and worker limits every endpoint shares; the endpoints'
+own logic is in metrics.py and oip.py.
+
 The stdlib's HTTP server (plus prometheus_client, pure Python): nothing to build on an edge board. It serves
 through the same :class:`EnsembleHandle` as the inbox, so an activation is picked up by the next request. One
 bad or hostile client must never stop the site, so every resource a client can hold is bounded:

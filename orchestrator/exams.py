@@ -17,13 +17,13 @@ parsed once per change of its listing entry (size, mtime, tag), not once per req
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_agent.fileio import site_document
 from edge_agent.perceptual import MAX_DISTANCE, as_bits, nearest, sample_bits
 from edge_agent.sitedata import EXAMS_KEY
 from edge_agent.store import Listed, Store, StoreError, UnreadableFile
@@ -57,13 +57,9 @@ class ExamList:
 def parse_exam_list(data: bytes, site: str) -> ExamList:
     """An exam list, checked: it must name ``site`` (the site its path is under) and hold only hashes."""
     try:
-        listed = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise ExamListError(f"not JSON ({exc})") from None
-    if not isinstance(listed, dict):
-        raise ExamListError("not a JSON object")
-    if listed.get("site") != site:
-        raise ExamListError(f"names site {str(listed.get('site'))[:80]!r}, but it is under {site!r}'s path")
+        listed = site_document(data, site)
+    except ValueError as exc:
+        raise ExamListError(str(exc)) from None
     hashes, perceptual = listed.get("sha256"), listed.get("phash", [])
     if not isinstance(hashes, list) or not isinstance(perceptual, list):
         raise ExamListError("sha256 and phash must be lists")
