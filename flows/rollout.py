@@ -145,7 +145,7 @@ def _stages(run: _Run, reader: FleetStatus, checkpoint: Path) -> dict:
         run.got += [s for s in sites if s not in run.got]  # before the deploy: one cut short may have landed
         deployed = _deploy_all(fleet, sites, checkpoint, version)
         verdicts = {s: ("failed", f"deploy failed: {r.reason}") for s, r in deployed.items() if r.status == "failed"}
-        watches = [waves.watch(fleet, s, started, before.get(s), r.status == "changed")
+        watches = [waves.watch(fleet, s, started, before.get(s), r.status == "changed", r.served_before)
                    for s, r in deployed.items() if r.status != "failed"]
         if watches:
             verdicts |= judge_stage(fleet, reader, run.stage, watches, version, run.lease)

@@ -33,6 +33,7 @@ class DeployResult:
     status: str  # ok (already there), changed (deployed), failed
     reason: str = ""
     transient: bool = False  # failed because the host did not answer: a retry may succeed
+    served_before: str | None = None  # the ensemble the host served when this deploy landed (changed only)
 
 
 class HostUnreachable(RuntimeError):
@@ -94,13 +95,13 @@ def deploy_model(site: Site, inventory: Inventory, checkpoint: str | Path, versi
         if worker.call("file_sha", path=weights)["sha256"] == digest and \
                 worker.call("put_text", path=marker, content=f"{digest}\n", check=True)["changed"] is False:
             return DeployResult(site.name, version, "ok")
-        worker.call("deploy_record", root=str(paths.root), version=version)  # what a rollback restores
+        record = worker.call("deploy_record", root=str(paths.root), version=version)  # what a rollback restores
         worker.call("folders", folders=[folder], check=False)
         staged = f"{folder}/.{name}.tmp"
         remote.put(artifact, staged)
         worker.call("commit", tmp=staged, path=weights, sha256=digest)
         worker.call("put_text", path=marker, content=f"{digest}\n", check=False)
-        return DeployResult(site.name, version, "changed")
+        return DeployResult(site.name, version, "changed", served_before=record.get("before_active"))
     except Exception as exc:  # one host's failure is its own; the caller goes on with the others
         return DeployResult(site.name, version, "failed", inventory.mask(str(exc)), isinstance(exc, UNREACHABLE))
     finally:

@@ -79,6 +79,7 @@ class Watch:
     max_rate: float = 50.0  # rollout.max_predictions_per_s
     restart_grace_s: float | None = None  # default: fresh_within_s
     serves_only: bool = False
+    served_before: str | None = None  # what the host served when the deploy landed (default: what ``before`` says)
     pids: set[int] = field(default_factory=set)
     healthy_since: float | None = None
     stopped_since: float | None = None  # the agent said it stopped: restarting, until the grace runs out
@@ -90,13 +91,15 @@ CRASH_LOOP_RESTARTS = 3
 VERDICTS = ("passed", "failed", "inconclusive")
 
 
-def watch(inventory: Inventory, site: str, since: float, before: dict | None, changed: bool) -> Watch:
-    """A :class:`Watch` for ``site`` deployed at ``since``, from the heartbeat it sent before the deploy."""
+def watch(inventory: Inventory, site: str, since: float, before: dict | None, changed: bool,
+          served_before: str | None = None) -> Watch:
+    """A :class:`Watch` for ``site`` deployed at ``since``, from the heartbeat it sent before the deploy and
+    what the host itself said it served when the deploy landed."""
     target, settings = inventory.site(site), inventory.rollout
     return Watch(site, since, before, settings.fresh_limit(target.agent.heartbeat_interval_s),
                  ((before or {}).get("last_run") or {}).get("run_id") if changed else None,
                  settings.thresholds, settings.inconclusive, settings.max_predictions_per_s,
-                 settings.restart_grace_s, target.install.profile == "edge-serve")
+                 settings.restart_grace_s, target.install.profile == "edge-serve", served_before)
 
 
 def judge(watch: Watch, status: dict | None, age: float | None, version: str, soak_s: float, now: float
@@ -176,19 +179,30 @@ def _serves_version(watch: Watch, status: dict, version: str) -> str:
     return ""
 
 
+def _model_before(watch: Watch) -> str | None:
+    """What served when the deploy landed: the host's own word, else the heartbeat before it. The host's word
+    wins because a heartbeat read just after a rollback can still name the version rolled back."""
+    return watch.served_before or (watch.before or {}).get("active_version")
+
+
+def _baseline(watch: Watch) -> dict | None:
+    """The live window of :func:`_model_before` (the heartbeat keeps one per model it served lately)."""
+    return ((watch.before or {}).get("window") or {}).get(_model_before(watch))
+
+
 def _live_verdict(watch: Watch, status: dict, version: str, rows: list[Check], now: float) -> tuple[str, str]:
     """After the soak: the live tests when there is a baseline and enough traffic on the new model, else
     inconclusive (or waiting, while ``rollout.inconclusive: extend`` lets the soak run on)."""
-    before, after = live_window(watch.before), live_window(status)
+    before, after = _baseline(watch), live_window(status)
     if (claim := implausible(after, watch.since, now, watch.max_rate)) is not None:
         return "failed", f"unreadable heartbeat ({claim})"
     served = status.get("active_version")
     if served is None:
         return "failed", "nothing serves at the site"
-    if (watch.before or {}).get("active_version") == served:
+    if _model_before(watch) == served:
         return _short(watch, f"the site serves {served} as before (its gate kept what served): no live evidence "
                              f"on {version}")
-    if (watch.before or {}).get("active_version") is None:
+    if _model_before(watch) is None:
         return _short(watch, "nothing served before the deploy: no window to compare the new model with")
     if not before:
         return _short(watch, "no predictions in the window before the deploy: nothing to compare with")

@@ -92,6 +92,21 @@ def test_the_cloud_judges_with_its_own_alpha_and_bounds_what_a_window_claims():
     assert state == "failed" and why.startswith("unreadable heartbeat (TypeError")
 
 
+def test_the_baseline_is_what_the_host_served_when_the_deploy_landed_not_a_stale_heartbeat():
+    """Just after a rollback the last heartbeat can still name the version rolled back (``bad``, which called
+    everything defective) while the host already serves ``e1`` again. The deploy's own record of what served
+    (``served_before``) picks the baseline window, so the same model again is not failed against ``bad``."""
+    limits = CanaryThresholds(alpha=0.05)
+    stale = {"active_version": "bad", "window": {"e1": _window(400, 80), "bad": _window(400, 300)}}
+    again = _parse(_heartbeat(window={"e2": _window(400, 80)}))
+    by_host = Watch("a", 100.0, stale, 30, limits=limits, inconclusive="halt", served_before="e1")
+    assert judge(by_host, again, 0.0, "v2", 0, 110)[0] == "passed"
+    assert by_host.checks and not any(c.failed for c in by_host.checks)
+    by_heartbeat = Watch("a", 100.0, stale, 30, limits=limits, inconclusive="halt")
+    state, why = judge(by_heartbeat, again, 0.0, "v2", 0, 110)
+    assert state == "failed" and "100/400 (25%) -> 320/400 (80%)" in why  # what the stale heartbeat alone would have said
+
+
 # ---- a fleet of real sshd hosts with agent roots prepared in place ------------------------------------
 
 def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[str, str] | None = None,
