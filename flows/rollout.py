@@ -25,6 +25,7 @@ from orchestrator import rollout as waves
 from orchestrator.health import FleetStatus
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.lease import Lease
+from orchestrator.pictures import publish_canaries
 from orchestrator.registry import ModelRegistry, operator
 
 
@@ -149,6 +150,7 @@ def _stages(run: _Run, reader: FleetStatus, checkpoint: Path) -> dict:
                    for s, r in deployed.items() if r.status != "failed"]
         if watches:
             verdicts |= judge_stage(fleet, reader, run.stage, watches, version, run.lease)
+            publish_canaries(run.stage, watches, reader, version)  # before and after, as a picture
         run.checks += [c.row() for w in watches for c in w.checks]
         run.rows += [{"site": s, "stage": run.stage, "verdict": v, "reason": why, "rolled_back": ""}
                      for s, (v, why) in sorted(verdicts.items())]

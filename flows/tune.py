@@ -29,6 +29,7 @@ from edge_agent.gate import GateRule
 from flows.stages import CONTRACT_HELP, DEFAULT_INVENTORY, gate_markdown
 from orchestrator import retrain as steps
 from orchestrator.inventory import load_inventory
+from orchestrator.pictures import publish_tune
 from orchestrator.tune import (
     MAX_CONCURRENCY,
     MAX_TRIALS,
@@ -138,6 +139,7 @@ def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettin
     create_table_artifact(key="tune-trials", table=search.table(),
                           description=f"random search: {settings.trials} trials, successive halving")
     best = search.best
+    publish_tune(results, best, settings.trials)  # trials across the rungs; the winner's learning curve
     candidate = steps.register_trained(
         registry, settings.family, Path(best.checkpoint).parent,
         note=f"random search: trial {best.trial.number} of {settings.trials}, {best.epochs} epochs",

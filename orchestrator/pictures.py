@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -88,6 +90,15 @@ def publish_picture(key: str, figure: Figure, description: str) -> str | None:
         return None
 
 
+def drawn(what: str, build: Callable[[], Figure]) -> Figure | None:
+    """``build()``, or None (logged) when drawing fails: a picture never fails the run that draws it."""
+    try:
+        return build()
+    except Exception as exc:  # noqa: BLE001 - whatever broke the drawing, the run's own work stands
+        log.warning("picture %s not drawn: %s: %s", what, type(exc).__name__, exc)
+        return None
+
+
 # --- learning curves ---------------------------------------------------------------------------------------
 
 def _rows(history: Iterable[Any]) -> list[dict]:
@@ -149,9 +160,11 @@ def publish_learning_curve(key: str, metrics: Mapping[str, Any], title: str) -> 
     if not history:
         return None
     best = metrics.get("best_epoch")
-    figure = learning_curve_figure(history, best, title)
-    return publish_picture(key, figure, f"{title}: train loss and val accuracy per epoch; the dotted line marks the "
-                                        f"epoch kept (epoch {best})")
+    figure = drawn(key, lambda: learning_curve_figure(history, best, title))
+    if figure is None:
+        return None
+    return publish_picture(key, figure, f"{title}: train loss and val accuracy per epoch; the dotted line marks "
+                                        f"the epoch kept (epoch {best})")
 
 
 class EpochLog:
@@ -253,3 +266,38 @@ def _latency_bars(ax, site: str, before: Mapping | None, after: Mapping | None) 
     ax.title.set_fontsize(9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
+
+
+def publish_tune(results: Sequence[Any], best: Any, trials: int) -> None:
+    """The search's pictures: every trial across the rungs (``tune-trials-picture``) and the winner's own
+    learning curve (``tune-learning-curve``, from the metrics.json beside its checkpoint, while it is there)."""
+    title = f"random search: {trials} trials, successive halving"
+    if figure := drawn("tune-trials-picture", lambda: tune_figure(results, best, title)):
+        publish_picture("tune-trials-picture", figure, f"{title}: val accuracy of each trial at each rung; the "
+                                                       f"winner (trial {best.trial.number}) in red")
+    metrics = Path(best.checkpoint).parent / "metrics.json" if best.checkpoint else None
+    if metrics is not None and metrics.is_file():
+        publish_learning_curve("tune-learning-curve", json.loads(metrics.read_text()),
+                               f"tune winner: trial {best.trial.number}, rung {best.rung} ({best.epochs} epochs)")
+
+
+def publish_canaries(stage: str, watches: Sequence[Any], reader: Any, version: str) -> None:
+    """One picture of a rollout stage's watched sites (``rollout-<stage>-windows``): the window of what served
+    before the deploy (the canary's baseline) against the live window of the latest heartbeats ``reader``
+    (a :class:`orchestrator.health.FleetStatus`) reads. Like every picture, it never fails the rollout."""
+    from orchestrator.canary import live_window
+    from orchestrator.rollout import _baseline  # the baseline the canary analysis itself compares with
+
+    if not watches:
+        return
+
+    def build() -> Figure:
+        now = reader.read([w.site for w in watches])
+        sites = [(w.site, _baseline(w), live_window(now.get(w.site))) for w in watches]
+        return canary_figure(sites, f"rollout of {version}: {stage}, before and after the deploy")
+
+    if (figure := drawn(f"rollout-{stage}-windows", build)) is None:
+        return
+    publish_picture(f"rollout-{stage}-windows", figure,
+                    f"rollout of {version}, {stage}: per site, predicted-class rates (bar labels: counts) and "
+                    "latency in the window before the deploy and the live window after")
