@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "edgeloop.commands.provision",
     "edgeloop.commands.label",
     "edgeloop.commands.rollout",
+    "edgeloop.commands.fleet",
     "edgeloop.commands.serve",
     "edgeloop.commands.demo",
 )
