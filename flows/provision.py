@@ -15,9 +15,11 @@ import sys
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from orchestrator.inventory import Inventory, load_inventory
+from orchestrator.progress import Progress, size_text
 from orchestrator.provision import (
     DEFAULT_RETRY_DELAYS_S,
     HostResult,
@@ -67,6 +69,11 @@ def provision_flow(inventory: str, limit: list[str] | None = None, check: bool =
     wheel = build_wheel()
     futures = [provision_site_task.submit(inv, site.name, wheel, check, accept_new_host_keys, tuple(retry_delays_s))
                for site in inv.select(limit)]
+    with Progress(len(futures), "hosts", "provisioning", key="provision-progress") as progress:
+        shipped = 0
+        for future in as_completed(futures):  # hosts done of N (and the bytes they shipped) as each ends
+            shipped += future.result().shipped_bytes
+            progress.advance(detail=f"{size_text(shipped)} shipped")
     report = RunReport([future.result() for future in futures], check=check)
     publish(report, inventory + (" (check mode)" if check else ""))
     get_run_logger().info("%s", report.recap())

@@ -29,6 +29,7 @@ from orchestrator.demo import ReferenceLabels
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelhome import send_labels_home
 from orchestrator.labelling import LabelQueue
+from orchestrator.progress import training_progress
 from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import OperatorLabels, Quarantine, collect_samples, first_label, site_exam_rule
 from orchestrator.trainers import train_on_trainers
@@ -101,15 +102,12 @@ def _fleet(inventory: str) -> tuple[Inventory, ModelRegistry]:
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{settings.arch}")
 def train_locally(registry: ModelRegistry, settings: PretrainSettings, config: TrainConfig) -> ModelVersion:
-    """Train and register a version in this process, logging each epoch."""
-    logger = get_run_logger()
-
-    def progress(m) -> None:
-        logger.info("epoch %d/%d: loss %.4f, val_acc %.3f (%.1f s)", m.epoch, settings.epochs, m.train_loss,
-                    m.val_acc, m.seconds)
-
-    return steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
-                               note=f"pretrained on {settings.data}", on_epoch=progress)
+    """Train and register a version in this process; each epoch moves the run's progress artifact (and a bar on
+    a terminal) and logs its line."""
+    progress, on_epoch = training_progress(settings.epochs, f"training {settings.arch}")
+    with progress:
+        return steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
+                                   note=f"pretrained on {settings.data}", on_epoch=on_epoch)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-on-trainers", retries=1, retry_delay_seconds=10,
@@ -211,9 +209,12 @@ def read_samples(fleet: Inventory, registry: ModelRegistry):
 def retrain_task(registry: ModelRegistry, settings: RetrainSettings, collection, out: Path, config: TrainConfig,
                  labellers: list, pseudo: set[str], site_exam=None) -> tuple[ModelVersion, dict]:
     """The retraining set (pool + labelled samples, a share of them joining its gate) built and the champion
-    fine-tuned on it, registered."""
-    return steps.retrain_from_samples(registry, settings.family, Path(settings.base_data), collection, out, config,
-                                      labellers=labellers, pseudo=pseudo, site_exam=site_exam)
+    fine-tuned on it, registered; each epoch moves the run's progress artifact and logs its line."""
+    progress, on_epoch = training_progress(config.epochs, "fine-tuning the champion")
+    with progress:
+        return steps.retrain_from_samples(registry, settings.family, Path(settings.base_data), collection, out,
+                                          config, labellers=labellers, pseudo=pseudo, site_exam=site_exam,
+                                          on_epoch=on_epoch)
 
 
 @flow(name="edgeloop-collect", log_prints=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -89,18 +91,25 @@ def _train_here(args: argparse.Namespace, config) -> int:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from orchestrator.distributed import process_group
+    from orchestrator.progress import Progress
     from orchestrator.training import train_on_dataset
 
+    # the epoch lines on stdout (the trainers' progress reads them); on a terminal, a bar with time left below
+    main_rank = os.environ.get("RANK", "0") == "0"
+    bar = Progress(config.epochs, "epochs", f"training {args.arch}", log=lambda line: print(line, flush=True),
+                   stream=sys.stderr if main_rank else io.StringIO())
+
     def progress(m) -> None:
-        print(f"epoch {m.epoch:>3}/{config.epochs}  loss {m.train_loss:.4f}  acc {m.train_acc:.3f}  "
-              f"val_loss {m.val_loss:.4f}  val_acc {m.val_acc:.3f}  {m.seconds:.1f}s", flush=True)
+        bar.update(m.epoch, f"epoch {m.epoch:>3}/{config.epochs}  loss {m.train_loss:.4f}  acc {m.train_acc:.3f}  "
+                            f"val_loss {m.val_loss:.4f}  val_acc {m.val_acc:.3f}  {m.seconds:.1f}s")
 
     @record  # a rank's exception goes to the launcher, which names it in its error
     def run() -> dict:
         return train_on_dataset(args.data, args.arch, args.out, config, init=args.init, image_size=args.image_size,
                                 on_epoch=progress, group=lambda: process_group(config.device))
 
-    metrics = run()
+    with bar:
+        metrics = run()
     if metrics:  # rank 0, or the only process
         print(f"best val_acc {metrics['val_acc']:.4f} (epoch {metrics['best_epoch']}), test_acc "
               f"{metrics['test_acc']:.4f}; wrote {Path(args.out) / 'model.pt'}", flush=True)

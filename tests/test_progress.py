@@ -1,0 +1,161 @@
+"""Progress of long work (orchestrator.progress): a bar with time left on a terminal, today's lines elsewhere, and
+inside a Prefect run one progress artifact kept up to date (read back from a real API, and seen in a real
+browser while a pretrain runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator import progress as progress_module
+from orchestrator.progress import Progress
+
+pytestmark = pytest.mark.timeout(300)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _on_pty(argv: list[str], timeout: float = 180) -> tuple[int, str, str]:
+    """Run ``argv`` with its stderr on a pseudo-terminal (so it is a TTY) and stdout on a pipe."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=slave, cwd=REPO)
+    os.close(slave)
+    out, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    stdout = proc.stdout.read().decode()
+    return proc.wait(timeout=30), stdout, out.decode(errors="replace")
+
+
+def test_on_a_terminal_the_cli_draws_a_bar_with_time_left(elpv_small, tmp_path):
+    code, stdout, terminal = _on_pty([sys.executable, "-m", "edgeloop", "train", "--data", str(elpv_small / "generic"),
+                                      "--arch", "tiny_cnn", "--epochs", "3", "--batch-size", "16", "--threads", "1",
+                                      "--out", str(tmp_path / "model")])
+    assert code == 0, terminal[-2000:]
+    frames = [f for f in re.split(r"\r\x1b\[K", terminal) if f.strip()]
+    bars = [f for f in frames if "training tiny_cnn" in f]
+    assert any(re.search(r"\b1/3 epochs, .* left", f) for f in bars), bars  # mid-run: done/total, time left
+    assert any(re.search(r"100% 3/3 epochs, .*took \d+:\d\d", f) for f in bars), bars
+    assert terminal.rstrip().endswith(bars[-1].rstrip())  # the bar ends the output, on a line of its own
+    # the epoch lines still go to stdout, above the bar (the trainers' progress reads them)
+    assert "epoch   1/3" in stdout and "epoch   3/3" in stdout and "\r" not in stdout
+
+
+def test_off_a_terminal_the_cli_prints_todays_lines_and_no_bar(elpv_small, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "edgeloop", "train", "--data", str(elpv_small / "generic"), "--arch",
+                           "tiny_cnn", "--epochs", "2", "--batch-size", "16", "--threads", "1", "--out",
+                           str(tmp_path / "model")], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "epoch   1/2" in done.stdout and "epoch   2/2" in done.stdout
+    assert "\r" not in done.stderr + done.stdout and "left" not in done.stderr
+
+
+def test_the_bar_counts_bytes_rate_and_time_left_on_a_terminal():
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w", encoding="utf-8") as terminal:
+        with Progress(4 << 20, "B", "shipping", stream=terminal) as bar:
+            time.sleep(0.15)
+            bar.advance(1 << 20, detail="1 of 4 wheels")
+            assert re.search(r"1\.0 MiB/4\.0 MiB \(1 of 4 wheels\), [\d.]+ [KM]iB/s, \d+:\d\d left", bar.figures())
+    text = os.read(master, 1 << 16).decode()
+    os.close(master)
+    assert "shipping" in text and "█" in text and "100% 4.0 MiB/4.0 MiB" in text
+    lines: list[str] = []
+    with pytest.raises(RuntimeError):  # a failure: the figure stays where it stopped, with no bar off a TTY
+        with Progress(10, "samples", "reading", log=lines.append, stream=open(os.devnull, "w")) as off:
+            off.advance(3, note="3 read")
+            raise RuntimeError("store gone")
+    assert off.done == 3 and lines == ["3 read"] and not off.tty
+
+
+# -- inside a Prefect run
+
+def _inventory(tmp_path: Path, elpv_small: Path) -> Path:
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(f"""
+cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}",
+        datasets: {{generic: {elpv_small / 'generic'}}}}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
+""")
+    return inventory
+
+
+def _run_artifacts(flow_run_id, kind: str = "progress") -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=[kind])))
+
+    return asyncio.run(read())
+
+
+@pytest.fixture
+def counted_updates(monkeypatch) -> list[float]:
+    """Every progress update sent to the API (still sent: this only counts them), published without throttle."""
+    sent: list[float] = []
+    real = progress_module.update_progress_artifact
+
+    def counting(artifact_id, value, description):
+        sent.append(value)
+        real(artifact_id, value, description)
+
+    monkeypatch.setattr(progress_module, "update_progress_artifact", counting)
+    monkeypatch.setattr(progress_module, "PUBLISH_EVERY_S", 0.0)
+    return sent
+
+
+def test_a_pretrain_keeps_one_progress_artifact_up_to_date(prefect_harness, counted_updates, tmp_path, elpv_small):
+    from flows.stages import PretrainSettings, pretrain
+
+    state = pretrain(str(_inventory(tmp_path, elpv_small)),
+                     PretrainSettings(family="progress", arch="tiny_cnn", epochs=3, batch_size=16), return_state=True)
+    assert state.is_completed(), state
+    artifacts = _run_artifacts(state.state_details.flow_run_id)
+    assert [a.key for a in artifacts] == ["training-progress"]  # one artifact, updated in place
+    assert float(artifacts[0].data) == 100.0
+    assert "training tiny_cnn" in artifacts[0].description and "3/3 epochs" in artifacts[0].description
+    assert any(0 < value < 100 for value in counted_updates), counted_updates  # it moved during the run
+    assert counted_updates == sorted(counted_updates) and counted_updates[-1] == 100.0
+
+
+def test_the_artifact_is_throttled_to_once_a_second(prefect_harness, monkeypatch):
+    """A thousand steps in well under a second: the API hears the start, at most one update, and the end."""
+    from prefect import flow
+
+    sent: list[float] = []
+    monkeypatch.setattr(progress_module, "update_progress_artifact", lambda _id, value, _text: sent.append(value))
+
+    @flow
+    def many_steps() -> None:
+        with Progress(1000, "steps", "many steps") as bar:
+            for _ in range(1000):
+                bar.advance()
+
+    many_steps()
+    assert 1 <= len(sent) <= 3 and sent[-1] == 100.0, sent
