@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 WIDTH_IN, HEIGHT_IN, DPI = 8.0, 4.0, 100  # 800x400 px
 CHOSEN = "#d62728"  # the chosen epoch / the winning trial / "after"
 BEFORE = "#7f7f7f"
+OTHERS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]  # no red, no grey
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, title: str | None = None, height_in: float = HEIGHT_IN) -> tuple[
@@ -193,18 +194,21 @@ def tune_figure(results: Sequence[Any], best: Any | None, title: str) -> Figure:
     by_trial: dict[int, list] = {}
     for r in results:
         by_trial.setdefault(r.trial.number, []).append(r)
-    for number, runs in sorted(by_trial.items()):
+    failed_label = "failed"
+    for index, (number, runs) in enumerate(sorted(by_trial.items())):
         runs = sorted(runs, key=lambda r: r.rung)
         done = [r for r in runs if not r.error and not _nan(r.val_acc)]
         winner = best is not None and number == best.trial.number
         if done:
             ax.plot([r.epochs for r in done], [r.val_acc for r in done], "o-", gid=f"trial-{number}",
-                    color=CHOSEN if winner else None, linewidth=2.5 if winner else 1, alpha=1 if winner else 0.7,
+                    color=CHOSEN if winner else OTHERS[index % len(OTHERS)], linewidth=2.5 if winner else 1, alpha=1 if winner else 0.7,
                     label=f"trial {number}" + (" (best)" if winner else ""), zorder=3 if winner else 2)
         failed = [r for r in runs if r.error or _nan(r.val_acc)]
         if failed:
-            ax.plot([r.epochs for r in failed], [0] * len(failed), "x", color=BEFORE, gid=f"trial-{number}-failed")
-    ax.set(xlabel="epochs (rung)", ylabel="val accuracy", title="each trial across the rungs of successive halving")
+            ax.plot([r.epochs for r in failed], [0] * len(failed), "x", color=BEFORE, gid=f"trial-{number}-failed",
+                    label=failed_label)
+            failed_label = "_nolegend_"  # one legend entry for every failure
+    ax.set(xlabel="epochs (rung)", ylabel="val accuracy")
     ax.xaxis.get_major_locator().set_params(integer=True)
     if len(by_trial) <= 16:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -243,12 +247,19 @@ def _class_bars(ax, site: str, before: Mapping | None, after: Mapping | None) ->
                       label=f"{label} (n={window['predictions']})")
         ax.bar_label(bars, labels=[str(counts.get(c, 0)) for c in classes], fontsize=7)
     ax.set_xticks(range(len(classes)), classes, fontsize=8)
-    ax.set(ylim=(0, 1.15), ylabel="rate", title=f"{site}: predicted classes (bar labels: counts)")
+    ax.set(xlim=(-0.6, max(len(classes), 1) - 0.4), ylim=(0, 1.15), ylabel="rate",
+           title=f"{site}: predicted classes (bar labels: counts)")
     ax.title.set_fontsize(9)
+    missing = [label for label, window in (("before", before), ("after", after))
+               if not window or not window.get("predictions")]
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, "no predictions in either window", ha="center", transform=ax.transAxes, fontsize=8)
+    if missing:
+        ax.text(0.62, 0.97, "no predictions " + (" or ".join(missing) if len(missing) < 2 else "in either window")
+                + (" the deploy" if len(missing) < 2 else ""), ha="center", va="top", transform=ax.transAxes,
+                fontsize=8, color="black", gid="missing", bbox={"facecolor": "white", "edgecolor": BEFORE})
+        if ax.get_legend() is not None:
+            ax.get_legend().set_loc("upper left")
 
 
 def _latency_bars(ax, site: str, before: Mapping | None, after: Mapping | None) -> None:
@@ -262,7 +273,8 @@ def _latency_bars(ax, site: str, before: Mapping | None, after: Mapping | None) 
         bars = ax.bar(xs, [v or 0.0 for v in values], width, color=color, label=label, gid=f"latency-{label}")
         ax.bar_label(bars, labels=["-" if v is None else f"{v:.1f}" for v in values], fontsize=7)
     ax.set_xticks(range(len(names)), ["p50", "p95"], fontsize=8)
-    ax.set(ylabel="ms", title=f"{site}: latency")
+    ax.set(xlim=(-0.6, len(names) - 0.4), ylabel="ms", title=f"{site}: latency")
+    ax.margins(y=0.15)
     ax.title.set_fontsize(9)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

@@ -204,3 +204,60 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
         browser.save_screenshot(str(ARTIFACTS / "pretrain-learning-curve.png"))
     finally:
         browser.quit()
+
+
+def _served(model: str, defective: int, total: int = 20) -> dict:
+    """A heartbeat whose window is the agent's own (:class:`LiveWindow` fed real predictions)."""
+    import numpy as np
+
+    from edge_agent.serving import Prediction
+    from edge_agent.window import LiveWindow
+
+    window = LiveWindow()
+    for i in range(total):
+        p = np.array([0.1, 0.9]) if i < defective else np.array([0.8, 0.2])
+        window.record(Prediction("defective" if i < defective else "functional", {}, p, np.stack([p, p]), model), 2.0)
+    return {"site": "site-a", "time": time.time(), "active_version": model, "window": window.summary()}
+
+
+def test_a_rollout_stage_publishes_its_canary_windows_and_a_broken_baseline_fails_nothing(prefect_harness, tmp_path):
+    import json
+
+    from prefect import flow
+
+    from edge_agent.store import Store
+    from orchestrator.health import FleetStatus
+    from orchestrator.pictures import publish_canaries
+    from orchestrator.rollout import Watch
+
+    (tmp_path / "status").mkdir()
+    (tmp_path / "status" / "site-a.json").write_text(json.dumps(_served("e2", 20)))  # after: all defective
+    reader = FleetStatus(Store(tmp_path.as_uri()))
+    watch = Watch("site-a", time.time() - 5, before=_served("e1", 6))
+
+    @flow(name="pictures-canary")
+    def publishing(watches: list, stage: str) -> None:
+        publish_canaries(stage, watches, reader, "v2")
+
+    publishing([watch], "canary")
+    artifact = _latest_artifact("rollout-canary-windows")
+    assert _size(_png(artifact.data)) == (800, 400) and "rollout of v2, canary" in artifact.description
+    broken = Watch("site-a", time.time(), before={"active_version": "e1", "window": "not a window"})
+    publishing([broken], "wave-1")  # logged, not raised: the rollout's verdict is what matters
+    with pytest.raises(IndexError):
+        _latest_artifact("rollout-wave-1-windows")
+
+
+def test_a_tune_run_publishes_its_trials_and_the_winners_learning_curve(prefect_harness, elpv_small, tmp_path):
+    from test_tune import _inventory, _settings
+
+    from flows.tune import tune
+
+    settings = _settings(elpv_small / "generic").model_copy(update={"trials": 2})
+    result = tune(str(_inventory(tmp_path)), settings)
+    trials = _latest_artifact("tune-trials-picture")
+    assert _size(_png(trials.data)) == (800, 400)
+    assert f"winner (trial {result['best_trial']['trial']})" in trials.description
+    curve = _latest_artifact("tune-learning-curve")
+    assert curve.flow_run_id == trials.flow_run_id and _size(_png(curve.data)) == (800, 400)
+    assert f"{result['best_trial']['epochs']} epochs" in curve.description
