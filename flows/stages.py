@@ -29,6 +29,7 @@ from orchestrator.demo import ReferenceLabels
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelhome import send_labels_home
 from orchestrator.labelling import LabelQueue
+from orchestrator.pictures import EpochLog, publish_learning_curve
 from orchestrator.progress import training_progress
 from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import OperatorLabels, Quarantine, collect_samples, first_label, site_exam_rule
@@ -105,9 +106,13 @@ def train_locally(registry: ModelRegistry, settings: PretrainSettings, config: T
     """Train and register a version in this process; each epoch moves the run's progress artifact (and a bar on
     a terminal) and logs its line."""
     progress, on_epoch = training_progress(settings.epochs, f"training {settings.arch}")
+    epochs = EpochLog(on_epoch)  # keeps the history for the learning-curve picture
     with progress:
-        return steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
-                                   note=f"pretrained on {settings.data}", on_epoch=on_epoch)
+        version = steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
+                                      note=f"pretrained on {settings.data}", on_epoch=epochs)
+    publish_learning_curve("pretrain-learning-curve", epochs.metrics(config.keep),
+                           f"pretrain {version.version} ({settings.arch})")
+    return version
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-on-trainers", retries=1, retry_delay_seconds=10,
@@ -120,6 +125,7 @@ def train_remotely(fleet: Inventory, settings: PretrainSettings, config: TrainCo
                          .read_text())
     get_run_logger().info("trained on %d ranks in %.0f s: val_acc %.3f (epoch %d of %d)", metrics["ranks"],
                           metrics["seconds"], metrics["val_acc"], metrics["best_epoch"], metrics["epochs_run"])
+    publish_learning_curve("pretrain-learning-curve", metrics, f"pretrain {settings.arch} on {metrics['ranks']} ranks")
     return metrics
 
 
@@ -211,10 +217,14 @@ def retrain_task(registry: ModelRegistry, settings: RetrainSettings, collection,
     """The retraining set (pool + labelled samples, a share of them joining its gate) built and the champion
     fine-tuned on it, registered; each epoch moves the run's progress artifact and logs its line."""
     progress, on_epoch = training_progress(config.epochs, "fine-tuning the champion")
+    epochs = EpochLog(on_epoch)  # keeps the history for the learning-curve picture
     with progress:
-        return steps.retrain_from_samples(registry, settings.family, Path(settings.base_data), collection, out,
-                                          config, labellers=labellers, pseudo=pseudo, site_exam=site_exam,
-                                          on_epoch=on_epoch)
+        candidate, summary = steps.retrain_from_samples(registry, settings.family, Path(settings.base_data),
+                                                        collection, out, config, labellers=labellers, pseudo=pseudo,
+                                                        site_exam=site_exam, on_epoch=epochs)
+    publish_learning_curve("retrain-learning-curve", epochs.metrics(config.keep),
+                           f"retrain {candidate.version} from {candidate.parent or 'scratch'}")
+    return candidate, summary
 
 
 @flow(name="edgeloop-collect", log_prints=True)
