@@ -213,6 +213,14 @@ def test_a_damaged_wheel_under_an_intact_stamp_is_reshipped_and_oversized_or_sta
         assert not report.failed, report.recap()
         return report.hosts[0]
 
+    def cut_before_install() -> None:
+        """The host as a run cut off between shipping and installing leaves it (a verified install removes the
+        wheels): the wheel and its stamp there, the venv's install marker and record of installed wheels gone."""
+        shutil.copy(wheel.path, shipped)
+        stamp.write_text(hostworker._stamp_text(str(shipped), wheel.sha256))
+        for name in ("edgeloop-wheel.sha256", hostworker.MANIFEST):
+            (roots / "host0" / "venv" / name).unlink(missing_ok=True)
+
     def damage() -> None:
         data = bytearray(shipped.read_bytes())
         middle = len(data) // 2
@@ -222,26 +230,27 @@ def test_a_damaged_wheel_under_an_intact_stamp_is_reshipped_and_oversized_or_sta
 
     try:
         run()
-        stamp_text = stamp.read_text()
+        cut_before_install()
 
         damage()  # 1. the file's times changed: the stamp no longer vouches for it, its bytes are hashed
         host = run()
         assert "re-ship" in steps_of(host)["wheel"].message and "bytes do not match" in \
             steps_of(host)["wheel"].message, steps_of(host)["wheel"].message
-        assert hostworker.sha256(str(shipped)) == wheel.sha256
+        assert "removed 1 shipped wheel(s)" in steps_of(host)["install"].message and not shipped.exists()
 
+        cut_before_install()
         before = shipped.stat()  # 2. damaged with its size, times and inode as they were: the stamp matches
         stamp_text = stamp.read_text()
         damage()
         os.utime(shipped, ns=(before.st_atime_ns, before.st_mtime_ns))
         assert stamp.read_text() == stamp_text and hostworker.sha256(str(shipped)) != wheel.sha256
-        (roots / "host0" / "venv" / "edgeloop-wheel.sha256").unlink()  # the next install needs the wheel
         host = run()
         install = steps_of(host)["install"]
         assert install.status == CHANGED and "re-shipped 1 wheel(s)" in install.message, install.message
-        assert hostworker.sha256(str(shipped)) == wheel.sha256
+        assert "removed 1 shipped wheel(s)" in install.message and not shipped.exists()
 
         # 3. a partial upload larger than the wheel, and an abandoned partial of a wheel nobody wants
+        cut_before_install()
         shipped.unlink()
         stamp.unlink()
         oversized = wheels / part_name(wheel.sha256)
@@ -257,7 +266,7 @@ def test_a_damaged_wheel_under_an_intact_stamp_is_reshipped_and_oversized_or_sta
         message = steps_of(host)["wheel"].message
         assert "discarded the partial upload" in message and "larger than the wheel" in message, message
         assert "discarded a stale partial upload" in message and "resumed" not in message, message
-        assert hostworker.sha256(str(shipped)) == wheel.sha256
+        assert "removed 1 shipped wheel(s)" in steps_of(host)["install"].message and not shipped.exists()
         assert not oversized.exists() and not stale.exists() and fresh.exists()
         assert host.shipped_bytes == wheel.path.stat().st_size
     finally:

@@ -26,11 +26,15 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from typing import IO, Dict, Iterable, List, Optional, Tuple
 
 Request = Dict  # one decoded request line: {"op": NAME, ...its fields}
@@ -358,7 +362,10 @@ def wheels_missing(req: Request) -> Answer:
     larger than its wheel or long abandoned is discarded; ``healed`` says what was done."""
     folder, check = req["folder"], bool(req.get("check"))
     missing, partial, healed = [], {}, []  # type: List[str], Dict[str, int], List[str]
+    installed = installed_wheels(req["venv"], req["layout"]) if req.get("venv") else {}
     for wheel in req["wheels"]:
+        if installed.get(wheel["sha256"]) == wheel["name"]:
+            continue  # in the venv the next install keeps: its file is not needed (and was removed)
         why = _wheel_state(os.path.join(folder, wheel["name"]), wheel, check)
         if why is None:
             continue
@@ -369,7 +376,8 @@ def wheels_missing(req: Request) -> Answer:
         if size:
             partial[wheel["name"]] = size
     healed += _stale_parts(folder, [part_name(w["sha256"]) for w in req["wheels"]], check)
-    return {"missing": missing, "partial": partial, "healed": healed}
+    return {"missing": missing, "partial": partial, "healed": healed, "kept": bool(installed),
+            "installed": sum(1 for w in req["wheels"] if installed.get(w["sha256"]) == w["name"])}
 
 
 def wheels_verify(req: Request) -> Answer:
@@ -387,6 +395,111 @@ def wheels_verify(req: Request) -> Answer:
 
 def part_name(digest: str) -> str:
     return ".{}.part".format(digest)
+
+
+# -- what a verified install leaves behind: not the wheels (they go), the hashes of what it installed
+
+MANIFEST = "edgeloop-wheels.json"  # in the venv: {"wheels": {sha256: file name}}
+
+
+def installed_wheels(venv: str, layout: str) -> Dict[str, str]:
+    """sha256 -> file name of the wheels a verified install put into ``venv``. Empty when the next install
+    will not keep this venv (made for another mode or profile, or without its interpreter): then every
+    wheel must be on the host again."""
+    if read(os.path.join(venv, "edgeloop-layout")) != layout or not os.path.exists(os.path.join(venv, "bin", "python")):
+        return {}
+    try:
+        data = json.loads(read_bounded(os.path.join(venv, MANIFEST), 1 << 20) or "{}")
+    except (OSError, ValueError):
+        return {}  # unreadable: vouches for nothing, the wheels are shipped again
+    wheels = data.get("wheels") if isinstance(data, dict) else None
+    if not isinstance(wheels, dict):
+        return {}
+    return {k: v for k, v in wheels.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _settle_wheels(venv: str, folder: str, wheels: List[Dict], check: bool) -> Tuple[int, int]:
+    """After a verified install: record the installed wheels' hashes in the venv, then remove the shipped
+    wheels (and their stamps) from ``folder``; (wheels removed, bytes freed). A re-run finds them in the
+    record and ships nothing; partial uploads stay (:func:`_stale_parts` ages them out)."""
+    manifest = os.path.join(venv, MANIFEST)
+    text = json.dumps({"wheels": {w["sha256"]: w["name"] for w in wheels}}, sort_keys=True)
+    if not check and wheels and read(manifest) != text:
+        write_atomic(manifest, text)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return 0, 0
+    count = freed = 0
+    for name in names:
+        path = os.path.join(folder, name)
+        size = _regular_size(path)
+        if not name.endswith(".whl") or name.startswith(".") or size is None:
+            continue
+        count, freed = count + 1, freed + size
+        _remove(path, check)
+        _remove(_stamp(path), check)
+    return count, freed
+
+
+# -- can the host reach its index (asked before anything ships)
+
+REACH_READ_BYTES = 1 << 16
+
+
+def _why_unreachable(reason: object, host: str, timeout: float) -> str:
+    """What stopped a request, as one short phrase (pip says the same in a retry log without the URL)."""
+    if isinstance(reason, socket.gaierror):
+        return "the name {} does not resolve (DNS: {})".format(host, reason.strerror or reason)
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "no answer within {:.0f} s".format(timeout)
+    if type(reason).__name__ in ("SSLError", "SSLCertVerificationError", "CertificateError"):
+        return "TLS: {}".format(getattr(reason, "reason", None) or reason)
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[0].lower() + reason.strerror[1:]
+    return str(reason) if isinstance(reason, str) else "{}: {}".format(type(reason).__name__, reason)
+
+
+def reach(req: Request) -> Answer:
+    """GET ``url`` from this host as pip would (proxies from the environment, credentials in the URL sent
+    as basic auth), reading at most :data:`REACH_READ_BYTES` within about ``timeout`` seconds. ``why``: ""
+    when it answered, else the reason (the name does not resolve, connection refused, HTTP 404 Not Found);
+    a ``file://`` URL must name a folder on this host."""
+    url, timeout = req["url"], float(req.get("timeout", 10))
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "file":
+        path = urllib.request.url2pathname(parts.path)
+        return {"why": "" if os.path.isdir(path) else "no folder {} on the host".format(path)}
+    host = parts.hostname or ""
+    netloc = host if ":" not in host else "[{}]".format(host)
+    netloc += ":{}".format(parts.port) if parts.port else ""
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)),
+                                     headers={"User-Agent": "edgeloop-provision", "Accept": "text/html"})
+    if parts.username:
+        import base64
+
+        token = "{}:{}".format(urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+        request.add_header("Authorization", "Basic " + base64.b64encode(token.encode()).decode())
+    deadline = time.monotonic() + timeout
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            got = 0
+            while got < REACH_READ_BYTES and time.monotonic() < deadline:
+                chunk = answer.read(8192)
+                if not chunk:
+                    break
+                got += len(chunk)
+            return {"why": "", "status": answer.status}
+    except urllib.error.HTTPError as exc:
+        return {"why": "HTTP {} {}".format(exc.code, exc.reason), "status": exc.code}
+    except urllib.error.URLError as exc:
+        return {"why": _why_unreachable(exc.reason, host, timeout)}
+    except (OSError, ValueError) as exc:  # a timeout while reading, a reset, a malformed answer
+        return {"why": _why_unreachable(exc, host, timeout)}
+    except Exception as exc:  # noqa: BLE001 -- http.client's own errors (a server that speaks no HTTP)
+        return {"why": "{}: {}".format(type(exc).__name__, exc)}
 
 
 def put_text(req: Request) -> Answer:
@@ -479,15 +592,54 @@ def _install_packages(vpy: str, req: Request) -> None:
     _pip(vpy, ["install"] + source + ["-r", requirements])
 
 
+# Run by the venv's interpreter: every requirement installed, a pinned one at its version (argv[1]: the file).
+VERIFY_SOURCE = """
+import re
+import sys
+from importlib import metadata
+bad = []
+for line in open(sys.argv[1]):
+    match = re.match(r"\\s*([A-Za-z0-9][A-Za-z0-9._-]*)\\s*(==\\s*([^\\s;]+))?", line)
+    if not match:
+        continue
+    try:
+        got = metadata.version(match.group(1))
+    except metadata.PackageNotFoundError:
+        bad.append(match.group(1) + " missing")
+        continue
+    if match.group(3) and got != match.group(3):
+        bad.append("{} {} (wanted {})".format(match.group(1), got, match.group(3)))
+print("; ".join(bad))
+"""
+
+
+def _verify_packages(vpy: str, req: Request) -> Optional[str]:
+    """Why the venv does not hold what the requirements ask for (None: it does): checked before the
+    shipped wheels are removed, so a wheel is never removed for an install that did not take."""
+    if not req.get("requirements"):
+        return None
+    bad = run([vpy, "-c", VERIFY_SOURCE, os.path.join(req["venv"], "edgeloop-requirements.txt")]).strip()
+    return "the install did not take: {}".format(bad[:500]) if bad else None
+
+
 def _install_wheel(vpy: str, venv: str, marker: str, digest: str, req: Request) -> Optional[str]:
-    """pip-install the project's wheel into the venv and check the agent imports from there; an error or None."""
+    """pip-install the project's wheel into the venv and check the agent imports from there and every
+    requirement is installed as asked; an error or None. The project's wheel is not reinstalled when its
+    file went after an earlier verified install that put this very wheel here (only the requirements
+    changed)."""
     mark_restart(req)
     if req["mode"] != "system":
         _install_packages(vpy, req)
-    _pip(vpy, ["install", "--no-deps", "--no-index", "--force-reinstall", req["wheel"]])
+    layout = "{} {}\n".format(req["mode"], req.get("profile", "edge"))
+    if os.path.exists(req["wheel"]) or installed_wheels(venv, layout).get(req["sha256"]) != \
+            os.path.basename(req["wheel"]):
+        _pip(vpy, ["install", "--no-deps", "--no-index", "--force-reinstall", req["wheel"]])
     where = run([vpy, "-c", "import edge_agent, edge_agent.config; print(edge_agent.__file__)"]).strip()
     if not os.path.realpath(where).startswith(os.path.realpath(venv)):
         return f"edge_agent imports from {where}, not from the venv {venv}"
+    bad = _verify_packages(vpy, req)
+    if bad:
+        return bad
     write_atomic(os.path.join(venv, "edgeloop-layout"), "{} {}\n".format(req["mode"], req.get("profile", "edge")))
     write_atomic(marker, digest)  # last: a cut-off install is done again next time
     return None
@@ -529,7 +681,10 @@ def install(req: Request) -> Answer:
         error = None if check else _install_wheel(vpy, venv, marker, digest, req)
         if error:
             return {"error": error}
-    return {"changed": actions}
+    removed = (0, 0)
+    if read(marker) == digest or check:  # verified (now or by an earlier run): the shipped wheels may go
+        removed = _settle_wheels(venv, os.path.dirname(req["wheel"]), req.get("wheels") or [], check)
+    return {"changed": actions, "removed": removed[0], "removed_bytes": removed[1]}
 
 
 # -- the agent's process (supervised, or a systemd unit)
@@ -906,7 +1061,8 @@ def rollback(req: Request) -> Answer:
 OPS = {"facts": facts, "folders": folders, "file_sha": file_sha, "commit": commit, "put_text": put_text,
        "install": install, "wheels_missing": wheels_missing, "wheels_verify": wheels_verify, "process_state": process_state,
        "process_restart": process_restart, "process_stop": process_stop, "restart_pending": restart_pending,
-       "systemd": systemd, "health": health, "deploy_record": deploy_record, "rollback": rollback}
+       "systemd": systemd, "health": health, "deploy_record": deploy_record, "rollback": rollback,
+       "reach": reach}
 
 
 def handle(line: str) -> Answer:

@@ -45,6 +45,7 @@ from orchestrator.provision.wheelhouse import (
 
 log = logging.getLogger(__name__)
 MIN_PYTHON = (3, 10)
+REACH_TIMEOUT_S = 10.0  # the host asks its index once before anything ships; pip itself would retry for minutes
 
 
 def _size(n: float) -> str:
@@ -84,6 +85,15 @@ def checked_facts(facts: dict, site: str) -> dict:
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise StepFailed(f"host {site}: the fact {name!r} is {shown}, not {what}")
     return facts
+
+
+def shown_url(url: str) -> str:
+    """``url`` with any password in it replaced by ``***`` (the URL is named in messages and logs)."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return parts._replace(netloc=user + parts.netloc.rpartition("@")[2]).geturl()
 
 
 class SiteProvisioner:
@@ -162,11 +172,30 @@ class SiteProvisioner:
         self.mode = service_mode(mode, facts)
         if mode == "systemd" and not facts["systemd"]:
             raise StepFailed("service: systemd was asked for but systemd does not run on this host")
+        self._reach_index()
         plan = self._plan_install()
         gpu = facts["gpu"] or "no GPU"
         return OK, (f"{facts['os']} {facts['arch']} {facts['libc']} {facts['libc_version']}, python "
                     f"{facts['python']}, {facts['cores']} cores, {_size(facts['memory_bytes'])} RAM, "
                     f"{_size(facts['disk_free_bytes'])} free, {gpu}; {plan}")
+
+    def _reach_index(self) -> None:
+        """The host asks its ``index_url`` before anything ships (for the page pip asks first: the profile's
+        first package); pip would find an unreachable index only at install time, after the wheel went up,
+        as minutes of retries that never name the URL."""
+        install = self.site.install
+        if self.site.install_mode != "index" or not install.index_url:
+            return
+        url = install.index_url
+        probe = url
+        if not url.startswith("file:"):
+            first = re.split(r"[\s\[<>=!~;]", site_requirements(install.profile, self.store_url)[0])[0]
+            probe = f"{url.rstrip('/')}/{re.sub(r'[-_.]+', '-', first).lower()}/"
+        out = self.call("reach", url=probe, timeout=REACH_TIMEOUT_S, timeout_s=REACH_TIMEOUT_S + 30)
+        if out.get("why"):
+            asked = f" (asked {shown_url(probe)})" if probe != url else ""
+            raise StepFailed(f"index_url {shown_url(url)} cannot be reached from the host: {out['why']}{asked}; "
+                             f"nothing was shipped")
 
     def _plan_install(self) -> str:
         """Facts before bytes: the wheels this host needs, and whether its disk holds them; refuses the host
@@ -179,12 +208,16 @@ class SiteProvisioner:
             except NoWheel as exc:
                 raise StepFailed(str(exc)) from None
         wanted = self.wanted()
+        # wheels a verified install recorded in the venv it keeps count as present: their files were removed
         out = self.call("wheels_missing", folder=f"{self.root}/wheels", wheels=self._wheel_list(wanted),
-                        check=self.check, timeout_s=600)  # may hash a changed wheel
+                        venv=self.venv, layout=f"{mode} {install.profile}\n", check=self.check,
+                        timeout_s=600)  # may hash a changed wheel
         self.missing = {name: out["partial"].get(name, 0) for name in out["missing"]}
         self.healed = list(out.get("healed", []))
         ship = sum(w.size - self.missing[w.name] for w in wanted if w.name in self.missing)
-        installed = sum(w.installed_size for w in wanted) if self.missing else 0
+        # the venv kept: only what is new goes in; made afresh: all of it (the wheels stay until it is verified)
+        into = [w for w in wanted if w.name in self.missing] if out.get("kept") else wanted
+        installed = sum(w.installed_size for w in into) if self.missing else 0
         need = ship + installed + (install.disk_reserve_mb << 20 if self.missing else 0)
         free = facts["disk_free_bytes"]
         if need > free:
@@ -192,7 +225,7 @@ class SiteProvisioner:
                              f"{_size(installed)} installed, {install.disk_reserve_mb} MiB reserve), "
                              f"{_size(free)} free")
         return (f"install {mode}, profile {install.profile}: {len(wanted) - len(self.missing)}/{len(wanted)} "
-                f"wheels present, {_size(ship)} to ship")
+                f"wheels installed or present, {_size(ship)} to ship, {_size(installed)} to install")
 
     @staticmethod
     def _wheel_list(wheels: list[WheelFile]) -> list[dict]:
@@ -219,8 +252,8 @@ class SiteProvisioner:
         healed = f"; {'; '.join(self.healed)}" if self.healed else ""
         if not todo:
             status = CHANGED if self.healed and not self.check else OK  # a stale partial went
-            return status, f"{len(wanted)} wheel(s) present ({self.wheel.name}, sha256 {self.wheel.sha256[:12]})" \
-                + healed
+            return status, f"{len(wanted)} wheel(s) installed or present ({self.wheel.name}, sha256 " \
+                f"{self.wheel.sha256[:12]})" + healed
         self.needs_restart = True
         resumed = sum(self.missing[w.name] for w in todo)
         size = sum(w.size for w in todo) - resumed
@@ -270,18 +303,24 @@ class SiteProvisioner:
             requirements = site_requirements(install.profile, self.store_url)
             extra = {"requirements": "".join(f"{r}\n" for r in requirements),
                      "index_url": install.index_url, "constraints": constraints.read_text() if constraints else ""}
+        # the wheels: recorded in the venv once the install is verified, then removed from the host
         request = dict(venv=self.venv, wheel=f"{self.root}/wheels/{self.wheel.name}", mode=mode,
                        profile=install.profile, sha256=self.wheel.sha256, check=self.check,
-                       restart_marker=self.marker, timeout_s=1800, **extra)
+                       wheels=self._wheel_list(self.wanted()), restart_marker=self.marker, timeout_s=1800, **extra)
         try:
             out, reshipped = self.call("install", **request), ""
         except StepFailed as exc:
             reshipped = self._reship_damaged(exc)  # re-raises when no wheel was damaged
             out = self.call("install", **request)
+        removed = (f"{'would remove' if self.check else 'removed'} {out['removed']} shipped wheel(s), "
+                   f"{_size(out['removed_bytes'])}, after the verified install") if out.get("removed") else ""
         if not out["changed"]:
+            if removed:  # a run cut off after its install, or a host provisioned before wheels were removed
+                return CHANGED, f"{self.wheel.name} installed in {self.venv}; {removed}"
             return OK, f"{self.wheel.name} installed in {self.venv}"
         self.needs_restart = True
-        return CHANGED, self.would(", ".join(out["changed"]) + f" ({self.venv})") + reshipped
+        return CHANGED, self.would(", ".join(out["changed"]) + f" ({self.venv})") + reshipped + \
+            (f"; {removed}" if removed else "")
 
     def _reship_damaged(self, failure: StepFailed) -> str:
         """After a failed install: hash every shipped wheel whatever its stamp says (bytes damaged without

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edge_agent.fileio import file_sha256, write_json_atomic
+from orchestrator.progress import Progress
 from orchestrator.project import PROJECT_DIR
 
 # What each profile installs on top of the project's own wheel: the pyproject extra that lists it.
@@ -108,10 +109,33 @@ class Lock:
         return "".join(sorted(lines))
 
 
+# What an installed file takes on disk, calibrated on an edge-serve venv (CPython 3.11, ext4; see
+# /work/notes/provision.md): files are whole 4 KiB blocks, every folder one block, and pip byte-compiles each
+# .py into __pycache__ (34.9 MiB of .pyc for 26.2 MiB of .py: x1.33). The unpacked bytes alone (186 MiB)
+# missed the venv's 235 MiB by a fifth; this estimate (234 MiB) is within 1 %.
+BLOCK = 4096
+PYC_PER_PY = 1.33
+SIZES = "blocks+pyc/1"  # the estimate's version in a lock file: a lock with another is re-measured
+
+
+def _blocks(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
 def installed_size(wheel: Path) -> int:
-    """Bytes a wheel takes once unpacked (what ``pip install`` writes, before byte-compiling)."""
+    """Bytes of disk a wheel takes once ``pip install`` has unpacked and byte-compiled it."""
+    total, folders = 0, set()
     with zipfile.ZipFile(wheel) as archive:
-        return sum(info.file_size for info in archive.infolist())
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            parts = info.filename.split("/")
+            folders.update("/".join(parts[:k]) for k in range(1, len(parts)))
+            total += _blocks(info.file_size)
+            if info.filename.endswith(".py"):
+                total += _blocks(int(info.file_size * PYC_PER_PY))
+                folders.add("/".join(parts[:-1] + ["__pycache__"]))
+    return total + len(folders) * BLOCK
 
 
 # A store protocol's fsspec package, for a site whose profile does not bring it (edge-serve with s3://).
@@ -185,18 +209,28 @@ class Wheelhouse:
                 data = json.loads(path.read_text())
                 wheels = tuple(WheelFile(**w) for w in data["wheels"])
                 if all(self.blob(w).is_file() for w in wheels):
+                    if data.get("sizes") != SIZES:  # written by an older estimate: measure the blobs again
+                        wheels = tuple(WheelFile(w.name, w.sha256, w.size, installed_size(self.blob(w)))
+                                       for w in wheels)
+                        self._write_lock(path, Lock(profile, platform, wheels))
                     return Lock(profile, platform, wheels)
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
                 pass
             lock = self._resolve(profile, platform, requirements)
-            write_json_atomic(path, {"profile": profile, "platform": asdict(platform),
-                                     "wheels": [asdict(w) for w in lock.wheels]})
+            self._write_lock(path, lock)
             return lock
+
+    @staticmethod
+    def _write_lock(path: Path, lock: Lock) -> None:
+        write_json_atomic(path, {"profile": lock.profile, "platform": asdict(lock.platform), "sizes": SIZES,
+                                 "wheels": [asdict(w) for w in lock.wheels]})
 
     def _resolve(self, profile: str, platform: Platform, requirements: list[str]) -> Lock:
         requirements = requirements + list(BOOTSTRAP)
         self.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=self.root) as tmp:
+        # steps: pip's download (one), then each wheel hashed and stored; the run's progress artifact shows them
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=self.root) as tmp, \
+                Progress(1, "steps", f"wheelhouse {profile} {platform.describe()}", key="wheelhouse-progress") as bar:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
                    "--only-binary=:all:", "--python-version", platform.python, "--implementation",
                    platform.implementation, "--abi", platform.abi, "--dest", tmp]
@@ -206,14 +240,16 @@ class Wheelhouse:
             proc = subprocess.run(cmd + requirements, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise _no_wheel(proc.stderr or proc.stdout, platform)
-            wheels = []
-            for file in sorted(Path(tmp).glob("*.whl")):
+            wheels, files = [], sorted(Path(tmp).glob("*.whl"))
+            bar.update(1, total=1 + len(files), detail=f"{len(files)} wheels downloaded")
+            for file in files:
                 wheel = WheelFile(file.name, file_sha256(file), file.stat().st_size, installed_size(file))
                 target = self.blob(wheel)
                 if not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(file, target)  # same file system: atomic
                 wheels.append(wheel)
+                bar.advance()
         return Lock(profile, platform, tuple(wheels))
 
 
