@@ -205,6 +205,14 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
     finally:
         browser.quit()
 
+    from flows.stages import RetrainSettings, retrain
+
+    state = retrain(str(inventory), RetrainSettings(family="pictures", epochs=2, rollout=False), return_state=True)
+    assert state.is_completed(), state
+    curve = _latest_artifact("retrain-learning-curve")
+    assert curve.flow_run_id == state.state_details.flow_run_id and _size(_png(curve.data)) == (800, 400)
+    assert "retrain " in curve.description and "epoch kept" in curve.description
+
 
 def _served(model: str, defective: int, total: int = 20) -> dict:
     """A heartbeat whose window is the agent's own (:class:`LiveWindow` fed real predictions)."""
