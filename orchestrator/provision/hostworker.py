@@ -422,9 +422,11 @@ def _settle_wheels(venv: str, folder: str, wheels: List[Dict], check: bool) -> T
     """After a verified install: record the installed wheels' hashes in the venv, then remove the shipped
     wheels (and their stamps) from ``folder``; (wheels removed, bytes freed). A re-run finds them in the
     record and ships nothing; partial uploads stay (:func:`_stale_parts` ages them out)."""
+    if not wheels:  # no list to record: nothing may go (a re-run could not tell what was installed)
+        return 0, 0
     manifest = os.path.join(venv, MANIFEST)
     text = json.dumps({"wheels": {w["sha256"]: w["name"] for w in wheels}}, sort_keys=True)
-    if not check and wheels and read(manifest) != text:
+    if not check and read(manifest) != text:
         write_atomic(manifest, text)
     try:
         names = sorted(os.listdir(folder))

@@ -109,10 +109,10 @@ class Lock:
         return "".join(sorted(lines))
 
 
-# What an installed file takes on disk, calibrated on an edge-serve venv (CPython 3.11, ext4; see
-# /work/notes/provision.md): files are whole 4 KiB blocks, every folder one block, and pip byte-compiles each
-# .py into __pycache__ (34.9 MiB of .pyc for 26.2 MiB of .py: x1.33). The unpacked bytes alone (186 MiB)
-# missed the venv's 235 MiB by a fifth; this estimate (234 MiB) is within 1 %.
+# What an installed file takes on disk, calibrated on a bare edge-serve venv (CPython 3.11, ext4, measured
+# with du): files are whole 4 KiB blocks, every folder one block, and pip byte-compiles each .py into
+# __pycache__ (34.9 MiB of .pyc for 26.2 MiB of .py: x1.33). The unpacked bytes alone (187 MiB) missed the
+# venv's 235.1 MiB by a fifth; this estimate says 234.6 MiB (tests/test_provision_checks.py holds it to 10 %).
 BLOCK = 4096
 PYC_PER_PY = 1.33
 SIZES = "blocks+pyc/1"  # the estimate's version in a lock file: a lock with another is re-measured
