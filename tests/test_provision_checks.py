@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -265,6 +266,23 @@ def test_a_re_run_ships_nothing_and_a_lost_record_ships_again(served):
     assert steps["wheel"].status == CHANGED and host.shipped_bytes > 10 << 20, steps["wheel"].message
     assert "removed" in steps["install"].message and "after the verified install" in steps["install"].message
     assert not list((root / "wheels").glob("*.whl")) and (root / "venv" / hostworker.MANIFEST).is_file()
+
+    # a host provisioned before wheels left: its wheels (stamped) there, no record; the next run records and
+    # removes them, ships nothing and does not restart the agent
+    record = json.loads((root / "venv" / hostworker.MANIFEST).read_text())["wheels"]
+    house = wheelhouse_at(inventory.wheelhouse())
+    for digest, name in record.items():
+        source = wheel.path if name == wheel.name else house.blob(next(
+            w for w in house.lock("edge-serve", Platform.from_facts(host.facts)).wheels if w.sha256 == digest))
+        shutil.copy(source, root / "wheels" / name)
+        (root / "wheels" / f".{name}.sha256").write_text(hostworker._stamp_text(str(root / "wheels" / name), digest))
+    (root / "venv" / hostworker.MANIFEST).unlink()
+    old = provision(inventory, wheel=wheel, limit=["host0"], retry_delays_s=())
+    steps = steps_of(old.hosts[0])
+    assert old.hosts[0].shipped_bytes == 0 and steps["restart"].status == OK, old.recap()
+    assert steps["install"].status == CHANGED and f"removed {len(record)} shipped wheel(s)" in steps["install"].message
+    assert not list((root / "wheels").glob("*.whl")) and json.loads(
+        (root / "venv" / hostworker.MANIFEST).read_text())["wheels"] == record
 
 
 def test_the_install_check_names_a_requirement_the_venv_does_not_hold(served, tmp_path):
