@@ -30,7 +30,7 @@ from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.labelhome import send_labels_home
 from orchestrator.labelling import LabelQueue
 from orchestrator.pictures import EpochLog, publish_learning_curve
-from orchestrator.progress import training_progress
+from orchestrator.progress import Progress, training_progress
 from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import OperatorLabels, Quarantine, collect_samples, first_label, site_exam_rule
 from orchestrator.trainers import train_on_trainers
@@ -121,8 +121,11 @@ def train_remotely(fleet: Inventory, settings: PretrainSettings, config: TrainCo
     """One DDP job across ``cloud.trainers``; its checkpoint and metrics land in ``out``."""
     hosts = ", ".join(t.name for t in fleet.cloud.trainers)
     get_run_logger().info("training on the trainers %s (torch.distributed over SSH)", hosts)
-    metrics = json.loads((train_on_trainers(fleet, settings.data, settings.arch, config, out) / "metrics.json")
-                         .read_text())
+    # the epochs rank 0 prints, as they stream back: the run's progress artifact (and a bar on a terminal)
+    with Progress(settings.epochs, "epochs", f"training {settings.arch} on {hosts}", key="training-progress") as bar:
+        folder = train_on_trainers(fleet, settings.data, settings.arch, config, out,
+                                   on_epoch=lambda epoch, _epochs, line: bar.update(epoch, line))
+    metrics = json.loads((folder / "metrics.json").read_text())
     get_run_logger().info("trained on %d ranks in %.0f s: val_acc %.3f (epoch %d of %d)", metrics["ranks"],
                           metrics["seconds"], metrics["val_acc"], metrics["best_epoch"], metrics["epochs_run"])
     publish_learning_curve("pretrain-learning-curve", metrics, f"pretrain {settings.arch} on {metrics['ranks']} ranks")
@@ -188,7 +191,8 @@ def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = Pr
 @task(cache_policy=NO_CACHE, task_run_name="collect", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
 def collect_task(fleet: Inventory, registry: ModelRegistry, queue: LabelQueue, confidence: float):
     """New samples from the store since the watermark: checked, pseudo-labelled or queued for a person."""
-    return collect_new(fleet.store(), registry.root, queue, confidence)
+    with Progress(0, "samples", "reading new samples", key="collect-progress") as progress:
+        return collect_new(fleet.store(), registry.root, queue, confidence, on_read=progress.count)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="send-labels-home", retries=2, retry_delay_seconds=5,
@@ -208,7 +212,8 @@ def reference_labels(reference_data: list[str], queue: LabelQueue, collection) -
       retry_condition_fn=transient)
 def read_samples(fleet: Inventory, registry: ModelRegistry):
     """Every checked sample in the store (the quarantined left out), for the retraining set."""
-    return collect_samples(fleet.store(), quarantined=Quarantine(registry.root).reasons())
+    with Progress(0, "samples", "reading every sample", key="read-samples-progress") as progress:
+        return collect_samples(fleet.store(), quarantined=Quarantine(registry.root).reasons(), on_read=progress.count)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-from-champion")

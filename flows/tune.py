@@ -29,6 +29,7 @@ from edge_agent.gate import GateRule
 from flows.stages import CONTRACT_HELP, DEFAULT_INVENTORY, gate_markdown
 from orchestrator import retrain as steps
 from orchestrator.inventory import load_inventory
+from orchestrator.progress import Progress
 from orchestrator.pictures import publish_tune
 from orchestrator.tune import (
     MAX_CONCURRENCY,
@@ -84,7 +85,11 @@ def run_trials(settings: TuneSettings, space: SearchSpace, out: str, threads: in
     def run_rung(trials: list[Trial], rung: int, epochs: int) -> list[TrialResult]:
         futures = train_trial.map(unmapped(settings.data), trials, rung, epochs, unmapped(out), settings.seed,
                                   threads, settings.trial_memory_mb, settings.concurrency)
-        return [_outcome(future, trial, rung, epochs) for future, trial in zip(futures, trials)]
+        results = []
+        for future, trial in zip(futures, trials):  # in order: each trial counts when it (and those before) ended
+            results.append(_outcome(future, trial, rung, epochs))
+            progress.advance(detail=f"rung {rung + 1} of {len(rungs)}")
+        return results
 
     def report(rung: int, results: list[TrialResult]) -> None:
         scored = Search(results).ranked(rung)
@@ -93,7 +98,9 @@ def run_trials(settings: TuneSettings, space: SearchSpace, out: str, threads: in
                     sum(bool(r.error) for r in results))
 
     trials = random_trials(space, settings.trials, dataset.image_size, settings.seed)
-    return successive_halving(trials, settings.halving, run_rung, on_rung=report).results
+    rungs = settings.halving.rungs(len(trials))  # trials done of every rung's trials (fewer when some fail)
+    with Progress(sum(count for count, _ in rungs), "trials", "tuning", key="tune-progress") as progress:
+        return successive_halving(trials, settings.halving, run_rung, on_rung=report).results
 
 
 def _outcome(future, trial: Trial, rung: int, epochs: int) -> TrialResult:

@@ -12,6 +12,7 @@ is never read again: one site's hostile file can neither stop the fleet's collec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,11 +55,13 @@ def pseudo_label(sample: Sample, classes: list[str], confidence: float) -> str |
     return label if probs[label] >= confidence and agree else None
 
 
-def collect_new(store: Store, home: Path, queue: LabelQueue, confidence: float) -> CollectResult:
-    """Check the samples not collected before; pseudo-label the sure ones; move the watermark."""
+def collect_new(store: Store, home: Path, queue: LabelQueue, confidence: float,
+                on_read: Callable[[int, int], None] | None = None) -> CollectResult:
+    """Check the samples not collected before; pseudo-label the sure ones; move the watermark.
+    ``on_read(done, total)``: samples read of those to read, as they are read."""
     watermark = Watermark(home)
     quarantine = Quarantine(home)
-    everything = collect_samples(store, watermark.seen(), quarantine.reasons(), queue.classes)
+    everything = collect_samples(store, watermark.seen(), quarantine.reasons(), queue.classes, on_read=on_read)
     result = CollectResult(rejected=everything.rejected, held=everything.held)
     for sample in everything.accepted:
         try:

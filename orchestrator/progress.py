@@ -110,6 +110,10 @@ class Progress:
             self._draw(force=bool(note))
             self._publish(force=self.total > 0 and self.done >= self.total)
 
+    def count(self, done: float, total: float) -> None:
+        """``done`` of ``total``: a callback for code that reports both (``on_read(done, total)``)."""
+        self.update(done, total=total)
+
     def close(self, completed: bool = True, why: str = "") -> None:
         """The end: the last figure published, the bar finished with a newline. ``completed`` counts it all
         done (a training that stopped early is done); else the figure is where it stopped, with ``why``."""
@@ -132,7 +136,9 @@ class Progress:
 
     @property
     def percent(self) -> float:
-        return 100.0 if self.total <= 0 else max(0.0, min(100.0, 100.0 * self.done / self.total))
+        if self.total <= 0:  # nothing to do (done), or the total is not known yet
+            return 100.0 if self.closed else 0.0
+        return max(0.0, min(100.0, 100.0 * self.done / self.total))
 
     def rate(self) -> float | None:
         """Units per second since the start (None before anything was done)."""

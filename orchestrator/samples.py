@@ -93,7 +93,8 @@ class SampleRejected(ValueError):
 
 
 def collect_samples(store: Store, seen: Container[str] = (), quarantined: Container[str] = (),
-                    classes: list[str] | None = None) -> Collection:
+                    classes: list[str] | None = None,
+                    on_read: Callable[[int, int], None] | None = None) -> Collection:
     """Read and check every sample in the store, except those whose hash is in ``seen`` and those whose
     ``site/sha`` is in ``quarantined`` (neither is read); each bad one is rejected alone, with its reason.
 
@@ -101,12 +102,15 @@ def collect_samples(store: Store, seen: Container[str] = (), quarantined: Contai
     The exam rule fails closed (:mod:`orchestrator.exams`): a sample is *held* (neither accepted nor
     quarantined; read again next time) while its site's exam list does not read, when it is (a near-copy of)
     an exam image of its own site or of another (a conflict), or when its sidecar says it is in an exam split.
+    ``on_read(done, total)`` hears how many of the samples to read are read (progress of a long collect).
     """
     collection = Collection()
     found = [(Path(p).parent.name, Path(p).stem, p) for p in store.list("samples/*/*.json")]
     todo = [(site, sha, path) for site, sha, path in found if sha not in seen and f"{site}/{sha}" not in quarantined]
     exams = read_exam_book(store)
-    for site, sha, sidecar_path in todo:
+    for done, (site, sha, sidecar_path) in enumerate(todo):
+        if on_read:
+            on_read(done, len(todo))
         try:
             sample = _read_sample(store, sidecar_path, site, sha, classes)
         except SampleRejected as exc:
@@ -121,6 +125,8 @@ def collect_samples(store: Store, seen: Container[str] = (), quarantined: Contai
             collection.accepted.append(sample)
         else:
             collection.held.append({"sample": f"{site}/{sha}", "kind": verdict[0], "reason": verdict[1]})
+    if on_read:
+        on_read(len(todo), len(todo))
     return collection
 
 

@@ -13,8 +13,10 @@ interrupted is stopped on every trainer through that pidfile before the error go
 
 from __future__ import annotations
 
+import re
 import shlex
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,11 @@ class TrainerRun:
 
 
 def train_on_trainers(inventory: Inventory, data: str, arch: str, config: TrainConfig, out: Path, *,
-                      image_size: int | None = None, timeout_s: float = JOB_TIMEOUT_S) -> Path:
-    """Train across every trainer; rank 0's ``model.pt`` and ``metrics.json`` end up in ``out``."""
+                      image_size: int | None = None, timeout_s: float = JOB_TIMEOUT_S,
+                      on_epoch: Callable[[int, int, str], None] | None = None) -> Path:
+    """Train across every trainer; rank 0's ``model.pt`` and ``metrics.json`` end up in ``out``.
+
+    ``on_epoch(epoch, epochs, line)`` hears each epoch line rank 0 prints, as the job's output streams back."""
     trainers = inventory.cloud.trainers
     if not trainers:
         raise ValueError(f"{inventory.path}: cloud.trainers lists no hosts to train on")
@@ -66,7 +71,8 @@ def train_on_trainers(inventory: Inventory, data: str, arch: str, config: TrainC
     def run(trainer: Trainer) -> TrainerRun:
         try:
             with connect(trainer.connection, inventory.known_hosts) as conn:
-                done = conn.run(command(trainer), hide=True, warn=True, timeout=timeout_s, in_stream=False)
+                done = conn.run(command(trainer), hide=True, warn=True, timeout=timeout_s, in_stream=False,
+                                out_stream=EpochLines(on_epoch) if on_epoch else None)
             return TrainerRun(trainer.name, done.exited, done.stdout, done.stderr)
         except Exception as exc:  # unreachable, refused key, timed out: this trainer failed, with why
             return TrainerRun(trainer.name, -1, "", inventory.mask(f"{type(exc).__name__}: {exc}"))
@@ -89,6 +95,30 @@ def train_on_trainers(inventory: Inventory, data: str, arch: str, config: TrainC
         raise TrainersFailed(f"{first_failure.trainer}: {_last_error(first_failure)} (the job was stopped on every "
                              f"trainer; nothing was registered)")
     return _fetch_rank0(inventory, trainers, run_id, out)
+
+
+class EpochLines:
+    """A trainer's stdout as it arrives (a stream for Fabric): each ``epoch N/M ...`` line that ``edgeloop train``
+    prints goes to ``on_epoch(N, M, line)``; the output is still captured whole for the error message."""
+
+    LINE = re.compile(r"^epoch\s+(\d+)/(\d+)\b")
+
+    def __init__(self, on_epoch: Callable[[int, int, str], None]):
+        self.on_epoch, self.buffer = on_epoch, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            if match := self.LINE.match(line.strip()):
+                try:
+                    self.on_epoch(int(match[1]), int(match[2]), line.strip())
+                except Exception:  # noqa: BLE001 - progress must never stop the job's output being read
+                    pass
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def _pidfile(trainer: Trainer, run_id: str) -> str:

@@ -26,6 +26,21 @@ pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _read_all(master: int, wait_s: float = 0.5) -> str:
+    """What a pseudo-terminal's other end wrote (it hands the output over in pieces; EIO once it is closed)."""
+    out = b""
+    while select.select([master], [], [], wait_s)[0]:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    return out.decode(errors="replace")
+
+
 def _on_pty(argv: list[str], timeout: float = 180) -> tuple[int, str, str]:
     """Run ``argv`` with its stderr on a pseudo-terminal (so it is a TTY) and stdout on a pipe."""
     master, slave = os.openpty()
@@ -79,8 +94,7 @@ def test_the_bar_counts_bytes_rate_and_time_left_on_a_terminal():
             time.sleep(0.15)
             bar.advance(1 << 20, detail="1 of 4 wheels")
             assert re.search(r"1\.0 MiB/4\.0 MiB \(1 of 4 wheels\), [\d.]+ [KM]iB/s, \d+:\d\d left", bar.figures())
-    text = os.read(master, 1 << 16).decode()
-    os.close(master)
+    text = _read_all(master)
     assert "shipping" in text and "█" in text and "100% 4.0 MiB/4.0 MiB" in text
     lines: list[str] = []
     with pytest.raises(RuntimeError):  # a failure: the figure stays where it stopped, with no bar off a TTY
@@ -159,3 +173,93 @@ def test_the_artifact_is_throttled_to_once_a_second(prefect_harness, monkeypatch
 
     many_steps()
     assert 1 <= len(sent) <= 3 and sent[-1] == 100.0, sent
+
+
+def test_collect_counts_the_samples_read(prefect_harness, counted_updates, tmp_path, elpv_small):
+    """A collect reads each new sample from the store: samples read of N, in the collect run's artifact."""
+    from flows.stages import CollectSettings, PretrainSettings, collect, pretrain
+    from test_cloud_loop import _put_exams, _put_sample
+
+    inventory = _inventory(tmp_path, elpv_small)
+    assert pretrain(str(inventory), PretrainSettings(family="progress", arch="tiny_cnn", epochs=1, batch_size=16),
+                    return_state=True).is_completed()  # the champion whose classes the collect labels in
+    images = sorted((elpv_small / "sites" / "site-1").rglob("*.png"))[:5]
+    for image in images:
+        _put_sample(tmp_path / "store", "site-1", image.read_bytes())
+    _put_exams(tmp_path / "store", "site-1")
+    counted_updates.clear()
+    state = collect(str(inventory), CollectSettings(family="progress"), return_state=True)
+    [artifact] = _run_artifacts(state.state_details.flow_run_id)
+    assert artifact.key == "collect-progress" and float(artifact.data) == 100.0
+    assert "5/5 samples" in artifact.description, artifact.description
+    assert any(0 < value < 100 for value in counted_updates), counted_updates
+
+
+def test_provisioning_counts_the_hosts_done(prefect_harness, tmp_path):
+    """Three hosts (local, check mode: nothing changes): the run's artifact counts them done, of 3."""
+    from flows.provision import provision_flow
+
+    inventory = tmp_path / "fleet.yaml"
+    sites = ", ".join(f'{{name: site-{i}, root: "{tmp_path / f"site-{i}"}"}}' for i in range(3))
+    inventory.write_text(f"""
+cloud: {{store_url: "{(tmp_path / 'store').as_uri()}"}}
+defaults: {{connection: {{type: local}}, python: {sys.executable}}}
+sites: [{sites}]
+""")
+    state = provision_flow(str(inventory), check=True, return_state=True)
+    artifacts = {a.key: a for a in _run_artifacts(state.state_details.flow_run_id)}
+    assert float(artifacts["provision-progress"].data) == 100.0
+    assert "3/3 hosts" in artifacts["provision-progress"].description
+    assert "shipped" in artifacts["provision-progress"].description
+
+
+def test_the_wheelhouse_resolution_reports_its_steps(prefect_harness, counted_updates, tmp_path):
+    """pip's download, then each wheel hashed and stored: steps done of N in the resolving run's artifact."""
+    from prefect import flow
+
+    from orchestrator.provision.wheelhouse import Platform, Wheelhouse
+
+    info = sys.version_info
+    here = Platform(f"{info.major}.{info.minor}", "cp", os.uname().machine, "glibc", "2.17")
+
+    @flow
+    def resolve():
+        return Wheelhouse(tmp_path / "wheelhouse")._resolve("edge-serve", here, [])  # pip alone: the bootstrap
+
+    state = resolve(return_state=True)
+    assert [w.project for w in state.result().wheels] == ["pip"]
+    [artifact] = _run_artifacts(state.state_details.flow_run_id)
+    assert artifact.key == "wheelhouse-progress" and float(artifact.data) == 100.0
+    assert "2/2 steps (1 wheels downloaded)" in artifact.description, artifact.description
+    assert 50.0 in counted_updates  # pip's download done, the wheel not yet stored
+
+
+def test_tune_counts_trials_over_its_rungs(prefect_harness, counted_updates, tmp_path, elpv_small):
+    """Two trials of one epoch (one rung): each counted as it ends."""
+    from flows.tune import TuneSettings, tune
+    from orchestrator.tune import Halving, SearchSpace
+    from test_tune import _inventory as tune_inventory
+
+    settings = TuneSettings(data=str(elpv_small / "generic"), family="tuned", trials=2, concurrency=2,
+                            space=SearchSpace(arch=["tiny_cnn"], policy=["none"], image_size=[32]),
+                            halving=Halving(min_epochs=1, max_epochs=1, eta=2))
+    tune(str(tune_inventory(tmp_path)), settings)
+    from agent_helpers import _latest_artifact
+
+    artifact = _latest_artifact("tune-progress")
+    assert float(artifact.data) == 100.0 and "2/2 trials (rung 1 of 1)" in artifact.description
+    assert [round(v) for v in counted_updates if v < 100] == [50], counted_updates
+
+
+def test_epoch_lines_streamed_back_from_a_trainer_move_its_progress():
+    """What a trainer's ``edgeloop train`` prints, as Fabric hands it over in pieces: each epoch line counts."""
+    from orchestrator.trainers import EpochLines
+
+    seen: list[tuple[int, int]] = []
+    stream = EpochLines(lambda epoch, epochs, line: seen.append((epoch, epochs)))
+    for piece in ["loading\nepoch   1/3  loss 0.7", "1  acc 0.5\nepoch   2/3  loss 0.6\n", "noise epoch 9/9\n",
+                  "epoch   3/3  loss 0.5\nbest val_acc 0.75"]:
+        stream.write(piece)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    broken = EpochLines(lambda *_: 1 / 0)  # a failing listener never stops the job's output being read
+    assert broken.write("epoch 1/2 x\n") == len("epoch 1/2 x\n")
