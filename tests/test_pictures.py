@@ -188,20 +188,21 @@ sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
     browser = _browser()
     try:
         browser.set_window_size(1400, 900)
-        browser.get(f"{ui}/artifacts/artifact/{artifact.id}")
-        deadline = time.monotonic() + 90
-        while True:  # a single-page app: wait for the markdown to render its image
-            widths = [browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
-                      for img in browser.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png;base64,']")]
-            if any(widths):
-                break
-            assert time.monotonic() < deadline, browser.find_element(By.TAG_NAME, "body").text[-2000:]
-            time.sleep(1)
-        assert max(widths) == 800  # the PNG itself, decoded by the browser (the sanitizer kept the data URI)
-        assert "pretrain-learning-curve" in browser.find_element(By.TAG_NAME, "body").text
-        time.sleep(1)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(ARTIFACTS / "pretrain-learning-curve.png"))
+        for version, shot in (("", "pretrain-learning-curve.png"), ("/v2", "pretrain-learning-curve-ui-v2.png")):
+            browser.get(f"{ui}{version}/artifacts/artifact/{artifact.id}")  # the UI, and the one it offers next
+            deadline = time.monotonic() + 90
+            while True:  # a single-page app: wait for the markdown to render its image
+                widths = [browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img)
+                          for img in browser.find_elements(By.CSS_SELECTOR, "img[src^='data:image/png;base64,']")]
+                if any(widths):
+                    break
+                assert time.monotonic() < deadline, browser.find_element(By.TAG_NAME, "body").text[-2000:]
+                time.sleep(1)
+            assert max(widths) == 800  # the PNG itself, decoded by the browser (the sanitizer kept the data URI)
+            assert "pretrain-learning-curve" in browser.find_element(By.TAG_NAME, "body").text
+            time.sleep(1)
+            browser.save_screenshot(str(ARTIFACTS / shot))
     finally:
         browser.quit()
 
