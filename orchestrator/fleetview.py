@@ -40,7 +40,8 @@ class FleetRow:
     reason: str
     state: str | None
     serving: str | None  # the active ensemble
-    bases: str  # the base version(s) it is built on
+    bases: str  # the base version(s) what serves is built on ("deployed: ..." where the cloud cannot tell)
+    deployed_bases: str  # every base version deployed at the site
     since: float | None  # cloud time the cloud first saw it serve `serving`
     heartbeat_age_s: float | None
     decision: str | None  # the last fine-tune's decision, short
@@ -159,6 +160,27 @@ def runs(history: list[dict]) -> list[dict]:
     return [{**e["run"], "seen": e["seen"]} for e in history if isinstance(e.get("run"), dict)]
 
 
+def built_on(serving: str | None, last_run: dict | None, history: list[dict]) -> list[str] | None:
+    """The base version(s) the ensemble ``serving`` was built from: a base served as-is (``base-<v>``) is ``v``; a
+    fine-tuned ensemble is named for its run, whose report names its bases (the latest run, or one in the
+    history); None when neither tells."""
+    if not serving:
+        return None
+    if serving.startswith("base-"):
+        return [serving.removeprefix("base-")]
+    for run in [run_summary(last_run)] + runs(history)[::-1]:
+        if run and run.get("run_id") == serving and run.get("bases"):
+            return list(dict.fromkeys(run["bases"]))
+    return None
+
+
+def bases_text(serving: str | None, last_run: dict | None, history: list[dict], deployed: list[str]) -> str:
+    known = built_on(serving, last_run, history)
+    if known is not None:
+        return ", ".join(known)
+    return f"deployed: {', '.join(deployed)}" if deployed else ""
+
+
 # ---- rows -----------------------------------------------------------------------------------------------------
 def evidence_text(gate: dict | None) -> str | None:
     """The gate's evidence in one line: ``n = 40, discordant 7 for / 1 against, p = 0.035, alpha = 0.1``."""
@@ -186,9 +208,8 @@ def labels_text(labels: dict | None) -> str | None:
     """``12 taken, 1 relabelled, 2 refused, 3 pending`` (and the last error), or None when none came home."""
     if not isinstance(labels, dict):
         return None
-    parts = [f"{labels.get(k) or 0} {k}" for k in ("taken", "relabelled", "refused")]
-    if labels.get("pending"):
-        parts.append(f"{labels['pending']} pending")
+    parts = [f"{labels.get('taken') or 0} taken"] + [f"{labels[k]} {k}" for k in ("relabelled", "refused", "pending")
+                                                if labels.get(k)]
     text = ", ".join(parts)
     return text + (f" (error: {str(labels['error'])[:120]})" if labels.get("error") else "")
 
@@ -204,7 +225,8 @@ def fleet_row(health_row: health.SiteHealth, heartbeat: dict | None, history: li
     queues = beat.get("queues") or {}
     return FleetRow(
         site=health_row.site, verdict=health_row.verdict, reason=health_row.reason, state=health_row.state,
-        serving=serving, bases=", ".join(beat.get("base_versions") or []),
+        serving=serving, bases=bases_text(serving, last_run, history, beat.get("base_versions") or []),
+        deployed_bases=", ".join(beat.get("base_versions") or []),
         since=(since(history, serving) or first_seen) if serving else None,
         heartbeat_age_s=health_row.heartbeat_age_s, decision=short_decision(last_run.get("decision")),
         evidence=evidence_text(last_run.get("gate")), gate=summary.get("gate"), test_accuracy=summary.get("test_accuracy"),
@@ -262,21 +284,23 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f} %"
 
 
-def accuracy_text(row: FleetRow) -> str:
-    """``84.0 % (base 78.0 %, n = 50)``."""
+def accuracy_text(row: FleetRow, short: bool = False) -> str:
+    """``84.0 % (base 78.0 %, n = 50)``; ``short``: ``84.0 % (78.0 %, 50)``."""
     if row.test_accuracy is None:
         return ""
-    extra = [f"base {_pct(row.base_test_accuracy)}"] if row.base_test_accuracy is not None else []
-    extra += [f"n = {row.test_images}"] if row.test_images else []
+    base, n = ("", "") if short else ("base ", "n = ")
+    extra = [f"{base}{_pct(row.base_test_accuracy)}"] if row.base_test_accuracy is not None else []
+    extra += [f"{n}{row.test_images}"] if row.test_images else []
     return _pct(row.test_accuracy) + (f" ({', '.join(extra)})" if extra else "")
 
 
-def since_text(stamp: float | None, now: float | None = None) -> str:
+def since_text(stamp: float | None, now: float | None = None, seconds: bool = True) -> str:
+    """``2026-12-04 07:12:03Z (5 min ago)``."""
     if stamp is None:
         return ""
     ago = max(0.0, (now or time.time()) - stamp)
     span = f"{ago:.0f} s" if ago < 120 else f"{ago / 60:.0f} min" if ago < 7200 else f"{ago / 3600:.1f} h"
-    return f"{utc(stamp)} ({span} ago)"
+    return f"{utc(stamp) if seconds else utc(stamp)[:-4] + 'Z'} ({span} ago)"
 
 
 COLUMNS = ("site", "verdict", "serving", "bases", "since", "last decision", "evidence", "test accuracy",
@@ -298,27 +322,48 @@ def _md(text: str, limit: int = 240) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(view: FleetView, stale_after_s: float, ui_url: str = "", published: set[str] | None = None) -> str:
-    """The fleet view as one markdown page: a summary line, the table (a row per site, the history linked
-    where a picture of it was published), and where each history lives."""
-    now = time.time()
+SERVING_COLUMNS = ("site", "verdict", "serving", "on base", "since (UTC)", "history")
+LEARNING_COLUMNS = ("site", "test accuracy (base as-is, n)", "labels home", "uploads waiting")
+
+
+def markdown(view: FleetView, stale_after_s: float, ui_url: str = "", pictures: dict[str, str] | None = None) -> str:
+    """The fleet view as one markdown page that fits a screen (the UI does not wrap table cells): a summary line;
+    what serves where (a row per site, its history picture linked where one is published: ``pictures`` maps
+    artifact keys to the latest artifact's id); what each site learned and sends (a row per site); each site's
+    last decision with its evidence; and why each site not ok is not."""
+    now, pictures = time.time(), pictures or {}
     ok = sum(r.verdict == "ok" for r in view.rows)
-    lines = [f"**{ok} of {len(view.rows)} sites ok** (heartbeats aged by the cloud's clock; stale after "
-             f"{stale_after_s:.0f} s) at {utc(now)}", ""]
+    lines = [f"**{ok} of {len(view.rows)} sites ok** at {utc(now)} (heartbeats aged by the cloud's clock; stale "
+             f"after {stale_after_s:.0f} s)", ""]
     if view.history_error:
         lines += [f"History not updated: {_md(view.history_error)}", ""]
-    lines += ["| " + " | ".join(COLUMNS + ("history",)) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+    serving, learning = [], []
     for row in view.rows:
         text = cells(row, now)
-        key = history_artifact_key(row.site)
-        link = f"[{key}]({ui_url}/artifacts/key/{key})" if published is None or key in published else ""
-        verdict = f"**{row.verdict}**" + (f": {_md(row.reason, 160)}" if row.reason else "")
-        lines.append("| " + " | ".join([_md(text["site"]), verdict] + [_md(text[c]) for c in COLUMNS[2:]]
-                                        + [link]) + " |")
+        artifact = pictures.get(history_artifact_key(row.site))
+        serving.append([row.site, row.verdict if row.verdict == "ok" else f"**{row.verdict}**", text["serving"],
+                        row.bases, utc(row.since)[5:-4] + "Z" if row.since else "",
+                        f"[picture]({ui_url}/artifacts/artifact/{artifact})" if artifact else ""])
+        learning.append([row.site, accuracy_text(row, short=True), text["labels home"], text["outbox"]])
+    lines += _md_table(SERVING_COLUMNS, serving) + [""] + _md_table(LEARNING_COLUMNS, learning)
+    decided = [r for r in view.rows if r.decision]
+    if decided:
+        lines += ["", "**Last decision at each site** (its paired gate on its own gate split):", ""]
+        lines += [f"- **{_md(r.site)}**: {_md(r.decision)}" + (f" ({_md(r.evidence)})" if r.evidence else "")
+                  for r in decided]
+    if view.not_ok:
+        lines += ["", "**Not ok:**", ""] + [f"- **{_md(r.site)}** {r.verdict}: {_md(r.reason, 400)}"
+                                           for r in view.not_ok]
     lines += ["", "Test accuracy: what the site's last fine-tune chose to serve, on the site's own test split "
-              "(reported, never used to decide), beside the cloud's base served as-is on the same images. "
-              "Each site's history is `history/<site>.jsonl` in the store."]
+              "(reported, never used to decide), beside the cloud's base served as-is on the same images, n test "
+              "images. Each site's history: `history/<site>.jsonl` in the store; `edgeloop fleet status` prints "
+              "these rows."]
     return "\n".join(lines)
+
+
+def _md_table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(c if c.startswith(("[", "**")) else _md(c, 80) for c in row) + " |" for row in rows])
 
 
 def table(rows: list[FleetRow], now: float | None = None) -> str:
@@ -341,10 +386,12 @@ def history_figure(site: str, history: list[dict]):
 
     figure, (axes,) = new_figure(title=f"{site}: accuracy on its own test split, per served version")
     x = list(range(len(points)))
-    axes.plot(x, [100 * p["test_accuracy"] for p in points], "o-", label="served after the run")
+    axes.plot(x, [100 * p["test_accuracy"] for p in points], "o-", linewidth=4, markersize=10, alpha=0.8,
+              label="served after the run", gid="served")
     base = [(i, 100 * p["base_test_accuracy"]) for i, p in enumerate(points) if p.get("base_test_accuracy") is not None]
-    if base:
-        axes.plot([i for i, _ in base], [b for _, b in base], "s--", label="base as-is (same test images)")
+    if base:  # thin and on top: where the base as-is serves, the two lines are one
+        axes.plot([i for i, _ in base], [b for _, b in base], "s--", linewidth=1.5, markersize=5, zorder=3,
+                  label="base as-is (same test images)", gid="base")
     axes.set_xticks(x, [f"{_short(p.get('version'))}\n{(p.get('bases') or ['?'])[-1][:18]}" for p in points],
                     fontsize=8)
     for i, p in enumerate(points):

@@ -7,7 +7,8 @@ A heartbeat seen for the first time has only the store's mtime to go by: it coun
 the cloud's future; one stamped in the cloud's future has an unknown age and reads stale until the cloud sees
 it change. A site is *stale* when that age is over ``cloud.stale_after_s``: its agent is down, its host is off, or its link to
 the store is cut. A site with no heartbeat in the store at all is *not provisioned* (or its agent never
-reached the store). A site that answers but reports trouble (a broken ensemble it fell back from, uploads
+reached the store). A live site that serves no model (no base deployed yet, its first fine-tune still running or
+owed) is *not serving*. A site that answers but reports trouble (a broken ensemble it fell back from, uploads
 failing, fine-tunes failing) is *degraded*.
 """
 
@@ -323,7 +324,8 @@ def assess(status: dict[str, dict], sites: list[str], stale_after_s: float, ages
             if site in unreadable else _site(site, status.get(site), stale_after_s, ages.get(site)) for site in sites]
 
 
-VERDICTS = ("ok", "degraded", "stale", "unreadable", "not provisioned")
+VERDICTS = ("ok", "degraded", "not serving", "stale", "unreadable", "not provisioned")
+SERVING_STATES = ("serving", "serving-fallback")
 NOT_PROVISIONED = "no heartbeat in the store: never provisioned, or its agent never reached the store"
 
 
@@ -342,12 +344,30 @@ def _site(site: str, s: dict | None, stale_after_s: float, age: float | None) ->
     if age > stale_after_s or s.get("state") == "stopped":
         verdict, reason = "stale", (f"agent stopped {age:.0f} s ago" if s.get("state") == "stopped"
                                     else f"last heartbeat {age:.0f} s ago (limit {stale_after_s:.0f} s)")
+    elif idle := _not_serving(s):
+        verdict, reason = "not serving", "; ".join(filter(None, (idle, _trouble(s))))
     elif trouble := _trouble(s):
         verdict, reason = "degraded", trouble
     finetune = (s.get("finetune") or {}).get("state")
     return SiteHealth(site, verdict, reason, s.get("state"), age, s.get("active_version"),
                       ", ".join(s.get("base_versions") or []), (s.get("queues") or {}).get("outbox"),
                       s.get("uploaded_total"), f"fine-tune: {finetune}" if finetune else None)
+
+
+def _not_serving(s: dict) -> str:
+    """Why a live site serves no model, in words; empty when it serves one (an older heartbeat without
+    ``active_version`` that says it serves is taken at its word)."""
+    if s.get("state") != "no-model" and (s.get("active_version") or s.get("state") in SERVING_STATES):
+        return ""
+    if (s.get("finetune") or {}).get("running"):
+        return "serves no model yet: its first fine-tune is running"
+    if s.get("finetune_blocked"):
+        return f"serves no model: {s['finetune_blocked']}"
+    if s.get("pending_finetune"):
+        return f"serves no model: a fine-tune is owed ({s['pending_finetune']})"
+    if not s.get("base_versions"):
+        return "serves no model: no base model deployed yet (roll one out: `edgeloop rollout`)"
+    return "serves no model"
 
 
 def _trouble(s: dict) -> str:

@@ -29,12 +29,16 @@ def test_assess_marks_stale_degraded_and_missing_sites_by_the_clouds_clock():
     status = {"a": {"time": 0, "state": "serving"},  # an edge clock decades slow: still ok
               "b": {"time": 990, "state": "serving-fallback", "serving_problem": "v7 does not load"},
               "c": {"time": 10 ** 10, "state": "serving"},  # a fast clock does not keep a dead site ok
-              "d": {"time": 999, "state": "stopped"}}
-    ages = {"a": 5.0, "b": 10.0, "c": 900.0, "d": 1.0}
-    rows = {r.site: r for r in health.assess(status, ["a", "b", "c", "d", "e"], stale_after_s=60, ages=ages)}
-    assert [rows[s].verdict for s in "abcde"] == ["ok", "degraded", "stale", "stale", "not provisioned"]
+              "d": {"time": 999, "state": "stopped"},
+              "f": {"time": 999, "state": "no-model"},  # a live agent serving nothing is not ok
+              "g": {"time": 999, "state": "finetuning", "base_versions": ["v1"], "finetune": {"running": True}}}
+    ages = {"a": 5.0, "b": 10.0, "c": 900.0, "d": 1.0, "f": 1.0, "g": 1.0}
+    rows = {r.site: r for r in health.assess(status, list("abcdefg"), stale_after_s=60, ages=ages)}
+    assert [rows[s].verdict for s in "abcdefg"] == ["ok", "degraded", "stale", "stale", "not provisioned",
+                                                     "not serving", "not serving"]
     assert "v7 does not load" in rows["b"].reason and "900 s ago" in rows["c"].reason
     assert rows["e"].reason == health.NOT_PROVISIONED and rows["a"].heartbeat_age_s == 5
+    assert "no base model deployed" in rows["f"].reason and "first fine-tune is running" in rows["g"].reason
     assert health.summary(list(rows.values())).startswith("1 ok, 1 degraded (b: serving a fallback")
 
 
@@ -71,11 +75,12 @@ def test_the_flow_fails_red_while_a_site_is_stale_and_names_it(prefect_harness, 
     finally:
         for agent in agents:
             agent.close()
-    message = str(failure.value)
-    assert message.startswith("1 ok") and "site-2: last heartbeat" in message
+    message = str(failure.value)  # site-1 lives but serves nothing: not ok either (issue 26)
+    assert message.startswith("0 ok, 1 not serving (site-1: serves no model") and "site-2: last heartbeat" in message
     assert "site-3: no heartbeat in the store: never provisioned" in message
     rows = latest_table("fleet-health")
-    assert {r["site"]: r["verdict"] for r in rows} == {"site-1": "ok", "site-2": "stale", "site-3": "not provisioned"}
+    assert {r["site"]: r["verdict"] for r in rows} == {"site-1": "not serving", "site-2": "stale",
+                                                        "site-3": "not provisioned"}
     assert rows[0]["state"] == "no-model" and rows[0]["heartbeat_age_s"] < 2
 
 
@@ -94,8 +99,8 @@ def test_flows_health_reads_its_inventory_argument_and_a_never_provisioned_site_
     env.pop("PREFECT_API_URL", None)
     run = subprocess.run([sys.executable, "-m", "flows.health", "-i", str(inventory)], capture_output=True,
                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300, env=env)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "0 ok, 3 not provisioned (site-1: no heartbeat in the store" in run.stdout
+    assert run.returncode == 1, run.stdout + run.stderr  # no site is ok: the run is red, said in one line
+    assert "fleet unhealthy: 0 ok, 3 not provisioned (site-1: no heartbeat in the store" in run.stdout
     assert "flows/health.py" not in run.stderr  # no traceback of ours
 
 
