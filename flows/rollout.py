@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
+from flows.health import link_fleet_view
 from flows.retries import transient
 from orchestrator import deploy
 from orchestrator import rollout as waves
@@ -103,6 +104,7 @@ def rollout(inventory: str = "inventory/local.yaml", request: RolloutRequest = R
         inventory: path of the fleet's inventory YAML (sites, store, registry, rollout thresholds)
         request: which version goes out (default: the family's champion) and to which sites
     """
+    link_fleet_view()  # where the fleet stands: the fleet view
     logger = get_run_logger()
     fleet = load_inventory(inventory)
     registry = fleet.registry()

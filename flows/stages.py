@@ -21,6 +21,7 @@ from edge_agent.datasets import open_dataset
 from edge_agent.gate import GateRule
 from edge_agent.ids import new_id
 from edge_agent.train import TrainConfig
+from flows.health import link_fleet_view
 from flows.retries import transient
 from flows.rollout import RolloutRequest, rollout
 from orchestrator import retrain as steps
@@ -269,6 +270,7 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
         settings: what the champion is retrained on (one family for the collect and the training), and how
             sure the gate must be to promote the result
     """
+    link_fleet_view()  # where the fleet stands: the fleet view
     collect(inventory, CollectSettings(family=settings.family,
                                        pseudo_label_confidence=settings.pseudo_label_confidence))
     fleet, registry = _fleet(inventory)
