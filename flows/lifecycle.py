@@ -26,7 +26,8 @@ from prefect.cache_policies import NO_CACHE
 
 from edge_agent.datasets import open_dataset
 from flows import stages
-from flows.provision import provision_flow
+from flows.provision import provision_flow, summary_of
+from flows.runs import finish, run_name, tag_run
 from flows.stages import Arch
 from flows.rollout import RolloutHalted, RolloutRequest, rollout
 from orchestrator import demo, deploy
@@ -159,15 +160,16 @@ def _fleet_row(site: str, s: dict) -> dict:
             "heartbeat_age_s": round(time.time() - s.get("time", 0), 1)}
 
 
-@flow(name="edgeloop-lifecycle", log_prints=True)
-def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretrain_arch: Arch = "slim_resnet",
+@flow(name="edgeloop-lifecycle", log_prints=True,
+      flow_run_name=run_name("lifecycle", ("pretrain_arch", None, "slim_resnet"), ("site_data", None, "shifted")))
+def lifecycle_flow(inventory: str = "", home: str = "", pretrain_arch: Arch = "slim_resnet",
                    pretrain_epochs: int = 30, retrain_epochs: int = 3, site_timeout_s: float = 900,
                    stop_agents: bool = True, site_data: Literal["shifted", "random"] = "shifted") -> dict:
     """One turn of the loop on a fleet; the parameters are the hyperparameter form in the Prefect UI.
 
     Args:
-        inventory: path of the fleet's inventory YAML (default: the demo's inventory/local.yaml)
-        home: the demo's working folder: data, registry, store and site roots (default: .demo)
+        inventory: path of the fleet's inventory YAML (empty: the demo's inventory/local.yaml in the project)
+        home: the demo's working folder: data, registry, store and site roots (empty: .demo in the project)
         pretrain_arch: architecture of the cloud's base model (edge_agent.models)
         pretrain_epochs: epochs of the cloud's pretraining (the best on the val split is kept)
         retrain_epochs: epochs of the cloud's retraining from the champion
@@ -176,10 +178,17 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
         site_data: shifted (sites differ from the cloud's pool: mono cells, their own camera, mixed) or
             random (every site a random draw of the same pool)
     """
+    return finish(_lifecycle, inventory, home, pretrain_arch, pretrain_epochs, retrain_epochs, site_timeout_s,
+                  stop_agents, site_data)
+
+
+def _lifecycle(inventory: str | None, home: str | None, pretrain_arch: str, pretrain_epochs: int,
+               retrain_epochs: int, site_timeout_s: float, stop_agents: bool, site_data: str) -> dict:
     overrides = {k: v for k, v in {"inventory": inventory, "home": home}.items() if v}
     settings = demo.DemoSettings(pretrain_arch=pretrain_arch, pretrain_epochs=pretrain_epochs,
                                  retrain_epochs=retrain_epochs, site_timeout_s=site_timeout_s, fleet=site_data,
                                  **overrides)
+    tag_run("lifecycle", settings.family)
     settings.home.mkdir(parents=True, exist_ok=True)
     # The stage flows read the inventory by path: its ${EDGELOOP_HOME} and ${EDGELOOP_PYTHON} (local demo
     # sites reuse this interpreter's packages, so torch is not installed again per site) come from here.
@@ -194,7 +203,8 @@ def lifecycle_flow(inventory: str | None = None, home: str | None = None, pretra
 
     streams = {name: demo.seed_site(Path(fleet.site(name).root), open_dataset(part))
                for name, part in zip(names, parts[1:])}
-    provisioned = provision_flow(str(settings.inventory))
+    # a host that failed is named by the provision run (red); the loop goes on with the others
+    provisioned = summary_of(provision_flow(str(settings.inventory), return_state=True))
     live = [name for name in names if name not in provisioned["failed"]]
     try:
         live, decision = _turn(fleet, registry, settings, champion, live, streams, parts)

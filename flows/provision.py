@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -18,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.runs import StageFailed, finish, run_name, tag_run
 from orchestrator.inventory import Inventory, load_inventory
 from orchestrator.progress import Progress, size_text
 from orchestrator.provision import (
@@ -49,23 +51,33 @@ def publish(report: RunReport, title: str) -> None:
                              description="Provisioning recap")
 
 
-@flow(name="provision", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
-def provision_flow(inventory: str, limit: list[str] | None = None, check: bool = False,
+@flow(name="provision", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True,
+      flow_run_name=run_name("provision", ("inventory", None, "", lambda p: Path(str(p)).stem),
+                             ("check", None, False, lambda check: "check" if check else "")))
+def provision_flow(inventory: str, limit: list[str] = [], check: bool = False,  # noqa: B006 - the form's default
                    accept_new_host_keys: bool = False,
                    retry_delays_s: list[float] = list(DEFAULT_RETRY_DELAYS_S)) -> dict:
     """Provision the inventory's sites (all, or those in ``limit``); ``check`` changes nothing.
 
-    Returns a summary (per-host status and reason); hosts that failed do not fail the flow: the
-    fleet goes on without them and the summary and artifact say which failed and why.
+    Every host is tried (one host's failure never stops the others); the run ends Failed (red), naming the
+    hosts that failed and why, when any did. Its result (the summary: per-host status and reason) is the
+    Failed state's ``StageFailed.summary``; calling the flow raises that ``StageFailed``.
 
     Args:
         inventory: path of the fleet's inventory YAML (sites, connections, agent settings) where the flow runs
-        limit: only these sites (default: every site in the inventory)
+        limit: only these sites (empty: every site in the inventory)
         check: connect and report what would change, changing nothing
         accept_new_host_keys: trust and record host keys seen for the first time (else they are refused)
         retry_delays_s: seconds to wait before each new try of a host that did not answer
     """
+    return finish(_provision, inventory, limit, check, accept_new_host_keys, retry_delays_s)
+
+
+def _provision(inventory: str, limit: list[str] | None, check: bool, accept_new_host_keys: bool,
+               retry_delays_s: list[float]) -> dict:
+    tag_run("provision", None, "check" if check else "apply")
     inv = load_inventory(inventory)
+    limit = limit or None
     wheel = build_wheel()
     futures = [provision_site_task.submit(inv, site.name, wheel, check, accept_new_host_keys, tuple(retry_delays_s))
                for site in inv.select(limit)]
@@ -77,9 +89,24 @@ def provision_flow(inventory: str, limit: list[str] | None = None, check: bool =
     report = RunReport([future.result() for future in futures], check=check)
     publish(report, inventory + (" (check mode)" if check else ""))
     get_run_logger().info("%s", report.recap())
-    return {"check": check, "changed": report.changed, "failed": [h.site for h in report.failed],
-            "hosts": {h.site: {"status": h.status, "reason": h.reason, "changed": h.changed, "attempts": h.attempts}
-                      for h in report.hosts}}
+    summary = {"check": check, "changed": report.changed, "failed": [h.site for h in report.failed],
+               "hosts": {h.site: {"status": h.status, "reason": h.reason, "changed": h.changed,
+                                  "attempts": h.attempts} for h in report.hosts}}
+    if report.failed:  # red in the run list, naming each host and why (the others were provisioned all the same)
+        raise StageFailed(f"{len(report.failed)} of {len(report.hosts)} host(s) failed: " + "; ".join(
+            f"{h.site}: {' '.join(h.reason.split())[:200]}" for h in report.failed), summary)
+    return summary
+
+
+def summary_of(state) -> dict:
+    """A finished provision run's summary, whether the run completed or failed on some hosts (an error that
+    stopped the whole run is raised)."""
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, StageFailed):
+        return outcome.summary
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     inv = load_inventory(args.inventory)
     runner = ThreadPoolTaskRunner(max_workers=inv.ssh.concurrency)  # the inventory's limit on hosts at once
-    summary = provision_flow.with_options(task_runner=runner)(
-        args.inventory, [s for s in args.limit.split(",") if s] or None, args.check, args.accept_new_host_keys)
-    return 1 if summary["failed"] else 0
+    state = provision_flow.with_options(task_runner=runner)(
+        args.inventory, [s for s in args.limit.split(",") if s], args.check, args.accept_new_host_keys,
+        return_state=True)
+    return 1 if summary_of(state)["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from flows.health import link_fleet_view
 from flows.retries import transient
+from flows.runs import FromInventory, Names, finish, run_name, tag_run
 from orchestrator import deploy
 from orchestrator import rollout as waves
 from orchestrator.health import FleetStatus
@@ -33,12 +34,13 @@ from orchestrator.registry import ModelRegistry, operator
 class RolloutRequest(BaseModel):
     """Which version goes out, and to which sites."""
 
-    version: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                                description="registry version to roll out; default: the family's champion")
+    version: FromInventory = Field("", max_length=128, pattern=r"^([A-Za-z0-9][A-Za-z0-9._-]*)?$",
+                                   description="registry version to roll out; empty: the family's champion in the "
+                                               "inventory's registry when the run starts")
     family: str = Field("elpv-defects", description="model family whose champion goes out by default")
-    limit: list[str] | None = Field(None, description="only these sites (default: the whole fleet)")
-    override: str | None = Field(None, description="the reason to deploy a version that was rolled back "
-                                 "(recorded in its registry record); without it such a version is refused")
+    limit: Names = Field([], description="only these sites (empty: the whole fleet)")
+    override: FromInventory = Field("", description="the reason to deploy a version that was rolled back "
+                                    "(recorded in its registry record); empty: such a version is refused")
 
 
 class RolloutHalted(RuntimeError):
@@ -94,7 +96,8 @@ def rollback_task(inventory: Inventory, site: str, version: str) -> waves.Rollba
     return outcome
 
 
-@flow(name="edgeloop-rollout", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True)
+@flow(name="edgeloop-rollout", task_runner=ThreadPoolTaskRunner(max_workers=8), log_prints=True,
+      flow_run_name=run_name("rollout", ("request", "version", "champion"), ("request", "family", "elpv-defects")))
 def rollout(inventory: str = "inventory/local.yaml", request: RolloutRequest = RolloutRequest()) -> dict:
     """Canaries, then ``rollout.waves``: each stage deployed, soaked and analysed; any failure (or an
     inconclusive canary, unless ``rollout.inconclusive: proceed``) rolls back every site that got the
@@ -104,6 +107,11 @@ def rollout(inventory: str = "inventory/local.yaml", request: RolloutRequest = R
         inventory: path of the fleet's inventory YAML (sites, store, registry, rollout thresholds)
         request: which version goes out (default: the family's champion) and to which sites
     """
+    return finish(_rollout, inventory, request, expected=(RolloutHalted,))
+
+
+def _rollout(inventory: str, request: RolloutRequest) -> dict:
+    tag_run("rollout", request.family)
     link_fleet_view()  # where the fleet stands: the fleet view
     logger = get_run_logger()
     fleet = load_inventory(inventory)

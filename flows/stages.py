@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Literal
-
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed
 from pydantic import BaseModel, Field
 
 from edge_agent.datasets import open_dataset
@@ -23,7 +22,8 @@ from edge_agent.ids import new_id
 from edge_agent.train import TrainConfig
 from flows.health import link_fleet_view
 from flows.retries import transient
-from flows.rollout import RolloutRequest, rollout
+from flows.rollout import RolloutHalted, RolloutRequest, rollout
+from flows.runs import FromInventory, finish, gate_state, run_name, tag_run, training_slot
 from orchestrator import retrain as steps
 from orchestrator.collect import collect_new
 from orchestrator.demo import ReferenceLabels
@@ -35,12 +35,10 @@ from orchestrator.progress import Progress, training_progress
 from orchestrator.registry import ModelRegistry, ModelVersion
 from orchestrator.samples import OperatorLabels, Quarantine, collect_samples, first_label, site_exam_rule
 from orchestrator.trainers import train_on_trainers
+from orchestrator.tune import Arch
 
 DEFAULT_INVENTORY = "inventory/local.yaml"
 INVENTORY_HELP = "path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs"
-# edge_agent.models.ARCHITECTURES (tests/test_tune.py checks they agree): the slim ResNets are ResNet-18's shape at half
-# (slim_resnet) or a quarter (slim_resnet_small) of its width, for full-size cells on a CPU.
-Arch = Literal["resnet18", "mobilenet_v3_small", "tiny_cnn", "slim_resnet", "slim_resnet_small"]
 CONTRACT_HELP = ("promote a candidate whose architecture, input size or classes differ from the champion's (the "
                  "fleet's members fine-tune from it and must then all take the new contract)")
 
@@ -48,8 +46,8 @@ CONTRACT_HELP = ("promote a candidate whose architecture, input size or classes 
 class PretrainSettings(BaseModel):
     """What to train, on what, and how sure the gate must be to promote it."""
 
-    data: str | None = Field(None, description="dataset version to train on (edgeloop data import ...); default: "
-                                               "the inventory's cloud.datasets.generic")
+    data: FromInventory = Field("", description="dataset version to train on (edgeloop data import ...); empty: "
+                                              "the inventory's cloud.datasets.generic")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
     arch: Arch = Field("slim_resnet", description="architecture (edge_agent.models): slim_resnet (the default, "
                        "chosen on val: ResNet-18's shape at half its width, for 128-300 px cells on a CPU), "
@@ -76,9 +74,9 @@ class CollectSettings(BaseModel):
 class RetrainSettings(BaseModel):
     """What the champion is retrained on, and how sure the gate must be to promote the result."""
 
-    base_data: str | None = Field(None, description="the generic pool the samples are added to; its gate split "
-                                                    "decides promotion; default: the inventory's "
-                                                    "cloud.datasets.generic")
+    base_data: FromInventory = Field("", description="the generic pool the samples are added to; its gate split "
+                                                   "decides promotion; empty: the inventory's "
+                                                   "cloud.datasets.generic")
     family: str = Field("elpv-defects", description="registry name of the model being improved (the collect "
                                                     "labels in its classes)")
     pseudo_label_confidence: float = Field(0.95, gt=0.5, le=1.0, description="collect: a sample whose served "
@@ -162,7 +160,8 @@ def gate_and_promote(registry: ModelRegistry, candidate: ModelVersion, champion:
     return decision
 
 
-@flow(name="edgeloop-pretrain", log_prints=True)
+@flow(name="edgeloop-pretrain", log_prints=True, flow_run_name=run_name(
+    "pretrain", ("settings", "arch", "slim_resnet"), ("settings", "family", "elpv-defects")))
 def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = PretrainSettings()) -> dict:
     """Train a version on a dataset; promoted when it passes the gate against the champion (or there is none).
 
@@ -170,23 +169,31 @@ def pretrain(inventory: str = DEFAULT_INVENTORY, settings: PretrainSettings = Pr
         inventory: path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs
         settings: what to train, on what data, and how sure the gate must be to promote it
     """
+    return finish(_pretrain, inventory, settings)
+
+
+def _pretrain(inventory: str, settings: PretrainSettings):
+    tag_run("pretrain", settings.family, "training")
     fleet, registry = _fleet(inventory)
     settings = settings.model_copy(update={"data": settings.data or fleet.dataset("generic")})
+    open_dataset(settings.data)  # a missing dataset: one line now, not a traceback from the training task
     config = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed)
     champion = registry.champion(settings.family)
     if fleet.cloud.trainers and settings.on_trainers:
         hosts = ", ".join(t.name for t in fleet.cloud.trainers)
         with tempfile.TemporaryDirectory(prefix="edgeloop-pretrain-") as tmp:
-            train_remotely(fleet, settings, config, Path(tmp))
+            with training_slot("pretrain"):
+                train_remotely(fleet, settings, config, Path(tmp))
             candidate = register(registry, settings.family, Path(tmp), f"pretrained on {settings.data} by {hosts}")
     else:
-        candidate = train_locally(registry, settings, config)
+        with training_slot("pretrain"):
+            candidate = train_locally(registry, settings, config)
     decision = gate_and_promote(registry, candidate, champion, settings.data, settings.gate,
                                 settings.allow_contract_change)
-    create_markdown_artifact(key="pretrain-gate", markdown=gate_markdown(decision.as_dict()),
+    create_markdown_artifact(key="gate", markdown=gate_markdown(decision.as_dict()),
                              description="pretraining: the gate's decision")
     get_run_logger().info("%s: %s", candidate.version, decision.reason)
-    return decision.as_dict()
+    return gate_state(decision.as_dict(), "pretrain")
 
 
 @task(cache_policy=NO_CACHE, task_run_name="collect", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
@@ -233,7 +240,8 @@ def retrain_task(registry: ModelRegistry, settings: RetrainSettings, collection,
     return candidate, summary
 
 
-@flow(name="edgeloop-collect", log_prints=True)
+@flow(name="edgeloop-collect", log_prints=True,
+      flow_run_name=run_name("collect", ("settings", "family", "elpv-defects")))
 def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = CollectSettings()) -> dict:
     """New samples since the watermark, checked; sure ones pseudo-labelled, the rest to the labelling queue.
 
@@ -241,6 +249,11 @@ def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = Coll
         inventory: path of the fleet's inventory YAML (sites, store, registry, datasets) where the flow runs
         settings: which samples are pseudo-labelled, and in which model family's classes
     """
+    return finish(_collect, inventory, settings)
+
+
+def _collect(inventory: str, settings: CollectSettings) -> dict:
+    tag_run("collect", settings.family)
     fleet, registry = _fleet(inventory)
     queue = LabelQueue(registry.root, registry.champion_classes(settings.family))
     result = collect_task(fleet, registry, queue, settings.pseudo_label_confidence)
@@ -261,7 +274,8 @@ def collect(inventory: str = DEFAULT_INVENTORY, settings: CollectSettings = Coll
     return summary
 
 
-@flow(name="edgeloop-retrain", log_prints=True)
+@flow(name="edgeloop-retrain", log_prints=True,
+      flow_run_name=run_name("retrain", ("settings", "family", "elpv-defects")))
 def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = RetrainSettings()) -> dict:
     """Collect, then champion + generic pool + every labelled sample → candidate → gate → promote → rollout.
 
@@ -270,6 +284,11 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
         settings: what the champion is retrained on (one family for the collect and the training), and how
             sure the gate must be to promote the result
     """
+    return finish(_retrain, inventory, settings, expected=(RolloutHalted,))
+
+
+def _retrain(inventory: str, settings: RetrainSettings):
+    tag_run("retrain", settings.family, "training")
     link_fleet_view()  # where the fleet stands: the fleet view
     collect(inventory, CollectSettings(family=settings.family,
                                        pseudo_label_confidence=settings.pseudo_label_confidence))
@@ -292,10 +311,12 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
         create_markdown_artifact(key="gate", markdown=f"### Retrain: nothing new\n\n{message}",
                                  description="retraining gate")
         get_run_logger().info(message)
-        return {"nothing_new": True, "champion": champion.version, "reason": message}
+        return Completed(message=f"retrain: kept champion {champion.version}; {message}",
+                         data={"nothing_new": True, "champion": champion.version, "reason": message})
     pseudo = {sha for sha, entry in people.labels().items() if isinstance(entry, dict) and entry.get("by") == "pseudo"}
     site_exam = site_exam_rule({site.name: site.learning.home_labels.shares for site in fleet.sites})
-    candidate, summary = retrain_task(registry, settings, collection, out, config, labellers, pseudo, site_exam)
+    with training_slot("retrain"):
+        candidate, summary = retrain_task(registry, settings, collection, out, config, labellers, pseudo, site_exam)
     decision = gate_and_promote(registry, candidate, champion, str(out), settings.gate,
                                 settings.allow_contract_change, look=steps.looks_at(registry, champion))
     result = {**summary, **decision.as_dict()}
@@ -303,7 +324,7 @@ def retrain(inventory: str = DEFAULT_INVENTORY, settings: RetrainSettings = Retr
     if decision.promoted and settings.rollout:
         # a halted rollout (a canary failed and was rolled back) fails this run too: it shows red
         result["rollout"] = rollout(inventory, RolloutRequest(version=candidate.version, family=settings.family))
-    return result
+    return gate_state(result, "retrain")
 
 
 def _fmt(value: float | None) -> str:

@@ -21,11 +21,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from edge_agent.datasets import open_dataset
 from edge_agent.ids import new_id
 from edge_agent.gate import GateRule
+from flows.runs import FromInventory, finish, gate_state, run_name, tag_run, training_slot
 from flows.stages import CONTRACT_HELP, DEFAULT_INVENTORY, gate_markdown
 from orchestrator import retrain as steps
 from orchestrator.inventory import load_inventory
@@ -46,7 +47,10 @@ from orchestrator.tune import (
 
 
 class TuneSettings(BaseModel):
-    data: str = Field(".demo/data/generic", description="dataset version to search on (val chooses, gate decides)")
+    """The search: data, space, budget, and where the trials run."""
+
+    data: FromInventory = Field("", description="dataset version to search on (val chooses, gate decides); empty: "
+                                              "the inventory's cloud.datasets.generic")
     family: str = Field("elpv-defects", description="registry name of the model being improved")
     trials: int = Field(8, ge=1, le=MAX_TRIALS, description=f"random draws from the search space (1..{MAX_TRIALS})")
     space: SearchSpace = Field(default_factory=SearchSpace, description=(
@@ -58,15 +62,26 @@ class TuneSettings(BaseModel):
     concurrency: int = Field(2, ge=1, le=MAX_CONCURRENCY,
                              description=f"trials training at once on this host (1..{MAX_CONCURRENCY}), each in a "
                                          "process of its own")
-    trial_memory_mb: int | None = Field(None, ge=64, le=1 << 22, description=(
-        "memory one trial may hold, MB; over it the trial is killed and recorded failed (default: 80 % of the "
-        "host's memory shared by the trials at once)"))
-    dask_address: str | None = Field(None, max_length=256,
-                                     description="tcp://HOST:PORT of a Dask scheduler to run the trials on instead "
-                                                 "(its workers bound the concurrency)")
+    trial_memory_mb: int = Field(0, ge=0, le=1 << 22, description=(
+        "memory one trial may hold, MB (at least 64); over it the trial is killed and recorded failed (0: 80 % of "
+        "the host's memory shared by the trials at once)"))
+    dask_address: FromInventory = Field("", max_length=256,
+                                        description="tcp://HOST:PORT of a Dask scheduler to run the trials on instead "
+                                                    "(its workers bound the concurrency); empty: this host")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the draws and every trial's training (0..2^32-1)")
     gate: GateRule = Field(default_factory=GateRule, description="how sure the gate must be to promote the winner")
     allow_contract_change: bool = Field(False, description=CONTRACT_HELP)
+
+    @field_validator("trial_memory_mb", mode="before")
+    @classmethod
+    def _memory(cls, value):
+        """0 (or None, from callers of the old type) is the automatic share; else at least 64 MB."""
+        if value is None:
+            return 0
+        if isinstance(value, int) and 0 < value < 64:
+            raise ValueError(f"Input should be greater than or equal to 64 (MB; got {value}), or 0 for the "
+                             "automatic share")
+        return value
 
 
 @task(name="trial", task_run_name="trial {trial.number} rung {rung} ({epochs} epochs)")
@@ -84,7 +99,7 @@ def run_trials(settings: TuneSettings, space: SearchSpace, out: str, threads: in
 
     def run_rung(trials: list[Trial], rung: int, epochs: int) -> list[TrialResult]:
         futures = train_trial.map(unmapped(settings.data), trials, rung, epochs, unmapped(out), settings.seed,
-                                  threads, settings.trial_memory_mb, settings.concurrency)
+                                  threads, settings.trial_memory_mb or None, settings.concurrency)
         results = []
         for future, trial in zip(futures, trials):  # in order: each trial counts when it (and those before) ended
             results.append(_outcome(future, trial, rung, epochs))
@@ -123,7 +138,8 @@ def _task_runner(settings: TuneSettings):
     return ThreadPoolTaskRunner(max_workers=settings.concurrency)  # each thread waits on its trial's process
 
 
-@flow(name="edgeloop-tune", log_prints=True)
+@flow(name="edgeloop-tune", log_prints=True, flow_run_name=run_name(
+    "tune", ("settings", "family", "elpv-defects"), ("settings", "trials", 8, lambda n: f"{n}-trials")))
 def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettings()) -> dict:
     """Search, register the best trial as a candidate, and gate it against the champion.
 
@@ -132,15 +148,23 @@ def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettin
         settings: the search: data, space, budget, and where the trials run (this host, each in a process of its
             own, or Dask)
     """
+    return finish(_tune, inventory, settings)
+
+
+def _tune(inventory: str, settings: TuneSettings):
+    tag_run("tune", settings.family, "training")
     fleet = load_inventory(inventory)
     registry = fleet.registry()
+    settings = settings.model_copy(update={"data": settings.data or fleet.dataset("generic")})
+    open_dataset(settings.data)  # a missing dataset: one line now, not a traceback from the trials' flow
     out = registry.root.parent / "tuning" / f"tune-{new_id()}"
     threads = max(1, (os.cpu_count() or 1) // settings.concurrency) if not settings.dask_address else 1
     champion = registry.champion(settings.family)  # the candidate is gated (compare-and-swap) against this one
     contract = registry.contract(champion.version) if champion and not settings.allow_contract_change else None
     space = settings.space.within(contract)
     # Dask workers report to this run's API, even an ephemeral one (else each would start its own)
-    with get_client(sync_client=True) as client, temporary_settings({PREFECT_API_URL: str(client.api_url)}):
+    with get_client(sync_client=True) as client, temporary_settings({PREFECT_API_URL: str(client.api_url)}), \
+            training_slot("tune"):
         results = run_trials.with_options(task_runner=_task_runner(settings))(settings, space, str(out), threads)
     search = Search(results)
     create_table_artifact(key="tune-trials", table=search.table(),
@@ -155,8 +179,8 @@ def tune(inventory: str = DEFAULT_INVENTORY, settings: TuneSettings = TuneSettin
     shutil.rmtree(out, ignore_errors=True)  # the registry holds the winner; the table holds every trial's figures
     decision = steps.gate(registry, candidate, champion, Path(settings.data), settings.gate,
                           settings.allow_contract_change)
-    create_markdown_artifact(key="tune-gate", markdown=gate_markdown(decision.as_dict()),
+    create_markdown_artifact(key="gate", markdown=gate_markdown(decision.as_dict()),
                              description="random search: the gate's decision on the best trial")
     get_run_logger().info("best trial %d %s (val_acc %.3f): %s", best.trial.number, best.trial.params, best.val_acc,
                           decision.reason)
-    return {**decision.as_dict(), "best_trial": best.row(), "trials_run": len(results)}
+    return gate_state({**decision.as_dict(), "best_trial": best.row(), "trials_run": len(results)}, "tune")

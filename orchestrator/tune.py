@@ -42,6 +42,11 @@ from edge_agent.models import ARCHITECTURES
 from edge_agent.train import TrainConfig
 from orchestrator.training import train_on_dataset
 
+# The names edge_agent knows, as Literal types: the run forms offer them as dropdowns (tests/test_tune.py checks
+# they agree with edge_agent.models.ARCHITECTURES and edge_agent.augment.POLICIES). The slim ResNets are
+# ResNet-18's shape at half (slim_resnet) or a quarter (slim_resnet_small) of its width, for full-size cells on a CPU.
+Arch = Literal["resnet18", "mobilenet_v3_small", "tiny_cnn", "slim_resnet", "slim_resnet_small"]
+Policy = Literal["none", "flips", "contrast", "geometric", "noise", "el", "strong"]
 # Augmentation strength, weakest to strongest (edge_agent.augment's policies; "el": what varies between EL shots).
 POLICY_STRENGTH = ("none", "flips", "el", "geometric", "strong")
 # Searched when no champion fixes the contract; the slim ResNets are sized for full-size cells on a CPU.
@@ -73,12 +78,12 @@ class SearchSpace(BaseModel):
                                     f"each within {LR_BOUNDS[0]:g}..{LR_BOUNDS[1]:g}")
     weight_decay: tuple[float, float] = Field((1e-6, 1e-2), description="log-uniform between the two, each within "
                                               f"{WEIGHT_DECAY_BOUNDS[0]:g}..{WEIGHT_DECAY_BOUNDS[1]:g}")
-    policy: list[str] = Field(list(POLICY_STRENGTH), max_length=MAX_CHOICES,
+    policy: list[Policy] = Field(list(POLICY_STRENGTH), max_length=MAX_CHOICES,
                               description="augmentation, weakest to strongest")
     image_size: list[int] = Field(default_factory=list, max_length=MAX_CHOICES, description=(
         f"input sizes in px, each 16..{MAX_IMAGE_SIZE}; empty = the champion's (the fleet's serving contract), or "
         "with no champion the dataset's own size, 3/4 of it and half of it"))
-    arch: list[str] = Field(default_factory=list, max_length=MAX_CHOICES, description=(
+    arch: list[Arch] = Field(default_factory=list, max_length=MAX_CHOICES, description=(
         f"architectures; empty = the champion's (the fleet's serving contract), or with no champion {list(OPEN_ARCHS)}"))
     label_smoothing: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
         [0.0, 0.1], min_length=1, max_length=MAX_CHOICES,
@@ -115,6 +120,16 @@ class SearchSpace(BaseModel):
             raise ValueError(f"{info.field_name} ({bounds[0]:g}, {bounds[1]:g}) is outside its range "
                              f"{low:g}..{high:g}")
         return bounds
+
+    @field_validator("policy", "arch", mode="before")
+    @classmethod
+    def _named(cls, values, info: ValidationInfo):
+        """An unknown name refused naming the choices (before the Literal's own, longer message)."""
+        known = POLICIES if info.field_name == "policy" else ARCHITECTURES
+        unknown = [v for v in values if v not in known] if isinstance(values, (list, tuple)) else []
+        if unknown:
+            raise ValueError(f"unknown {info.field_name} {unknown} (choose from {sorted(known)})")
+        return values
 
     @field_validator("policy", "arch", "image_size")
     @classmethod

@@ -207,7 +207,8 @@ def latest_artifact_id(key: str) -> str:
     return str(_latest_artifact(key).id)
 
 
-def screenshot_prefect_page(path: str, name: str, wait_for_text: list[str], timeout: float = 90) -> str:
+def screenshot_prefect_page(path: str, name: str, wait_for_text: list[str], timeout: float = 90,
+                            height: int = 1000) -> str:
     """Open a page of the running Prefect API's UI (``path`` under its root, e.g. ``/runs/flow-run/ID``) in a
     real headless Chromium, wait until every text in ``wait_for_text`` shows, save ``test-artifacts/<name>``
     and return the page's text."""
@@ -219,7 +220,7 @@ def screenshot_prefect_page(path: str, name: str, wait_for_text: list[str], time
     ui = str(PREFECT_API_URL.value()).removesuffix("/").removesuffix("/api")
     browser = _browser()
     try:
-        browser.set_window_size(1400, 1000)
+        browser.set_window_size(1400, height)  # taller to take a whole long form in one picture
         browser.get(ui + path)
         deadline = time.monotonic() + timeout
         while True:

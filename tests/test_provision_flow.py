@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from flows.provision import provision_flow
+from flows.provision import provision_flow, summary_of
 from orchestrator.provision import STEPS
 from orchestrator.sshfleet import fleet_inventory, stop_agents
 
@@ -37,11 +37,14 @@ def test_provision_flow_maps_sites_retries_unreachable_and_publishes_a_table(pre
     path = fleet_inventory(fleet, tmp_path / "inv.yaml", roots, known_hosts=known)
     fleet.hosts[2].kill()
     try:
-        summary = provision_flow(str(path), retry_delays_s=[0.1, 0.1])
+        state = provision_flow(str(path), retry_delays_s=[0.1, 0.1], return_state=True)
     finally:
         stop_agents(roots)
         fleet.hosts[2].start()
 
+    # hosts failed: the run is red, naming them; the others were provisioned all the same
+    assert state.is_failed() and "2 of 3 host(s) failed: host1: " in state.message and "; host2: " in state.message
+    summary = summary_of(state)
     assert summary["hosts"]["host0"]["status"] == "changed" and summary["changed"] >= 6
     assert sorted(summary["failed"]) == ["host1", "host2"]
     assert "--accept-new-host-keys" in summary["hosts"]["host1"]["reason"]
