@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import progress as progress_module
+from test_serve import prefect_server  # noqa: F401 - a real server: the harness serves no UI
 from orchestrator.progress import Progress
 
 pytestmark = pytest.mark.timeout(300)
@@ -263,3 +264,60 @@ def test_epoch_lines_streamed_back_from_a_trainer_move_its_progress():
     assert seen == [(1, 3), (2, 3), (3, 3)]
     broken = EpochLines(lambda *_: 1 / 0)  # a failing listener never stops the job's output being read
     assert broken.write("epoch 1/2 x\n") == len("epoch 1/2 x\n")
+
+
+# -- seen in a real browser, mid-run
+
+PRETRAIN_FOREVER = """
+import sys
+from flows.stages import PretrainSettings, pretrain
+pretrain(sys.argv[1], PretrainSettings(family="progress", arch="tiny_cnn", epochs=400, batch_size=16))
+"""
+
+
+def _training_progress(server: str):
+    """The newest ``training-progress`` artifact on ``server`` (None before the training began)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["training-progress"])),
+                sort=ArtifactSort.CREATED_DESC, limit=1)
+        return found[0] if found else None
+
+    return asyncio.run(read())
+
+
+def test_a_pretrain_shows_its_progress_mid_run_in_the_ui(prefect_server, tmp_path, elpv_small):  # noqa: F811
+    """A pretrain of 400 short epochs in a process of its own, reporting to a real server: once its artifact is
+    between 1 and 99 %, the artifact's page is screenshot in a real Chromium (test-artifacts/pretrain-progress.png);
+    the run is then stopped."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from agent_helpers import screenshot_prefect_page, wait_for
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    run = subprocess.Popen([sys.executable, "-c", PRETRAIN_FOREVER, str(_inventory(tmp_path, elpv_small))], cwd=REPO,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server}):
+            def mid_run():
+                assert run.poll() is None, run.stdout.read().decode()[-2000:]
+                found = _training_progress(prefect_server)
+                return found if found and 1 <= float(found.data) <= 99 else None
+
+            artifact = wait_for(mid_run, timeout=90, what="a training-progress artifact between 1 and 99 %",
+                                interval=0.5)
+            page = screenshot_prefect_page(f"/artifacts/artifact/{artifact.id}", "pretrain-progress.png",
+                                           ["training tiny_cnn", "epochs"])
+            later = _training_progress(prefect_server)
+        assert run.poll() is None, run.stdout.read().decode()[-2000:]  # still training when it was seen
+        assert "training tiny_cnn" in page and re.search(r"\d+/400 epochs, .* left", page), page[-1500:]
+        assert re.search(r"Progress: ([1-9]|[1-9]\d)%", page), page[-1500:]  # the UI's own reading of it
+        assert float(later.data) < 100 and later.id == artifact.id  # one artifact, updated in place
+    finally:
+        run.kill()
+        run.wait(30)
