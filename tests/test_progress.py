@@ -196,18 +196,32 @@ def test_collect_counts_the_samples_read(prefect_harness, counted_updates, tmp_p
     assert any(0 < value < 100 for value in counted_updates), counted_updates
 
 
-def test_provisioning_counts_the_hosts_done(prefect_harness, tmp_path):
-    """Three hosts (local, check mode: nothing changes): the run's artifact counts them done, of 3."""
-    from flows.provision import provision_flow
-
+def _local_sites(tmp_path: Path, count: int) -> Path:
     inventory = tmp_path / "fleet.yaml"
-    sites = ", ".join(f'{{name: site-{i}, root: "{tmp_path / f"site-{i}"}"}}' for i in range(3))
+    sites = ", ".join(f'{{name: site-{i}, root: "{tmp_path / f"site-{i}"}"}}' for i in range(count))
     inventory.write_text(f"""
 cloud: {{store_url: "{(tmp_path / 'store').as_uri()}"}}
 defaults: {{connection: {{type: local}}, python: {sys.executable}}}
 sites: [{sites}]
 """)
-    state = provision_flow(str(inventory), check=True, return_state=True)
+    return inventory
+
+
+def test_edgeloop_provision_on_a_terminal_counts_hosts_done(tmp_path):
+    code, stdout, terminal = _on_pty([sys.executable, "-m", "edgeloop", "provision", "-i",
+                                      str(_local_sites(tmp_path, 3)), "--check", "--concurrency", "1"])
+    assert code == 0, stdout + terminal
+    bars = [f for f in re.split(r"\r\x1b\[K", terminal) if f.startswith("provisioning")]
+    assert any(re.search(r"\b[12]/3 hosts \(0 B shipped\), .* left", f) for f in bars), bars
+    assert re.search(r"100% 3/3 hosts \(0 B shipped\), .*took", bars[-1]), bars
+    assert "site-2" in stdout and "\r" not in stdout  # the table and recap as before, on stdout
+
+
+def test_provisioning_counts_the_hosts_done(prefect_harness, tmp_path):
+    """Three hosts (local, check mode: nothing changes): the run's artifact counts them done, of 3."""
+    from flows.provision import provision_flow
+
+    state = provision_flow(str(_local_sites(tmp_path, 3)), check=True, return_state=True)
     artifacts = {a.key: a for a in _run_artifacts(state.state_details.flow_run_id)}
     assert float(artifacts["provision-progress"].data) == 100.0
     assert "3/3 hosts" in artifacts["provision-progress"].description

@@ -39,11 +39,20 @@ def step_table(report) -> str:
 
 def provision_command(args: argparse.Namespace) -> int:
     from orchestrator.inventory import load_inventory
+    from orchestrator.progress import Progress, size_text
     from orchestrator.provision import provision
 
     inventory = load_inventory(args.inventory)  # InventoryError is a ValueError: printed without traceback
-    report = provision(inventory, limit=parse_limit(args.limit), check=args.check,
-                       accept_new_host_keys=args.accept_new_host_keys, concurrency=args.concurrency)
+    limit = parse_limit(args.limit)
+    with Progress(len(inventory.select(limit)), "hosts", "provisioning") as bar:  # a bar on a terminal
+        shipped = [0]
+
+        def host_done(host) -> None:
+            shipped[0] += host.shipped_bytes
+            bar.advance(detail=f"{size_text(shipped[0])} shipped")
+
+        report = provision(inventory, limit=limit, check=args.check, accept_new_host_keys=args.accept_new_host_keys,
+                           concurrency=args.concurrency, on_host=host_done)
     if args.json:
         print(json.dumps({"check": report.check, "seconds": round(report.seconds, 2),
                           "hosts": [h.to_dict() for h in report.hosts]}, indent=2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from orchestrator.inventory import Inventory, Site
 from orchestrator.provision.remote import Remote, open_remote
@@ -84,8 +84,10 @@ def provision_host(site: Site, inventory: Inventory, wheel: Wheel, check: bool =
 def provision(inventory: Inventory, limit: list[str] | None = None, check: bool = False,
               accept_new_host_keys: bool = False, concurrency: int | None = None, wheel: Wheel | None = None,
               retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S,
-              on_step: Callable[[str, str], None] | None = None) -> RunReport:
-    """Provision the selected sites, ``concurrency`` at once (default: the inventory's ``ssh.concurrency``)."""
+              on_step: Callable[[str, str], None] | None = None,
+              on_host: Callable[[HostResult], None] | None = None) -> RunReport:
+    """Provision the selected sites, ``concurrency`` at once (default: the inventory's ``ssh.concurrency``);
+    ``on_host`` hears each host's result as it ends (progress: hosts done of N)."""
     sites = inventory.select(limit)
     wheel = wheel or build_wheel()
     workers = max(1, min(concurrency or inventory.ssh.concurrency, len(sites)))
@@ -93,5 +95,7 @@ def provision(inventory: Inventory, limit: list[str] | None = None, check: bool 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision") as pool:
         futures = [pool.submit(provision_host, site, inventory, wheel, check, accept_new_host_keys, retry_delays_s,
                                on_step) for site in sites]
+        for future in as_completed(futures) if on_host else ():
+            on_host(future.result())
         hosts = [f.result() for f in futures]
     return RunReport(hosts, check=check, seconds=time.monotonic() - start)
