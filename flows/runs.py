@@ -18,6 +18,8 @@ training slot it holds.
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +48,33 @@ EXPECTED: tuple[type[BaseException], ...] = (InventoryError, DatasetError, Regis
                                              FileNotFoundError)
 
 
+REPORTED = "_edgeloop_reported"  # set on an exception finish() has reported in one line
+
+
+class _ReportedOnce(logging.Filter):
+    """Drops Prefect's engine traceback for an error :func:`finish` already reported in one line: a deployment
+    run's engine raises the failed state's exception again at its top level ("Engine execution exited with
+    unexpected exception") and would log it with its traceback into the run's logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record.exc_info[1] if record.exc_info else None, REPORTED, False)
+
+
+def _one_line_hook(previous):
+    """The interpreter's last word on an uncaught exception: one line for a reported one (a deployment run's
+    process ends on it: its run is already Failed with that line), the usual traceback for anything else."""
+    def hook(kind, exc, tb):
+        if getattr(exc, REPORTED, False):
+            print(f"edgeloop: {one_line(exc)}", file=sys.stderr)
+            return
+        previous(kind, exc, tb)
+    return hook
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_ReportedOnce())
+sys.excepthook = _one_line_hook(sys.excepthook)
+
+
 class StageFailed(RuntimeError):
     """A stage that ran to its end with a result an operator must act on (e.g. hosts that failed to
     provision); ``summary`` is the result it would otherwise have returned."""
@@ -70,6 +99,10 @@ def finish(body: Callable[..., Any], *args: Any, expected: tuple[type[BaseExcept
     except (StageFailed, *EXPECTED, *expected) as exc:
         line = one_line(exc)
         get_run_logger().error("%s", line)
+        try:
+            setattr(exc, REPORTED, True)
+        except AttributeError:  # an exception type with __slots__: its traceback is shown, as before
+            pass
         return Failed(message=line, data=exc)
 
 

@@ -235,3 +235,91 @@ def test_two_trainings_take_turns_on_the_training_slot(prefect_harness, elpv_sma
 
     (start1, end1), (start2, end2) = asyncio.run(trainings())
     assert end1 <= start2, f"the trainings overlapped: {start1}..{end1} and {start2}..{end2}"
+
+
+def test_edgeloop_run_takes_flat_settings_from_the_command_line(registered, capsys):
+    """`edgeloop run pretrain -p epochs=3 -p gate.alpha=0.05` starts the served deployment with those settings (the
+    others keep their defaults); a setting the stage does not have is refused in one line naming those it has."""
+    from prefect.client.orchestration import get_client
+
+    from edgeloop.cli import main
+
+    assert main(["run", "pretrain", "-p", "epochs=3", "-p", "arch=tiny_cnn", "-p", "gate.alpha=0.05"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("edgeloop-pretrain/pretrain: run "), line
+    run_id = line.split("(")[1].split(")")[0]
+
+    async def parameters():
+        async with get_client() as client:
+            return (await client.read_flow_run(run_id)).parameters
+
+    given = asyncio.run(parameters())
+    assert given["settings"] == {"epochs": 3, "arch": "tiny_cnn", "gate": {"alpha": 0.05}}
+    assert given["inventory"].endswith("fleet.yaml")  # the deployment's own parameter is kept
+    assert main(["run", "pretrain", "-p", "epoch=3"]) == 2
+    refused = capsys.readouterr().err
+    assert "pretrain has no setting 'epoch' (its settings: data, family, arch, epochs," in refused
+    assert len(refused.strip().splitlines()) == 1
+
+
+def test_served_runs_end_in_one_line_and_the_local_inventory_provisions(prefect_server, tmp_path):  # noqa: F811
+    """Through `edgeloop serve` (runs in the runner's own processes, as from the UI): a pretrain on a pool that
+    is not there ends Failed with one line, and neither its logs nor serve's output hold a traceback; the run is
+    named and tagged; a local site whose python is `${EDGELOOP_PYTHON:-python3}` (as in inventory/local.yaml)
+    provisions with no EDGELOOP_PYTHON set."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from orchestrator.deploy import stop_agent
+    from orchestrator.inventory import load_inventory
+    from test_serve import REPO, _wait_for_deployments
+
+    root = tmp_path / "site-1"
+    inventory = _inventory(tmp_path, tmp_path / "no-such-pool", sites=(
+        f'[{{name: site-1, root: "{root}", python: "${{EDGELOOP_PYTHON:-python3}}", '
+        'agent: {heartbeat_interval_s: 1, serve: {port: 0}}}]'))
+    env = {**{k: v for k, v in os.environ.items() if k != "EDGELOOP_PYTHON"}, "PREFECT_API_URL": prefect_server,
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        serving = subprocess.Popen([sys.executable, "-m", "edgeloop", "serve", "-i", str(inventory)], cwd=REPO,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server}):
+            _wait_for_deployments(prefect_server, serving)
+
+        def run(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "edgeloop", "run", *args, "--watch"], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=400)
+
+        failed = run("pretrain", "-p", "arch=tiny_cnn", "-p", "family=served")
+        provisioned = run("provision")
+    finally:
+        serving.terminate()
+        serving.wait(30)
+        fleet = load_inventory(inventory, env={"EDGELOOP_PYTHON": sys.executable})
+        stop_agent(fleet.site("site-1"), fleet)
+    served = log.read_text(errors="replace")
+    assert failed.returncode == 1 and " Failed: DatasetError: " in failed.stdout and "no-such-pool" in failed.stdout, (
+        failed.stdout + failed.stderr + served[-3000:])
+    run_id = failed.stdout.split("(")[1].split(")")[0]
+
+    async def read():
+        async with get_client() as client:
+            run = await client.read_flow_run(run_id)
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        return run, [entry.message for entry in logs]
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        flow_run, logs = asyncio.run(read())
+    assert flow_run.name == "pretrain-tiny_cnn-served" and {"stage:pretrain", "family:served"} <= set(flow_run.tags)
+    assert not any("Traceback" in line for line in logs), logs
+    assert "Traceback" not in served, served[-3000:]
+    assert provisioned.returncode == 0 and "Completed" in provisioned.stdout, (
+        provisioned.stdout + provisioned.stderr + served[-3000:])
+    assert (root / "config" / "agent.yaml").is_file(), sorted(p.name for p in root.iterdir())
