@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
+from edge_agent.store import StoreError
 from flows.retries import transient
 from orchestrator import fleetview, health
 from orchestrator.inventory import Inventory, load_inventory
@@ -88,7 +89,11 @@ def fleet_health(inventory: str = "inventory/local.yaml") -> list[dict]:
         inventory: path of the fleet's inventory YAML (sites, store, stale limit) where the flow runs
     """
     fleet = load_inventory(inventory)
-    view = read_heartbeats(fleet)
+    try:
+        view = read_heartbeats(fleet)
+    except StoreError as exc:  # after the task's retries: red, and not "every site unprovisioned"
+        get_run_logger().error("fleet health unknown: %s", exc)
+        return Failed(message=f"fleet health unknown: {exc}"[:2000], data=exc)
     stale = fleet.cloud.stale_after_s
     rows = view.health
     create_table_artifact(key="fleet-health", table=[r.row() for r in rows],
@@ -115,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = fleet_health(args.inventory)
     except FleetUnhealthy as exc:
         print(f"fleet unhealthy: {exc}")
+        return 1
+    except StoreError as exc:
+        print(f"fleet health unknown: {exc}")
         return 1
     print(health.summary([health.SiteHealth(**r) for r in rows]))
     return 0

@@ -89,9 +89,12 @@ def parse_history(data: bytes) -> list[dict]:
     return entries
 
 
-def read_histories(store: Store, sites: list[str]) -> dict[str, list[dict]]:
-    """``{site: entries}`` in one batched read (a missing or refused history is empty)."""
-    found, _ = store.read_many([HISTORY_KEY.format(site=s) for s in sites], MAX_HISTORY_BYTES)
+def read_histories(store: Store, sites: list[str], refused: dict[str, str] | None = None) -> dict[str, list[dict]]:
+    """``{site: entries}`` in one batched read; a missing history is empty, and so is one the store refused (too
+    large, not a regular file), whose site and reason go into ``refused``."""
+    found, why = store.read_many([HISTORY_KEY.format(site=s) for s in sites], MAX_HISTORY_BYTES)
+    if refused is not None:
+        refused.update({s: why[HISTORY_KEY.format(site=s)] for s in sites if HISTORY_KEY.format(site=s) in why})
     return {s: parse_history(found.get(HISTORY_KEY.format(site=s), b"")) for s in sites}
 
 
@@ -252,31 +255,37 @@ class FleetView:
 def look(store: Store, sites: list[str], stale_after_s: float, record: bool = False,
          reader: health.FleetStatus | None = None) -> FleetView:
     """The fleet view now: heartbeats in one listing, histories in one batched read; with ``record`` (the
-    fleet-health flow), what is new is appended to the histories. A store that fails for the histories leaves
-    the rows as true as the heartbeats make them, and says why in :attr:`FleetView.history_error`."""
+    fleet-health flow), what is new is appended to the histories. A store that cannot be listed raises
+    :class:`StoreError`; one that fails for the histories leaves the rows as true as the heartbeats make them,
+    and says why in :attr:`FleetView.history_error`."""
     reader = reader or health.FleetStatus(store)
     status = reader.read(sites)
+    if reader.error:  # no listing: every site would read "not provisioned", which would be a lie
+        raise StoreError(reader.error)
     now = time.time()
     ages = {s: reader.age(s, now) for s in sites}
     verdicts = health.assess(status, sites, stale_after_s, ages, reader.unreadable)
     seen = {s: now - a for s, a in ages.items() if a is not None and math.isfinite(a)}
-    changed, error = [], ""
+    changed: list[str] = []
+    refused: dict[str, str] = {}  # a history refused is never overwritten with one line: a person looks first
     try:
-        histories = read_histories(store, sites)
+        histories = read_histories(store, sites, refused)
     except StoreError as exc:
-        histories, error = {s: [] for s in sites}, str(exc)
+        histories, refused = {s: [] for s in sites}, dict.fromkeys(sites, str(exc))
+    errors = list(dict.fromkeys(refused.values()))
     for site in sites:
-        entry = next_entry(histories[site], status[site], seen[site]) \
-            if record and not error and site in status and site in seen else None
+        if not record or site in refused or site not in status or site not in seen:
+            continue
+        entry = next_entry(histories[site], status[site], seen[site])
         if entry is None:
             continue
         try:
             histories[site] = append(store, site, histories[site], entry)
             changed.append(site)
         except StoreError as exc:
-            error = str(exc)
+            errors.append(str(exc))
     rows = [fleet_row(v, status.get(v.site), histories[v.site], seen.get(v.site)) for v in verdicts]
-    return FleetView(rows, verdicts, histories, changed, error)
+    return FleetView(rows, verdicts, histories, changed, "; ".join(errors))
 
 
 # ---- presentation ---------------------------------------------------------------------------------------------

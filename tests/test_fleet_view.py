@@ -223,3 +223,34 @@ def test_a_rollout_run_links_the_fleet_view(prefect_harness, tmp_path, tiny_base
         return [a.data for a in found if a.type == "markdown"]
 
     assert any(f"/artifacts/key/{fleetview.FLEET_KEY})" in text for text in asyncio.run(markdowns()))
+
+
+def test_a_history_the_store_refuses_or_cannot_write_leaves_the_rows_true_and_says_why(tmp_path):
+    """Faults on purpose: site a's history is a directory (unwritable), site b's a link (refused, never
+    overwritten); site c's history is written as usual. Every row still says what its heartbeat says."""
+    status = tmp_path / "store" / "status"
+    status.mkdir(parents=True)
+    now = time.time()
+    for site in "abc":
+        (status / f"{site}.json").write_text(json.dumps({"site": site, "time": now, "state": "serving",
+                                                         "active_version": f"e-{site}", "base_versions": ["v1"]}))
+    history = tmp_path / "store" / "history"
+    (history / "a.jsonl").mkdir(parents=True)
+    (history / "b.jsonl").symlink_to("/dev/zero")
+    view = fleetview.look(Store((tmp_path / "store").as_uri()), ["a", "b", "c"], 60, record=True)
+    assert [r.serving for r in view.rows] == ["e-a", "e-b", "e-c"] and all(r.verdict == "ok" for r in view.rows)
+    assert view.changed == ["c"] and (history / "b.jsonl").is_symlink()
+    assert "history/b.jsonl" in view.history_error and "history/a.jsonl" in view.history_error
+    assert "History not updated: " in fleetview.markdown(view, 60)
+
+
+def test_edgeloop_fleet_status_says_the_store_is_away_rather_than_every_site_unprovisioned(tmp_path):
+    from agent_helpers import free_port
+
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(f'cloud: {{store_url: "sftp://nobody@127.0.0.1:{free_port()}/store"}}\n'
+                         f'defaults: {{connection: {{type: local}}}}\nsites: [{{name: a, root: "{tmp_path / "a"}"}}]\n')
+    run = subprocess.run([sys.executable, "-m", "edgeloop", "fleet", "status", "-i", str(inventory)],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 2 and run.stdout == "", run.stdout + run.stderr
+    assert run.stderr.startswith("edgeloop fleet: error: store sftp://") and "Traceback" not in run.stderr
