@@ -176,9 +176,10 @@ def test_the_artifact_is_throttled_to_once_a_second(prefect_harness, monkeypatch
     assert 1 <= len(sent) <= 3 and sent[-1] == 100.0, sent
 
 
-def test_collect_counts_the_samples_read(prefect_harness, counted_updates, tmp_path, elpv_small):
-    """A collect reads each new sample from the store: samples read of N, in the collect run's artifact."""
-    from flows.stages import CollectSettings, PretrainSettings, collect, pretrain
+def test_collect_and_retrain_count_samples_read_and_epochs(prefect_harness, counted_updates, tmp_path, elpv_small):
+    """A collect reads each new sample from the store: samples read of N, in the collect run's artifact; a retrain
+    reads every sample again and fine-tunes the champion: both counted in its run."""
+    from flows.stages import CollectSettings, PretrainSettings, RetrainSettings, collect, pretrain, retrain
     from test_cloud_loop import _put_exams, _put_sample
 
     inventory = _inventory(tmp_path, elpv_small)
@@ -194,6 +195,16 @@ def test_collect_counts_the_samples_read(prefect_harness, counted_updates, tmp_p
     assert artifact.key == "collect-progress" and float(artifact.data) == 100.0
     assert "5/5 samples" in artifact.description, artifact.description
     assert any(0 < value < 100 for value in counted_updates), counted_updates
+
+    # the retrain: its own read of every sample, and the champion's fine-tuning, epoch by epoch
+    counted_updates.clear()
+    state = retrain(str(inventory), RetrainSettings(family="progress", epochs=2, rollout=False), return_state=True)
+    artifacts = {a.key: a for a in _run_artifacts(state.state_details.flow_run_id)}
+    assert set(artifacts) == {"read-samples-progress", "training-progress"}, artifacts
+    assert "fine-tuning the champion" in artifacts["training-progress"].description
+    assert "2/2 epochs" in artifacts["training-progress"].description
+    assert "5/5 samples" in artifacts["read-samples-progress"].description
+    assert 50.0 in counted_updates  # after the first of two epochs
 
 
 def _local_sites(tmp_path: Path, count: int) -> Path:
@@ -264,6 +275,24 @@ def test_tune_counts_trials_over_its_rungs(prefect_harness, counted_updates, tmp
     artifact = _latest_artifact("tune-progress")
     assert float(artifact.data) == 100.0 and "2/2 trials (rung 1 of 1)" in artifact.description
     assert [round(v) for v in counted_updates if v < 100] == [50], counted_updates
+
+
+def test_a_pretrain_on_the_trainers_counts_the_epochs_they_stream_back(prefect_harness, counted_updates, sshd_fleet,
+                                                                      elpv_small, tmp_path):
+    """One DDP job across two real sshd hosts: rank 0's epoch lines, read as they arrive, move the artifact."""
+    from agent_helpers import free_port
+    from flows.stages import PretrainSettings, pretrain
+    from test_trainers import _inventory as trainers_inventory
+
+    inventory = trainers_inventory(sshd_fleet, tmp_path, sshd_fleet.hosts[:2], free_port())
+    state = pretrain(str(inventory), PretrainSettings(data=str(elpv_small / "generic"), family="ddp", arch="tiny_cnn",
+                                                      epochs=3, batch_size=16), return_state=True)
+    assert state.is_completed(), state
+    artifacts = {a.key: a for a in _run_artifacts(state.state_details.flow_run_id)}
+    progress = artifacts["training-progress"]
+    assert float(progress.data) == 100.0 and "3/3 epochs" in progress.description
+    assert "on host0, host1" in progress.description
+    assert [round(v) for v in counted_updates if v < 100] == [33, 67], counted_updates  # epochs 1, 2 as they came
 
 
 def test_epoch_lines_streamed_back_from_a_trainer_move_its_progress():
