@@ -400,19 +400,23 @@ def history_figure(site: str, history: list[dict]):
     base = [(i, 100 * p["base_test_accuracy"]) for i, p in enumerate(points) if p.get("base_test_accuracy") is not None]
     if base:  # thin and on top: where the base as-is serves, the two lines are one
         axes.plot([i for i, _ in base], [b for _, b in base], "s--", linewidth=1.5, markersize=5, zorder=3,
-                  label="base as-is (same test images)", gid="base")
-    axes.set_xticks(x, [f"{_short(p.get('version'))}\n{(p.get('bases') or ['?'])[-1][:18]}" for p in points],
-                    fontsize=8)
+                  label="newest base as-is (same test images)", gid="base")
+    axes.set_xticks(x, [_tick(p.get("version"), history) for p in points], fontsize=8)
     for i, p in enumerate(points):
         if p.get("test_images"):
             axes.annotate(f"n={p['test_images']}", (i, 100 * p["test_accuracy"]), textcoords="offset points",
                           xytext=(0, 7), ha="center", fontsize=8)
     axes.set_ylabel("test accuracy (%)")
-    axes.set_xlabel("version served after each fine-tune (and its base)")
+    axes.set_xlabel("version served after each fine-tune, on its base")
     low = min([100 * p["test_accuracy"] for p in points] + [b for _, b in base])
     axes.set_ylim(max(0.0, low - 10), 100.5)
     axes.legend(loc="lower right", fontsize=8)
     return figure
+
+
+def _tick(version: str | None, history: list[dict]) -> str:
+    """``<version>`` over ``on <its bases>``."""
+    return f"{_short(version)}\non {', '.join(built_on(version, None, history) or ['?'])[:24]}"
 
 
 def _short(version: str | None) -> str:
