@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SSHD   ?= /usr/sbin/sshd
+# Test processes side by side: most end-to-end tests wait on agents, sshd hosts and soaks, not on the CPU.
+TEST_WORKERS ?= 4
 
 .PHONY: demo test bench venv sshd chromium clean
 
@@ -11,7 +13,7 @@ demo: $(STAMP)
 	$(BIN)/edgeloop demo
 
 test: $(STAMP) sshd chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: $(STAMP) sshd
 	$(BIN)/python bench/train_elpv.py
