@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 PUBLISH_EVERY_S = 1.0  # the artifact's updates, at most this often (the end always): the API is not flooded
 DRAW_EVERY_S = 0.1  # the terminal bar's redraws, at most this often
 BAR_WIDTH = 24
+# One line on the terminal: the newest unfinished bar draws there (a wheelhouse resolved while hosts are being
+# provisioned); when it ends, the one before it takes the line back.
+_BARS: list[Progress] = []
+_BARS_GUARD = threading.Lock()
 
 
 def _run_context():
@@ -82,11 +86,15 @@ class Progress:
         self._lock = threading.Lock()
         self._drawn_at = self._published_at = 0.0
         self._bar_shown = self.closed = False
+        self.finished_at: float | None = None  # when done reached total: the rate and time taken stop there
         self.detail = ""
         self._context = contextvars.copy_context()  # the run (and API) this began in, for updates from any thread
         self._artifact = self._create_artifact(key or artifact_key(f"{description}-progress")) \
             if _run_context() is not None else None
         self._log = log or _default_logger()
+        if self.tty:
+            with _BARS_GUARD:
+                _BARS.append(self)
         self._draw(force=True)
 
     # -- what callers use
@@ -105,6 +113,8 @@ class Progress:
             if total is not None:
                 self.total = max(float(total), 0.0)
             self.done = min(float(done), self.total) if self.total else float(done)
+            if self.total and self.done >= self.total and self.finished_at is None:
+                self.finished_at = time.monotonic()
             if note:
                 self._note(note)
             self._draw(force=bool(note))
@@ -123,8 +133,17 @@ class Progress:
             self.closed = True
             if completed:
                 self.done = max(self.done, self.total)
+            self.finished_at = self.finished_at or time.monotonic()
             self._draw(force=True, final=True)
             self._publish(force=True, why=why)
+        with _BARS_GUARD:
+            mine = self in _BARS
+            if mine:
+                _BARS.remove(self)
+            below = _BARS[-1] if mine and _BARS else None
+        if below is not None:  # the bar this one covered takes the line back
+            with below._lock:
+                below._draw(force=True)
 
     def __enter__(self) -> Progress:
         return self
@@ -142,7 +161,7 @@ class Progress:
 
     def rate(self) -> float | None:
         """Units per second since the start (None before anything was done)."""
-        elapsed, done = time.monotonic() - self.started, self.done - self._start_done
+        elapsed, done = (self.finished_at or time.monotonic()) - self.started, self.done - self._start_done
         return done / elapsed if done > 0 and elapsed > 0 else None
 
     def left_s(self) -> float | None:
@@ -159,17 +178,18 @@ class Progress:
         text += f" ({self.detail})" if self.detail else ""
         rate, left = self.rate(), self.left_s()
         if rate is not None:
-            per = f"{size_text(rate)}/s" if self.unit == "B" else \
-                f"{rate:.3g} {self.unit or 'it'}/s" if rate >= 0.1 else f"{1 / rate:.3g} s/{self.unit or 'it'}"
+            each = self.unit or "it"
+            per = f"{size_text(rate)}/s" if self.unit == "B" else f"{rate:.0f} {each}/s" if rate >= 100 else \
+                f"{rate:.3g} {each}/s" if rate >= 0.1 else f"{1 / rate:.3g} s/{each}"
             text += f", {per}"
-        if self.closed or (self.total and self.done >= self.total):
-            return text + f", took {clock(time.monotonic() - self.started)}"
+        if self.finished_at is not None:
+            return text + f", took {clock(self.finished_at - self.started)}"
         return text + (f", {clock(left)} left" if left is not None else ", time left unknown")
 
     # -- the terminal
 
     def _draw(self, force: bool = False, final: bool = False) -> None:
-        if not self.tty:
+        if not self.tty or (_BARS and _BARS[-1] is not self and not final):
             return
         now = time.monotonic()
         if not force and now - self._drawn_at < DRAW_EVERY_S:

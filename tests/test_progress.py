@@ -364,3 +364,19 @@ def test_a_pretrain_shows_its_progress_mid_run_in_the_ui(prefect_server, tmp_pat
     finally:
         run.kill()
         run.wait(30)
+
+
+def test_nested_bars_share_the_terminal_line_the_newest_drawing():
+    """A wheelhouse resolved while hosts are provisioned: the inner bar draws, then the outer takes the line back."""
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w", encoding="utf-8") as terminal:
+        with Progress(2, "hosts", "provisioning", stream=terminal) as hosts:
+            with Progress(3, "steps", "wheelhouse", stream=terminal) as steps:
+                hosts.advance(note=None)  # covered: not drawn while the wheelhouse's bar is on the line
+                steps.advance(note=None)
+            time.sleep(progress_module.DRAW_EVERY_S)
+            hosts.advance()
+    frames = [f for f in re.split(r"\r\x1b\[K", _read_all(master)) if f.strip()]
+    names = [f.split()[0] for f in frames]
+    assert names[:3] == ["provisioning", "wheelhouse", "wheelhouse"] and set(names[3:]) == {"provisioning"}, frames
+    assert re.search(r"100% 3/3 steps.*\n$", frames[2]) and re.search(r"100% 2/2 hosts.*\n$", frames[-1]), frames
