@@ -13,7 +13,7 @@ training slot it holds.
 - **Training slots**: pretrain, retrain and tune hold one slot of the Prefect global concurrency limit
   :data:`TRAINING_LIMIT` while they train (``edgeloop serve`` creates it, 1 slot unless told otherwise), so a
   run from the UI, the nightly retrain and a tune never train on the same cores at once. With no such limit
-  (an ephemeral API, a test) Prefect warns once and the training goes on unlimited.
+  (an ephemeral API, a test) Prefect logs a warning and the training goes on unlimited.
 """
 
 from __future__ import annotations
