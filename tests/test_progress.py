@@ -208,6 +208,7 @@ def test_collect_and_retrain_count_samples_read_and_epochs(prefect_harness, coun
 
 
 def _local_sites(tmp_path: Path, count: int) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     inventory = tmp_path / "fleet.yaml"
     sites = ", ".join(f'{{name: site-{i}, root: "{tmp_path / f"site-{i}"}"}}' for i in range(count))
     inventory.write_text(f"""
@@ -380,3 +381,20 @@ def test_nested_bars_share_the_terminal_line_the_newest_drawing():
     names = [f.split()[0] for f in frames]
     assert names[:3] == ["provisioning", "wheelhouse", "wheelhouse"] and set(names[3:]) == {"provisioning"}, frames
     assert re.search(r"100% 3/3 steps.*\n$", frames[2]) and re.search(r"100% 2/2 hosts.*\n$", frames[-1]), frames
+
+
+def test_a_provisioned_host_counts_the_bytes_it_ships(prefect_harness, tmp_path):
+    """A host that lacks the project's wheel: its provision task's upload artifact counts the bytes as they go."""
+    from flows.provision import provision_flow
+    from orchestrator.sshfleet import stop_agents
+
+    try:
+        state = provision_flow(str(_local_sites(tmp_path / "roots", 1)), return_state=True)
+    finally:
+        stop_agents(tmp_path / "roots")
+    artifacts = {a.key: a for a in _run_artifacts(state.state_details.flow_run_id)}
+    upload = artifacts["upload-progress"]
+    assert float(upload.data) == 100.0 and "site-0: shipping 1 wheel(s)" in upload.description
+    size = re.search(r"([\d.]+ [KM]iB)/\1", upload.description)
+    assert size, upload.description  # all of the wheel's bytes, counted
+    assert re.search(r"1/1 hosts \([\d.]+ [KM]iB shipped\)", artifacts["provision-progress"].description)

@@ -11,7 +11,6 @@ import logging
 import os
 import select
 import shlex
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -91,7 +90,8 @@ class Remote(Protocol):
 
     def request(self, line: str, timeout: float) -> str: ...
 
-    def put(self, local: Path, remote: str, offset: int = 0) -> None: ...
+    def put(self, local: Path, remote: str, offset: int = 0,
+            on_bytes: Callable[[int], None] | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -150,10 +150,12 @@ class SshRemote:
             err += self.channel.recv_stderr(4000)
         return status, err.decode(errors="replace").strip()[-2000:]
 
-    def put(self, local: Path, remote: str, offset: int = 0) -> None:
+    def put(self, local: Path, remote: str, offset: int = 0,
+            on_bytes: Callable[[int], None] | None = None) -> None:
         """Upload with a deadline per read/write: a stalled link fails this host, never hangs the run.
 
-        ``offset``: the bytes a cut-off upload already left at ``remote``; the rest is appended.
+        ``offset``: the bytes a cut-off upload already left at ``remote``; the rest is appended. ``on_bytes``
+        hears each block's size as it is written (progress of a long upload).
         """
         sftp = self.fab.sftp()
         sftp.get_channel().settimeout(self.io_timeout_s)
@@ -163,6 +165,8 @@ class SshRemote:
                 src.seek(offset)
                 for block in iter(lambda: src.read(1 << 18), b""):
                     dst.write(block)
+                    if on_bytes:
+                        on_bytes(len(block))
             size = sftp.stat(remote).st_size  # pipelined writes are acknowledged by now, or this waits
             if size != local.stat().st_size:
                 raise OSError(f"{remote} holds {size} bytes after the upload, expected {local.stat().st_size}")
@@ -227,10 +231,14 @@ class LocalRemote:
             err += chunk
         return err.decode(errors="replace").strip()[-500:]
 
-    def put(self, local: Path, remote: str, offset: int = 0) -> None:
+    def put(self, local: Path, remote: str, offset: int = 0,
+            on_bytes: Callable[[int], None] | None = None) -> None:
         with open(local, "rb") as src, open(remote, "ab" if offset else "wb") as dst:
             src.seek(offset)
-            shutil.copyfileobj(src, dst, 1 << 20)
+            for block in iter(lambda: src.read(1 << 20), b""):
+                dst.write(block)
+                if on_bytes:
+                    on_bytes(len(block))
 
     def close(self) -> None:
         """End the worker: close its pipes (a worker still writing gets SIGPIPE) and kill one that lingers."""

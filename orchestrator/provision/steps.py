@@ -19,6 +19,7 @@ from edge_agent.config import dump_config
 from edge_agent.layout import AgentPaths
 from orchestrator.inventory import Inventory, Site
 from orchestrator.known_hosts import known_host_lines, known_hosts_name
+from orchestrator.progress import Progress
 from orchestrator.provision.hostworker import part_name
 from orchestrator.provision.remote import HostWorker, Remote, StepFailed
 from orchestrator.provision.report import CHANGED, FAILED, OK, SKIPPED, HostResult, StepResult
@@ -260,8 +261,10 @@ class SiteProvisioner:
         what = f"{len(todo)} wheel(s), {_size(size)}"
         if self.check:
             return CHANGED, f"would ship {what}{healed}"
-        for wheel in todo:
-            self._ship(wheel, self.missing[wheel.name])
+        # the bytes as they go: the host task's progress artifact (and a bar on a terminal)
+        with Progress(size, "B", f"{self.site.name}: shipping {len(todo)} wheel(s)", key="upload-progress") as sent:
+            for wheel in todo:
+                self._ship(wheel, self.missing[wheel.name], sent.advance)
         self.result.shipped_bytes += size
         return CHANGED, f"shipped {what}" + (f" (resumed after {_size(resumed)} a cut-off upload left)"
                                              if resumed else "") + healed
@@ -274,13 +277,13 @@ class SiteProvisioner:
     def wheelhouse(self) -> Wheelhouse:
         return wheelhouse_at(self.inventory.wheelhouse())
 
-    def _ship(self, wheel: WheelFile, offset: int = 0) -> None:
+    def _ship(self, wheel: WheelFile, offset: int = 0, on_bytes: Callable[[int], None] | None = None) -> None:
         """Upload one wheel (from ``offset``: the bytes a cut-off upload left) and commit it, sha256-checked on
         the host. A resumed upload whose result does not match is shipped again whole, once: the partial it
         resumed from was not the wheel's start (the host removed it)."""
         local = self.wheel.path if wheel.name == self.wheel.name else self.wheelhouse.blob(wheel)
         part = f"{self.root}/wheels/{part_name(wheel.sha256)}"
-        self.remote.put(local, part, offset)
+        self.remote.put(local, part, offset, on_bytes)
         self.result.commands += 1
         try:
             self.call("commit", tmp=part, path=f"{self.root}/wheels/{wheel.name}", sha256=wheel.sha256,
@@ -289,7 +292,7 @@ class SiteProvisioner:
             if not offset or not str(exc).startswith("upload corrupted"):
                 raise
             log.info("%s: %s after resuming at %d bytes; shipping it whole", self.site.name, exc, offset)
-            self._ship(wheel, 0)
+            self._ship(wheel, 0, on_bytes)
             self.result.shipped_bytes += wheel.size
 
     def install(self) -> tuple[str, str]:
