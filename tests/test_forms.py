@@ -320,6 +320,7 @@ def test_served_runs_end_in_one_line_and_the_local_inventory_provisions(prefect_
     assert flow_run.name == "pretrain-tiny_cnn-served" and {"stage:pretrain", "family:served"} <= set(flow_run.tags)
     assert not any("Traceback" in line for line in logs), logs
     assert "Traceback" not in served, served[-3000:]
+    assert "edgeloop serve: edgeloop-training: 1 training(s) at once" in served  # the limit trainings share
     assert provisioned.returncode == 0 and "Completed" in provisioned.stdout, (
         provisioned.stdout + provisioned.stderr + served[-3000:])
     assert (root / "config" / "agent.yaml").is_file(), sorted(p.name for p in root.iterdir())
