@@ -84,13 +84,14 @@ class Progress:
         self.every_s = PUBLISH_EVERY_S if every_s is None else every_s
         self.started, self._start_done = time.monotonic(), self.done
         self._lock = threading.Lock()
-        self._drawn_at = self._published_at = 0.0
+        self._drawn_at = 0.0
         self._bar_shown = self.closed = False
         self.finished_at: float | None = None  # when done reached total: the rate and time taken stop there
         self.detail = ""
         self._context = contextvars.copy_context()  # the run (and API) this began in, for updates from any thread
         self._artifact = self._create_artifact(key or artifact_key(f"{description}-progress")) \
             if _run_context() is not None else None
+        self._published_at, self._sent = time.monotonic(), (self.percent, self._description())
         self._log = log or _default_logger()
         if self.tty:
             with _BARS_GUARD:
@@ -255,9 +256,12 @@ class Progress:
         now = time.monotonic()
         if not force and now - self._published_at < self.every_s:
             return
-        self._published_at = now
+        figure = (self.percent, self._description(why))
+        if figure == self._sent:  # nothing new to say (the end, already published when the total was reached)
+            return
+        self._published_at, self._sent = now, figure
         try:  # in the context the work began in: the same API from a worker thread too
-            self._context.copy().run(update_progress_artifact, self._artifact, self.percent, self._description(why))
+            self._context.copy().run(update_progress_artifact, self._artifact, *figure)
         except Exception as exc:  # noqa: BLE001 - the API went away: stop updating, keep working
             log.warning("progress artifact of %s no longer updated: %s", self.description, exc)
             self._artifact = None
