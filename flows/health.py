@@ -9,6 +9,7 @@ no model), stale, unreadable, and not provisioned (no heartbeat in the store at 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -17,6 +18,7 @@ from prefect.states import Failed
 
 from edge_agent.store import StoreError
 from flows.retries import transient
+from flows.runs import run_name
 from orchestrator import fleetview, health
 from orchestrator.inventory import Inventory, load_inventory
 
@@ -81,7 +83,8 @@ def link_fleet_view(logger=None) -> None:
     (logger or get_run_logger()).info("fleet view: artifact %r (%s), refreshed by fleet-health", fleetview.FLEET_KEY, url)
 
 
-@flow(name="edgeloop-fleet-health", log_prints=True)
+@flow(name="edgeloop-fleet-health", log_prints=True,
+      flow_run_name=run_name("fleet-health", ("inventory", None, "", lambda p: Path(str(p)).stem)))
 def fleet_health(inventory: str = "inventory/local.yaml") -> list[dict]:
     """The fleet view and the heartbeat table; any site not ok fails the run, naming it.
 

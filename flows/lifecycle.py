@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from edge_agent.datasets import open_dataset
 from flows import stages
+from flows.health import fleet_health
 from flows.provision import provision_flow, summary_of
 from flows.runs import finish, run_name, tag_run
 from flows.stages import Arch
@@ -221,6 +222,7 @@ def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings
           live: list[str], streams: dict[str, list[Path]], parts: list[Path]) -> tuple[list[str], dict | None]:
     """Rollout → edge fine-tune → inference and samples → retrain → rollout again; returns who kept up."""
     live = _rollout_and_wait(fleet, settings, champion.version, live, "fine-tune on the champion")
+    fleet_health(str(settings.inventory), return_state=True)  # the history's first point: the champion fine-tuned
     status, _ = read_fleet_status(fleet.store(), live)
     expected = {name: _classified(status.get(name, {})) + demo.feed_inbox(Path(fleet.site(name).root),
                                                                              streams[name]) for name in live}
@@ -233,6 +235,8 @@ def _turn(fleet: Inventory, registry: ModelRegistry, settings: demo.DemoSettings
     else:  # the labels given in the cloud went home: each site learns from them
         live = wait_for(fleet, live, "labels home and the fine-tune they owe", _learned_from_labels(fleet),
                         settings.site_timeout_s)
+    # the fleet view and each site's history, while the agents still run (a site not ok is its row, not the demo's end)
+    fleet_health(str(settings.inventory), return_state=True)
     return live, decision
 
 

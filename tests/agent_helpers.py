@@ -236,3 +236,17 @@ def screenshot_prefect_page(path: str, name: str, wait_for_text: list[str], time
     finally:
         browser.quit()
 
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def ours(pid: int) -> bool:
+    """Whether ``pid`` descends from this test process: tests run side by side (make test's workers), so a test
+    that kills a process it found by name must never hit another test's (or that test's worker itself)."""
+    while pid > 1:
+        pid = parent_pid(pid)
+        if pid == os.getpid():
+            return True
+    return False
+

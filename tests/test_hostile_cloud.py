@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from agent_helpers import REPO, free_port, wait_for_url
+from agent_helpers import REPO, free_port, ours, parent_pid, wait_for_url
 from test_labelling import CLASSES, _store_with_samples
 
 from edge_agent.store import Store
@@ -368,12 +368,13 @@ def test_a_trial_over_its_memory_budget_is_killed_and_recorded_failed(elpv_small
 
 
 def _trial_processes(marker: str) -> list[int]:
+    """This test's processes running ``marker`` (a trial's rung)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and marker.encode() in (proc / "cmdline").read_bytes() and ours(int(proc.name)):
                 found.append(int(proc.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return found
 
@@ -397,7 +398,7 @@ def test_a_worker_killed_under_its_trial_is_a_failed_trial_not_a_failed_tune(pre
         while not stop.is_set():
             for pid in _trial_processes("trial-001-rung-0"):
                 try:
-                    worker = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                    worker = parent_pid(pid)
                     if worker > 1 and worker != os.getpid() and worker not in kills:  # never init, never us
                         os.kill(worker, signal.SIGKILL)
                         kills.append(worker)

@@ -73,8 +73,9 @@ def test_one_turn_of_the_loop(prefect_harness, tmp_path):
     if decision["promoted"]:  # the new champion went out to the sites again
         for site in ("north", "south"):
             assert (AgentPaths(home / "sites" / site).base_models / first_champion / "model.pt").is_file()
-    assert {"provision-results", "rollout", "collect", "fleet-status", "model-versions", "gate"} \
-        <= asyncio.run(_artifact_keys())
+    keys = asyncio.run(_artifact_keys())
+    assert {"provision-results", "rollout", "collect", "fleet-status", "model-versions", "gate", "fleet"} <= keys
+    assert {"site-history-north", "site-history-south"} <= keys  # the demo leaves the fleet view and histories
 
     assert sorted(again["sites_completed"]) == ["north", "south"]
     assert again["decision"]["champion"] == first_champion  # the second turn starts from the first's champion

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from agent_helpers import latest_table
+from agent_helpers import latest_table, ours
 
 from edge_agent.models import load_checkpoint
 from edge_agent.train import TrainConfig
@@ -166,10 +166,11 @@ def test_a_trial_whose_process_the_os_kills_is_recorded_failed_and_the_search_go
         while not stop.is_set():
             for proc in Path("/proc").iterdir():
                 try:
-                    if proc.name.isdigit() and victim.encode() in (proc / "cmdline").read_bytes():
+                    if proc.name.isdigit() and victim.encode() in (proc / "cmdline").read_bytes() \
+                            and ours(int(proc.name)):
                         os.kill(int(proc.name), signal.SIGKILL)
                         return
-                except OSError:
+                except (OSError, ValueError, IndexError):
                     continue
             time.sleep(0.05)
 
