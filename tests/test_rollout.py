@@ -356,8 +356,10 @@ class _Traffic(threading.Thread):
     def run(self) -> None:
         n = 0
         while not self.stop.wait(0.5):
-            for _ in range(2):
-                shutil.copy(self.images[n % len(self.images)], self.inbox / f"cam-{n:05d}.png")
+            for _ in range(2):  # written as a camera should: under a .part name, then renamed whole
+                partial = self.inbox / f"cam-{n:05d}.png.part"
+                shutil.copyfile(self.images[n % len(self.images)], partial)
+                partial.rename(self.inbox / f"cam-{n:05d}.png")
                 n += 1
 
 
