@@ -250,3 +250,14 @@ def ours(pid: int) -> bool:
             return True
     return False
 
+
+def one_site_inventory(tmp_path: Path, elpv_small: Path) -> Path:
+    """A local fleet of one site whose cloud pool is ``elpv_small``'s generic set (the stage flows' defaults)."""
+    inventory = tmp_path / "fleet.yaml"
+    inventory.write_text(f"""
+cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}",
+        datasets: {{generic: {elpv_small / 'generic'}}}}}
+defaults: {{connection: {{type: local}}}}
+sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
+""")
+    return inventory

@@ -14,7 +14,7 @@ import time
 import pytest
 from matplotlib.colors import to_hex
 
-from agent_helpers import _latest_artifact
+from agent_helpers import _latest_artifact, one_site_inventory
 from test_run_graphs import on_server  # noqa: F401 - this process's flows report to a real server
 from test_serve import prefect_server  # noqa: F401 - a real server: the harness serves no UI
 
@@ -170,13 +170,7 @@ def test_the_ui_renders_a_pretrain_runs_learning_curve_as_an_image(on_server, tm
     from flows.stages import PretrainSettings, pretrain
     from test_labelling import ARTIFACTS, _browser
 
-    inventory = tmp_path / "fleet.yaml"
-    inventory.write_text(f"""
-cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}",
-        datasets: {{generic: {elpv_small / 'generic'}}}}}
-defaults: {{connection: {{type: local}}}}
-sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
-""")
+    inventory = one_site_inventory(tmp_path, elpv_small)
     state = pretrain(str(inventory), PretrainSettings(family="pictures", arch="tiny_cnn", epochs=3, batch_size=16),
                      return_state=True)
     assert state.is_completed(), state

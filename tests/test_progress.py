@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agent_helpers import one_site_inventory
 from orchestrator import progress as progress_module
 from test_serve import prefect_server  # noqa: F401 - a real server: the harness serves no UI
 from orchestrator.progress import Progress
@@ -107,15 +108,6 @@ def test_the_bar_counts_bytes_rate_and_time_left_on_a_terminal():
 
 # -- inside a Prefect run
 
-def _inventory(tmp_path: Path, elpv_small: Path) -> Path:
-    inventory = tmp_path / "fleet.yaml"
-    inventory.write_text(f"""
-cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}",
-        datasets: {{generic: {elpv_small / 'generic'}}}}}
-defaults: {{connection: {{type: local}}}}
-sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
-""")
-    return inventory
 
 
 def _run_artifacts(flow_run_id, kind: str = "progress") -> list:
@@ -148,7 +140,7 @@ def counted_updates(monkeypatch) -> list[float]:
 def test_a_pretrain_keeps_one_progress_artifact_up_to_date(prefect_harness, counted_updates, tmp_path, elpv_small):
     from flows.stages import PretrainSettings, pretrain
 
-    state = pretrain(str(_inventory(tmp_path, elpv_small)),
+    state = pretrain(str(one_site_inventory(tmp_path, elpv_small)),
                      PretrainSettings(family="progress", arch="tiny_cnn", epochs=3, batch_size=16), return_state=True)
     assert state.is_completed(), state
     artifacts = _run_artifacts(state.state_details.flow_run_id)
@@ -184,7 +176,7 @@ def test_collect_and_retrain_count_samples_read_and_epochs(prefect_harness, coun
     from flows.stages import CollectSettings, PretrainSettings, RetrainSettings, collect, pretrain, retrain
     from test_cloud_loop import _put_exams, _put_sample
 
-    inventory = _inventory(tmp_path, elpv_small)
+    inventory = one_site_inventory(tmp_path, elpv_small)
     assert pretrain(str(inventory), PretrainSettings(family="progress", arch="tiny_cnn", epochs=1, batch_size=16),
                     return_state=True).is_completed()  # the champion whose classes the collect labels in
     images = sorted((elpv_small / "sites" / "site-1").rglob("*.png"))[:5]
@@ -346,7 +338,7 @@ def test_a_pretrain_shows_its_progress_mid_run_in_the_ui(prefect_server, tmp_pat
     from agent_helpers import screenshot_prefect_page, wait_for
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    run = subprocess.Popen([sys.executable, "-c", PRETRAIN_FOREVER, str(_inventory(tmp_path, elpv_small))], cwd=REPO,
+    run = subprocess.Popen([sys.executable, "-c", PRETRAIN_FOREVER, str(one_site_inventory(tmp_path, elpv_small))], cwd=REPO,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         with temporary_settings({PREFECT_API_URL: prefect_server}):

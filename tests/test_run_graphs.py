@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from agent_helpers import latest_artifact_id, latest_table, screenshot_prefect_page
+from agent_helpers import latest_artifact_id, latest_table, one_site_inventory, screenshot_prefect_page
 from test_serve import prefect_server  # noqa: F401 - a real server: the harness serves no UI
 
 pytestmark = pytest.mark.timeout(900)
@@ -46,13 +46,7 @@ def on_server(prefect_server):  # noqa: F811
 def test_pretrain_and_retrain_runs_show_their_steps_as_tasks(on_server, tmp_path, elpv_small):
     from flows.stages import PretrainSettings, RetrainSettings, pretrain, retrain
 
-    inventory = tmp_path / "fleet.yaml"
-    inventory.write_text(f"""
-cloud: {{store_url: "{(tmp_path / 'store').as_uri()}", registry: "{tmp_path / 'registry'}",
-        datasets: {{generic: {elpv_small / 'generic'}}}}}
-defaults: {{connection: {{type: local}}}}
-sites: [{{name: site-1, root: "{tmp_path / 'site-1'}"}}]
-""")
+    inventory = one_site_inventory(tmp_path, elpv_small)
     state = pretrain(str(inventory), PretrainSettings(family="graph", arch="tiny_cnn", epochs=1, batch_size=16),
                      return_state=True)
     assert state.is_completed() and state.result()["promoted"]  # on cloud.datasets.generic: no data given
