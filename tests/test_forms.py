@@ -39,17 +39,25 @@ def _settings(**fields):
                                "on_trainers": False, **fields})
 
 
-async def _read(run_id):
-    """A flow run, its logs and its artifacts' keys, as the API holds them."""
+def _read(run_id):
+    """A flow run, its logs and its artifacts' keys, as the API holds them. Logs reach the API from a background
+    worker in batches, so this process's queued logs are sent first (else a line just logged may not be there
+    yet: the suite's workers load the one server)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
 
-    async with get_client() as client:
-        run = await client.read_flow_run(run_id)
-        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-        artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
-    return run, [log.message for log in logs], {a.key for a in artifacts}
+    APILogHandler().flush()
+
+    async def read():
+        async with get_client() as client:
+            run = await client.read_flow_run(run_id)
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        return run, [log.message for log in logs], {a.key for a in artifacts}
+
+    return asyncio.run(read())
 
 
 def _properties(schema: dict):
@@ -148,7 +156,7 @@ def test_a_kept_champion_says_so_in_the_runs_state_with_its_name_tags_and_gate(p
     assert not decision["promoted"] and decision["champion"] == champion
     assert again.is_completed() and again.message.startswith(f"pretrain: kept champion {champion}; "
                                                              f"{decision['candidate']} not promoted: "), again.message
-    run, logs, keys = asyncio.run(_read(again.state_details.flow_run_id))
+    run, logs, keys = _read(again.state_details.flow_run_id)
     assert run.name == "pretrain-tiny_cnn-forms"
     assert {"edgeloop", "stage:pretrain", "family:forms", "training"} <= set(run.tags)
     assert "gate" in keys and "pretrain-gate" not in keys  # one key per kind: `gate` in every gated stage
@@ -170,7 +178,7 @@ def test_expected_errors_end_the_run_with_one_line_and_no_traceback(prefect_harn
                          (refused, ["RolledBackVersion", trained, "override"])):
         assert state.is_failed() and all(w in state.message for w in words), state.message
         assert "\n" not in state.message
-        _, logs, _ = asyncio.run(_read(state.state_details.flow_run_id))
+        _, logs, _ = _read(state.state_details.flow_run_id)
         assert not any("Traceback" in line for line in logs), logs
         assert [line for line in logs if line == state.message], logs  # logged once, as the same one line
     with pytest.raises(Exception, match="RolledBack|rolled back"):  # a caller still gets the exception
@@ -191,7 +199,7 @@ def test_a_provision_run_with_a_failed_host_is_red_and_names_it(prefect_harness,
     assert state.is_failed() and "1 of 1 host(s) failed: gone: " in state.message, state.message
     assert summary_of(state)["failed"] == ["gone"]  # the summary is still there for the caller
     assert isinstance(state.result(raise_on_failure=False), StageFailed)
-    run, _, keys = asyncio.run(_read(state.state_details.flow_run_id))
+    run, _, keys = _read(state.state_details.flow_run_id)
     assert run.name == "provision-fleet" and "stage:provision" in run.tags and "provision-results" in keys
     assert main(["-i", inventory]) == 1
 
