@@ -473,7 +473,7 @@ class Agent:
         return {
             "site": self.config.site, "time": time.time(), "pid": os.getpid(), "state": phase or self.phase(),
             "started": self.started, "active_version": _version_of(self.handle.target()),
-            "serving_problem": self.handle.problem,
+            "serving_problem": self.handle.problem, "active_bases": self.handle.bases(),
             "base_versions": state.pop("base_versions_seen"),
             "finetune": {"running": self.finetune.running, "run_id": self.finetune.run_id,
                          "reason": self.finetune.reason, "progress": self.finetune.progress(),

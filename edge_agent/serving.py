@@ -13,6 +13,7 @@ fine-tune could not use is never activated, and one activated by hand is refused
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -86,6 +87,18 @@ def check_outputs(name: str, outputs: dict[str, np.ndarray], classes: int, membe
                                  f"{float(np.nanmin(member_probs)):.4g} to {float(np.nanmax(member_probs)):.4g})")
 
 
+def built_on(metadata: dict[str, str]) -> list[str] | None:
+    """The base version(s) an ensemble was built on, as its graph says: a fine-tuned ensemble lists its
+    ``bases``, the base served as-is names its ``base``. None when the graph does not say (an older one)."""
+    if metadata.get("base"):
+        return [metadata["base"][:128]]
+    try:
+        bases = json.loads(metadata.get("bases") or "null")
+    except ValueError:
+        return None
+    return [b[:128] for b in bases if isinstance(b, str)][:64] if isinstance(bases, list) else None
+
+
 class EnsembleHandle:
     """The serving ensemble, reloaded when the active link moves (thread-safe).
 
@@ -117,6 +130,14 @@ class EnsembleHandle:
                 self._classifier = self._load(target)
                 self._target = target
             return self._classifier
+
+    def bases(self) -> list[str] | None:
+        """The base version(s) the active ensemble was built on; None when nothing is active, a fallback serves
+        instead of it, or its graph does not say."""
+        with self._lock:
+            if self._classifier is None or self.problem or self._target != self.target():
+                return None  # nothing, a fallback or an ensemble the link has since left: not the active one's
+            return built_on(self._classifier.metadata)
 
     def _load(self, target: str | None):
         self.problem, self.serving_version = None, None

@@ -132,6 +132,8 @@ def next_entry(history: list[dict], heartbeat: dict, seen: float) -> dict | None
     if not history and serving is None and run_id is None:
         return None  # nothing served and nothing run yet: nothing to remember
     entry = {"seen": seen, "serving": serving, "bases": heartbeat.get("base_versions") or [], "run_id": run_id}
+    if heartbeat.get("active_bases"):
+        entry["built_on"] = heartbeat["active_bases"]
     if run_id and all(e.get("run_id") != run_id for e in history):
         entry["run"] = run_summary(last_run)
     return entry
@@ -163,12 +165,17 @@ def runs(history: list[dict]) -> list[dict]:
     return [{**e["run"], "seen": e["seen"]} for e in history if isinstance(e.get("run"), dict)]
 
 
-def built_on(serving: str | None, last_run: dict | None, history: list[dict]) -> list[str] | None:
-    """The base version(s) the ensemble ``serving`` was built from: a base served as-is (``base-<v>``) is ``v``; a
-    fine-tuned ensemble is named for its run, whose report names its bases (the latest run, or one in the
-    history); None when neither tells."""
+def built_on(serving: str | None, last_run: dict | None, history: list[dict],
+             reported: list[str] | None = None) -> list[str] | None:
+    """The base version(s) the ensemble ``serving`` was built from: what the agent ``reported`` for it (newer
+    agents read it from the graph), or what a history line saw reported for it; a base served as-is
+    (``base-<v>``) is ``v``; a fine-tuned ensemble is named for its run, whose report names its bases (the
+    latest run, or one in the history); None when nothing tells."""
     if not serving:
         return None
+    for said in [reported] + [e.get("built_on") for e in history[::-1] if e.get("serving") == serving]:
+        if said and isinstance(said, list) and all(isinstance(b, str) for b in said):
+            return list(dict.fromkeys(said))
     if serving.startswith("base-"):
         return [serving.removeprefix("base-")]
     for run in [run_summary(last_run)] + runs(history)[::-1]:
@@ -177,8 +184,9 @@ def built_on(serving: str | None, last_run: dict | None, history: list[dict]) ->
     return None
 
 
-def bases_text(serving: str | None, last_run: dict | None, history: list[dict], deployed: list[str]) -> str:
-    known = built_on(serving, last_run, history)
+def bases_text(serving: str | None, last_run: dict | None, history: list[dict], deployed: list[str],
+               reported: list[str] | None = None) -> str:
+    known = built_on(serving, last_run, history, reported)
     if known is not None:
         return ", ".join(known)
     return f"deployed: {', '.join(deployed)}" if deployed else ""
@@ -228,7 +236,8 @@ def fleet_row(health_row: health.SiteHealth, heartbeat: dict | None, history: li
     queues = beat.get("queues") or {}
     return FleetRow(
         site=health_row.site, verdict=health_row.verdict, reason=health_row.reason, state=health_row.state,
-        serving=serving, bases=bases_text(serving, last_run, history, beat.get("base_versions") or []),
+        serving=serving,
+        bases=bases_text(serving, last_run, history, beat.get("base_versions") or [], beat.get("active_bases")),
         deployed_bases=", ".join(beat.get("base_versions") or []),
         since=(since(history, serving) or first_seen) if serving else None,
         heartbeat_age_s=health_row.heartbeat_age_s, decision=short_decision(last_run.get("decision")),

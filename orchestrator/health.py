@@ -151,7 +151,8 @@ class Heartbeat(_Part):
     started: FiniteFloat | None = None
     active_version: Name | None = None
     serving_problem: Text | None = None
-    base_versions: list[Name] = Field(default_factory=list, max_length=64)
+    base_versions: list[Name] = Field(default_factory=list, max_length=64)  # every base deployed at the site
+    active_bases: list[Name] | None = Field(None, max_length=64)  # the ones the active ensemble is built on
     finetune: FinetuneStatus = Field(default_factory=FinetuneStatus)
     pending_finetune: Text | None = None
     finetune_failures: int = Field(0, ge=0)

@@ -94,6 +94,7 @@ def test_rows_from_real_heartbeats_say_what_serves_on_which_base_since_when_and_
     runs = {r["run_id"]: r for r in fleet["runs"]}  # what serves is built on: a base as-is on itself, an ensemble
     assert a.bases == (a.serving.removeprefix("base-") if a.serving.startswith("base-")  # on its run's bases
                        else ", ".join(dict.fromkeys(runs[a.serving]["bases"])))
+    assert ", ".join(beat["active_bases"]) == a.bases  # the agent says it too, read from the serving graph
     history = view.histories["site-a"]
     first_seen = min(e["seen"] for e in history if e["serving"] == a.serving)
     assert a.since == first_seen and a.since <= before  # by the cloud's clock, from the durable history
@@ -129,6 +130,21 @@ def test_the_history_survives_a_restart_and_holds_each_run_once(fleet):
         handle.write(b'{"seen": 1, "serv')
     assert fleetview.runs(fleetview.read_histories(store, ["site-a"])["site-a"]) == runs
     path.write_bytes(kept)
+
+
+def test_an_ensemble_made_between_two_looks_is_still_named_on_its_bases():
+    """A labels fine-tune (or any run) the cloud never saw in a heartbeat leaves no run report in the history,
+    but the agent says what the serving ensemble is built on, and the history line keeps it."""
+    between = {"active_version": "run-7", "base_versions": ["v1", "v2"], "active_bases": ["v2"],
+               "last_run": {"run_id": "run-8", "serving": "incumbent", "serving_version": "run-7"}}
+    history = [{"seen": 1.0, "serving": "base-v1", "bases": ["v1"], "run_id": None}]
+    entry = fleetview.next_entry(history, between, 2.0)
+    assert entry["built_on"] == ["v2"] and entry["run"]["version"] == "run-7"
+    later = history + [entry]
+    assert fleetview.built_on("run-7", None, later) == ["v2"]  # the history picture's tick: "on v2", not "on ?"
+    assert fleetview.bases_text("run-7", None, history, ["v1", "v2"]) == "deployed: v1, v2"  # older agents
+    assert fleetview.bases_text("run-7", None, history, ["v1", "v2"], ["v2"]) == "v2"
+    assert fleetview.built_on("run-7", None, [{**entry, "built_on": "v2"}]) is None  # a misshapen line says nothing
 
 
 def test_the_history_is_bounded_and_a_new_run_or_version_appends_one_line(tmp_path):
