@@ -4,8 +4,10 @@
 exclusive create (a file store's O_EXCL, SFTP's SSH_FXF_EXCL): of two takers at once exactly one gets it, and the
 other is refused with the holder's name. The holder renews it while it works (every poll of a soak); a holder
 that crashed blocks the fleet only until the lease expires, and an expired lease is moved aside by one rename
-(of two takers, one wins that too) before a new one is created. On an object store (no exclusive create) the
-lease is written and read back: it still names the holder, but two takers in the same instant may both win.
+(of two takers, one wins that too) before a new one is created. On S3 the exclusive create is a conditional
+write (``If-None-Match: *``): of two PUTs at once one gets 200, the other 412. A rename there is a copy, so
+moving an expired lease aside is not atomic: two takers of one expired lease may both move, and the loser's
+fresh lease is moved back (see :meth:`Lease._move_aside`).
 
 Expiry compares the cloud's clock with the time written by the holder (a cloud process too): no edge or store
 clock is read.
@@ -88,11 +90,17 @@ class Lease:
 
     def _create(self) -> bool:
         """Create the lease file only if there is none (True: this holder has it)."""
-        if self.store.object_store:
-            self.store.put_verified(LEASE, self._body())
-            return (self._read() or {}).get("token") == self.token
         fs = self.store._connect()
         path = self.store.path(LEASE)
+        if self.store.object_store:
+            try:
+                fs.pipe_file(path, self._body(), mode="create")  # PUT with If-None-Match: *
+            except OSError:  # 412 reads as FileExistsError, or EINVAL where the reply leaves out which condition
+                held = self._read()
+                if held is None:
+                    raise
+                return held.get("token") == self.token
+            return True
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         try:
             with fs.open(path, "xb") as handle:

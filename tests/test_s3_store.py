@@ -276,3 +276,33 @@ def test_the_bounded_reader_on_s3_reads_no_more_than_its_cap(s3_env):
     assert set(reader.read(["huge", "empty", "fine", "absent"])) == {"fine"}
     assert reader.unreadable["huge"] == f"unreadable heartbeat: larger than {MAX_HEARTBEAT_BYTES} bytes"
     assert reader.unreadable["empty"].startswith("unreadable heartbeat: status is not JSON")
+
+
+def test_of_eight_rollouts_taking_the_fleets_lease_at_once_on_s3_exactly_one_gets_it(s3_env):
+    """S3's conditional write (If-None-Match: *) is the lease's exclusive create on an object store, as O_EXCL is on
+    a file store: eight takers released together (each its own connection, as eight cloud processes), one wins,
+    seven are refused naming it; four rounds, so a write-then-read-back race would show."""
+    from orchestrator.lease import Lease, LeaseHeld
+
+    s3 = s3_env
+    for round_ in range(4):
+        start, results = threading.Barrier(8), {}
+
+        def take(i: int) -> None:
+            lease = Lease(Store(s3.url, s3.options()), f"rollout {round_}.{i}", 30)
+            start.wait()
+            try:
+                results[i] = lease.acquire()
+            except LeaseHeld as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        won = [r for r in results.values() if isinstance(r, Lease)]
+        assert len(results) == 8 and len(won) == 1, (round_, results)
+        assert all(f"{won[0].holder} " in str(r) or "took" in str(r) for r in results.values() if r is not won[0])
+        won[0].release()
+        assert keys(s3, "leases/") == []  # given back: the next round starts from a free fleet
