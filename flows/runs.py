@@ -7,7 +7,8 @@ training slot it holds.
   by them whether the run came from a deployment, the CLI or the demo: :func:`tag_run`.
 - **Expected errors** (a bad inventory, a missing dataset, an unreachable host, a refused version...) end the
   run Failed with one clear line, not two engine tracebacks: :func:`finish` returns a Failed state carrying the
-  exception, so a caller (a test, a parent flow) still gets the exception raised by the flow call.
+  exception, so a caller (a test, a parent flow) still gets the exception raised by the flow call. A task that
+  fails on one logs its failure line without the engine's traceback.
 - **A kept champion** is not as green as a promotion: :func:`gate_state` is a Completed state whose message
   says which, and why.
 - **Training slots**: pretrain, retrain and tune hold one slot of the Prefect global concurrency limit
@@ -71,7 +72,19 @@ def _one_line_hook(previous):
     return hook
 
 
+class _ExpectedWithoutTraceback(logging.Filter):
+    """A task that fails on an expected error logs "Task run failed with exception: StoreError('...')": the line
+    is kept, its engine traceback dropped (the flow then ends with the same error in one line, see
+    :func:`finish`); any other exception keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (StageFailed, *EXPECTED)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 logging.getLogger("prefect.flow_runs").addFilter(_ReportedOnce())
+logging.getLogger("prefect.task_runs").addFilter(_ExpectedWithoutTraceback())
 sys.excepthook = _one_line_hook(sys.excepthook)
 
 

@@ -185,6 +185,32 @@ def test_expected_errors_end_the_run_with_one_line_and_no_traceback(prefect_harn
         rollout(inventory, RolloutRequest(version=trained, family="forms"))
 
 
+def test_a_task_that_fails_on_an_expected_error_logs_its_line_without_a_traceback(prefect_harness, tmp_path):
+    """The flows' tasks raise the same expected errors (a store away, a missing dataset): the task's failure line
+    stays in the run's logs, its engine traceback does not; a bug in a task keeps its traceback."""
+    from prefect import flow, task
+
+    from edge_agent.store import StoreError
+    from flows.runs import finish
+
+    @task(task_run_name="read-the-store")
+    def read_the_store(error: Exception):
+        raise error
+
+    @flow(name="edgeloop-test-task-errors")
+    def stage(error: Exception):
+        return finish(read_the_store, error)
+
+    store_away = stage(StoreError("store sftp://nowhere: connection refused"), return_state=True)
+    assert store_away.is_failed() and store_away.message == "StoreError: store sftp://nowhere: connection refused"
+    _, logs, _ = _read(store_away.state_details.flow_run_id)
+    assert any(line.startswith("Task run failed with exception: StoreError(") for line in logs), logs
+    assert not any("Traceback" in line for line in logs), logs
+    bug = stage(ZeroDivisionError("a bug"), return_state=True)
+    _, logs, _ = _read(bug.state_details.flow_run_id)
+    assert bug.is_failed() and any("Traceback" in line and "ZeroDivisionError" in line for line in logs), logs
+
+
 def test_a_provision_run_with_a_failed_host_is_red_and_names_it(prefect_harness, elpv_small, tmp_path):
     from flows.provision import main, provision_flow, summary_of
     from flows.runs import StageFailed
