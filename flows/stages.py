@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -100,13 +103,20 @@ def _fleet(inventory: str) -> tuple[Inventory, ModelRegistry]:
 # Each side effect is a task, so the run graph shows the steps and a retry (typed transient errors only, see
 # flows.retries) repeats the failed step, not the flow.
 
+@contextmanager
+def watched(epochs: int, what: str) -> Iterator[EpochLog]:
+    """A training watched: its progress moves the run's artifact (and a bar on a terminal) and logs each epoch's
+    line, and every epoch is kept for the learning-curve picture."""
+    progress, on_epoch = training_progress(epochs, what)
+    with progress:
+        yield EpochLog(on_epoch)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="train-{settings.arch}")
 def train_locally(registry: ModelRegistry, settings: PretrainSettings, config: TrainConfig) -> ModelVersion:
     """Train and register a version in this process; each epoch moves the run's progress artifact (and a bar on
     a terminal) and logs its line."""
-    progress, on_epoch = training_progress(settings.epochs, f"training {settings.arch}")
-    epochs = EpochLog(on_epoch)  # keeps the history for the learning-curve picture
-    with progress:
+    with watched(settings.epochs, f"training {settings.arch}") as epochs:
         version = steps.train_version(registry, settings.family, Path(settings.data), settings.arch, config,
                                       note=f"pretrained on {settings.data}", on_epoch=epochs)
     publish_learning_curve("pretrain-learning-curve", epochs.metrics(config.keep),
@@ -229,9 +239,7 @@ def retrain_task(registry: ModelRegistry, settings: RetrainSettings, collection,
                  labellers: list, pseudo: set[str], site_exam=None) -> tuple[ModelVersion, dict]:
     """The retraining set (pool + labelled samples, a share of them joining its gate) built and the champion
     fine-tuned on it, registered; each epoch moves the run's progress artifact and logs its line."""
-    progress, on_epoch = training_progress(config.epochs, "fine-tuning the champion")
-    epochs = EpochLog(on_epoch)  # keeps the history for the learning-curve picture
-    with progress:
+    with watched(config.epochs, "fine-tuning the champion") as epochs:
         candidate, summary = steps.retrain_from_samples(registry, settings.family, Path(settings.base_data),
                                                         collection, out, config, labellers=labellers, pseudo=pseudo,
                                                         site_exam=site_exam, on_epoch=epochs)
