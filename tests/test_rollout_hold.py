@@ -120,7 +120,7 @@ def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[s
     path.write_text(f"""
 cloud: {{store_url: "file://{tmp_path / 'store'}", registry: "{tmp_path / 'registry'}"}}
 ssh: {{known_hosts: {sshd_fleet.known_hosts}}}
-rollout: {{canary: {canary}, soak_s: {soak_s}, fresh_within_s: 2, timeout_s: 60, lease_s: 30, rollback_retry_s: 0.2{rollout}}}
+rollout: {{canary: {canary}, soak_s: {soak_s}, fresh_within_s: 6, timeout_s: 60, lease_s: 30, rollback_retry_s: 0.2{rollout}}}
 defaults:
   connection: {{type: ssh, user: {sshd_fleet.user}, key_file: {sshd_fleet.client_key}, connect_timeout_s: 5}}
   python: {sys.executable}

@@ -34,7 +34,12 @@ def s3():
 
 @pytest.fixture
 def s3_env(s3, monkeypatch):
-    """The host's credentials, as an edge or the cloud holds them: in the environment only."""
+    """The host's credentials, as an edge or the cloud holds them: in the environment only. The bucket starts
+    empty: the server is the module's, and side by side its tests run in any order."""
+    client = s3.client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket):
+        for found in page.get("Contents", []):
+            client.delete_object(Bucket=s3.bucket, Key=found["Key"])
     for name, value in s3.env().items():
         monkeypatch.setenv(name, value)
     return s3
