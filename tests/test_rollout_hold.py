@@ -110,7 +110,7 @@ def test_the_baseline_is_what_the_host_served_when_the_deploy_landed_not_a_stale
 # ---- a fleet of real sshd hosts with agent roots prepared in place ------------------------------------
 
 def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[str, str] | None = None,
-                    canary: str = "[host0]", soak_s: float = 3) -> Path:
+                    canary: str = "[host0]", soak_s: float = 5) -> Path:
     """An inventory of the module's sshd hosts; ``sites`` adds keys per site (e.g. an edge-serve profile)."""
     roots = tmp_path / "roots"
     rows = "".join(f"  - {{name: {h.name}, connection: {{host: 127.0.0.1, port: {h.port}}}, root: {roots / h.name}"
@@ -120,7 +120,7 @@ def fleet_inventory(sshd_fleet, tmp_path: Path, rollout: str = "", sites: dict[s
     path.write_text(f"""
 cloud: {{store_url: "file://{tmp_path / 'store'}", registry: "{tmp_path / 'registry'}"}}
 ssh: {{known_hosts: {sshd_fleet.known_hosts}}}
-rollout: {{canary: {canary}, soak_s: {soak_s}, fresh_within_s: 6, timeout_s: 60, lease_s: 30, rollback_retry_s: 0.2{rollout}}}
+rollout: {{canary: {canary}, soak_s: {soak_s}, fresh_within_s: 4, timeout_s: 60, lease_s: 30, rollback_retry_s: 0.2{rollout}}}
 defaults:
   connection: {{type: ssh, user: {sshd_fleet.user}, key_file: {sshd_fleet.client_key}, connect_timeout_s: 5}}
   python: {sys.executable}
