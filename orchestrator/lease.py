@@ -95,12 +95,12 @@ class Lease:
         if self.store.object_store:
             try:
                 fs.pipe_file(path, self._body(), mode="create")  # PUT with If-None-Match: *
-            except OSError:  # 412 reads as FileExistsError, or EINVAL where the reply leaves out which condition
-                held = self._read()
-                if held is None:
-                    raise
+                return True
+            except Exception as exc:  # noqa: BLE001 - any failure is either "taken" or the store's one-line error
+                held = self._read() if isinstance(exc, OSError) else None  # 412: FileExistsError, or EINVAL
+                if held is None:  # credentials, transport, a store that refuses the condition
+                    raise self.store._failed(LEASE, exc) from exc
                 return held.get("token") == self.token
-            return True
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         try:
             with fs.open(path, "xb") as handle:

@@ -283,7 +283,7 @@ def test_the_bounded_reader_on_s3_reads_no_more_than_its_cap(s3_env):
     assert reader.unreadable["empty"].startswith("unreadable heartbeat: status is not JSON")
 
 
-def test_of_eight_rollouts_taking_the_fleets_lease_at_once_on_s3_exactly_one_gets_it(s3_env):
+def test_of_eight_rollouts_taking_the_fleets_lease_at_once_on_s3_exactly_one_gets_it(s3_env, monkeypatch):
     """S3's conditional write (If-None-Match: *) is the lease's exclusive create on an object store, as O_EXCL is on
     a file store: eight takers released together (each its own connection, as eight cloud processes), one wins,
     seven are refused naming it; four rounds, so a write-then-read-back race would show."""
@@ -311,3 +311,9 @@ def test_of_eight_rollouts_taking_the_fleets_lease_at_once_on_s3_exactly_one_get
         assert all(f"{won[0].holder} " in str(r) or "took" in str(r) for r in results.values() if r is not won[0])
         won[0].release()
         assert keys(s3, "leases/") == []  # given back: the next round starts from a free fleet
+    from orchestrator.storepolicy import site_s3_policy
+
+    for name, value in s3.add_user("site-a-lease", site_s3_policy(s3.url, "a")).items():
+        monkeypatch.setenv(name, value)  # a site's own key may read the fleet's lease but never take it
+    with pytest.raises(StoreError, match=f"^store {s3.url}: leases/fleet.json: PermissionError"):
+        Lease(Store(s3.url, s3.options()), "a rollout with a site's key", 30).acquire()
