@@ -69,9 +69,9 @@ def test_the_flow_fails_red_while_a_site_is_stale_and_names_it(prefect_harness, 
         for agent, name in zip(agents, ("site-1", "site-2")):
             wait_for(lambda: (store / "status" / f"{name}.json").is_file(), 60, f"{name} heartbeat", agent)
         agents[1].kill()  # site-2's agent dies without a word; site-3 never ran
-        time.sleep(2.5)
+        time.sleep(5.5)  # past the limit below: site-2 is stale; site-1 (a beat every 0.3 s) stays fresh under load
         with pytest.raises(FleetUnhealthy) as failure:
-            fleet_health(str(_inventory(tmp_path, store, stale_after_s=2)))
+            fleet_health(str(_inventory(tmp_path, store, stale_after_s=5)))
     finally:
         for agent in agents:
             agent.close()
@@ -81,7 +81,7 @@ def test_the_flow_fails_red_while_a_site_is_stale_and_names_it(prefect_harness, 
     rows = latest_table("fleet-health")
     assert {r["site"]: r["verdict"] for r in rows} == {"site-1": "not serving", "site-2": "stale",
                                                         "site-3": "not provisioned"}
-    assert rows[0]["state"] == "no-model" and rows[0]["heartbeat_age_s"] < 2
+    assert rows[0]["state"] == "no-model" and rows[0]["heartbeat_age_s"] < 5
 
 
 
