@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SSHD   ?= /usr/sbin/sshd
-# Test processes side by side: most end-to-end tests wait on agents, sshd hosts and soaks, not on the CPU.
+# Test processes side by side: one at a time the end-to-end tests mostly wait on agents, sshd hosts and soaks;
+# side by side they keep the cores busy.
 TEST_WORKERS ?= 4
 
 .PHONY: demo test bench venv sshd chromium clean

@@ -83,6 +83,15 @@ def _timeout_message(timeout: float, buffer: bytearray) -> str:
     return f"no answer from the host within {timeout:.0f} s{got} (link stalled or host hung)"
 
 
+def _copy(src, dst, offset: int, block_size: int, on_bytes: Callable[[int], None] | None) -> None:
+    """``src`` from ``offset`` into ``dst`` block by block, telling ``on_bytes`` each block's size as it goes."""
+    src.seek(offset)
+    for block in iter(lambda: src.read(block_size), b""):
+        dst.write(block)
+        if on_bytes:
+            on_bytes(len(block))
+
+
 class Remote(Protocol):
     """What the steps need from a host: a long-lived worker to send requests to, and file upload."""
 
@@ -162,11 +171,7 @@ class SshRemote:
         try:
             with open(local, "rb") as src, sftp.open(remote, "ab" if offset else "wb") as dst:
                 dst.set_pipelined(True)
-                src.seek(offset)
-                for block in iter(lambda: src.read(1 << 18), b""):
-                    dst.write(block)
-                    if on_bytes:
-                        on_bytes(len(block))
+                _copy(src, dst, offset, 1 << 18, on_bytes)
             size = sftp.stat(remote).st_size  # pipelined writes are acknowledged by now, or this waits
             if size != local.stat().st_size:
                 raise OSError(f"{remote} holds {size} bytes after the upload, expected {local.stat().st_size}")
@@ -234,11 +239,7 @@ class LocalRemote:
     def put(self, local: Path, remote: str, offset: int = 0,
             on_bytes: Callable[[int], None] | None = None) -> None:
         with open(local, "rb") as src, open(remote, "ab" if offset else "wb") as dst:
-            src.seek(offset)
-            for block in iter(lambda: src.read(1 << 20), b""):
-                dst.write(block)
-                if on_bytes:
-                    on_bytes(len(block))
+            _copy(src, dst, offset, 1 << 20, on_bytes)
 
     def close(self) -> None:
         """End the worker: close its pipes (a worker still writing gets SIGPIPE) and kill one that lingers."""
